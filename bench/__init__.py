@@ -1,0 +1,1 @@
+"""Reference workload, demo and benchmarks (run with ``python -m bench``)."""

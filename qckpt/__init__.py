@@ -1,0 +1,74 @@
+"""qckpt: a storage-efficient checkpoint store for PyTorch training state.
+
+Quick use::
+
+    import qckpt
+    repo = qckpt.Repository.init("ckpts")            # or Repository.open("ckpts")
+    state = qckpt.TrainingState(model=model, optimizer=opt, scheduler=sched)
+    for step in ...:
+        ...train...
+        state.step = step
+        repo.commit(state, metrics={"loss": loss})   # every step, deduplicated
+    repo.restore(state, "main@120")                   # back to step 120, bit-exact
+
+This module is the public API; everything in modules starting with ``_`` is
+private and may change.
+"""
+
+from qckpt._records import CommitStats, Snapshot, TensorEntry
+from qckpt._view import SnapshotView
+from qckpt.backends import Backend, LocalBackend, MemoryBackend
+from qckpt.errors import (
+    AlreadyExistsError,
+    AmbiguousRevisionError,
+    BackendError,
+    ConflictError,
+    FormatVersionError,
+    IntegrityError,
+    InvalidInputError,
+    InvalidRefNameError,
+    NotFoundError,
+    ObjectNotFoundError,
+    QckptError,
+    RefConflictError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    StateMismatchError,
+    UnsupportedValueError,
+)
+from qckpt.repository import Repository, RepositoryConfig, RepositoryStats
+from qckpt.state import Stateful, TrainingState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyExistsError",
+    "AmbiguousRevisionError",
+    "Backend",
+    "BackendError",
+    "CommitStats",
+    "ConflictError",
+    "FormatVersionError",
+    "IntegrityError",
+    "InvalidInputError",
+    "InvalidRefNameError",
+    "LocalBackend",
+    "MemoryBackend",
+    "NotFoundError",
+    "ObjectNotFoundError",
+    "QckptError",
+    "RefConflictError",
+    "Repository",
+    "RepositoryConfig",
+    "RepositoryNotFoundError",
+    "RepositoryStats",
+    "RevisionNotFoundError",
+    "Snapshot",
+    "SnapshotView",
+    "StateMismatchError",
+    "Stateful",
+    "TensorEntry",
+    "TrainingState",
+    "UnsupportedValueError",
+    "__version__",
+]

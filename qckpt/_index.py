@@ -1,0 +1,165 @@
+"""The chunk index: chunk id -> where its object is stored.
+
+The index is a cache of what the pack footers say: ``Repository.rebuild_index``
+recreates it from the packs. It is written after the packs it describes and
+before any manifest that needs it (write order), so a reader that finds a
+manifest also finds its chunks here.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import lmdb
+
+from qckpt._ids import ID_BYTES
+from qckpt._packs import ChunkLocation
+from qckpt.errors import BackendError
+
+_VALUE = struct.Struct(f"<{ID_BYTES}sQIB")
+
+
+class ChunkIndex(ABC):
+    """Maps 16-byte chunk ids to locations. Thread-safe; entries are never removed by writers."""
+
+    @abstractmethod
+    def get(self, chunk_id: bytes) -> ChunkLocation | None:
+        """The location of ``chunk_id``, or None when unknown."""
+
+    @abstractmethod
+    def missing(self, chunk_ids: Iterable[bytes]) -> set[bytes]:
+        """The subset of ``chunk_ids`` that the index does not know."""
+
+    @abstractmethod
+    def put_many(self, locations: Mapping[bytes, ChunkLocation]) -> None:
+        """Record locations durably (one transaction)."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    def close(self) -> None:
+        """Release resources."""
+
+
+class MemoryIndex(ChunkIndex):
+    """A dictionary, for memory-backed repositories."""
+
+    def __init__(self) -> None:
+        self._map: dict[bytes, ChunkLocation] = {}
+        self._lock = threading.Lock()
+
+    def get(self, chunk_id: bytes) -> ChunkLocation | None:
+        with self._lock:
+            return self._map.get(chunk_id)
+
+    def missing(self, chunk_ids: Iterable[bytes]) -> set[bytes]:
+        with self._lock:
+            return {c for c in chunk_ids if c not in self._map}
+
+    def put_many(self, locations: Mapping[bytes, ChunkLocation]) -> None:
+        with self._lock:
+            self._map.update(locations)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._map)
+
+
+def _encode(loc: ChunkLocation) -> bytes:
+    return _VALUE.pack(bytes.fromhex(loc.pack_id), loc.offset, loc.length, loc.codec)
+
+
+def _decode(value: bytes) -> ChunkLocation:
+    pack, offset, length, codec = _VALUE.unpack(value)
+    return ChunkLocation(pack.hex(), offset, length, codec)
+
+
+class _SharedEnv:
+    """One LMDB environment per path per process (LMDB forbids opening it twice), refcounted."""
+
+    _lock = threading.Lock()
+    _open: dict[str, tuple[lmdb.Environment, int]] = {}
+
+    @classmethod
+    def acquire(cls, path: Path) -> lmdb.Environment:
+        key = os.path.realpath(path)
+        with cls._lock:
+            env, count = cls._open.get(key, (None, 0))
+            if env is None:
+                try:
+                    path.mkdir(parents=True, exist_ok=True)
+                    env = lmdb.open(key, map_size=1 << 30, max_dbs=0, subdir=True)
+                except (lmdb.Error, OSError) as e:
+                    raise BackendError(f"cannot open chunk index at {path}: {e}") from e
+            cls._open[key] = (env, count + 1)
+            return env
+
+    @classmethod
+    def release(cls, env: lmdb.Environment) -> None:
+        key = env.path()
+        with cls._lock:
+            env, count = cls._open[key]
+            if count == 1:
+                del cls._open[key]
+                env.close()
+            else:
+                cls._open[key] = (env, count - 1)
+
+
+class LmdbIndex(ChunkIndex):
+    """An LMDB database in a directory; safe across threads and processes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._env: lmdb.Environment | None = _SharedEnv.acquire(path)
+        self._grow_lock = threading.Lock()
+
+    @property
+    def env(self) -> lmdb.Environment:
+        if self._env is None:
+            raise BackendError(f"chunk index at {self.path} is closed")
+        return self._env
+
+    def get(self, chunk_id: bytes) -> ChunkLocation | None:
+        with self.env.begin() as txn:
+            value = txn.get(chunk_id)
+        return None if value is None else _decode(value)
+
+    def missing(self, chunk_ids: Iterable[bytes]) -> set[bytes]:
+        with self.env.begin() as txn:
+            return {c for c in chunk_ids if txn.get(c) is None}
+
+    def _write(self, fn: Callable[[lmdb.Transaction], None]) -> None:
+        """Run ``fn`` in a write transaction, growing the map when LMDB reports it full."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    fn(txn)
+                return
+            except lmdb.MapFullError:
+                with self._grow_lock:
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.Error as e:
+                raise BackendError(f"chunk index at {self.path}: {e}") from e
+
+    def put_many(self, locations: Mapping[bytes, ChunkLocation]) -> None:
+        items = [(cid, _encode(loc)) for cid, loc in locations.items()]
+
+        def write(txn: lmdb.Transaction) -> None:
+            for cid, value in items:
+                txn.put(cid, value)
+
+        self._write(write)
+
+    def __len__(self) -> int:
+        return self.env.stat()["entries"]
+
+    def close(self) -> None:
+        if self._env is not None:
+            _SharedEnv.release(self._env)
+            self._env = None

@@ -1,0 +1,162 @@
+"""Manifests and snapshots: the immutable metadata records of a repository.
+
+Both are JSON; a manifest is zstd-compressed (it lists every chunk id), a
+snapshot is plain JSON. Each is stored under the xxh3-128 of its stored bytes
+(``manifests/<id>``, ``snapshots/<id>``) and verified against it on every read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import zstandard
+
+from qckpt._ids import ID_HEX, hex_id
+from qckpt._tensors import itemsize
+from qckpt._tree import Json, decode_plain, encode_plain
+from qckpt.errors import IntegrityError
+
+RECORD_VERSION = 1
+
+
+def manifest_key(manifest_id: str) -> str:
+    return f"manifests/{manifest_id}"
+
+
+def snapshot_key(snapshot_id: str) -> str:
+    return f"snapshots/{snapshot_id}"
+
+
+def _verified_json(kind: str, record_id: str, data: bytes, decompress: bool) -> dict[str, Any]:
+    if hex_id(data) != record_id:
+        raise IntegrityError(f"{kind} {record_id} is damaged: content does not match its id")
+    try:
+        if decompress:
+            data = zstandard.ZstdDecompressor().decompress(data)
+        doc = json.loads(data)
+    except (zstandard.ZstdError, ValueError) as e:
+        raise IntegrityError(f"{kind} {record_id} cannot be parsed: {e}") from e
+    if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION:
+        raise IntegrityError(f"{kind} {record_id} has an unsupported layout or version")
+    return doc
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor or array of a snapshot: path, kind (``tensor``/``ndarray``), dtype,
+    shape, and the ids of the chunks that hold its bytes in order."""
+
+    path: str
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunk_size: int
+    chunks: tuple[bytes, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return itemsize(self.kind, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+    def spans(self) -> list[tuple[bytes, int, int]]:
+        """(chunk id, byte offset, byte length) of each chunk within the tensor."""
+        total = self.nbytes
+        return [(c, i * self.chunk_size, min(self.chunk_size, total - i * self.chunk_size)) for i, c in enumerate(self.chunks)]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The tree of one snapshot: the encoded plain structure and its tensor table."""
+
+    tree: Json
+    tensors: tuple[TensorEntry, ...]
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "version": RECORD_VERSION,
+            "tree": self.tree,
+            "tensors": [
+                {"path": t.path, "kind": t.kind, "dtype": t.dtype, "shape": list(t.shape),
+                 "chunk_size": t.chunk_size, "chunks": [c.hex() for c in t.chunks]}
+                for t in self.tensors
+            ],
+        }  # fmt: skip
+        return zstandard.ZstdCompressor(level=3).compress(json.dumps(doc, separators=(",", ":")).encode())
+
+    @classmethod
+    def from_bytes(cls, manifest_id: str, data: bytes) -> Manifest:
+        doc = _verified_json("manifest", manifest_id, data, decompress=True)
+        try:
+            tensors = tuple(
+                TensorEntry(t["path"], t["kind"], t["dtype"], tuple(int(n) for n in t["shape"]),
+                            int(t["chunk_size"]), tuple(bytes.fromhex(c) for c in t["chunks"]))
+                for t in doc["tensors"]
+            )  # fmt: skip
+            for t in tensors:
+                expected = -(-t.nbytes // t.chunk_size) if t.chunk_size > 0 else -1
+                if t.kind not in ("tensor", "ndarray") or len(t.chunks) != expected:
+                    raise ValueError(f"tensor {t.path!r} is inconsistent")
+            return cls(doc["tree"], tensors)
+        except (KeyError, TypeError, ValueError) as e:
+            raise IntegrityError(f"manifest {manifest_id} is malformed: {e}") from e
+
+
+@dataclass(frozen=True)
+class CommitStats:
+    """Sizes measured while committing one snapshot."""
+
+    raw_bytes: int = 0  # bytes of all tensors in the snapshot
+    chunks: int = 0  # chunks referenced
+    new_chunks: int = 0  # chunks not stored before this commit
+    new_raw_bytes: int = 0  # raw bytes of those new chunks
+    new_stored_bytes: int = 0  # bytes written to packs for them
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One commit: a manifest, its parents, and what the user recorded with it."""
+
+    id: str
+    manifest: str
+    parents: tuple[str, ...]
+    step: int | None
+    time: float
+    message: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    stats: CommitStats = field(default_factory=CommitStats)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    @staticmethod
+    def encode(manifest: str, parents: tuple[str, ...], step: int | None, time: float,
+               message: str, metrics: dict[str, float], stats: CommitStats) -> tuple[str, bytes]:  # fmt: skip
+        """Serialize a new snapshot; returns (snapshot id, stored bytes)."""
+        doc = {
+            "version": RECORD_VERSION, "manifest": manifest, "parents": list(parents), "step": step,
+            "time": time, "message": message, "metrics": encode_plain(metrics), "stats": asdict(stats),
+        }  # fmt: skip
+        data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return hex_id(data), data
+
+    @classmethod
+    def from_bytes(cls, snapshot_id: str, data: bytes) -> Snapshot:
+        doc = _verified_json("snapshot", snapshot_id, data, decompress=False)
+        try:
+            parents = tuple(doc["parents"])
+            if not ID_HEX.fullmatch(doc["manifest"]) or not all(ID_HEX.fullmatch(p) for p in parents):
+                raise ValueError("bad id")
+            return cls(
+                id=snapshot_id, manifest=doc["manifest"], parents=parents, step=doc["step"],
+                time=float(doc["time"]), message=str(doc["message"]),
+                metrics=decode_plain(doc["metrics"]), stats=CommitStats(**doc["stats"]),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            raise IntegrityError(f"snapshot {snapshot_id} is malformed: {e}") from e

@@ -1,0 +1,68 @@
+"""Tensors and arrays as raw bytes, and their dtypes as stable names."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from qckpt.errors import IntegrityError
+
+_TORCH_DTYPE_NAMES = (
+    "float64", "float32", "float16", "bfloat16",
+    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+    "complex64", "complex128",
+    "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool",
+)  # fmt: skip
+TORCH_DTYPES: dict[str, torch.dtype] = {n: getattr(torch, n) for n in _TORCH_DTYPE_NAMES if hasattr(torch, n)}
+_TORCH_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+_NUMPY_DTYPE = re.compile(r"[<>|][biufc][0-9]{1,2}")
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str | None:
+    """The stored name of a torch dtype, or None if qckpt cannot store it."""
+    return _TORCH_NAMES.get(dtype)
+
+
+def numpy_dtype_name(dtype: np.dtype) -> str | None:
+    """The stored name of a numeric numpy dtype (``'<f4'``), or None if unsupported."""
+    return dtype.str if _NUMPY_DTYPE.fullmatch(dtype.str) else None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise IntegrityError(f"unknown torch dtype {name!r} in manifest") from None
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    if not _NUMPY_DTYPE.fullmatch(name):
+        raise IntegrityError(f"unknown numpy dtype {name!r} in manifest")
+    return np.dtype(name)
+
+
+def is_floating(dtype_name: str) -> bool:
+    """Whether elements are floating point (their bytes benefit from shuffling)."""
+    return dtype_name.startswith(("float", "bfloat", "complex", "<f", ">f", "<c", ">c"))
+
+
+def itemsize(kind: str, dtype_name: str) -> int:
+    return torch_dtype(dtype_name).itemsize if kind == "tensor" else numpy_dtype(dtype_name).itemsize
+
+
+def raw_bytes(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A flat uint8 view of the value's elements in C order, on the CPU.
+
+    Shares memory with ``value`` when it is already a contiguous CPU array, so
+    the caller must not let it change until the bytes are consumed.
+    """
+    if isinstance(value, np.ndarray):
+        return np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+    t = value.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()

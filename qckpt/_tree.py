@@ -1,0 +1,156 @@
+"""Plain-data encoding of a state tree into JSON-compatible values, without pickle.
+
+Supported leaves: None, bool, int, float (NaN, +-inf and -0.0 included), str,
+bytes, numpy scalars, torch tensors and numeric numpy arrays; containers: list,
+tuple and dict (keys: str, int, float, bool, None or tuples of those).
+Everything else is rejected with ``UnsupportedValueError`` naming its path.
+
+Encoding: JSON null/bool/int/str/list stand for themselves, finite floats are
+JSON numbers (Python's repr round-trips them exactly), and every other value
+is a one-key JSON object tag: ``{"$float": "nan"}``, ``{"$bytes": b64}``,
+``{"$tuple": [...]}``, ``{"$dict": [[k, v], ...]}``,
+``{"$npscalar": [dtype, b64]}``, ``{"$array": i}`` (i indexes the manifest's
+tensor table). Since plain dicts never appear untagged, decoding is unambiguous.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from qckpt._tensors import numpy_dtype, numpy_dtype_name, torch_dtype_name
+from qckpt.errors import IntegrityError, UnsupportedValueError
+
+Json = Any  # JSON-compatible value
+
+
+@dataclass(frozen=True)
+class ArrayLeaf:
+    """A tensor or array found in the tree, with its path (``model/fc.weight``)."""
+
+    path: str
+    value: torch.Tensor | np.ndarray
+
+
+def join_path(parent: str, key: object) -> str:
+    """Path of a child: keys joined with '/', where '%' and '/' inside keys are escaped."""
+    part = str(key).replace("%", "%25").replace("/", "%2F")
+    return f"{parent}/{part}" if parent else part
+
+
+_SUPPORTED = "None, bool, int, float, str, bytes, list, tuple, dict, torch.Tensor, numpy arrays and scalars"
+
+
+def _check_tensor(t: torch.Tensor, path: str) -> None:
+    if t.layout != torch.strided:
+        raise UnsupportedValueError(f"state key {path!r}: {t.layout} tensors are not supported (use .to_dense())")
+    if t.is_quantized or t.device.type == "meta" or torch_dtype_name(t.dtype) is None:
+        raise UnsupportedValueError(f"state key {path!r}: tensor dtype {t.dtype} on {t.device} is not supported")
+
+
+def encode_tree(tree: Any) -> tuple[Json, list[ArrayLeaf]]:
+    """Encode ``tree``; tensors/arrays go to the returned list, referenced by index."""
+    arrays: list[ArrayLeaf] = []
+
+    def enc(v: Any, path: str) -> Json:
+        if v is None or isinstance(v, (bool, str)):
+            return v
+        if isinstance(v, np.generic):
+            name = numpy_dtype_name(v.dtype)
+            if name is None:
+                raise UnsupportedValueError(f"state key {path!r}: numpy scalar of dtype {v.dtype} is not supported")
+            return {"$npscalar": [name, base64.b64encode(v.tobytes()).decode()]}
+        if isinstance(v, int):
+            return int(v)
+        if isinstance(v, float):
+            return float(v) if math.isfinite(v) else {"$float": repr(float(v))}
+        if isinstance(v, (bytes, bytearray)):
+            return {"$bytes": base64.b64encode(v).decode()}
+        if isinstance(v, torch.Tensor):
+            _check_tensor(v, path)
+            arrays.append(ArrayLeaf(path, v))
+            return {"$array": len(arrays) - 1}
+        if isinstance(v, np.ndarray):
+            if numpy_dtype_name(v.dtype) is None:
+                raise UnsupportedValueError(f"state key {path!r}: numpy arrays of dtype {v.dtype} are not supported")
+            arrays.append(ArrayLeaf(path, v))
+            return {"$array": len(arrays) - 1}
+        if isinstance(v, list):
+            return [enc(x, join_path(path, i)) for i, x in enumerate(v)]
+        if isinstance(v, tuple):
+            return {"$tuple": [enc(x, join_path(path, i)) for i, x in enumerate(v)]}
+        if isinstance(v, dict):
+            return {"$dict": [[enc_key(k, path), enc(x, join_path(path, k))] for k, x in v.items()]}
+        raise UnsupportedValueError(
+            f"state key {path!r}: cannot store a value of type {type(v).__qualname__} without pickle; "
+            f"supported are {_SUPPORTED}"
+        )
+
+    def enc_key(k: Any, path: str) -> Json:
+        if isinstance(k, tuple):
+            return {"$tuple": [enc_key(x, path) for x in k]}
+        if k is None or isinstance(k, (bool, int, float, str)) and not isinstance(k, np.generic):
+            return enc(k, path)
+        raise UnsupportedValueError(f"state key {path!r}: dict key of type {type(k).__qualname__} is not supported")
+
+    return enc(tree, ""), arrays
+
+
+def encode_plain(value: Any) -> Json:
+    """Encode plain data that must not contain tensors (metrics, snapshot metadata)."""
+    encoded, arrays = encode_tree(value)
+    if arrays:
+        raise UnsupportedValueError(f"{arrays[0].path or 'value'}: tensors are not allowed here")
+    return encoded
+
+
+def decode_tree(encoded: Json, array: Callable[[int], Any]) -> Any:
+    """Invert ``encode_tree``; ``array(i)`` supplies the value for tensor-table entry i."""
+
+    def dec(v: Json) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, list):
+            return [dec(x) for x in v]
+        if not (isinstance(v, dict) and len(v) == 1):
+            raise IntegrityError(f"malformed encoded value {str(v)[:80]!r}")
+        tag, body = next(iter(v.items()))
+        try:
+            if tag == "$float":
+                return float({"nan": "nan", "inf": "inf", "-inf": "-inf"}[body])
+            if tag == "$bytes":
+                return base64.b64decode(body, validate=True)
+            if tag == "$tuple":
+                return tuple(dec(x) for x in body)
+            if tag == "$dict":
+                return {_hashable(dec(k)): dec(x) for k, x in body}
+            if tag == "$npscalar":
+                dtype_name, data = body
+                return np.frombuffer(base64.b64decode(data, validate=True), dtype=numpy_dtype(dtype_name))[0]
+            if tag == "$array":
+                return array(body)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise IntegrityError(f"malformed {tag} value: {e}") from e
+        raise IntegrityError(f"unknown tag {tag!r} in encoded value")
+
+    return dec(encoded)
+
+
+def _hashable(key: Any) -> Any:
+    hash(key)  # raises TypeError for a malformed key, reported as IntegrityError
+    return key
+
+
+def decode_plain(encoded: Json) -> Any:
+    """Invert ``encode_plain``; a tensor reference here means the record is damaged."""
+
+    def no_array(i: int) -> Any:
+        raise IntegrityError("unexpected tensor reference in plain data")
+
+    return decode_tree(encoded, no_array)

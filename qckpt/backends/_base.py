@@ -1,0 +1,97 @@
+"""The backend interface every storage implements (memory, local disk, S3)."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+
+from qckpt.errors import InvalidInputError
+
+_KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=-]*")
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative key (``a/b.c``), else raise ``InvalidInputError``.
+
+    Keys are '/'-separated parts of letters, digits and ``._+@=-``, each starting
+    with a letter or digit, so no key can escape a backend's root (no ``..``,
+    no absolute paths, no hidden files).
+    """
+    parts = key.split("/")
+    if not key or any(not _KEY_PART.fullmatch(p) for p in parts):
+        raise InvalidInputError(f"invalid storage key {key!r}")
+    return key
+
+
+class Backend(ABC):
+    """A store of immutable blobs under string keys, plus mutable refs.
+
+    Contract:
+
+    * ``put`` writes a whole value atomically: readers see all of it or nothing.
+      Keys hold content-addressed data, so putting an existing key again with
+      the same bytes is harmless; with ``exclusive=True`` an existing key raises
+      ``AlreadyExistsError`` instead.
+    * ``get``/``get_range``/``delete`` raise ``ObjectNotFoundError`` for a missing key.
+    * Refs are small text values (snapshot ids) that change only through
+      ``swap_ref``, a compare-and-swap: two writers never silently overwrite
+      each other.
+    * Every method is safe to call from several threads at once.
+    * Storage failures surface as ``BackendError``; never as a silent success.
+    """
+
+    #: Where the repository lives, for messages (never contains credentials).
+    uri: str
+
+    @abstractmethod
+    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+        """Store ``data`` under ``key`` atomically."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """Return the whole value under ``key``."""
+
+    @abstractmethod
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes of the value under ``key`` starting at ``offset``.
+
+        A range reaching past the end of the value returns fewer bytes (callers verify).
+        """
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether a value is stored under ``key``."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """All keys that start with ``prefix``, sorted."""
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """Length in bytes of the value under ``key``."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the value under ``key``."""
+
+    @abstractmethod
+    def read_ref(self, name: str) -> str | None:
+        """The value of ref ``name`` (like ``heads/main``), or ``None`` if absent."""
+
+    @abstractmethod
+    def list_refs(self, prefix: str) -> dict[str, str]:
+        """All refs whose name starts with ``prefix``, as name -> value."""
+
+    @abstractmethod
+    def swap_ref(self, name: str, expected: str | None, new: str | None) -> None:
+        """Set ref ``name`` to ``new`` if it currently holds ``expected``.
+
+        ``expected=None`` means "must not exist" (create); ``new=None`` deletes.
+        Raises ``RefConflictError`` (with the actual value) when the ref differs.
+        """
+
+    def close(self) -> None:
+        """Release resources. The backend must not be used afterwards."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"

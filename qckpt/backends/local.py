@@ -1,0 +1,184 @@
+"""A backend on a local (or network-mounted POSIX) directory.
+
+Layout under the root: each blob key is a file path (``packs/<id>.pack``),
+refs live under ``refs/``, temporary files under ``.tmp/`` and the ref lock in
+``.refs.lock``. Names starting with a dot never collide with keys, so a
+repository layer may keep caches there (the chunk index uses ``.index/``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from qckpt.backends._base import Backend, check_key
+from qckpt.errors import (
+    AlreadyExistsError,
+    BackendError,
+    InvalidInputError,
+    ObjectNotFoundError,
+    RefConflictError,
+)
+
+_REFS = "refs"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBackend(Backend):
+    """Files under ``root``; writes are temp-file + fsync + rename, refs change under ``flock``.
+
+    Nothing is created on disk until the first write, so probing a wrong path
+    leaves it untouched. Safe for several threads and several processes.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.uri = self.root.as_uri()
+
+    # -- blobs -------------------------------------------------------------
+    def _path(self, key: str) -> Path:
+        check_key(key)
+        if key.split("/", 1)[0] == _REFS:
+            raise InvalidInputError(f"key {key!r} is in the reserved 'refs' namespace")
+        return self.root / key
+
+    def _write_atomic(self, path: Path, data: bytes | bytearray | memoryview, *, exclusive: bool) -> None:
+        tmp_dir = self.root / ".tmp"
+        try:
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tmp_dir / uuid.uuid4().hex
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                if exclusive:
+                    try:
+                        os.link(tmp, path)  # fails if path exists: atomic create-only
+                    except FileExistsError:
+                        raise AlreadyExistsError(f"{self.uri}: {path.relative_to(self.root)} exists already") from None
+                else:
+                    os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
+        except OSError as e:
+            raise BackendError(f"{self.uri}: cannot write {path.relative_to(self.root)}: {e}") from e
+
+    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+        self._write_atomic(self._path(key), data, exclusive=exclusive)
+
+    @contextmanager
+    def _reading(self, key: str) -> Iterator[int]:
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFoundError(f"{self.uri}: no object {key!r}") from None
+        except OSError as e:
+            raise BackendError(f"{self.uri}: cannot read {key!r}: {e}") from e
+        try:
+            yield fd
+        except OSError as e:
+            raise BackendError(f"{self.uri}: cannot read {key!r}: {e}") from e
+        finally:
+            os.close(fd)
+
+    def get(self, key: str) -> bytes:
+        with self._reading(key) as fd:
+            size = os.fstat(fd).st_size
+            return os.pread(fd, size, 0) if size else b""
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        with self._reading(key) as fd:
+            return os.pread(fd, length, offset)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        with self._reading(key) as fd:
+            return os.fstat(fd).st_size
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and not (rel_dir == "." and d == _REFS)]
+            for name in filenames:
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if not name.startswith(".") and key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"{self.uri}: no object {key!r}") from None
+        except OSError as e:
+            raise BackendError(f"{self.uri}: cannot delete {key!r}: {e}") from e
+
+    # -- refs --------------------------------------------------------------
+    def _ref_path(self, name: str) -> Path:
+        return self.root / _REFS / check_key(name)
+
+    @contextmanager
+    def _ref_lock(self) -> Iterator[None]:
+        try:
+            fd = os.open(self.root / ".refs.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise BackendError(f"{self.uri}: cannot lock refs: {e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def read_ref(self, name: str) -> str | None:
+        try:
+            return self._ref_path(name).read_text().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise BackendError(f"{self.uri}: cannot read ref {name!r}: {e}") from e
+
+    def list_refs(self, prefix: str) -> dict[str, str]:
+        refs_root = self.root / _REFS
+        if not refs_root.is_dir():
+            return {}
+        names = sorted(p.relative_to(refs_root).as_posix() for p in refs_root.rglob("*") if p.is_file())
+        found = {n: self.read_ref(n) for n in names if n.startswith(prefix)}
+        return {n: v for n, v in found.items() if v is not None}
+
+    def swap_ref(self, name: str, expected: str | None, new: str | None) -> None:
+        path = self._ref_path(name)
+        if not self.root.is_dir():
+            raise BackendError(f"{self.uri}: repository directory does not exist")
+        with self._ref_lock():
+            actual = self.read_ref(name)
+            if actual != expected:
+                raise RefConflictError(name, expected, actual)
+            if new is None:
+                try:
+                    path.unlink()
+                    _fsync_dir(path.parent)
+                except OSError as e:
+                    raise BackendError(f"{self.uri}: cannot delete ref {name!r}: {e}") from e
+            else:
+                self._write_atomic(path, (new + "\n").encode(), exclusive=False)

@@ -1,0 +1,77 @@
+"""An in-process backend for tests and throwaway repositories."""
+
+from __future__ import annotations
+
+import threading
+
+from qckpt.backends._base import Backend, check_key
+from qckpt.errors import AlreadyExistsError, ObjectNotFoundError, RefConflictError
+
+
+class MemoryBackend(Backend):
+    """Blobs and refs in dictionaries, guarded by one lock. Lost when the process ends."""
+
+    def __init__(self, name: str = "") -> None:
+        self.uri = f"memory://{name}"
+        self._blobs: dict[str, bytes] = {}
+        self._refs: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+        check_key(key)
+        with self._lock:
+            if exclusive and key in self._blobs:
+                raise AlreadyExistsError(f"{self.uri}: key {key!r} exists already")
+            self._blobs[key] = bytes(data)
+
+    def _blob(self, key: str) -> bytes:
+        check_key(key)
+        with self._lock:
+            try:
+                return self._blobs[key]
+            except KeyError:
+                raise ObjectNotFoundError(f"{self.uri}: no object {key!r}") from None
+
+    def get(self, key: str) -> bytes:
+        return self._blob(key)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        return self._blob(key)[offset : offset + length]
+
+    def exists(self, key: str) -> bool:
+        check_key(key)
+        with self._lock:
+            return key in self._blobs
+
+    def list(self, prefix: str) -> list[str]:
+        with self._lock:
+            return sorted(k for k in self._blobs if k.startswith(prefix))
+
+    def size(self, key: str) -> int:
+        return len(self._blob(key))
+
+    def delete(self, key: str) -> None:
+        check_key(key)
+        with self._lock:
+            if self._blobs.pop(key, None) is None:
+                raise ObjectNotFoundError(f"{self.uri}: no object {key!r}")
+
+    def read_ref(self, name: str) -> str | None:
+        check_key(name)
+        with self._lock:
+            return self._refs.get(name)
+
+    def list_refs(self, prefix: str) -> dict[str, str]:
+        with self._lock:
+            return {k: v for k, v in sorted(self._refs.items()) if k.startswith(prefix)}
+
+    def swap_ref(self, name: str, expected: str | None, new: str | None) -> None:
+        check_key(name)
+        with self._lock:
+            actual = self._refs.get(name)
+            if actual != expected:
+                raise RefConflictError(name, expected, actual)
+            if new is None:
+                del self._refs[name]
+            else:
+                self._refs[name] = new

@@ -1,0 +1,132 @@
+"""Every error qckpt raises, grouped by what a caller would do about it.
+
+::
+
+    QckptError
+    ├── NotFoundError (also KeyError)            the named thing does not exist
+    │   ├── RepositoryNotFoundError              path/URI holds no repository
+    │   ├── RevisionNotFoundError                unknown branch, tag or snapshot id
+    │   └── ObjectNotFoundError                  a backend key is missing
+    ├── InvalidInputError (also ValueError)      the call itself is wrong; fix the input
+    │   ├── InvalidRefNameError                  bad branch/tag name
+    │   ├── AmbiguousRevisionError               id prefix matches several snapshots
+    │   ├── UnsupportedValueError                a state leaf cannot be stored safely
+    │   └── StateMismatchError                   snapshot does not fit the live state
+    ├── ConflictError                            someone else got there first
+    │   ├── AlreadyExistsError                   repository, tag, branch or key exists
+    │   └── RefConflictError                     a ref moved under a compare-and-swap
+    ├── IntegrityError                           stored bytes are damaged
+    ├── FormatVersionError                       repository written by a newer qckpt
+    └── BackendError                             the storage itself failed (I/O, network)
+
+Errors never carry credentials. Not-found errors print their message plainly
+(``KeyError`` would otherwise quote it).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "QckptError",
+    "NotFoundError",
+    "RepositoryNotFoundError",
+    "RevisionNotFoundError",
+    "ObjectNotFoundError",
+    "InvalidInputError",
+    "InvalidRefNameError",
+    "AmbiguousRevisionError",
+    "UnsupportedValueError",
+    "StateMismatchError",
+    "ConflictError",
+    "AlreadyExistsError",
+    "RefConflictError",
+    "IntegrityError",
+    "FormatVersionError",
+    "BackendError",
+]
+
+
+class QckptError(Exception):
+    """Base class of every error raised by qckpt."""
+
+
+class NotFoundError(QckptError, KeyError):
+    """The named repository, revision or object does not exist."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RepositoryNotFoundError(NotFoundError):
+    """The path or URI does not hold a qckpt repository."""
+
+
+class RevisionNotFoundError(NotFoundError):
+    """No branch, tag or snapshot matches the revision."""
+
+
+class ObjectNotFoundError(NotFoundError):
+    """A backend has no value under the requested key."""
+
+
+class InvalidInputError(QckptError, ValueError):
+    """The arguments of the call are invalid; nothing was changed."""
+
+
+class InvalidRefNameError(InvalidInputError):
+    """A branch or tag name breaks the naming rules."""
+
+
+class AmbiguousRevisionError(InvalidInputError):
+    """A snapshot id prefix matches more than one snapshot."""
+
+
+class UnsupportedValueError(InvalidInputError):
+    """A leaf of the training state cannot be represented without pickle."""
+
+
+class StateMismatchError(InvalidInputError):
+    """The snapshot does not fit the live training state.
+
+    ``problems`` lists one line per offending state key; the live state was not modified.
+    """
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        super().__init__(message + "".join(f"\n  - {p}" for p in problems))
+        self.problems = problems
+
+
+class ConflictError(QckptError):
+    """Another writer or an existing name got there first."""
+
+
+class AlreadyExistsError(ConflictError):
+    """The repository, ref or key to be created exists already."""
+
+
+class RefConflictError(ConflictError):
+    """A compare-and-swap on a ref failed because the ref moved.
+
+    ``expected`` is what the caller last saw, ``actual`` what the ref holds now
+    (``None`` for an absent ref).
+    """
+
+    def __init__(self, ref: str, expected: str | None, actual: str | None) -> None:
+        super().__init__(
+            f"ref {ref!r} moved concurrently: expected {expected or '<absent>'}, "
+            f"found {actual or '<absent>'}"
+        )
+        self.ref = ref
+        self.expected = expected
+        self.actual = actual
+
+
+class IntegrityError(QckptError):
+    """Stored data failed verification (digest, header or decoding)."""
+
+
+class FormatVersionError(QckptError):
+    """The repository uses a format version this qckpt cannot read."""
+
+
+class BackendError(QckptError):
+    """The storage backend failed to perform an operation."""

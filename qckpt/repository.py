@@ -1,0 +1,534 @@
+"""The repository: commit training states, restore and load snapshots, refs.
+
+Write order of a commit (invariant 2): packs -> index -> manifest -> snapshot
+-> ref compare-and-swap. A crash anywhere leaves unreferenced garbage at worst;
+a ref never points at anything incomplete.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qckpt._ids import ID_HEX, digest, hex_id
+from qckpt._index import ChunkIndex, LmdbIndex, MemoryIndex
+from qckpt._objects import decode_object, encode_object
+from qckpt._packs import TRAILER_SIZE, ChunkLocation, PackBuilder, footer_length, pack_key, read_pack_footer
+from qckpt._records import CommitStats, Manifest, Snapshot, TensorEntry, manifest_key, snapshot_key
+from qckpt._refs import BRANCH_PREFIX, TAG_PREFIX, check_ref_name
+from qckpt._tensors import is_floating, numpy_dtype, numpy_dtype_name, raw_bytes, torch_dtype, torch_dtype_name
+from qckpt._tree import ArrayLeaf, decode_tree, encode_plain, encode_tree
+from qckpt._view import SnapshotView
+from qckpt.backends import Backend, LocalBackend
+from qckpt.errors import (
+    AlreadyExistsError,
+    AmbiguousRevisionError,
+    FormatVersionError,
+    IntegrityError,
+    InvalidInputError,
+    ObjectNotFoundError,
+    RefConflictError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    StateMismatchError,
+)
+from qckpt.state import TrainingState
+
+REPOSITORY_VERSION = 1
+CONFIG_KEY = "config"
+DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_COMPRESSION_LEVEL = 1
+PACK_TARGET_SIZE = 64 << 20
+_STEP_REVISION = re.compile(r"(.+)@([0-9]+)")
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    """Settings fixed when the repository is created (stored under ``config``)."""
+
+    repository_id: str
+    chunk_size: int
+    compression_level: int
+    version: int = REPOSITORY_VERSION
+
+
+@dataclass(frozen=True)
+class RepositoryStats:
+    """Storage accounting over every snapshot in the repository."""
+
+    snapshots: int
+    packs: int
+    raw_bytes: int  # tensor bytes summed over all snapshots, as if each were saved in full
+    unique_raw_bytes: int  # raw bytes of distinct chunks (after dedup)
+    stored_bytes: int  # bytes in packs, manifests and snapshots
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.raw_bytes / self.unique_raw_bytes if self.unique_raw_bytes else 1.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.raw_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+
+Location = str | os.PathLike[str] | Backend
+
+
+def _backend_for(location: Location) -> Backend:
+    if isinstance(location, Backend):
+        return location
+    text = os.fspath(location)
+    if text.startswith("file://"):
+        return LocalBackend(Path(text.removeprefix("file://")))
+    if "://" in text:
+        raise InvalidInputError(f"unsupported repository URI {text!r} (use a path or file://)")
+    return LocalBackend(Path(text))
+
+
+def _index_for(backend: Backend) -> ChunkIndex:
+    if isinstance(backend, LocalBackend):
+        return LmdbIndex(backend.root / ".index")
+    return MemoryIndex()
+
+
+class Repository:
+    """A qckpt repository on one backend. Create with ``init``, reopen with ``open``.
+
+    Methods may be called from several threads; a commit and reads can run
+    concurrently. Several processes may share a repository: ref updates are
+    compare-and-swap, so a lost race raises ``RefConflictError`` instead of
+    silently dropping a commit. Use as a context manager or call ``close``.
+    """
+
+    def __init__(self, backend: Backend, config: RepositoryConfig) -> None:
+        self.backend = backend
+        self.config = config
+        self._index = _index_for(backend)
+        self._workers = os.cpu_count() or 2
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="qckpt")
+        self._snapshots: dict[str, Snapshot] = {}
+        self._rebuild_lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        location: Location,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+    ) -> Repository:
+        """Create an empty repository at ``location`` (a path, ``file://`` URI or backend).
+
+        Raises ``AlreadyExistsError`` if one exists there; ``chunk_size`` must be a
+        positive multiple of 64 bytes, ``compression_level`` a zstd level (1-19).
+        """
+        if chunk_size <= 0 or chunk_size % 64:
+            raise InvalidInputError(f"chunk_size must be a positive multiple of 64 bytes, got {chunk_size}")
+        if not 1 <= compression_level <= 19:
+            raise InvalidInputError(f"compression_level must be 1..19, got {compression_level}")
+        backend = _backend_for(location)
+        if isinstance(backend, LocalBackend) and backend.root.exists() and not backend.root.is_dir():
+            raise InvalidInputError(f"{backend.root} exists and is not a directory")
+        config = RepositoryConfig(uuid.uuid4().hex, chunk_size, compression_level)
+        try:
+            backend.put(CONFIG_KEY, json.dumps(asdict(config), indent=1).encode(), exclusive=True)
+        except AlreadyExistsError:
+            raise AlreadyExistsError(f"a repository exists already at {backend.uri}") from None
+        return cls(backend, config)
+
+    @classmethod
+    def open(cls, location: Location) -> Repository:
+        """Open an existing repository; ``RepositoryNotFoundError`` if there is none."""
+        backend = _backend_for(location)
+        try:
+            doc = json.loads(backend.get(CONFIG_KEY))
+        except ObjectNotFoundError:
+            raise RepositoryNotFoundError(f"no qckpt repository at {backend.uri} (create one with init)") from None
+        except ValueError as e:
+            raise IntegrityError(f"repository config at {backend.uri} is damaged: {e}") from e
+        if not isinstance(doc, dict) or not isinstance(doc.get("version"), int):
+            raise IntegrityError(f"repository config at {backend.uri} is damaged")
+        if doc["version"] > REPOSITORY_VERSION:
+            raise FormatVersionError(
+                f"repository at {backend.uri} has format version {doc['version']}; "
+                f"this qckpt reads up to {REPOSITORY_VERSION}: upgrade qckpt"
+            )
+        try:
+            repo = cls(backend, RepositoryConfig(**doc))
+        except TypeError as e:
+            raise IntegrityError(f"repository config at {backend.uri} is damaged: {e}") from e
+        if len(repo._index) == 0 and backend.list("packs/"):
+            repo.rebuild_index()
+        return repo
+
+    def close(self) -> None:
+        """Finish background work and release the index and backend."""
+        self._pool.shutdown(wait=True)
+        self._index.close()
+        self.backend.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Repository({self.backend.uri!r})"
+
+    # -- commit --------------------------------------------------------------
+    def commit(
+        self,
+        state: TrainingState | Mapping[str, Any],
+        *,
+        branch: str = "main",
+        step: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        message: str = "",
+    ) -> Snapshot:
+        """Store ``state`` as a new snapshot on ``branch`` (created if absent) and return it.
+
+        ``state`` is a ``TrainingState`` (its step is used unless ``step`` is given)
+        or any plain tree of dicts, lists, tensors and plain values. The state is
+        validated before anything is written (``UnsupportedValueError`` names the
+        offending key). If the branch moved while committing, ``RefConflictError``
+        is raised; the snapshot was written and stays reachable by its id.
+        Blocks until the snapshot is durable. Tensors must not change meanwhile.
+        """
+        check_ref_name(branch)
+        if isinstance(state, TrainingState):
+            tree: Any = state.capture()
+            step = state.step if step is None else step
+        else:
+            tree = state
+        metrics = dict(metrics or {})
+        bad = [k for k, v in metrics.items() if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad:
+            raise InvalidInputError(f"metrics must map names to numbers; bad entries: {bad}")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            raise InvalidInputError(f"step must be an int, got {step!r}")
+        encoded, arrays = encode_tree(tree)
+        encode_plain(metrics)
+        ref = BRANCH_PREFIX + branch
+        head = self.backend.read_ref(ref)
+        tensors, stats = self._store_arrays(arrays)
+        manifest_bytes = Manifest(encoded, tuple(tensors)).to_bytes()
+        manifest_id = hex_id(manifest_bytes)
+        self.backend.put(manifest_key(manifest_id), manifest_bytes)
+        snapshot_id, data = Snapshot.encode(
+            manifest_id, (head,) if head else (), step, time.time(), message, metrics, stats
+        )
+        self.backend.put(snapshot_key(snapshot_id), data)
+        try:
+            self.backend.swap_ref(ref, head, snapshot_id)
+        except RefConflictError as e:
+            raise RefConflictError(ref, head, e.actual) from e
+        return self.snapshot(snapshot_id)
+
+    def _store_arrays(self, arrays: list[ArrayLeaf]) -> tuple[list[TensorEntry], CommitStats]:
+        """Chunk, hash, dedup, encode and pack every array; index the new chunks."""
+        size = self.config.chunk_size
+        entries: list[TensorEntry] = []
+        jobs: dict[bytes, tuple[np.ndarray, int, bool]] = {}
+        raw_total = chunk_count = 0
+        for leaf in arrays:
+            if isinstance(leaf.value, torch.Tensor):
+                kind, dtype, width = "tensor", torch_dtype_name(leaf.value.dtype), leaf.value.element_size()
+            else:
+                kind, dtype, width = "ndarray", numpy_dtype_name(leaf.value.dtype), leaf.value.itemsize
+            assert dtype is not None  # encode_tree rejected unsupported dtypes
+            raw = raw_bytes(leaf.value)
+            ids = []
+            for offset in range(0, raw.size, size):
+                view = raw[offset : offset + size]
+                chunk_id = digest(view.data)
+                ids.append(chunk_id)
+                jobs.setdefault(chunk_id, (view, width, is_floating(dtype)))
+            raw_total += raw.size
+            chunk_count += len(ids)
+            entries.append(TensorEntry(leaf.path, kind, dtype, tuple(leaf.value.shape), size, tuple(ids)))
+        missing = self._index.missing(jobs)
+        new = [cid for cid in jobs if cid in missing]
+        locations, stored = self._write_packs(new, jobs)
+        self._index.put_many(locations)
+        stats = CommitStats(raw_total, chunk_count, len(new), sum(jobs[c][0].size for c in new), stored)
+        return entries, stats
+
+    def _write_packs(
+        self, new: list[bytes], jobs: Mapping[bytes, tuple[np.ndarray, int, bool]]
+    ) -> tuple[dict[bytes, ChunkLocation], int]:
+        """Encode ``new`` chunks in the thread pool (bounded in flight) and write packs."""
+        level = self.config.compression_level
+        builder = PackBuilder()
+        locations: dict[bytes, ChunkLocation] = {}
+        stored = 0
+
+        def flush() -> None:
+            pack_id, data, locs = builder.finish()
+            self.backend.put(pack_key(pack_id), data)
+            locations.update(locs)
+
+        pending: deque[tuple[bytes, Future[tuple[int, bytes]]]] = deque()
+        todo = iter(new)
+        max_in_flight = 4 * self._workers
+        while True:
+            for chunk_id in todo:
+                view, width, floating = jobs[chunk_id]
+                pending.append((chunk_id, self._pool.submit(encode_object, view.data, width, floating, level)))
+                if len(pending) >= max_in_flight:
+                    break
+            if not pending:
+                break
+            chunk_id, future = pending.popleft()
+            codec, obj = future.result()
+            builder.add(chunk_id, codec, obj)
+            stored += len(obj)
+            if builder.size >= PACK_TARGET_SIZE:
+                flush()
+        if len(builder):
+            flush()
+        return locations, stored
+
+    # -- read ----------------------------------------------------------------
+    def _locate(self, chunk_id: bytes) -> ChunkLocation | None:
+        location = self._index.get(chunk_id)
+        if location is None:  # the index may be behind packs written elsewhere
+            self.rebuild_index()
+            location = self._index.get(chunk_id)
+        return location
+
+    def _read_chunk(self, chunk_id: bytes, context: str) -> bytes:
+        location = self._locate(chunk_id)
+        if location is None:
+            raise IntegrityError(f"{context}: object {chunk_id.hex()} is missing (in no pack)")
+        where = f"object {chunk_id.hex()} (pack {location.pack_id}, offset {location.offset})"
+        try:
+            data = self.backend.get_range(pack_key(location.pack_id), location.offset, location.length)
+            return decode_object(data, chunk_id)
+        except ObjectNotFoundError:
+            raise IntegrityError(f"{context}: {where}: pack is missing") from None
+        except IntegrityError as e:
+            raise IntegrityError(f"{context}: {where}: {e}") from e
+
+    def read_arrays(self, snapshot: Snapshot, entries: list[TensorEntry]) -> list[torch.Tensor | np.ndarray]:
+        """Read and verify the given tensors of ``snapshot`` (chunks in parallel), as CPU values."""
+        buffers = [np.empty(e.nbytes, dtype=np.uint8) for e in entries]
+
+        def fill(buffer: np.ndarray, entry: TensorEntry, chunk_id: bytes, offset: int, length: int) -> None:
+            raw = self._read_chunk(chunk_id, f"snapshot {snapshot.short_id}, state key {entry.path!r}")
+            if len(raw) != length:
+                raise IntegrityError(
+                    f"snapshot {snapshot.short_id}, state key {entry.path!r}: chunk {chunk_id.hex()} "
+                    f"has {len(raw)} bytes, manifest expects {length}"
+                )
+            buffer[offset : offset + length] = np.frombuffer(raw, dtype=np.uint8)
+
+        futures = [
+            self._pool.submit(fill, buf, entry, chunk_id, offset, length)
+            for buf, entry in zip(buffers, entries)
+            for chunk_id, offset, length in entry.spans()
+        ]
+        for f in futures:
+            f.result()
+        return [_as_value(buf, entry) for buf, entry in zip(buffers, entries)]
+
+    def manifest(self, snapshot: Snapshot) -> Manifest:
+        """The (verified) manifest of ``snapshot``."""
+        try:
+            data = self.backend.get(manifest_key(snapshot.manifest))
+        except ObjectNotFoundError:
+            raise IntegrityError(f"snapshot {snapshot.short_id}: manifest {snapshot.manifest} is missing") from None
+        return Manifest.from_bytes(snapshot.manifest, data)
+
+    def restore(self, state: TrainingState, revision: str = "main") -> Snapshot:
+        """Load the snapshot at ``revision`` into the live objects of ``state``, in place.
+
+        Everything is validated and read (and digest-checked) before anything is
+        modified: a mismatch raises ``StateMismatchError`` listing every
+        offending key, damaged data raises ``IntegrityError``; in both cases the
+        live state is untouched. Returns the restored snapshot.
+        """
+        snap = self.snapshot(revision)
+        manifest = self.manifest(snap)
+        problems = state.problems(decode_tree(manifest.tree, lambda i: manifest.tensors[i]))
+        if problems:
+            raise StateMismatchError(
+                f"snapshot {snap.short_id} ({revision}) does not fit the live training state; nothing was modified:",
+                problems,
+            )
+        values = self.read_arrays(snap, list(manifest.tensors))
+        state.load(decode_tree(manifest.tree, values.__getitem__))
+        return snap
+
+    def load(self, revision: str = "main") -> SnapshotView:
+        """A read-only view of a snapshot without any model: tensors by path, read lazily."""
+        snap = self.snapshot(revision)
+        return SnapshotView(snap, self.manifest(snap), self.read_arrays)
+
+    # -- snapshots and revisions ----------------------------------------------
+    def snapshot(self, revision: str) -> Snapshot:
+        """The snapshot a revision names: branch, tag, snapshot id (or unique prefix of
+        at least 6 hex digits), each optionally followed by ``@STEP`` to pick the
+        ancestor (first parents) committed at that step."""
+        snapshot_id = self.resolve(revision)
+        if snapshot_id not in self._snapshots:
+            try:
+                data = self.backend.get(snapshot_key(snapshot_id))
+            except ObjectNotFoundError:
+                raise RevisionNotFoundError(f"snapshot {snapshot_id} does not exist") from None
+            self._snapshots[snapshot_id] = Snapshot.from_bytes(snapshot_id, data)
+        return self._snapshots[snapshot_id]
+
+    def resolve(self, revision: str) -> str:
+        """The snapshot id a revision names (see ``snapshot``)."""
+        if not isinstance(revision, str) or not revision:
+            raise InvalidInputError(f"revision must be a non-empty string, got {revision!r}")
+        match = _STEP_REVISION.fullmatch(revision)
+        if match is None:
+            return self._resolve_name(revision)
+        base, step = match.group(1), int(match.group(2))
+        for snap in self._first_parents(self._resolve_name(base)):
+            if snap.step == step:
+                return snap.id
+        raise RevisionNotFoundError(f"no snapshot at step {step} in the history of {base!r}")
+
+    def _resolve_name(self, name: str) -> str:
+        for prefix in (BRANCH_PREFIX, TAG_PREFIX):
+            try:
+                target = self.backend.read_ref(prefix + check_ref_name(name))
+            except InvalidInputError:
+                break
+            if target is not None:
+                return target
+        if ID_HEX.fullmatch(name):
+            if self.backend.exists(snapshot_key(name)):
+                return name
+        elif re.fullmatch(r"[0-9a-f]{6,31}", name):
+            matches = self.backend.list(snapshot_key(name))
+            if len(matches) > 1:
+                raise AmbiguousRevisionError(f"snapshot id prefix {name!r} matches {len(matches)} snapshots")
+            if matches:
+                return matches[0].rsplit("/", 1)[1]
+        known = ", ".join(sorted(self.branches())[:10]) or "none"
+        raise RevisionNotFoundError(f"unknown revision {name!r}: no branch, tag or snapshot id matches (branches: {known})")
+
+    def _first_parents(self, snapshot_id: str) -> Iterator[Snapshot]:
+        current: str | None = snapshot_id
+        while current is not None:
+            snap = self.snapshot(current)
+            yield snap
+            current = snap.parents[0] if snap.parents else None
+
+    def log(self, revision: str = "main", limit: int | None = None) -> list[Snapshot]:
+        """Snapshots reachable from ``revision`` (all parents), newest first."""
+        start = self.snapshot(revision)
+        heap = [(-start.time, start.id)]
+        seen = {start.id}
+        out: list[Snapshot] = []
+        while heap and (limit is None or len(out) < limit):
+            _, snapshot_id = heapq.heappop(heap)
+            snap = self.snapshot(snapshot_id)
+            out.append(snap)
+            for parent in snap.parents:
+                if parent not in seen:
+                    seen.add(parent)
+                    heapq.heappush(heap, (-self.snapshot(parent).time, parent))
+        return out
+
+    def snapshot_ids(self) -> list[str]:
+        """Ids of every snapshot stored, reachable or not."""
+        return [key.rsplit("/", 1)[1] for key in self.backend.list("snapshots/")]
+
+    # -- refs ------------------------------------------------------------------
+    def branches(self) -> dict[str, str]:
+        """Branch name -> snapshot id."""
+        return {k.removeprefix(BRANCH_PREFIX): v for k, v in self.backend.list_refs(BRANCH_PREFIX).items()}
+
+    def tags(self) -> dict[str, str]:
+        """Tag name -> snapshot id."""
+        return {k.removeprefix(TAG_PREFIX): v for k, v in self.backend.list_refs(TAG_PREFIX).items()}
+
+    def _create_ref(self, prefix: str, name: str, revision: str, kind: str) -> Snapshot:
+        check_ref_name(name, kind)
+        other = TAG_PREFIX if prefix == BRANCH_PREFIX else BRANCH_PREFIX
+        if self.backend.read_ref(other + name) is not None:
+            raise AlreadyExistsError(f"{name!r} is already a {'tag' if other == TAG_PREFIX else 'branch'}")
+        snap = self.snapshot(revision)
+        try:
+            self.backend.swap_ref(prefix + name, None, snap.id)
+        except RefConflictError:
+            raise AlreadyExistsError(f"{kind} {name!r} exists already") from None
+        return snap
+
+    def create_branch(self, name: str, at: str = "main") -> Snapshot:
+        """Start branch ``name`` at the snapshot ``at`` names. Metadata only: no data is copied."""
+        return self._create_ref(BRANCH_PREFIX, name, at, "branch")
+
+    def create_tag(self, name: str, at: str = "main") -> Snapshot:
+        """Give the snapshot ``at`` names a fixed name."""
+        return self._create_ref(TAG_PREFIX, name, at, "tag")
+
+    def _delete_ref(self, prefix: str, name: str, kind: str) -> None:
+        check_ref_name(name, kind)
+        current = self.backend.read_ref(prefix + name)
+        if current is None:
+            raise RevisionNotFoundError(f"no {kind} named {name!r}")
+        self.backend.swap_ref(prefix + name, current, None)
+
+    def delete_branch(self, name: str) -> None:
+        """Remove a branch ref (its snapshots stay until garbage collection)."""
+        self._delete_ref(BRANCH_PREFIX, name, "branch")
+
+    def delete_tag(self, name: str) -> None:
+        """Remove a tag ref."""
+        self._delete_ref(TAG_PREFIX, name, "tag")
+
+    # -- maintenance -------------------------------------------------------------
+    def stats(self) -> RepositoryStats:
+        """Raw versus stored bytes over all snapshots (reads every snapshot record)."""
+        snaps = [self.snapshot(i) for i in self.snapshot_ids()]
+        packs = self.backend.list("packs/")
+        stored = sum(self.backend.size(k) for k in packs + self.backend.list("manifests/") + self.backend.list("snapshots/"))
+        return RepositoryStats(
+            snapshots=len(snaps),
+            packs=len(packs),
+            raw_bytes=sum(s.stats.raw_bytes for s in snaps),
+            unique_raw_bytes=sum(s.stats.new_raw_bytes for s in snaps),
+            stored_bytes=stored,
+        )
+
+    def rebuild_index(self) -> int:
+        """Re-read every pack footer into the chunk index; returns the number of packs read."""
+        with self._rebuild_lock:
+            packs = self.backend.list("packs/")
+            for key in packs:
+                pack_id = key.removeprefix("packs/").removesuffix(".pack")
+                size = self.backend.size(key)
+                trailer = self.backend.get_range(key, max(0, size - TRAILER_SIZE), TRAILER_SIZE)
+                length = footer_length(trailer)
+                tail = self.backend.get_range(key, max(0, size - length), length)
+                self._index.put_many(read_pack_footer(pack_id, tail, size))
+            return len(packs)
+
+
+def _as_value(buffer: np.ndarray, entry: TensorEntry) -> torch.Tensor | np.ndarray:
+    if entry.kind == "ndarray":
+        return buffer.view(numpy_dtype(entry.dtype)).reshape(entry.shape)
+    return torch.from_numpy(buffer).view(torch_dtype(entry.dtype)).reshape(entry.shape)
+
+

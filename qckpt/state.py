@@ -1,0 +1,171 @@
+"""Training state: everything needed to continue a run bit-exactly.
+
+A ``TrainingState`` names the live objects of a run (model, optimizer, LR
+schedulers, grad scaler, data sampler, any ``torch.Generator``...) and captures
+them together with the step counter, user extras and the process RNG states
+(Python ``random``, NumPy's global generator, torch CPU and every CUDA device).
+Anything with ``state_dict()``/``load_state_dict()`` plugs in.
+
+Restoring validates the whole snapshot against the live objects first (keys,
+shapes and dtypes of modules; parameter groups of optimizers; RNG devices) and
+reports every problem at once, before anything is modified.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from qckpt._records import TensorEntry
+from qckpt._refs import check_ref_name
+from qckpt.errors import InvalidInputError
+
+STATE_FORMAT = "qckpt.training_state/1"
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """The PyTorch convention: objects that can save and reload their state."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> Any: ...
+
+
+def capture_rng() -> dict[str, Any]:
+    """The RNG states of this process. CUDA generators are included once CUDA is initialized."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(legacy=False),
+        "torch": torch.get_rng_state(),
+        "cuda": list(cuda),
+    }
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Set this process's RNG states from ``capture_rng``'s result."""
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, TensorEntry):
+        return f"{value.dtype} {tuple(value.shape)}"
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _module_problems(name: str, live: dict[str, Any], stored: Any) -> list[str]:
+    if not isinstance(stored, dict):
+        return [f"{name}: snapshot holds {_describe(stored)}, live object is a module"]
+    problems = [f"{name}/{k}: missing from the snapshot" for k in live if k not in stored]
+    problems += [f"{name}/{k}: in the snapshot but not in the live module" for k in stored if k not in live]
+    for key in live.keys() & stored.keys():
+        have, want = stored[key], live[key]
+        if isinstance(want, torch.Tensor) != isinstance(have, TensorEntry):
+            problems.append(f"{name}/{key}: snapshot holds {_describe(have)}, live module holds {_describe(want)}")
+        elif isinstance(want, torch.Tensor) and (
+            tuple(want.shape) != have.shape or str(want.dtype).removeprefix("torch.") != have.dtype
+        ):
+            problems.append(f"{name}/{key}: snapshot has {_describe(have)}, live module has {_describe(want)}")
+    return sorted(problems)
+
+
+def _optimizer_problems(name: str, live: dict[str, Any], stored: Any) -> list[str]:
+    try:
+        stored_groups = [len(g["params"]) for g in stored["param_groups"]]
+    except (KeyError, TypeError):
+        return [f"{name}: snapshot does not hold an optimizer state_dict"]
+    live_groups = [len(g["params"]) for g in live["param_groups"]]
+    if stored_groups != live_groups:
+        return [f"{name}: parameter groups have sizes {stored_groups} in the snapshot, {live_groups} live"]
+    problems = []
+    for param, entries in stored.get("state", {}).items():
+        for key, have in entries.items():
+            want = live["state"].get(param, {}).get(key)
+            if isinstance(want, torch.Tensor) and isinstance(have, TensorEntry) and tuple(want.shape) != have.shape:
+                problems.append(f"{name}/state/{param}/{key}: snapshot has {_describe(have)}, live has {_describe(want)}")
+    return problems
+
+
+class TrainingState:
+    """The named live objects of a training run, plus step counter, extras and RNG.
+
+    ``components`` are objects with ``state_dict``/``load_state_dict`` or
+    ``torch.Generator``s. ``extras`` is plain user data (numbers, strings,
+    lists, dicts, tensors). ``rng=False`` leaves the process RNG states out.
+    Not thread-safe: capture and restore from the training thread.
+    """
+
+    def __init__(self, *, step: int = 0, extras: dict[str, Any] | None = None, rng: bool = True, **components: Any) -> None:
+        for name, component in components.items():
+            check_ref_name(name, "component")
+            if not isinstance(component, (Stateful, torch.Generator)):
+                raise InvalidInputError(
+                    f"component {name!r} ({type(component).__qualname__}) has no state_dict()/load_state_dict()"
+                )
+        self.components: dict[str, Any] = components
+        self.step = step
+        self.extras: dict[str, Any] = dict(extras or {})
+        self.rng = rng
+
+    def capture(self) -> dict[str, Any]:
+        """The current state as a plain tree (tensors are shared, not copied)."""
+        return {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "components": {
+                name: {"generator_state": c.get_state()} if isinstance(c, torch.Generator) else c.state_dict()
+                for name, c in self.components.items()
+            },
+            "rng": capture_rng() if self.rng else None,
+            "extras": self.extras,
+        }
+
+    def problems(self, stored: Any) -> list[str]:
+        """Every way the stored tree (tensors as ``TensorEntry``) does not fit this state."""
+        if not isinstance(stored, dict) or stored.get("format") != STATE_FORMAT:
+            return ["the snapshot was not committed from a TrainingState; read it with Repository.load()"]
+        comps = stored["components"]
+        problems = [f"{n}: missing from the snapshot" for n in self.components if n not in comps]
+        problems += [f"{n}: in the snapshot but not in this TrainingState" for n in comps if n not in self.components]
+        for name, component in self.components.items():
+            if name not in comps:
+                continue
+            if isinstance(component, torch.nn.Module):
+                problems += _module_problems(name, component.state_dict(), comps[name])
+            elif isinstance(component, torch.optim.Optimizer):
+                problems += _optimizer_problems(name, component.state_dict(), comps[name])
+        if self.rng:
+            rng = stored.get("rng")
+            if rng is None:
+                problems.append("rng: the snapshot has no RNG state (use TrainingState(rng=False))")
+            elif rng["cuda"] and (not torch.cuda.is_available() or torch.cuda.device_count() != len(rng["cuda"])):
+                live = torch.cuda.device_count() if torch.cuda.is_available() else 0
+                problems.append(f"rng/cuda: snapshot has {len(rng['cuda'])} CUDA generators, this process {live}")
+        return problems
+
+    def load(self, tree: dict[str, Any]) -> None:
+        """Load a captured tree (validated with ``problems`` first) into the live objects."""
+        for name, component in self.components.items():
+            stored = tree["components"][name]
+            try:
+                if isinstance(component, torch.Generator):
+                    component.set_state(stored["generator_state"])
+                else:
+                    component.load_state_dict(stored)
+            except Exception as e:
+                e.add_note(f"qckpt: while restoring component {name!r}")
+                raise
+        if self.rng:
+            restore_rng(tree["rng"])
+        self.step = tree["step"]
+        self.extras = tree["extras"]
