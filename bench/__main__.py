@@ -1,0 +1,20 @@
+"""``python -m bench {demo,train}``: the demo and the reference workload runner."""
+
+from __future__ import annotations
+
+import argparse
+
+from bench import demo, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo.add_arguments(commands.add_parser("demo", help="train, commit every step, restore bit-exactly, report storage"))
+    train.add_arguments(commands.add_parser("train", help="run the reference workload against a repository"))
+    args = parser.parse_args()
+    {"demo": demo.run, "train": train.run}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
