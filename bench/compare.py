@@ -10,8 +10,11 @@ import torch
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
-    return a.reshape(-1).view(torch.uint8).numpy().tobytes() == b.reshape(-1).view(torch.uint8).numpy().tobytes()
+    """Bitwise equality of two tensors of equal dtype and shape."""
+    if a.numel() == 0:
+        return True
+    dense_a, dense_b = (torch.empty(t.shape, dtype=t.dtype).copy_(t.detach().cpu()) for t in (a, b))
+    return torch.equal(dense_a.reshape(-1).view(torch.uint8), dense_b.reshape(-1).view(torch.uint8))
 
 
 def differences(a: Any, b: Any, path: str = "") -> list[str]:

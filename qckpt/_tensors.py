@@ -61,8 +61,13 @@ def raw_bytes(value: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return np.ascontiguousarray(value).reshape(-1).view(np.uint8)
     t = value.detach()
+    if t.numel() == 0:  # empty tensors may keep odd strides that forbid byte views
+        return np.empty(0, dtype=np.uint8)
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    t = t.cpu()
+    if not t.is_contiguous() or t.reshape(-1).stride(0) != 1:  # size-1 dims may keep any stride
+        t = torch.empty(t.shape, dtype=t.dtype).copy_(t)
+    return t.reshape(-1).view(torch.uint8).numpy()

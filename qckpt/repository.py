@@ -529,6 +529,8 @@ class Repository:
 def _as_value(buffer: np.ndarray, entry: TensorEntry) -> torch.Tensor | np.ndarray:
     if entry.kind == "ndarray":
         return buffer.view(numpy_dtype(entry.dtype)).reshape(entry.shape)
+    if buffer.size == 0:  # from_numpy gives empty tensors stride 0, which cannot be re-viewed
+        return torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
     return torch.from_numpy(buffer).view(torch_dtype(entry.dtype)).reshape(entry.shape)
 
 

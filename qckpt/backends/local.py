@@ -141,6 +141,7 @@ class LocalBackend(Backend):
     @contextmanager
     def _ref_lock(self) -> Iterator[None]:
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.root / ".refs.lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise BackendError(f"{self.uri}: cannot lock refs: {e}") from e
@@ -168,8 +169,6 @@ class LocalBackend(Backend):
 
     def swap_ref(self, name: str, expected: str | None, new: str | None) -> None:
         path = self._ref_path(name)
-        if not self.root.is_dir():
-            raise BackendError(f"{self.uri}: repository directory does not exist")
         with self._ref_lock():
             actual = self.read_ref(name)
             if actual != expected:

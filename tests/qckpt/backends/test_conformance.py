@@ -1,0 +1,136 @@
+"""The backend contract (see ``qckpt.backends.Backend``), checked on every backend."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from qckpt.backends import Backend
+from qckpt.errors import AlreadyExistsError, InvalidInputError, ObjectNotFoundError, RefConflictError
+
+
+def test_put_get_roundtrip(backend: Backend) -> None:
+    backend.put("packs/a.pack", b"hello")
+    backend.put("empty", b"")
+    assert backend.get("packs/a.pack") == b"hello"
+    assert backend.get("empty") == b""
+    assert backend.size("packs/a.pack") == 5
+    assert backend.exists("packs/a.pack") and not backend.exists("packs/b.pack")
+
+
+def test_put_accepts_memoryview_and_bytearray(backend: Backend) -> None:
+    backend.put("a", memoryview(b"xyz")[1:])
+    backend.put("b", bytearray(b"123"))
+    assert backend.get("a") == b"yz" and backend.get("b") == b"123"
+
+
+def test_get_range(backend: Backend) -> None:
+    backend.put("k", bytes(range(100)))
+    assert backend.get_range("k", 10, 5) == bytes(range(10, 15))
+    assert backend.get_range("k", 95, 10) == bytes(range(95, 100))  # short at the end
+
+
+def test_missing_keys_raise_not_found(backend: Backend) -> None:
+    for call in (lambda: backend.get("nope"), lambda: backend.get_range("nope", 0, 1),
+                 lambda: backend.size("nope"), lambda: backend.delete("nope")):  # fmt: skip
+        with pytest.raises(ObjectNotFoundError) as info:
+            call()
+        assert isinstance(info.value, KeyError)
+        assert "nope" in str(info.value)
+
+
+def test_put_again_same_content_is_harmless(backend: Backend) -> None:
+    backend.put("k", b"v")
+    backend.put("k", b"v")
+    assert backend.get("k") == b"v"
+
+
+def test_exclusive_put(backend: Backend) -> None:
+    backend.put("config", b"1", exclusive=True)
+    with pytest.raises(AlreadyExistsError):
+        backend.put("config", b"2", exclusive=True)
+    assert backend.get("config") == b"1"
+
+
+def test_list_by_prefix_sorted(backend: Backend) -> None:
+    for key in ("snapshots/b", "snapshots/a", "manifests/a", "snap"):
+        backend.put(key, b"x")
+    assert backend.list("snapshots/") == ["snapshots/a", "snapshots/b"]
+    assert backend.list("snapshots/a") == ["snapshots/a"]
+    assert backend.list("nothing/") == []
+    assert backend.list("") == ["manifests/a", "snap", "snapshots/a", "snapshots/b"]
+
+
+def test_refs_are_not_blobs(backend: Backend) -> None:
+    backend.swap_ref("heads/main", None, "abc")
+    assert backend.list("") == []
+
+
+def test_delete(backend: Backend) -> None:
+    backend.put("k", b"v")
+    backend.delete("k")
+    assert not backend.exists("k")
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "..", "a//b", ".hidden", "a/.tmp", "a b", "a\x00", "a\\b"])
+def test_unsafe_keys_rejected(backend: Backend, key: str) -> None:
+    with pytest.raises(InvalidInputError):
+        backend.put(key, b"x")
+    with pytest.raises(InvalidInputError):
+        backend.swap_ref(key, None, "x")
+
+
+def test_ref_create_update_delete(backend: Backend) -> None:
+    assert backend.read_ref("heads/main") is None
+    backend.swap_ref("heads/main", None, "a1")
+    backend.swap_ref("heads/main", "a1", "b2")
+    backend.swap_ref("tags/v1", None, "a1")
+    assert backend.read_ref("heads/main") == "b2"
+    assert backend.list_refs("heads/") == {"heads/main": "b2"}
+    assert backend.list_refs("") == {"heads/main": "b2", "tags/v1": "a1"}
+    backend.swap_ref("heads/main", "b2", None)
+    assert backend.read_ref("heads/main") is None
+    assert backend.list_refs("heads/") == {}
+
+
+def test_ref_conflicts_leave_ref_unchanged(backend: Backend) -> None:
+    backend.swap_ref("heads/main", None, "a1")
+    with pytest.raises(RefConflictError) as info:
+        backend.swap_ref("heads/main", None, "zz")  # create over existing
+    assert info.value.actual == "a1"
+    with pytest.raises(RefConflictError):
+        backend.swap_ref("heads/main", "stale", "zz")
+    with pytest.raises(RefConflictError):
+        backend.swap_ref("heads/other", "a1", "zz")  # update of an absent ref
+    with pytest.raises(RefConflictError):
+        backend.swap_ref("heads/main", "stale", None)  # delete with a stale view
+    assert backend.read_ref("heads/main") == "a1"
+
+
+def test_concurrent_compare_and_swap_loses_nothing(backend: Backend) -> None:
+    """Threads increment a counter ref by CAS with retry; every increment must land."""
+    backend.swap_ref("heads/counter", None, "0")
+    per_thread, threads = 25, 6
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(per_thread):
+                while True:
+                    current = backend.read_ref("heads/counter")
+                    try:
+                        backend.swap_ref("heads/counter", current, str(int(current or 0) + 1))
+                        break
+                    except RefConflictError:
+                        continue
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    assert backend.read_ref("heads/counter") == str(per_thread * threads)
