@@ -9,11 +9,13 @@ batch sampling whose position is part of the training state.
 from __future__ import annotations
 
 import math
+import random
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,6 +168,8 @@ class Trainer:
         corpus_bytes: int = 1 << 20,
     ) -> None:
         spec = SIZES[size]
+        random.seed(seed)
+        np.random.seed(seed)
         torch.manual_seed(seed)
         self.model = CharGPT(spec, dropout)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)

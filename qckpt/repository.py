@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import logging
 import os
 import re
 import threading
@@ -54,6 +55,7 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_COMPRESSION_LEVEL = 1
 PACK_TARGET_SIZE = 64 << 20
 _STEP_REVISION = re.compile(r"(.+)@([0-9]+)")
+_log = logging.getLogger("qckpt")
 
 
 @dataclass(frozen=True)
@@ -513,17 +515,25 @@ class Repository:
         )
 
     def rebuild_index(self) -> int:
-        """Re-read every pack footer into the chunk index; returns the number of packs read."""
+        """Re-read every pack footer into the chunk index; returns the number of packs indexed.
+
+        A pack whose footer is damaged is skipped with a warning on the ``qckpt``
+        logger: its chunks then read as missing, naming the snapshot that needs them.
+        """
+        indexed = 0
         with self._rebuild_lock:
-            packs = self.backend.list("packs/")
-            for key in packs:
+            for key in self.backend.list("packs/"):
                 pack_id = key.removeprefix("packs/").removesuffix(".pack")
-                size = self.backend.size(key)
-                trailer = self.backend.get_range(key, max(0, size - TRAILER_SIZE), TRAILER_SIZE)
-                length = footer_length(trailer)
-                tail = self.backend.get_range(key, max(0, size - length), length)
-                self._index.put_many(read_pack_footer(pack_id, tail, size))
-            return len(packs)
+                try:
+                    size = self.backend.size(key)
+                    trailer = self.backend.get_range(key, max(0, size - TRAILER_SIZE), TRAILER_SIZE)
+                    length = footer_length(trailer)
+                    tail = self.backend.get_range(key, max(0, size - length), length)
+                    self._index.put_many(read_pack_footer(pack_id, tail, size))
+                    indexed += 1
+                except IntegrityError as e:
+                    _log.warning("skipping damaged pack %s while rebuilding the index: %s", key, e)
+        return indexed
 
 
 def _as_value(buffer: np.ndarray, entry: TensorEntry) -> torch.Tensor | np.ndarray:

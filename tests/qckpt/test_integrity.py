@@ -1,0 +1,101 @@
+"""Damaged bytes on disk are caught and named, never restored as wrong weights."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import qckpt
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def two_snapshots(local_repo_path: Path) -> tuple[Path, qckpt.Snapshot, qckpt.Snapshot]:
+    """Two snapshots whose tensors live in two different packs."""
+    with qckpt.Repository.open(local_repo_path) as repo:
+        first = repo.commit({"w": torch.arange(64, dtype=torch.float32)}, step=1)
+        second = repo.commit({"w": torch.full((64,), 7.0)}, step=2)
+    return local_repo_path, first, second
+
+
+def _pack_of(repo_path: Path, snapshot: qckpt.Snapshot) -> Path:
+    with qckpt.Repository.open(repo_path) as repo:
+        chunk = repo.load(snapshot.id).entry("w").chunks[0]
+    for pack in (repo_path / "packs").iterdir():
+        if chunk in pack.read_bytes():  # the pack footer lists its chunk ids
+            return pack
+    raise AssertionError("pack not found")
+
+
+def test_flipped_byte_in_object_is_an_integrity_error(two_snapshots: tuple) -> None:
+    path, first, second = two_snapshots
+    _flip(_pack_of(path, first), 20)  # inside the first object's payload (12-byte header)
+    with qckpt.Repository.open(path) as repo:
+        live = {"w": torch.zeros(64)}
+        with pytest.raises(qckpt.IntegrityError) as info:
+            repo.load(first.id)["w"]
+        message = str(info.value)
+        assert f"snapshot {first.short_id}" in message and "state key 'w'" in message
+        assert "object " in message and "pack " in message
+        assert torch.equal(live["w"], torch.zeros(64))
+        assert torch.equal(repo.load(second.id)["w"], torch.full((64,), 7.0))  # the rest stays readable
+        assert repo.branches() == {"main": second.id}
+
+
+def test_restore_from_damaged_snapshot_leaves_live_state_untouched(local_repo_path: Path) -> None:
+    model = torch.nn.Linear(32, 32)
+    state = qckpt.TrainingState(model=model, rng=False)
+    with qckpt.Repository.open(local_repo_path) as repo:
+        snap = repo.commit(state)
+    pack = next((local_repo_path / "packs").iterdir())
+    _flip(pack, pack.stat().st_size // 3)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    with qckpt.Repository.open(local_repo_path) as repo, pytest.raises(qckpt.IntegrityError, match=snap.short_id):
+        repo.restore(state, "main")
+    assert torch.equal(model.weight, torch.ones(32, 32))
+
+
+@pytest.mark.parametrize("where", ["manifests", "snapshots"])
+def test_damaged_metadata_records(two_snapshots: tuple, where: str) -> None:
+    path, first, _ = two_snapshots
+    _flip(path / where / (first.manifest if where == "manifests" else first.id), 5)
+    with qckpt.Repository.open(path) as repo, pytest.raises(qckpt.IntegrityError, match=where[:-1]):
+        repo.load(first.id)["w"]
+
+
+def test_missing_pack(two_snapshots: tuple) -> None:
+    path, first, second = two_snapshots
+    _pack_of(path, first).unlink()
+    with qckpt.Repository.open(path) as repo:
+        with pytest.raises(qckpt.IntegrityError, match="missing"):
+            repo.load(first.id)["w"]
+        assert torch.equal(repo.load(second.id)["w"], torch.full((64,), 7.0))
+
+
+def test_truncated_pack(two_snapshots: tuple) -> None:
+    path, first, _ = two_snapshots
+    pack = _pack_of(path, first)
+    pack.write_bytes(pack.read_bytes()[:15])
+    with qckpt.Repository.open(path) as repo, pytest.raises(qckpt.IntegrityError):
+        repo.load(first.id)["w"]
+
+
+def test_index_rebuild_skips_a_damaged_pack(two_snapshots: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    path, first, second = two_snapshots
+    pack = _pack_of(path, first)
+    pack.write_bytes(pack.read_bytes()[:-3])  # footer trailer damaged
+    shutil.rmtree(path / ".index")
+    with qckpt.Repository.open(path) as repo:
+        assert "skipping damaged pack" in caplog.text
+        assert torch.equal(repo.load(second.id)["w"], torch.full((64,), 7.0))
+        with pytest.raises(qckpt.IntegrityError, match=f"snapshot {first.short_id}.*missing"):
+            repo.load(first.id)["w"]
