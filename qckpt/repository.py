@@ -32,7 +32,7 @@ from qckpt._packs import TRAILER_SIZE, ChunkLocation, PackBuilder, footer_length
 from qckpt._records import CommitStats, Manifest, Snapshot, TensorEntry, manifest_key, snapshot_key
 from qckpt._refs import BRANCH_PREFIX, TAG_PREFIX, check_ref_name
 from qckpt._tensors import is_floating, numpy_dtype, numpy_dtype_name, raw_bytes, torch_dtype, torch_dtype_name
-from qckpt._tree import ArrayLeaf, decode_tree, encode_plain, encode_tree
+from qckpt._tree import ArrayLeaf, decode_tree, encode_tree
 from qckpt._view import SnapshotView
 from qckpt.backends import Backend, LocalBackend
 from qckpt.errors import (
@@ -225,7 +225,6 @@ class Repository:
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise InvalidInputError(f"step must be an int, got {step!r}")
         encoded, arrays = encode_tree(tree)
-        encode_plain(metrics)
         ref = BRANCH_PREFIX + branch
         head = self.backend.read_ref(ref)
         tensors, stats = self._store_arrays(arrays)
