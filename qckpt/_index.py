@@ -25,7 +25,7 @@ _VALUE = struct.Struct(f"<{ID_BYTES}sQIB")
 
 
 class ChunkIndex(ABC):
-    """Maps 16-byte chunk ids to locations. Thread-safe; entries are never removed by writers."""
+    """Maps 16-byte chunk ids to locations. Thread-safe; only garbage collection removes entries."""
 
     @abstractmethod
     def get(self, chunk_id: bytes) -> ChunkLocation | None:
@@ -38,6 +38,10 @@ class ChunkIndex(ABC):
     @abstractmethod
     def put_many(self, locations: Mapping[bytes, ChunkLocation]) -> None:
         """Record locations durably (one transaction)."""
+
+    @abstractmethod
+    def remove_many(self, chunk_ids: Iterable[bytes]) -> None:
+        """Forget chunks (garbage collection only, under the exclusive writer lock)."""
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -64,6 +68,11 @@ class MemoryIndex(ChunkIndex):
     def put_many(self, locations: Mapping[bytes, ChunkLocation]) -> None:
         with self._lock:
             self._map.update(locations)
+
+    def remove_many(self, chunk_ids: Iterable[bytes]) -> None:
+        with self._lock:
+            for c in chunk_ids:
+                self._map.pop(c, None)
 
     def __len__(self) -> int:
         with self._lock:
@@ -155,6 +164,15 @@ class LmdbIndex(ChunkIndex):
                 txn.put(cid, value)
 
         self._write(write)
+
+    def remove_many(self, chunk_ids: Iterable[bytes]) -> None:
+        ids = list(chunk_ids)
+
+        def remove(txn: lmdb.Transaction) -> None:
+            for cid in ids:
+                txn.delete(cid)
+
+        self._write(remove)
 
     def __len__(self) -> int:
         return self.env.stat()["entries"]

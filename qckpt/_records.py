@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import zstandard
@@ -120,7 +120,12 @@ class CommitStats:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One commit: a manifest, its parents, and what the user recorded with it."""
+    """One commit: a manifest, its parents, and what was recorded with it.
+
+    ``annotations`` is plain data written by operations (a join records its
+    candidates there). Create with ``Snapshot.new``; the id is the digest of
+    ``to_bytes()``.
+    """
 
     id: str
     manifest: str
@@ -130,21 +135,28 @@ class Snapshot:
     message: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     stats: CommitStats = field(default_factory=CommitStats)
+    annotations: dict[str, Any] = field(default_factory=dict)
 
     @property
     def short_id(self) -> str:
         return self.id[:12]
 
-    @staticmethod
-    def encode(manifest: str, parents: tuple[str, ...], step: int | None, time: float,
-               message: str, metrics: dict[str, float], stats: CommitStats) -> tuple[str, bytes]:  # fmt: skip
-        """Serialize a new snapshot; returns (snapshot id, stored bytes)."""
-        doc = {
-            "version": RECORD_VERSION, "manifest": manifest, "parents": list(parents), "step": step,
-            "time": time, "message": message, "metrics": encode_plain(metrics), "stats": asdict(stats),
+    def _document(self) -> dict[str, Any]:
+        return {
+            "version": RECORD_VERSION, "manifest": self.manifest, "parents": list(self.parents),
+            "step": self.step, "time": self.time, "message": self.message,
+            "metrics": encode_plain(self.metrics), "stats": asdict(self.stats),
+            "annotations": encode_plain(self.annotations),
         }  # fmt: skip
-        data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-        return hex_id(data), data
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self._document(), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def new(cls, **fields: Any) -> Snapshot:
+        """A new snapshot with its content id (all fields but ``id``)."""
+        draft = cls(id="", **fields)
+        return replace(draft, id=hex_id(draft.to_bytes()))
 
     @classmethod
     def from_bytes(cls, snapshot_id: str, data: bytes) -> Snapshot:
@@ -155,8 +167,8 @@ class Snapshot:
                 raise ValueError("bad id")
             return cls(
                 id=snapshot_id, manifest=doc["manifest"], parents=parents, step=doc["step"],
-                time=float(doc["time"]), message=str(doc["message"]),
-                metrics=decode_plain(doc["metrics"]), stats=CommitStats(**doc["stats"]),
+                time=float(doc["time"]), message=str(doc["message"]), metrics=decode_plain(doc["metrics"]),
+                stats=CommitStats(**doc["stats"]), annotations=decode_plain(doc["annotations"]),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as e:
             raise IntegrityError(f"snapshot {snapshot_id} is malformed: {e}") from e

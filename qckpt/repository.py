@@ -225,21 +225,31 @@ class Repository:
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise InvalidInputError(f"step must be an int, got {step!r}")
         encoded, arrays = encode_tree(tree)
-        ref = BRANCH_PREFIX + branch
-        head = self.backend.read_ref(ref)
-        tensors, stats = self._store_arrays(arrays)
-        manifest_bytes = Manifest(encoded, tuple(tensors)).to_bytes()
-        manifest_id = hex_id(manifest_bytes)
-        self.backend.put(manifest_key(manifest_id), manifest_bytes)
-        snapshot_id, data = Snapshot.encode(
-            manifest_id, (head,) if head else (), step, time.time(), message, metrics, stats
-        )
-        self.backend.put(snapshot_key(snapshot_id), data)
-        try:
-            self.backend.swap_ref(ref, head, snapshot_id)
-        except RefConflictError as e:
-            raise RefConflictError(ref, head, e.actual) from e
-        return self.snapshot(snapshot_id)
+        with self.backend.lock(exclusive=False):  # GC must not sweep what this commit dedups against
+            head = self.backend.read_ref(BRANCH_PREFIX + branch)
+            tensors, stats = self._store_arrays(arrays)
+            manifest_id = self._put_manifest(Manifest(encoded, tuple(tensors)))
+            return self._publish(
+                branch,
+                head,
+                Snapshot.new(
+                    manifest=manifest_id, parents=(head,) if head else (), step=step, time=time.time(),
+                    message=message, metrics=metrics, stats=stats,
+                ),
+            )  # fmt: skip
+
+    def _put_manifest(self, manifest: Manifest) -> str:
+        data = manifest.to_bytes()
+        manifest_id = hex_id(data)
+        self.backend.put(manifest_key(manifest_id), data)
+        return manifest_id
+
+    def _publish(self, branch: str, head: str | None, snapshot: Snapshot) -> Snapshot:
+        """Write the snapshot record, then move ``branch`` from ``head`` to it (compare-and-swap)."""
+        self.backend.put(snapshot_key(snapshot.id), snapshot.to_bytes())
+        self.backend.swap_ref(BRANCH_PREFIX + branch, head, snapshot.id)
+        self._snapshots[snapshot.id] = snapshot
+        return snapshot
 
     def _store_arrays(self, arrays: list[ArrayLeaf]) -> tuple[list[TensorEntry], CommitStats]:
         """Chunk, hash, dedup, encode and pack every array; index the new chunks."""
@@ -317,13 +327,20 @@ class Repository:
         location = self._locate(chunk_id)
         if location is None:
             raise IntegrityError(f"{context}: object {chunk_id.hex()} is missing (in no pack)")
-        where = f"object {chunk_id.hex()} (pack {location.pack_id}, offset {location.offset})"
         try:
             data = self.backend.get_range(pack_key(location.pack_id), location.offset, location.length)
-            return decode_object(data, chunk_id)
         except ObjectNotFoundError:
-            raise IntegrityError(f"{context}: {where}: pack is missing") from None
+            moved = self._index.get(chunk_id)  # garbage collection may have repacked it meanwhile
+            if moved is None or moved == location:
+                raise IntegrityError(
+                    f"{context}: object {chunk_id.hex()} (pack {location.pack_id}): pack is missing"
+                ) from None
+            location = moved
+            data = self.backend.get_range(pack_key(location.pack_id), location.offset, location.length)
+        try:
+            return decode_object(data, chunk_id)
         except IntegrityError as e:
+            where = f"object {chunk_id.hex()} (pack {location.pack_id}, offset {location.offset})"
             raise IntegrityError(f"{context}: {where}: {e}") from e
 
     def read_arrays(self, snapshot: Snapshot, entries: list[TensorEntry]) -> list[torch.Tensor | np.ndarray]:
@@ -428,27 +445,40 @@ class Repository:
         known = ", ".join(sorted(self.branches())[:10]) or "none"
         raise RevisionNotFoundError(f"unknown revision {name!r}: no branch, tag or snapshot id matches (branches: {known})")
 
-    def _first_parents(self, snapshot_id: str) -> Iterator[Snapshot]:
-        current: str | None = snapshot_id
-        while current is not None:
-            snap = self.snapshot(current)
-            yield snap
-            current = snap.parents[0] if snap.parents else None
+    def _stored_snapshot(self, snapshot_id: str) -> Snapshot | None:
+        """The snapshot with this id, or None if it was expired by garbage collection."""
+        try:
+            return self.snapshot(snapshot_id)
+        except RevisionNotFoundError:
+            return None
 
-    def log(self, revision: str = "main", limit: int | None = None) -> list[Snapshot]:
-        """Snapshots reachable from ``revision`` (all parents), newest first."""
-        start = self.snapshot(revision)
-        heap = [(-start.time, start.id)]
-        seen = {start.id}
+    def _first_parents(self, snapshot_id: str) -> Iterator[Snapshot]:
+        """The snapshot and its first-parent ancestors, up to the first expired one."""
+        snap = self.snapshot(snapshot_id)
+        while snap is not None:
+            yield snap
+            snap = self._stored_snapshot(snap.parents[0]) if snap.parents else None
+
+    def log(self, *revisions: str, limit: int | None = None) -> list[Snapshot]:
+        """Snapshots reachable from the revisions (default ``main``; all parents), newest
+        first. Snapshots expired by garbage collection end their line of history."""
+        heap: list[tuple[float, str]] = []
+        seen: set[str] = set()
+
+        def push(snap: Snapshot | None) -> None:
+            if snap is not None and snap.id not in seen:
+                seen.add(snap.id)
+                heapq.heappush(heap, (-snap.time, snap.id))
+
+        for revision in revisions or ("main",):
+            push(self.snapshot(revision))
         out: list[Snapshot] = []
         while heap and (limit is None or len(out) < limit):
-            _, snapshot_id = heapq.heappop(heap)
-            snap = self.snapshot(snapshot_id)
+            snap = self.snapshot(heapq.heappop(heap)[1])
             out.append(snap)
             for parent in snap.parents:
                 if parent not in seen:
-                    seen.add(parent)
-                    heapq.heappush(heap, (-self.snapshot(parent).time, parent))
+                    push(self._stored_snapshot(parent))
         return out
 
     def snapshot_ids(self) -> list[str]:
@@ -520,7 +550,7 @@ class Repository:
         logger: its chunks then read as missing, naming the snapshot that needs them.
         """
         indexed = 0
-        with self._rebuild_lock:
+        with self._rebuild_lock, self.backend.lock(exclusive=False):
             for key in self.backend.list("packs/"):
                 pack_id = key.removeprefix("packs/").removesuffix(".pack")
                 try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 
 from qckpt.errors import InvalidInputError
 
@@ -88,6 +89,15 @@ class Backend(ABC):
 
         ``expected=None`` means "must not exist" (create); ``new=None`` deletes.
         Raises ``RefConflictError`` (with the actual value) when the ref differs.
+        """
+
+    @abstractmethod
+    def lock(self, *, exclusive: bool) -> AbstractContextManager[None]:
+        """Hold the repository-wide writer lock until the context exits.
+
+        Writers that add data (commits) hold it shared, garbage collection holds
+        it exclusive, so GC never deletes an object a commit is about to
+        reference. Blocks until granted; never left behind by a dead process.
         """
 
     def close(self) -> None:

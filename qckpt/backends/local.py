@@ -1,8 +1,8 @@
 """A backend on a local (or network-mounted POSIX) directory.
 
 Layout under the root: each blob key is a file path (``packs/<id>.pack``),
-refs live under ``refs/``, temporary files under ``.tmp/`` and the ref lock in
-``.refs.lock``. Names starting with a dot never collide with keys, so a
+refs live under ``refs/``, temporary files under ``.tmp/``, and the ref and
+writer locks in ``.refs.lock`` and ``.writers.lock``. Names starting with a dot never collide with keys, so a
 repository layer may keep caches there (the chunk index uses ``.index/``).
 """
 
@@ -12,7 +12,7 @@ import fcntl
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from qckpt.backends._base import Backend, check_key
@@ -139,17 +139,21 @@ class LocalBackend(Backend):
         return self.root / _REFS / check_key(name)
 
     @contextmanager
-    def _ref_lock(self) -> Iterator[None]:
+    def _flock(self, name: str, mode: int) -> Iterator[None]:
+        """flock(2) on a dot-file under the root: released on exit and when the process dies."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / ".refs.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise BackendError(f"{self.uri}: cannot lock refs: {e}") from e
+            raise BackendError(f"{self.uri}: cannot open lock file {name}: {e}") from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, mode)
             yield
         finally:
             os.close(fd)  # closing releases the flock
+
+    def lock(self, *, exclusive: bool) -> AbstractContextManager[None]:
+        return self._flock(".writers.lock", fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
 
     def read_ref(self, name: str) -> str | None:
         try:
@@ -169,7 +173,7 @@ class LocalBackend(Backend):
 
     def swap_ref(self, name: str, expected: str | None, new: str | None) -> None:
         path = self._ref_path(name)
-        with self._ref_lock():
+        with self._flock(".refs.lock", fcntl.LOCK_EX):
             actual = self.read_ref(name)
             if actual != expected:
                 raise RefConflictError(name, expected, actual)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from qckpt.backends._base import Backend, check_key
 from qckpt.errors import AlreadyExistsError, ObjectNotFoundError, RefConflictError
@@ -16,6 +18,9 @@ class MemoryBackend(Backend):
         self._blobs: dict[str, bytes] = {}
         self._refs: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._writers = threading.Condition()
+        self._shared_holders = 0
+        self._exclusive_held = False
 
     def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
         check_key(key)
@@ -75,3 +80,22 @@ class MemoryBackend(Backend):
                 del self._refs[name]
             else:
                 self._refs[name] = new
+
+    @contextmanager
+    def lock(self, *, exclusive: bool) -> Iterator[None]:
+        with self._writers:
+            if exclusive:
+                self._writers.wait_for(lambda: not self._exclusive_held and self._shared_holders == 0)
+                self._exclusive_held = True
+            else:
+                self._writers.wait_for(lambda: not self._exclusive_held)
+                self._shared_holders += 1
+        try:
+            yield
+        finally:
+            with self._writers:
+                if exclusive:
+                    self._exclusive_held = False
+                else:
+                    self._shared_holders -= 1
+                self._writers.notify_all()

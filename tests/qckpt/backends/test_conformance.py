@@ -134,3 +134,34 @@ def test_concurrent_compare_and_swap_loses_nothing(backend: Backend) -> None:
         w.join()
     assert not errors
     assert backend.read_ref("heads/counter") == str(per_thread * threads)
+
+
+def test_writer_lock_shared_and_exclusive(backend: Backend) -> None:
+    """Shared holders coexist; an exclusive holder waits for them and excludes them."""
+    events: list[str] = []
+    shared_in = threading.Event()
+    release_shared = threading.Event()
+
+    def shared_holder() -> None:
+        with backend.lock(exclusive=False):
+            with backend.lock(exclusive=False):  # a second shared holder does not block
+                events.append("shared")
+                shared_in.set()
+                release_shared.wait(5)
+            events.append("shared released")
+
+    def exclusive_holder() -> None:
+        shared_in.wait(5)
+        with backend.lock(exclusive=True):
+            events.append("exclusive")
+
+    threads = [threading.Thread(target=shared_holder), threading.Thread(target=exclusive_holder)]
+    for t in threads:
+        t.start()
+    shared_in.wait(5)
+    threading.Event().wait(0.2)  # give the exclusive holder time to (wrongly) get in
+    assert events == ["shared"]
+    release_shared.set()
+    for t in threads:
+        t.join(5)
+    assert events == ["shared", "shared released", "exclusive"]
