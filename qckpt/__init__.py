@@ -15,6 +15,9 @@ This module is the public API; everything in modules starting with ``_`` is
 private and may change.
 """
 
+from qckpt._diff import TensorDiff
+from qckpt._fsck import FsckProblem, FsckReport
+from qckpt._gc import GcReport, RetentionPolicy
 from qckpt._records import CommitStats, Snapshot, TensorEntry
 from qckpt._view import SnapshotView
 from qckpt.backends import Backend, LocalBackend, MemoryBackend
@@ -49,6 +52,9 @@ __all__ = [
     "CommitStats",
     "ConflictError",
     "FormatVersionError",
+    "FsckProblem",
+    "FsckReport",
+    "GcReport",
     "IntegrityError",
     "InvalidInputError",
     "InvalidRefNameError",
@@ -62,11 +68,13 @@ __all__ = [
     "RepositoryConfig",
     "RepositoryNotFoundError",
     "RepositoryStats",
+    "RetentionPolicy",
     "RevisionNotFoundError",
     "Snapshot",
     "SnapshotView",
     "StateMismatchError",
     "Stateful",
+    "TensorDiff",
     "TensorEntry",
     "TrainingState",
     "UnsupportedValueError",

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +26,11 @@ import numpy as np
 import torch
 
 from qckpt._ids import ID_HEX, digest, hex_id
+from qckpt._diff import TensorDiff, diff_snapshots
+from qckpt._fsck import FsckReport, check_repository
+from qckpt._gc import GcReport, RetentionPolicy, collect_garbage
 from qckpt._index import ChunkIndex, LmdbIndex, MemoryIndex
+from qckpt._join import average, pick_best
 from qckpt._objects import decode_object, encode_object
 from qckpt._packs import TRAILER_SIZE, ChunkLocation, PackBuilder, footer_length, pack_key, read_pack_footer
 from qckpt._records import CommitStats, Manifest, Snapshot, TensorEntry, manifest_key, snapshot_key
@@ -368,10 +372,9 @@ class Repository:
     def manifest(self, snapshot: Snapshot) -> Manifest:
         """The (verified) manifest of ``snapshot``."""
         try:
-            data = self.backend.get(manifest_key(snapshot.manifest))
-        except ObjectNotFoundError:
-            raise IntegrityError(f"snapshot {snapshot.short_id}: manifest {snapshot.manifest} is missing") from None
-        return Manifest.from_bytes(snapshot.manifest, data)
+            return self._manifest_by_id(snapshot.manifest)
+        except IntegrityError as e:
+            raise IntegrityError(f"snapshot {snapshot.short_id}: {e}") from e
 
     def restore(self, state: TrainingState, revision: str = "main") -> Snapshot:
         """Load the snapshot at ``revision`` into the live objects of ``state``, in place.
@@ -551,18 +554,92 @@ class Repository:
         """
         indexed = 0
         with self._rebuild_lock, self.backend.lock(exclusive=False):
-            for key in self.backend.list("packs/"):
-                pack_id = key.removeprefix("packs/").removesuffix(".pack")
+            for pack_id in self._pack_ids():
                 try:
-                    size = self.backend.size(key)
-                    trailer = self.backend.get_range(key, max(0, size - TRAILER_SIZE), TRAILER_SIZE)
-                    length = footer_length(trailer)
-                    tail = self.backend.get_range(key, max(0, size - length), length)
-                    self._index.put_many(read_pack_footer(pack_id, tail, size))
+                    self._index.put_many(self._pack_contents(pack_id))
                     indexed += 1
                 except IntegrityError as e:
-                    _log.warning("skipping damaged pack %s while rebuilding the index: %s", key, e)
+                    _log.warning("skipping damaged pack %s while rebuilding the index: %s", pack_id, e)
         return indexed
+
+    def gc(
+        self,
+        policy: RetentionPolicy | None = None,
+        *,
+        dry_run: bool = False,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> GcReport:
+        """Expire snapshots by ``policy`` (default: keep everything reachable from a
+        branch or tag) and delete every object no kept snapshot needs.
+
+        Holds the exclusive writer lock: concurrent commits wait, and none can
+        reference an object while it is being deleted. ``progress(stage, done, total)``
+        is called as work proceeds.
+        """
+        return collect_garbage(self, policy or RetentionPolicy(), dry_run=dry_run, progress=progress)
+
+    def join(
+        self,
+        target: str,
+        candidates: list[str],
+        *,
+        metric: str | Callable[[Snapshot], float] = "loss",
+        mode: str = "min",
+        message: str = "",
+    ) -> Snapshot:
+        """Pick the best candidate revision and move branch ``target`` to it.
+
+        Candidates are scored by ``metric`` (a metric name recorded at commit, or
+        a callable on the ``Snapshot``); ``mode`` is ``min`` or ``max``; NaN
+        scores lose. Records a snapshot with the winner's manifest (no data is
+        copied) whose parents are ``target``'s head and every candidate, and
+        whose ``annotations["join"]`` keeps each candidate's step and metrics.
+        """
+        return pick_best(self, target, candidates, metric, mode, message)
+
+    def average(
+        self, revisions: list[str], *, branch: str, weights: list[float] | None = None, message: str = ""
+    ) -> Snapshot:
+        """Commit the element-wise (weighted) average of snapshots to ``branch``.
+
+        Tensors must match in path, dtype and shape (``StateMismatchError``
+        otherwise). Every floating-point tensor is averaged in float64 and cast
+        back, optimizer moments included; tensors identical in all snapshots,
+        non-floating tensors and all plain values (step counters, RNG and sampler
+        states) are taken unchanged from the first revision.
+        """
+        return average(self, revisions, branch, weights, message)
+
+    def diff(self, a: str, b: str) -> list[TensorDiff]:
+        """Per-tensor comparison of two revisions (see ``TensorDiff``)."""
+        return diff_snapshots(self, self.snapshot(a), self.snapshot(b))
+
+    def fsck(self, progress: Callable[[str, int, int], None] | None = None) -> FsckReport:
+        """Verify every ref, reachable snapshot, manifest, chunk digest and pack footer.
+
+        Never raises for damage: returns a report naming each damaged thing and
+        the snapshots and state keys it affects (``report.ok`` is False then).
+        """
+        return check_repository(self, progress)
+
+    # -- internals shared with maintenance modules ---------------------------------
+    def _pack_ids(self) -> list[str]:
+        return [k.removeprefix("packs/").removesuffix(".pack") for k in self.backend.list("packs/")]
+
+    def _pack_contents(self, pack_id: str) -> dict[bytes, ChunkLocation]:
+        """Chunk locations listed in a pack's footer (``IntegrityError`` if damaged)."""
+        key = pack_key(pack_id)
+        size = self.backend.size(key)
+        trailer = self.backend.get_range(key, max(0, size - TRAILER_SIZE), TRAILER_SIZE)
+        length = footer_length(trailer)
+        return read_pack_footer(pack_id, self.backend.get_range(key, max(0, size - length), length), size)
+
+    def _manifest_by_id(self, manifest_id: str) -> Manifest:
+        try:
+            data = self.backend.get(manifest_key(manifest_id))
+        except ObjectNotFoundError:
+            raise IntegrityError(f"manifest {manifest_id} is missing") from None
+        return Manifest.from_bytes(manifest_id, data)
 
 
 def _as_value(buffer: np.ndarray, entry: TensorEntry) -> torch.Tensor | np.ndarray:

@@ -1,0 +1,108 @@
+"""fsck: verify everything reachable and say precisely what is damaged and whom it affects."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from qckpt._records import Snapshot
+from qckpt._refs import BRANCH_PREFIX, TAG_PREFIX
+from qckpt.errors import IntegrityError, RevisionNotFoundError
+
+if TYPE_CHECKING:
+    from qckpt.repository import Repository
+
+_MAX_AFFECTED = 20
+
+
+@dataclass(frozen=True)
+class FsckProblem:
+    """One damaged thing (``subject``), why (``error``), and what depends on it."""
+
+    subject: str
+    error: str
+    affects: tuple[str, ...] = ()
+
+
+@dataclass
+class FsckReport:
+    """Counts of what was verified and every problem found."""
+
+    refs: int = 0
+    snapshots: int = 0
+    chunks: int = 0
+    packs: int = 0
+    problems: list[FsckProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_repository(repo: Repository, progress: Callable[[str, int, int], None] | None = None) -> FsckReport:
+    """Verify refs, every snapshot reachable from them (parents expired by GC end a
+    line of history, they are not damage), their manifests, the digest of every
+    chunk they reference, and every pack footer."""
+    report_progress = progress or (lambda stage, done, total: None)
+    report = FsckReport()
+    refs = {BRANCH_PREFIX + k: v for k, v in repo.branches().items()}
+    refs |= {TAG_PREFIX + k: v for k, v in repo.tags().items()}
+    report.refs = len(refs)
+
+    snapshots: dict[str, Snapshot] = {}
+    reached_by: dict[str, str] = {}
+    pending = [(target, ref) for ref, target in refs.items()]
+    while pending:
+        snapshot_id, via = pending.pop()
+        if snapshot_id in snapshots or snapshot_id in reached_by:
+            continue
+        reached_by[snapshot_id] = via
+        try:
+            snap = repo.snapshot(snapshot_id)
+        except RevisionNotFoundError:
+            if via in refs:  # a ref must point at a stored snapshot; parents may be expired
+                report.problems.append(FsckProblem(f"ref {via}", f"points at missing snapshot {snapshot_id}"))
+            continue
+        except IntegrityError as e:
+            report.problems.append(FsckProblem(f"snapshot {snapshot_id}", str(e), (f"reachable from {via}",)))
+            continue
+        snapshots[snapshot_id] = snap
+        pending.extend((p, via) for p in snap.parents)
+    report.snapshots = len(snapshots)
+
+    users: dict[bytes, list[str]] = defaultdict(list)
+    for snap in snapshots.values():
+        try:
+            manifest = repo.manifest(snap)
+        except IntegrityError as e:
+            report.problems.append(FsckProblem(f"manifest {snap.manifest}", str(e), (f"snapshot {snap.short_id}",)))
+            continue
+        for entry in manifest.tensors:
+            for chunk_id in entry.chunks:
+                users[chunk_id].append(f"snapshot {snap.short_id} key {entry.path!r}")
+    report.chunks = len(users)
+
+    def verify(chunk_id: bytes) -> FsckProblem | None:
+        try:
+            repo._read_chunk(chunk_id, "fsck")
+        except IntegrityError as e:
+            affected = users[chunk_id]
+            more = [f"... and {len(affected) - _MAX_AFFECTED} more"] if len(affected) > _MAX_AFFECTED else []
+            return FsckProblem(f"object {chunk_id.hex()}", str(e), tuple(affected[:_MAX_AFFECTED] + more))
+        return None
+
+    for n, problem in enumerate(repo._pool.map(verify, list(users))):
+        report_progress("verifying chunks", n + 1, len(users))
+        if problem is not None:
+            report.problems.append(problem)
+
+    pack_ids = repo._pack_ids()
+    report.packs = len(pack_ids)
+    for pack_id in pack_ids:
+        try:
+            repo._pack_contents(pack_id)
+        except IntegrityError as e:
+            report.problems.append(FsckProblem(f"pack {pack_id}", str(e)))
+    return report
