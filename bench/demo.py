@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import qckpt
-from bench._progress import Progress
+from qckpt._progress import Progress
 from bench.compare import differences
 from bench.workload import SIZES, Trainer
 

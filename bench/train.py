@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import qckpt
-from bench._progress import Progress
+from qckpt._progress import Progress
 from bench.workload import SIZES, Trainer
 
 

@@ -148,15 +148,15 @@ def collect_garbage(
         live_manifests = {snapshots[i].manifest for i in keep}
         live_chunks: set[bytes] = set()
         for n, manifest_id in enumerate(sorted(live_manifests)):
-            report("marking", n, len(live_manifests))
             live_chunks.update(c for t in repo._manifest_by_id(manifest_id).tensors for c in t.chunks)
+            report("marking", n + 1, len(live_manifests))
 
         dead_packs: list[str] = []
         repacks: dict[str, list[tuple[bytes, ChunkLocation]]] = {}
         dead_chunks: set[bytes] = set()
         pack_ids = repo._pack_ids()
         for n, pack_id in enumerate(pack_ids):
-            report("scanning packs", n, len(pack_ids))
+            report("scanning packs", n + 1, len(pack_ids))
             live, dead_bytes, total_bytes = [], 0, 0
             for chunk_id, location in repo._pack_contents(pack_id).items():
                 canonical = repo._index.get(chunk_id)
@@ -186,7 +186,7 @@ def collect_garbage(
                             len(dead_chunks), bytes_before, bytes_before - freed, True)  # fmt: skip
 
         for n, (pack_id, live) in enumerate(repacks.items()):  # 1. repack
-            report("repacking", n, len(repacks))
+            report("repacking", n + 1, len(repacks))
             builder = PackBuilder()
             for chunk_id, location in live:
                 obj = backend.get_range(pack_key(pack_id), location.offset, location.length)
@@ -203,7 +203,6 @@ def collect_garbage(
             backend.delete(key)
         for pack_id in [*dead_packs, *repacks]:  # 4. packs
             backend.delete(pack_key(pack_id))
-        report("done", 1, 1)
         return GcReport(len(keep), len(expired), len(dead_manifests), len(dead_packs), len(repacks),
                         len(dead_chunks), bytes_before, _stored_bytes(repo), False)  # fmt: skip
 

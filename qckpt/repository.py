@@ -38,6 +38,7 @@ from qckpt._refs import BRANCH_PREFIX, TAG_PREFIX, check_ref_name
 from qckpt._tensors import is_floating, numpy_dtype, numpy_dtype_name, raw_bytes, torch_dtype, torch_dtype_name
 from qckpt._tree import ArrayLeaf, decode_tree, encode_tree
 from qckpt._view import SnapshotView
+from qckpt._zarr_export import export_zarr
 from qckpt.backends import Backend, LocalBackend
 from qckpt.errors import (
     AlreadyExistsError,
@@ -613,6 +614,12 @@ class Repository:
     def diff(self, a: str, b: str) -> list[TensorDiff]:
         """Per-tensor comparison of two revisions (see ``TensorDiff``)."""
         return diff_snapshots(self, self.snapshot(a), self.snapshot(b))
+
+    def export_zarr(
+        self, revision: str, dest: str | os.PathLike[str], progress: Callable[[str, int, int], None] | None = None
+    ) -> int:
+        """Write a snapshot to a new zarr v3 directory readable without qckpt; returns the array count."""
+        return export_zarr(self, revision, Path(dest), progress)
 
     def fsck(self, progress: Callable[[str, int, int], None] | None = None) -> FsckReport:
         """Verify every ref, reachable snapshot, manifest, chunk digest and pack footer.

@@ -1,13 +1,15 @@
-"""A minimal progress bar on stderr: redrawn in place on a terminal, a line per quarter otherwise."""
+"""Progress bars on stderr: redrawn in place on a terminal; elsewhere (logs, CI) a line per
+quarter, once the work has taken a second."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 
 class Progress:
-    """``with Progress(total, "training") as bar: bar.update(1, loss=...)``."""
+    """``with Progress(total, "training") as bar: bar.update(1, loss=...)``. Not thread-safe."""
 
     def __init__(self, total: int, label: str, *, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -27,6 +29,7 @@ class Progress:
             sys.stderr.flush()
 
     def update(self, n: int = 1, **info: object) -> None:
+        """Advance by ``n``; ``info`` is shown after the bar (floats with 4 digits)."""
         self.done += n
         if not self.enabled:
             return
@@ -39,6 +42,23 @@ class Progress:
         if self.tty:
             sys.stderr.write("\r" + line)
             sys.stderr.flush()
-        elif fraction * 4 >= self._next_quarter:
+        elif fraction * 4 >= self._next_quarter and elapsed >= 1.0:
             sys.stderr.write(line + "\n")
             self._next_quarter = int(fraction * 4) + 1
+
+
+def stage_progress(enabled: bool = True) -> Callable[[str, int, int], None]:
+    """A ``progress(stage, done, total)`` callback (as taken by ``gc``/``fsck``/export) drawing one bar per stage."""
+    bars: dict[str, Progress] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            for bar in bars.values():
+                bar.__exit__()
+            bars.clear()
+            bars[stage] = Progress(total, stage, enabled=enabled)
+        bar = bars[stage]
+        bar.total = max(1, total)
+        bar.update(done - bar.done)
+
+    return report

@@ -1,0 +1,317 @@
+"""The ``qckpt`` command line.
+
+Exit codes: 0 success; 1 damage found (fsck) or stored data failed verification;
+2 invalid usage or input; 3 repository, revision or ref not found; 4 conflict
+(exists already, or a ref moved concurrently).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from qckpt._progress import stage_progress
+from qckpt._records import Snapshot
+from qckpt.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, QckptError
+from qckpt._gc import RetentionPolicy
+from qckpt.repository import Repository
+
+EXIT_DAMAGED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT = 1, 2, 3, 4
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=1, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _decorations(repo: Repository) -> dict[str, list[str]]:
+    names: dict[str, list[str]] = {}
+    for name, target in repo.branches().items():
+        names.setdefault(target, []).append(name)
+    for name, target in repo.tags().items():
+        names.setdefault(target, []).append(f"tag: {name}")
+    return names
+
+
+def _summary(snap: Snapshot, names: dict[str, list[str]]) -> str:
+    refs = f" ({', '.join(names[snap.id])})" if snap.id in names else ""
+    metrics = " ".join(f"{k}={v:.4g}" for k, v in snap.metrics.items())
+    step = f" step {snap.step}" if snap.step is not None else ""
+    message = f"  {snap.message}" if snap.message else ""
+    return f"{snap.short_id}{refs}{step} {metrics}{message}".rstrip()
+
+
+def _graph_lines(snaps: list[Snapshot], names: dict[str, list[str]]) -> list[str]:
+    """One line per snapshot, newest first, with a lane column per line of history."""
+    lanes: list[str] = []
+    lines = []
+    for snap in snaps:
+        col = lanes.index(snap.id) if snap.id in lanes else len(lanes)
+        if col == len(lanes):
+            lanes.append(snap.id)
+        lines.append(" ".join("*" if i == col else "|" for i in range(len(lanes))) + "  " + _summary(snap, names))
+        parents = [p for p in snap.parents if p not in lanes or p == snap.id]
+        lanes[col : col + 1] = parents[:1] + [p for p in parents[1:] if p not in lanes]
+        lanes = list(dict.fromkeys(lanes))
+    return lines
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    repo = Repository.init(args.path or args.repo, chunk_size=args.chunk_size, compression_level=args.compression_level)
+    print(f"initialized empty qckpt repository at {repo.backend.uri}")
+    repo.close()
+    return 0
+
+
+def cmd_log(args: argparse.Namespace, repo: Repository) -> int:
+    revisions = list(args.revisions) or (sorted(repo.branches()) if args.all or args.graph else ["main"])
+    snaps = repo.log(*revisions, limit=args.n) if revisions else []
+    if args.json:
+        _print_json(snaps)
+        return 0
+    names = _decorations(repo)
+    for line in _graph_lines(snaps, names) if args.graph else (_summary(s, names) for s in snaps):
+        print(line)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, repo: Repository) -> int:
+    snap = repo.snapshot(args.revision)
+    manifest = repo.manifest(snap)
+    if args.json:
+        _print_json({"snapshot": snap, "tensors": [{"path": t.path, "dtype": t.dtype, "shape": t.shape,
+                     "bytes": t.nbytes, "chunks": len(t.chunks)} for t in manifest.tensors]})  # fmt: skip
+        return 0
+    print(f"snapshot  {snap.id}\nmanifest  {snap.manifest}\nparents   {' '.join(snap.parents) or '-'}")
+    print(f"step      {snap.step}\ntime      {_when(snap.time)}\nmessage   {snap.message}")
+    print(f"metrics   {json.dumps(snap.metrics)}")
+    print(f"size      {_size(snap.stats.raw_bytes)} in {snap.stats.chunks} chunks; "
+          f"this commit wrote {_size(snap.stats.new_stored_bytes)} ({snap.stats.new_chunks} new chunks)")  # fmt: skip
+    if snap.annotations:
+        print(f"notes     {json.dumps(snap.annotations)}")
+    print(f"\n{len(manifest.tensors)} tensors:")
+    for t in manifest.tensors:
+        print(f"  {t.path:60s} {t.dtype:10s} {str(list(t.shape)):18s} {_size(t.nbytes)}")
+    return 0
+
+
+def _refs(args: argparse.Namespace, repo: Repository, kind: str) -> int:
+    create, delete, listing = (
+        (repo.create_branch, repo.delete_branch, repo.branches)
+        if kind == "branch"
+        else (repo.create_tag, repo.delete_tag, repo.tags)
+    )
+    if args.delete:
+        delete(args.delete)
+        print(f"deleted {kind} {args.delete}")
+    elif args.name:
+        snap = create(args.name, args.at)
+        print(f"created {kind} {args.name} at {snap.short_id} (step {snap.step})")
+    elif args.json:
+        _print_json(listing())
+    else:
+        for name, target in listing().items():
+            print(f"{name:30s} {target[:12]}")
+    return 0
+
+
+def cmd_fork(args: argparse.Namespace, repo: Repository) -> int:
+    snap = repo.create_branch(args.name, args.at)
+    print(f"forked {args.name} from {args.at} at {snap.short_id} (step {snap.step}); no data copied")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace, repo: Repository) -> int:
+    diffs = repo.diff(args.a, args.b)
+    if args.json:
+        _print_json(diffs)
+        return 0
+    shown = [d for d in diffs if args.all or d.status != "same"]
+    print(f"{'path':60s} {'status':8s} {'l2':>11s} {'relative':>10s} {'cosine':>9s}")
+    for d in shown:
+        nums = [f"{v:11.4g}" if v is not None else f"{'-':>11s}" for v in (d.l2, d.relative, d.cosine)]
+        print(f"{d.path:60s} {d.status:8s} {nums[0]} {nums[1][1:]} {nums[2][2:]}")
+    same = sum(d.status == "same" for d in diffs)
+    print(f"\n{len(diffs) - same} of {len(diffs)} tensors differ")
+    return 0
+
+
+def cmd_du(args: argparse.Namespace, repo: Repository) -> int:
+    stats = repo.stats()
+    rows = {}
+    for name in sorted(repo.branches()):
+        history = repo.log(name)
+        raw = sum(s.stats.raw_bytes for s in history)
+        new_raw = sum(s.stats.new_raw_bytes for s in history)
+        written = sum(s.stats.new_stored_bytes for s in history)
+        rows[name] = {"snapshots": len(history), "raw_bytes": raw, "written_bytes": written,
+                      "dedup_ratio": raw / new_raw if new_raw else None,
+                      "compression_ratio": raw / written if written else None}  # fmt: skip
+    if args.json:
+        _print_json({"repository": {**asdict(stats), "dedup_ratio": stats.dedup_ratio,
+                                    "compression_ratio": stats.compression_ratio}, "branches": rows})  # fmt: skip
+        return 0
+    print(f"repository: {stats.snapshots} snapshots, {stats.packs} packs, raw {_size(stats.raw_bytes)}, "
+          f"stored {_size(stats.stored_bytes)} (dedup {stats.dedup_ratio:.2f}x, overall {stats.compression_ratio:.2f}x)")  # fmt: skip
+    print(f"\n{'branch':24s} {'snapshots':>9s} {'raw':>12s} {'written':>12s} {'dedup':>7s} {'overall':>8s}")
+    for name, r in rows.items():
+        dedup = f"{r['dedup_ratio']:.2f}x" if r["dedup_ratio"] else "-"
+        overall = f"{r['compression_ratio']:.2f}x" if r["compression_ratio"] else "-"
+        print(f"{name:24s} {r['snapshots']:9d} {_size(r['raw_bytes']):>12s} {_size(r['written_bytes']):>12s} "
+              f"{dedup:>7s} {overall:>8s}")  # fmt: skip
+    print("\n'written' counts bytes stored by the commits in a branch's history (shared history counts for each).")
+    return 0
+
+
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw]?)")
+
+
+def _seconds(text: str) -> float:
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        raise InvalidInputError(f"invalid duration {text!r}: use e.g. 3600, 90m, 12h, 7d, 2w")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+def _policy(args: argparse.Namespace) -> RetentionPolicy:
+    best: dict[str, Any] = {}
+    if args.keep_best:
+        parts = args.keep_best.split(":")
+        if not 1 <= len(parts) <= 3 or not parts[0] or (len(parts) > 1 and not parts[1].isdigit()):
+            raise InvalidInputError(f"invalid --keep-best {args.keep_best!r}: use METRIC[:K[:min|max]]")
+        best = {"keep_best": parts[0], "keep_best_k": int(parts[1]) if len(parts) > 1 else 1,
+                "keep_best_mode": parts[2] if len(parts) > 2 else "min"}  # fmt: skip
+    newer = _seconds(args.keep_newer_than) if args.keep_newer_than else None
+    return RetentionPolicy(keep_last=args.keep_last, keep_newer_than=newer, keep_tagged=not args.no_keep_tagged, **best)
+
+
+def cmd_gc(args: argparse.Namespace, repo: Repository) -> int:
+    report = repo.gc(_policy(args), dry_run=args.dry_run, progress=stage_progress(not args.json))
+    if args.json:
+        _print_json(report)
+        return 0
+    verb = "would delete" if report.dry_run else "deleted"
+    print(f"kept {report.snapshots_kept} snapshots; {verb} {report.snapshots_deleted} snapshots, "
+          f"{report.manifests_deleted} manifests, {report.packs_deleted} packs, {report.chunks_deleted} chunks; "
+          f"repacked {report.packs_repacked} packs")  # fmt: skip
+    print(f"size {_size(report.bytes_before)} -> {_size(report.bytes_after)}")
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace, repo: Repository) -> int:
+    report = repo.fsck(progress=stage_progress(not args.json))
+    if args.json:
+        _print_json({**asdict(report), "ok": report.ok})
+    else:
+        print(f"checked {report.refs} refs, {report.snapshots} snapshots, {report.chunks} chunks, {report.packs} packs")
+        for p in report.problems:
+            print(f"DAMAGED {p.subject}: {p.error}")
+            for a in p.affects:
+                print(f"    affects {a}")
+        print("no problems found" if report.ok else f"{len(report.problems)} problems found")
+    return 0 if report.ok else EXIT_DAMAGED
+
+
+def cmd_export(args: argparse.Namespace, repo: Repository) -> int:
+    count = repo.export_zarr(args.revision, args.dest, progress=stage_progress())
+    print(f"exported {count} arrays of {args.revision} to {args.dest} (zarr v3)")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qckpt", description="Inspect and maintain qckpt checkpoint repositories.")
+    parser.add_argument("-R", "--repo", default=os.environ.get("QCKPT_REPO", "."),
+                        help="repository path or file:// URI (default: $QCKPT_REPO or .)")  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Callable[..., int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command("init", cmd_init, "create an empty repository")
+    p.add_argument("path", nargs="?", help="where (default: --repo)")
+    p.add_argument("--chunk-size", type=int, default=1 << 20)
+    p.add_argument("--compression-level", type=int, default=1)
+    p = command("log", cmd_log, "list snapshots, newest first")
+    p.add_argument("revisions", nargs="*", help="start points (default: main; --all: every branch)")
+    p.add_argument("--all", action="store_true", help="history of every branch")
+    p.add_argument("--graph", action="store_true", help="draw lines of history (implies --all without revisions)")
+    p.add_argument("-n", type=int, help="at most N snapshots")
+    p = command("show", cmd_show, "show one snapshot and its tensors")
+    p.add_argument("revision")
+    for kind in ("branch", "tag"):
+        p = command(kind, lambda a, r, k=kind: _refs(a, r, k), f"list, create (NAME [--at REV]) or delete (-d NAME) {kind}es")
+        p.add_argument("name", nargs="?")
+        p.add_argument("--at", default="main", help="revision to point at (default: main)")
+        p.add_argument("-d", "--delete", metavar="NAME")
+    p = command("fork", cmd_fork, "start a branch at any revision (metadata only, no data copied)")
+    p.add_argument("name")
+    p.add_argument("--at", default="main", help="branch, tag, id or BRANCH@STEP (default: main)")
+    p = command("diff", cmd_diff, "compare two snapshots tensor by tensor")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--all", action="store_true", help="also list identical tensors")
+    command("du", cmd_du, "raw versus stored bytes, dedup and compression ratios per branch")
+    p = command("gc", cmd_gc, "expire snapshots by policy and delete unreferenced data")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N snapshots of each branch")
+    p.add_argument("--keep-best", metavar="METRIC[:K[:min|max]]", help="keep the K best snapshots by a metric")
+    p.add_argument("--keep-newer-than", metavar="AGE", help="keep snapshots newer than AGE (3600, 90m, 12h, 7d)")
+    p.add_argument("--no-keep-tagged", action="store_true", help="let tagged snapshots expire too")
+    p.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
+    command("fsck", cmd_fsck, "verify every reachable object; exit 1 if anything is damaged")
+    p = command("export", cmd_export, "write a snapshot to a zarr v3 directory")
+    p.add_argument("revision")
+    p.add_argument("dest")
+    for name in ("log", "show", "branch", "tag", "diff", "du", "gc", "fsck"):
+        sub.choices[name].add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.fn is cmd_init:
+            return cmd_init(args)
+        with Repository.open(args.repo) as repo:
+            return int(args.fn(args, repo))
+    except NotFoundError as e:
+        code, error = EXIT_NOT_FOUND, e
+    except InvalidInputError as e:
+        code, error = EXIT_USAGE, e
+    except ConflictError as e:
+        code, error = EXIT_CONFLICT, e
+    except IntegrityError as e:
+        code, error = EXIT_DAMAGED, e
+    except QckptError as e:
+        code, error = 1, e
+    print(f"qckpt: error: {error}", file=sys.stderr)
+    return code
+
+
+def entry_point() -> None:
+    """Console script entry: exit with ``main``'s code."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()
