@@ -52,24 +52,24 @@ def check_repository(repo: Repository, progress: Callable[[str, int, int], None]
     report.refs = len(refs)
 
     snapshots: dict[str, Snapshot] = {}
-    reached_by: dict[str, str] = {}
-    pending = [(target, ref) for ref, target in refs.items()]
+    visited: set[str] = set()
+    pending = [(target, ref, True) for ref, target in refs.items()]  # (id, reached from, is the ref target)
     while pending:
-        snapshot_id, via = pending.pop()
-        if snapshot_id in snapshots or snapshot_id in reached_by:
+        snapshot_id, via, direct = pending.pop()
+        if snapshot_id in visited:
             continue
-        reached_by[snapshot_id] = via
+        visited.add(snapshot_id)
         try:
             snap = repo.snapshot(snapshot_id)
         except RevisionNotFoundError:
-            if via in refs:  # a ref must point at a stored snapshot; parents may be expired
+            if direct:  # a ref must point at a stored snapshot; parents may have been expired by GC
                 report.problems.append(FsckProblem(f"ref {via}", f"points at missing snapshot {snapshot_id}"))
             continue
         except IntegrityError as e:
             report.problems.append(FsckProblem(f"snapshot {snapshot_id}", str(e), (f"reachable from {via}",)))
             continue
         snapshots[snapshot_id] = snap
-        pending.extend((p, via) for p in snap.parents)
+        pending.extend((p, via, False) for p in snap.parents)
     report.snapshots = len(snapshots)
 
     users: dict[bytes, list[str]] = defaultdict(list)

@@ -68,27 +68,26 @@ class PackBuilder:
         return pack_id, data, locations
 
 
-def read_pack_footer(pack_id: str, tail: bytes, pack_size: int) -> dict[bytes, ChunkLocation]:
-    """Parse a pack's footer from ``tail``, the pack's last bytes (enough to hold the footer)."""
-    if len(tail) < _TRAILER.size:
+def footer_span(pack_id: str, trailer: bytes, pack_size: int) -> tuple[int, int]:
+    """(offset, length) of the footer, from a pack's last ``TRAILER_SIZE`` bytes.
+
+    Validates the magic and that the footer exactly fills the space before the
+    trailer, so a damaged trailer never leads to an absurd read.
+    """
+    if len(trailer) != _TRAILER.size or pack_size < _TRAILER.size:
         raise IntegrityError(f"pack {pack_id} is truncated")
-    count, footer_offset, magic = _TRAILER.unpack_from(tail, len(tail) - _TRAILER.size)
-    footer_len = count * _ENTRY.size
-    if magic != PACK_MAGIC or footer_offset + footer_len + _TRAILER.size != pack_size:
+    count, footer_offset, magic = _TRAILER.unpack(trailer)
+    if magic != PACK_MAGIC or footer_offset + count * _ENTRY.size + _TRAILER.size != pack_size:
         raise IntegrityError(f"pack {pack_id} has a damaged trailer")
-    start = len(tail) - _TRAILER.size - footer_len
-    if start < 0:
-        raise IntegrityError(f"pack {pack_id}: footer does not fit the bytes read")
-    entries = (_ENTRY.unpack_from(tail, start + i * _ENTRY.size) for i in range(count))
+    return footer_offset, count * _ENTRY.size
+
+
+def read_pack_footer(pack_id: str, footer: bytes) -> dict[bytes, ChunkLocation]:
+    """Parse the footer bytes located by ``footer_span``."""
+    if len(footer) % _ENTRY.size:
+        raise IntegrityError(f"pack {pack_id} has a damaged footer")
+    entries = (_ENTRY.unpack_from(footer, i) for i in range(0, len(footer), _ENTRY.size))
     return {cid: ChunkLocation(pack_id, off, n, codec) for cid, off, n, codec in entries}
-
-
-def footer_length(tail: bytes) -> int:
-    """How many bytes at the end of a pack hold its footer and trailer (read from the trailer)."""
-    if len(tail) < _TRAILER.size:
-        raise IntegrityError("pack is truncated")
-    count, _, _ = _TRAILER.unpack_from(tail, len(tail) - _TRAILER.size)
-    return count * _ENTRY.size + _TRAILER.size
 
 
 TRAILER_SIZE = _TRAILER.size

@@ -32,7 +32,7 @@ from qckpt._gc import GcReport, RetentionPolicy, collect_garbage
 from qckpt._index import ChunkIndex, LmdbIndex, MemoryIndex
 from qckpt._join import average, pick_best
 from qckpt._objects import decode_object, encode_object
-from qckpt._packs import TRAILER_SIZE, ChunkLocation, PackBuilder, footer_length, pack_key, read_pack_footer
+from qckpt._packs import TRAILER_SIZE, ChunkLocation, PackBuilder, footer_span, pack_key, read_pack_footer
 from qckpt._records import CommitStats, Manifest, Snapshot, TensorEntry, manifest_key, snapshot_key
 from qckpt._refs import BRANCH_PREFIX, TAG_PREFIX, check_ref_name
 from qckpt._tensors import is_floating, numpy_dtype, numpy_dtype_name, raw_bytes, torch_dtype, torch_dtype_name
@@ -638,8 +638,8 @@ class Repository:
         key = pack_key(pack_id)
         size = self.backend.size(key)
         trailer = self.backend.get_range(key, max(0, size - TRAILER_SIZE), TRAILER_SIZE)
-        length = footer_length(trailer)
-        return read_pack_footer(pack_id, self.backend.get_range(key, max(0, size - length), length), size)
+        offset, length = footer_span(pack_id, trailer, size)
+        return read_pack_footer(pack_id, self.backend.get_range(key, offset, length))
 
     def _manifest_by_id(self, manifest_id: str) -> Manifest:
         try:

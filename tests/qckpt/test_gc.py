@@ -1,0 +1,147 @@
+"""Retention planning, garbage collection, and its safety against concurrent commits."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import qckpt
+from bench.compare import differences
+from qckpt._gc import plan_retention
+from qckpt._records import Snapshot
+
+
+def _tree(seed: int, n: int = 600) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(n, generator=g), "frozen": torch.ones(64), "seed": seed}
+
+
+def _snap(i: str, parents: tuple[str, ...], t: float, loss: float | None = None) -> Snapshot:
+    return Snapshot(id=i, manifest="m" + i, parents=parents, step=None, time=t, metrics={} if loss is None else {"loss": loss})
+
+
+# -- planning (pure) -------------------------------------------------------------------
+GRAPH = {
+    "a": _snap("a", (), 1, 5.0), "b": _snap("b", ("a",), 2, 1.0), "c": _snap("c", ("b",), 3, 3.0),
+    "d": _snap("d", ("c",), 4, 4.0), "x": _snap("x", ("b",), 5, 0.5), "orphan": _snap("orphan", (), 6),
+}  # fmt: skip
+
+
+def test_default_policy_keeps_everything_reachable() -> None:
+    keep = plan_retention(GRAPH, {"main": "d"}, {"t": "x"}, qckpt.RetentionPolicy(), now=10)
+    assert keep == {"a", "b", "c", "d", "x"}
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (qckpt.RetentionPolicy(keep_last=2), {"d", "c", "x"}),
+        (qckpt.RetentionPolicy(keep_last=1, keep_tagged=False), {"d"}),
+        (qckpt.RetentionPolicy(keep_last=1), {"d", "x"}),
+        (qckpt.RetentionPolicy(keep_best="loss", keep_tagged=False), {"d", "b"}),
+        (qckpt.RetentionPolicy(keep_best="loss", keep_best_k=2, keep_best_mode="max", keep_tagged=False), {"d", "a"}),
+        (qckpt.RetentionPolicy(keep_newer_than=7.5, keep_tagged=False), {"d", "c"}),
+    ],
+)
+def test_rules(policy: qckpt.RetentionPolicy, expected: set[str]) -> None:
+    assert plan_retention(GRAPH, {"main": "d"}, {"t": "x"}, policy, now=10) == expected
+
+
+@pytest.mark.parametrize("kwargs", [{"keep_last": 0}, {"keep_best_k": 0}, {"keep_best_mode": "avg"}, {"keep_newer_than": -1}])
+def test_invalid_policies(kwargs: dict) -> None:
+    with pytest.raises(qckpt.InvalidInputError):
+        qckpt.RetentionPolicy(**kwargs)
+
+
+# -- collection ------------------------------------------------------------------------------
+def test_deleting_a_branch_and_gc_restores_the_size(local_repo_path: Path) -> None:
+    with qckpt.Repository.open(local_repo_path) as repo:
+        for i in range(5):
+            repo.commit(_tree(i), step=i)
+        before = repo.stats().stored_bytes
+        repo.create_branch("experiment", "main@2")
+        for i in range(5):
+            repo.commit(_tree(100 + i), branch="experiment", step=3 + i)
+        assert repo.stats().stored_bytes > 1.5 * before
+        repo.delete_branch("experiment")
+        dry = repo.gc(dry_run=True)
+        assert dry.snapshots_deleted == 5 and repo.stats().stored_bytes > 1.5 * before  # dry run deletes nothing
+        report = repo.gc()
+        assert (report.snapshots_deleted, report.bytes_after) == (5, dry.bytes_after)
+        assert repo.stats().stored_bytes <= 1.05 * before
+        for i, snap in enumerate(reversed(repo.log())):
+            assert differences(repo.load(snap.id).tree(), _tree(i)) == []
+        assert repo.fsck().ok
+
+
+def test_gc_keeps_everything_reachable_by_default(repo: qckpt.Repository) -> None:
+    for i in range(3):
+        repo.commit(_tree(i))
+    report = repo.gc()
+    assert report.snapshots_deleted == report.packs_deleted == 0 and len(repo.log()) == 3
+
+
+def test_expired_history_and_repack(repo: qckpt.Repository) -> None:
+    snaps = [repo.commit(_tree(i), step=i) for i in range(6)]
+    repo.create_tag("keep-me", snaps[1].id)
+    report = repo.gc(qckpt.RetentionPolicy(keep_last=2))
+    assert report.snapshots_deleted == 3
+    assert [s.step for s in repo.log()] == [5, 4]  # history ends at the first expired snapshot
+    assert repo.resolve("keep-me") == snaps[1].id
+    with pytest.raises(qckpt.RevisionNotFoundError):
+        repo.snapshot(snaps[0].id)
+    for i in (1, 4, 5):
+        assert differences(repo.load(snaps[i].id).tree(), _tree(i)) == []
+    assert repo.fsck().ok
+
+
+def test_repack_moves_live_objects(repo: qckpt.Repository) -> None:
+    """A commit whose pack holds a live and a dead tensor gets repacked."""
+    repo.commit({"keep": torch.arange(512.0), "drop": torch.randn(4096)})
+    second = repo.commit({"keep": torch.arange(512.0)})
+    report = repo.gc(qckpt.RetentionPolicy(keep_last=1))
+    assert report.packs_repacked == 1 and report.bytes_after < report.bytes_before
+    assert torch.equal(repo.load(second.id)["keep"], torch.arange(512.0))
+    assert repo.fsck().ok
+
+
+def test_commits_racing_gc_lose_nothing(local_repo_path: Path) -> None:
+    """One thread commits to main while another churns a branch and collects garbage."""
+    errors: list[BaseException] = []
+    expected: dict[str, dict] = {}
+
+    def committer(repo: qckpt.Repository) -> None:
+        try:
+            for i in range(25):
+                tree = _tree(1000 + i % 7, n=2000)  # repeats: dedup against objects GC considers
+                expected[repo.commit(tree, step=i).id] = tree
+        except BaseException as e:
+            errors.append(e)
+
+    def collector(repo: qckpt.Repository) -> None:
+        try:
+            for i in range(8):
+                if "main" in repo.branches():
+                    repo.create_branch("churn", "main")
+                    repo.commit(_tree(2000 + i, n=2000), branch="churn")
+                    repo.delete_branch("churn")
+                repo.gc(qckpt.RetentionPolicy(keep_last=3))
+        except BaseException as e:
+            errors.append(e)
+
+    with qckpt.Repository.open(local_repo_path) as a, qckpt.Repository.open(local_repo_path) as b:
+        threads = [threading.Thread(target=committer, args=(a,)), threading.Thread(target=collector, args=(b,))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    with qckpt.Repository.open(local_repo_path) as repo:
+        repo.gc(qckpt.RetentionPolicy(keep_last=3))
+        kept = repo.log()
+        assert len(kept) == 3 and repo.fsck().ok
+        for snap in kept:
+            assert differences(repo.load(snap.id).tree(), expected[snap.id]) == []

@@ -1,0 +1,29 @@
+"""Pack layout: footers round-trip, and damaged trailers are rejected before any large read."""
+
+from __future__ import annotations
+
+import pytest
+
+from qckpt._packs import TRAILER_SIZE, PackBuilder, footer_span, read_pack_footer
+from qckpt.errors import IntegrityError
+
+
+def test_footer_roundtrip() -> None:
+    builder = PackBuilder()
+    builder.add(b"a" * 16, 2, b"first object")
+    builder.add(b"b" * 16, 1, b"second")
+    pack_id, data, locations = builder.finish()
+    offset, length = footer_span(pack_id, data[-TRAILER_SIZE:], len(data))
+    assert read_pack_footer(pack_id, data[offset : offset + length]) == locations
+    assert data[locations[b"b" * 16].offset :][:6] == b"second"
+    assert len(builder) == 0 and builder.size == 0
+
+
+@pytest.mark.parametrize("cut", [1, 5, 25, 40])
+def test_truncated_or_garbage_trailers(cut: int) -> None:
+    builder = PackBuilder()
+    builder.add(b"a" * 16, 0, bytes(range(60)))
+    pack_id, data, _ = builder.finish()
+    damaged = data[:-cut]
+    with pytest.raises(IntegrityError, match="truncated|damaged"):
+        footer_span(pack_id, damaged[-TRAILER_SIZE:], len(damaged))
