@@ -20,8 +20,10 @@ class TensorDiff:
 
     ``status``: ``same`` (identical bytes), ``changed``, ``added`` (only in b),
     ``removed`` (only in a) or ``retyped`` (dtype or shape differ). For changed
-    tensors: ``l2`` = ||b - a||, ``relative`` = l2 / ||a||, ``cosine`` = cosine
-    similarity of a and b (None where a norm is zero), computed in float64.
+    tensors: ``l2`` = ||b - a||, ``relative`` = l2 / ||a|| (inf when a is zero),
+    ``cosine`` = cosine similarity of a and b (None when either is all zeros),
+    computed in float64. Identical tensors are ``same`` with l2 0, relative 0
+    and cosine 1.0 by convention, decided from chunk ids without reading.
     """
 
     path: str
@@ -59,7 +61,7 @@ def diff_snapshots(repo: Repository, a: Snapshot, b: Snapshot) -> list[TensorDif
         elif (x.kind, x.dtype, x.shape) != (y.kind, y.dtype, y.shape):
             out.append(TensorDiff(path, "retyped"))
         elif x.chunks == y.chunks:
-            out.append(TensorDiff(path, "same", 0.0, 0.0, 1.0 if x.nbytes else None))
+            out.append(TensorDiff(path, "same", 0.0, 0.0, 1.0))
         else:
             out.append(_changed(path, repo.read_arrays(a, [x])[0], repo.read_arrays(b, [y])[0]))
     return out

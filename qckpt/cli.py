@@ -82,7 +82,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_log(args: argparse.Namespace, repo: Repository) -> int:
-    revisions = list(args.revisions) or (sorted(repo.branches()) if args.all or args.graph else ["main"])
+    branches = repo.branches()
+    revisions = list(args.revisions) or (sorted(branches) if args.all or args.graph or "main" not in branches else ["main"])
     snaps = repo.log(*revisions, limit=args.n) if revisions else []
     if args.json:
         _print_json(snaps)

@@ -1,0 +1,129 @@
+"""The qckpt command line: real subprocesses for wiring and exit codes, main() for breadth."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qckpt
+from qckpt.cli import main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qckpt", *args], capture_output=True, text=True)
+
+
+def _cli(capsys: pytest.CaptureFixture[str], repo: Path, *args: str) -> tuple[int, str]:
+    code = main(["-R", str(repo), *args])
+    return code, capsys.readouterr().out
+
+
+@pytest.fixture
+def populated(tmp_path: Path) -> Path:
+    path = tmp_path / "repo"
+    with qckpt.Repository.init(path, chunk_size=256) as repo:
+        for i in range(4):
+            repo.commit({"w": torch.full((200,), float(i)), "b": torch.zeros(3)}, step=i, metrics={"loss": 4.0 - i})
+        repo.create_branch("alt", "main@1")
+        repo.commit({"w": torch.randn(200), "b": torch.zeros(3)}, branch="alt", step=2, metrics={"loss": 0.5})
+    return path
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "qckpt"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "fsck" in result.stdout
+
+
+def test_init_and_exit_codes_in_a_real_process(tmp_path: Path) -> None:
+    path = str(tmp_path / "r")
+    assert _run("init", path).returncode == 0
+    again = _run("init", path)
+    assert again.returncode == 4 and "qckpt: error: a repository exists already" in again.stderr
+    missing = _run("-R", str(tmp_path / "nowhere"), "log")
+    assert missing.returncode == 3 and "no qckpt repository" in missing.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "r"
+    assert main(["init", str(path)]) == 0
+    capsys.readouterr()
+    assert _cli(capsys, path, "log") == (0, "")
+    assert _cli(capsys, path, "show", "nope")[0] == 3
+    assert _cli(capsys, path, "branch", "bad/name")[0] == 2
+    code = main(["-R", str(path), "gc", "--keep-newer-than", "soon"])
+    assert code == 2 and "invalid duration 'soon'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["frobnicate"])
+    assert usage.value.code == 2
+
+
+def test_fsck_exit_status_reports_damage(populated: Path) -> None:
+    ok = _run("-R", str(populated), "fsck")
+    assert ok.returncode == 0 and "no problems found" in ok.stdout
+    pack = max((populated / "packs").iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(pack.read_bytes())
+    data[20] ^= 1
+    pack.write_bytes(bytes(data))
+    bad = _run("-R", str(populated), "fsck")
+    assert bad.returncode == 1 and "DAMAGED object" in bad.stdout and "affects snapshot" in bad.stdout
+
+
+
+def test_fsck_json(populated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pack = max((populated / "packs").iterdir(), key=lambda p: p.stat().st_size)
+    pack.write_bytes(pack.read_bytes()[:-1])  # the trailer: the pack's footer no longer parses
+    code, out = _cli(capsys, populated, "fsck", "--json")
+    report = json.loads(out)
+    assert code == 1 and report["ok"] is False
+    assert [p["subject"] for p in report["problems"]] == [f"pack {pack.stem}"]
+
+
+def test_history_commands(populated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _cli(capsys, populated, "log")
+    assert code == 0 and len(out.splitlines()) == 4 and "(main) step 3 loss=1" in out
+    code, out = _cli(capsys, populated, "log", "--graph")
+    assert code == 0 and len(out.splitlines()) == 5 and out.splitlines()[0].startswith("*") and "| *" in out
+    code, out = _cli(capsys, populated, "log", "--json", "-n", "2")
+    assert [s["step"] for s in json.loads(out)] == [3, 2]
+    code, out = _cli(capsys, populated, "show", "alt", "--json")
+    shown = json.loads(out)
+    assert shown["snapshot"]["metrics"] == {"loss": 0.5} and {t["path"] for t in shown["tensors"]} == {"w", "b"}
+    code, out = _cli(capsys, populated, "show", "main@1")
+    assert code == 0 and "step      1" in out and "2 tensors:" in out
+
+
+def test_ref_commands(populated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli(capsys, populated, "fork", "try", "--at", "main@2")[0] == 0
+    assert _cli(capsys, populated, "tag", "best", "--at", "alt")[0] == 0
+    code, out = _cli(capsys, populated, "branch", "--json")
+    assert set(json.loads(out)) == {"main", "alt", "try"}
+    with qckpt.Repository.open(populated) as repo:
+        assert repo.branches()["try"] == repo.resolve("main@2") and repo.tags() == {"best": repo.resolve("alt")}
+    assert _cli(capsys, populated, "branch", "-d", "try")[0] == 0
+    assert _cli(capsys, populated, "tag", "-d", "best")[0] == 0
+    assert _cli(capsys, populated, "branch", "-d", "try")[0] == 3
+    code, out = _cli(capsys, populated, "tag")
+    assert code == 0 and out == ""
+
+
+def test_diff_du_gc_export(populated: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out = _cli(capsys, populated, "diff", "main", "alt", "--json")
+    assert {d["path"]: d["status"] for d in json.loads(out)} == {"w": "changed", "b": "same"}
+    code, out = _cli(capsys, populated, "diff", "main", "alt")
+    assert "1 of 2 tensors differ" in out
+    code, out = _cli(capsys, populated, "du", "--json")
+    du = json.loads(out)
+    assert du["repository"]["snapshots"] == 5 and du["branches"]["alt"]["snapshots"] == 3
+    code, out = _cli(capsys, populated, "gc", "--keep-last", "1", "--dry-run", "--json")
+    assert json.loads(out)["snapshots_deleted"] == 3 and json.loads(out)["dry_run"] is True
+    code, out = _cli(capsys, populated, "gc", "--keep-best", "loss:1:max")
+    assert code == 0 and "deleted 2 snapshots" in out  # kept: both heads and step 0 (loss 4)
+    code, out = _cli(capsys, populated, "export", "main", str(tmp_path / "x.zarr"))
+    assert code == 0 and (tmp_path / "x.zarr" / "zarr.json").exists()
