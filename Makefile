@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m bench --help
+	$(PY) -m bench fork --json bench-results/fork.json
 
 clean:
 	rm -rf $(VENV) demo-repo .pytest_cache .hypothesis

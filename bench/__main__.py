@@ -1,10 +1,10 @@
-"""``python -m bench {demo,train}``: the demo and the reference workload runner."""
+"""``python -m bench {demo,train,fork}``: the demo, the reference workload runner and benchmarks."""
 
 from __future__ import annotations
 
 import argparse
 
-from bench import demo, train
+from bench import demo, fork, train
 
 
 def main() -> None:
@@ -12,8 +12,9 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(commands.add_parser("demo", help="train, commit every step, restore bit-exactly, report storage"))
     train.add_arguments(commands.add_parser("train", help="run the reference workload against a repository"))
+    fork.add_arguments(commands.add_parser("fork", help="benchmark: fork latency and bytes, GC space recovery"))
     args = parser.parse_args()
-    {"demo": demo.run, "train": train.run}[args.command](args)
+    {"demo": demo.run, "train": train.run, "fork": fork.run}[args.command](args)
 
 
 if __name__ == "__main__":

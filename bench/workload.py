@@ -186,13 +186,19 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step; returns the loss and advances ``state.step``."""
-        self.model.train()
-        x, y = self.sampler.next_batch()
-        loss = self.model(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.state.step += 1
-        return loss.item()
+        return train_step(self.state)
+
+
+def train_step(state: qckpt.TrainingState) -> float:
+    """One optimizer step of a reference-workload state (a ``Trainer``'s, or a fork of it)."""
+    model, optimizer = state.components["model"], state.components["optimizer"]
+    model.train()
+    x, y = state.components["sampler"].next_batch()
+    loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    state.components["scheduler"].step()
+    state.step += 1
+    return loss.item()

@@ -13,6 +13,7 @@ reports every problem at once, before anything is modified.
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Any, Protocol, runtime_checkable
 
@@ -53,6 +54,22 @@ def restore_rng(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def lazy_clone(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that shares its memory until either side is written (copy-on-write).
+
+    Uses PyTorch's copy-on-write storage (``torch._lazy_clone``, private API) and
+    falls back to a plain ``clone`` where it is unavailable or refuses the tensor:
+    always a correct independent copy, shared memory where the platform allows.
+    """
+    clone = getattr(torch, "_lazy_clone", None)
+    if clone is not None:
+        try:
+            return clone(t)
+        except RuntimeError:
+            pass
+    return t.clone()
 
 
 def _describe(value: Any) -> str:
@@ -116,6 +133,37 @@ class TrainingState:
         self.step = step
         self.extras: dict[str, Any] = dict(extras or {})
         self.rng = rng
+
+    def fork(self, k: int = 1) -> list[TrainingState]:
+        """``k`` independent copies of this live state, for rollouts, that share every
+        tensor's memory until one of them (or the original) writes it.
+
+        Components are deep-copied together, so each fork's optimizer updates that
+        fork's parameters and its scheduler drives that fork's optimizer.
+        Parameters, buffers, optimizer state and tensor attributes of other
+        components are copy-on-write (``lazy_clone``); gradients are not carried
+        over. The process RNG is shared by all (reseed rollouts as needed).
+        """
+        if k < 1:
+            raise InvalidInputError(f"k must be at least 1, got {k}")
+        return [self._fork_one() for _ in range(k)]
+
+    def _fork_one(self) -> TrainingState:
+        memo: dict[int, Any] = {}
+        for component in self.components.values():
+            if isinstance(component, torch.nn.Module):
+                for p in component.parameters():
+                    memo[id(p)] = torch.nn.Parameter(lazy_clone(p.detach()), requires_grad=p.requires_grad)
+                for b in component.buffers():
+                    memo[id(b)] = lazy_clone(b)
+            elif isinstance(component, torch.optim.Optimizer):
+                tensors = [v for s in component.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+                memo.update((id(t), lazy_clone(t)) for t in tensors)
+            elif not isinstance(component, torch.Generator):
+                attrs = vars(component).values() if hasattr(component, "__dict__") else ()
+                memo.update((id(v), lazy_clone(v)) for v in attrs if isinstance(v, torch.Tensor))
+        components = copy.deepcopy(self.components, memo)
+        return TrainingState(step=self.step, extras=copy.deepcopy(self.extras, memo), rng=self.rng, **components)
 
     def capture(self) -> dict[str, Any]:
         """The current state as a plain tree (tensors are shared, not copied)."""
