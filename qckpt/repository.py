@@ -214,7 +214,8 @@ class Repository:
         or any plain tree of dicts, lists, tensors and plain values. The state is
         validated before anything is written (``UnsupportedValueError`` names the
         offending key). If the branch moved while committing, ``RefConflictError``
-        is raised; the snapshot was written and stays reachable by its id.
+        is raised; the snapshot was written and stays readable by its id until
+        garbage collection. Holds the writer lock shared (GC waits for it).
         Blocks until the snapshot is durable. Tensors must not change meanwhile.
         """
         check_ref_name(branch)
