@@ -19,6 +19,7 @@ its own in format version 1 (no delta chains), so liveness is per chunk.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ from qckpt.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from qckpt.repository import Repository
+
+GC_GENERATION_REF = "gc/generation"  # changed by every collection; index caches compare it
 
 Progress = Callable[[str, int, int], None]
 
@@ -142,6 +145,7 @@ def collect_garbage(
     report = progress or (lambda stage, done, total: None)
     backend = repo.backend
     with backend.lock(exclusive=True):
+        repo._sync_index()  # the index must reflect earlier collections before we judge liveness
         bytes_before = _stored_bytes(repo)
         snapshots = {i: repo.snapshot(i) for i in repo.snapshot_ids()}
         keep = plan_retention(snapshots, repo.branches(), repo.tags(), policy, time.time())
@@ -185,6 +189,8 @@ def collect_garbage(
             return GcReport(len(keep), len(expired), len(dead_manifests), len(dead_packs), len(repacks),
                             len(dead_chunks), bytes_before, bytes_before - freed, True)  # fmt: skip
 
+        generation = uuid.uuid4().hex  # tells other repositories' index caches to rebuild
+        backend.swap_ref(GC_GENERATION_REF, repo._index.generation(), generation)
         for n, (pack_id, live) in enumerate(repacks.items()):  # 1. repack
             report("repacking", n + 1, len(repacks))
             builder = PackBuilder()
@@ -203,6 +209,7 @@ def collect_garbage(
             backend.delete(key)
         for pack_id in [*dead_packs, *repacks]:  # 4. packs
             backend.delete(pack_key(pack_id))
+        repo._index.set_generation(generation)
         return GcReport(len(keep), len(expired), len(dead_manifests), len(dead_packs), len(repacks),
                         len(dead_chunks), bytes_before, _stored_bytes(repo), False)  # fmt: skip
 

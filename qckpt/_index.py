@@ -22,6 +22,7 @@ from qckpt._packs import ChunkLocation
 from qckpt.errors import BackendError
 
 _VALUE = struct.Struct(f"<{ID_BYTES}sQIB")
+_GENERATION_KEY = b"qckpt:gc-generation"  # not 16 bytes long: never a chunk id
 
 
 class ChunkIndex(ABC):
@@ -44,6 +45,18 @@ class ChunkIndex(ABC):
         """Forget chunks (garbage collection only, under the exclusive writer lock)."""
 
     @abstractmethod
+    def clear(self) -> None:
+        """Forget everything (before a rebuild from the packs)."""
+
+    @abstractmethod
+    def generation(self) -> str | None:
+        """The garbage-collection generation this index reflects (None: unknown)."""
+
+    @abstractmethod
+    def set_generation(self, generation: str | None) -> None:
+        """Record which garbage-collection generation this index reflects."""
+
+    @abstractmethod
     def __len__(self) -> int: ...
 
     def close(self) -> None:
@@ -55,6 +68,7 @@ class MemoryIndex(ChunkIndex):
 
     def __init__(self) -> None:
         self._map: dict[bytes, ChunkLocation] = {}
+        self._generation: str | None = None
         self._lock = threading.Lock()
 
     def get(self, chunk_id: bytes) -> ChunkLocation | None:
@@ -73,6 +87,16 @@ class MemoryIndex(ChunkIndex):
         with self._lock:
             for c in chunk_ids:
                 self._map.pop(c, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._map.clear()
+
+    def generation(self) -> str | None:
+        return self._generation
+
+    def set_generation(self, generation: str | None) -> None:
+        self._generation = generation
 
     def __len__(self) -> int:
         with self._lock:
@@ -174,8 +198,26 @@ class LmdbIndex(ChunkIndex):
 
         self._write(remove)
 
+    def clear(self) -> None:
+        self._write(lambda txn: txn.drop(self.env.open_db(), delete=False))
+
+    def generation(self) -> str | None:
+        with self.env.begin() as txn:
+            value = txn.get(_GENERATION_KEY)
+        return None if value is None else value.decode()
+
+    def set_generation(self, generation: str | None) -> None:
+        def write(txn: lmdb.Transaction) -> None:
+            if generation is None:
+                txn.delete(_GENERATION_KEY)
+            else:
+                txn.put(_GENERATION_KEY, generation.encode())
+
+        self._write(write)
+
     def __len__(self) -> int:
-        return self.env.stat()["entries"]
+        with self.env.begin() as txn:
+            return self.env.stat()["entries"] - (txn.get(_GENERATION_KEY) is not None)
 
     def close(self) -> None:
         if self._env is not None:

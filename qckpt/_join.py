@@ -44,14 +44,16 @@ def pick_best(repo: Repository, target: str, candidates: Sequence[str], metric: 
     winner_rev, winner = snaps[scores.index(min(scores))]
     summary = [{"revision": r, "snapshot": s.id, "step": s.step, "metrics": s.metrics} for r, s in snaps]
     with repo.backend.lock(exclusive=False):
-        head = repo.backend.read_ref(BRANCH_PREFIX + target)
-        snapshot = Snapshot.new(
-            manifest=winner.manifest, parents=_unique([head, *(s.id for _, s in snaps)]), step=winner.step,
-            time=time.time(), message=message or f"join {target}: picked {winner_rev} by {name} ({mode})",
-            metrics=winner.metrics, stats=CommitStats(raw_bytes=winner.stats.raw_bytes, chunks=winner.stats.chunks),
-            annotations={"join": {"metric": name, "mode": mode, "winner": winner_rev, "candidates": summary}},
+        return repo._publish(
+            target,
+            repo.backend.read_ref(BRANCH_PREFIX + target),
+            lambda head: Snapshot.new(
+                manifest=winner.manifest, parents=_unique([head, *(s.id for _, s in snaps)]), step=winner.step,
+                time=time.time(), message=message or f"join {target}: picked {winner_rev} by {name} ({mode})",
+                metrics=winner.metrics, stats=CommitStats(raw_bytes=winner.stats.raw_bytes, chunks=winner.stats.chunks),
+                annotations={"join": {"metric": name, "mode": mode, "winner": winner_rev, "candidates": summary}},
+            ),
         )  # fmt: skip
-        return repo._publish(target, head, snapshot)
 
 
 def _weighted(values: list[Any], weights: list[float], like: Any) -> Any:
@@ -92,16 +94,19 @@ def average(repo: Repository, revisions: Sequence[str], branch: str, weights: Se
         computed.append(ArrayLeaf(entry.path, _weighted(values, norm, values[0])))
         entries.append(None)
     with repo.backend.lock(exclusive=False):
-        head = repo.backend.read_ref(BRANCH_PREFIX + branch)
+        repo._sync_index()
         stored, stats = repo._store_arrays(computed)
         new_entries = iter(stored)
         tensors = tuple(e if e is not None else next(new_entries) for e in entries)
         manifest_id = repo._put_manifest(Manifest(first.tree, tensors))
-        snapshot = Snapshot.new(
-            manifest=manifest_id, parents=_unique([head, *(s.id for s in snaps)]), step=snaps[0].step,
-            time=time.time(), message=message or f"average of {', '.join(revisions)}",
-            stats=CommitStats(sum(t.nbytes for t in tensors), sum(len(t.chunks) for t in tensors),
-                              stats.new_chunks, stats.new_raw_bytes, stats.new_stored_bytes),
-            annotations={"average": {"revisions": list(revisions), "snapshots": [s.id for s in snaps], "weights": norm}},
+        return repo._publish(
+            branch,
+            repo.backend.read_ref(BRANCH_PREFIX + branch),
+            lambda head: Snapshot.new(
+                manifest=manifest_id, parents=_unique([head, *(s.id for s in snaps)]), step=snaps[0].step,
+                time=time.time(), message=message or f"average of {', '.join(revisions)}",
+                stats=CommitStats(sum(t.nbytes for t in tensors), sum(len(t.chunks) for t in tensors),
+                                  stats.new_chunks, stats.new_raw_bytes, stats.new_stored_bytes),
+                annotations={"average": {"revisions": list(revisions), "snapshots": [s.id for s in snaps], "weights": norm}},
+            ),
         )  # fmt: skip
-        return repo._publish(branch, head, snapshot)

@@ -17,7 +17,8 @@
     │   └── RefConflictError                     a ref moved under a compare-and-swap
     ├── IntegrityError                           stored bytes are damaged
     ├── FormatVersionError                       repository written by a newer qckpt
-    └── BackendError                             the storage itself failed (I/O, network)
+    └── BackendError                             the storage itself failed (permanent)
+        └── TransientBackendError                a failure that retrying may cure (5xx, timeout)
 
 Errors never carry credentials. Not-found errors print their message plainly
 (``KeyError`` would otherwise quote it).
@@ -42,6 +43,7 @@ __all__ = [
     "IntegrityError",
     "FormatVersionError",
     "BackendError",
+    "TransientBackendError",
 ]
 
 
@@ -130,3 +132,7 @@ class FormatVersionError(QckptError):
 
 class BackendError(QckptError):
     """The storage backend failed to perform an operation."""
+
+
+class TransientBackendError(BackendError):
+    """A storage failure that may succeed when retried (throttling, 5xx, dropped connection)."""

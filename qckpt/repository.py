@@ -28,7 +28,7 @@ import torch
 from qckpt._ids import ID_HEX, digest, hex_id
 from qckpt._diff import TensorDiff, diff_snapshots
 from qckpt._fsck import FsckReport, check_repository
-from qckpt._gc import GcReport, RetentionPolicy, collect_garbage
+from qckpt._gc import GC_GENERATION_REF, GcReport, RetentionPolicy, collect_garbage
 from qckpt._index import ChunkIndex, LmdbIndex, MemoryIndex
 from qckpt._join import average, pick_best
 from qckpt._objects import decode_object, encode_object
@@ -39,7 +39,7 @@ from qckpt._tensors import is_floating, numpy_dtype, numpy_dtype_name, raw_bytes
 from qckpt._tree import ArrayLeaf, decode_tree, encode_tree
 from qckpt._view import SnapshotView
 from qckpt._zarr_export import export_zarr
-from qckpt.backends import Backend, LocalBackend
+from qckpt.backends import Backend, LocalBackend, MemoryBackend, RetryingBackend, S3Backend, parse_s3_uri
 from qckpt.errors import (
     AlreadyExistsError,
     AmbiguousRevisionError,
@@ -61,6 +61,7 @@ DEFAULT_COMPRESSION_LEVEL = 1
 PACK_TARGET_SIZE = 64 << 20
 _STEP_REVISION = re.compile(r"(.+)@([0-9]+)")
 _log = logging.getLogger("qckpt")
+_MAX_PUBLISH_ATTEMPTS = 1000
 
 
 @dataclass(frozen=True)
@@ -95,21 +96,29 @@ class RepositoryStats:
 Location = str | os.PathLike[str] | Backend
 
 
-def _backend_for(location: Location) -> Backend:
+def _backend_for(location: Location, endpoint_url: str | None) -> Backend:
     if isinstance(location, Backend):
         return location
     text = os.fspath(location)
+    if text.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(text)
+        return RetryingBackend(S3Backend(bucket, prefix, endpoint_url=endpoint_url))
     if text.startswith("file://"):
         return LocalBackend(Path(text.removeprefix("file://")))
     if "://" in text:
-        raise InvalidInputError(f"unsupported repository URI {text!r} (use a path or file://)")
+        raise InvalidInputError(f"unsupported repository URI {text!r} (use a path, file:// or s3://)")
     return LocalBackend(Path(text))
 
 
-def _index_for(backend: Backend) -> ChunkIndex:
+def _index_for(backend: Backend, config: RepositoryConfig, cache_dir: str | os.PathLike[str] | None) -> ChunkIndex:
+    """Local repositories keep their index inside; memory ones in memory; remote ones
+    (S3) in a local cache, ``cache_dir`` or ``$QCKPT_CACHE_DIR`` or ``~/.cache/qckpt``."""
     if isinstance(backend, LocalBackend):
         return LmdbIndex(backend.root / ".index")
-    return MemoryIndex()
+    if isinstance(backend, MemoryBackend):
+        return MemoryIndex()
+    root = Path(cache_dir or os.environ.get("QCKPT_CACHE_DIR") or Path.home() / ".cache" / "qckpt")
+    return LmdbIndex(root / config.repository_id / "index")
 
 
 class Repository:
@@ -121,10 +130,10 @@ class Repository:
     silently dropping a commit. Use as a context manager or call ``close``.
     """
 
-    def __init__(self, backend: Backend, config: RepositoryConfig) -> None:
+    def __init__(self, backend: Backend, config: RepositoryConfig, cache_dir: str | os.PathLike[str] | None = None) -> None:
         self.backend = backend
         self.config = config
-        self._index = _index_for(backend)
+        self._index = _index_for(backend, config, cache_dir)
         self._workers = os.cpu_count() or 2
         self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="qckpt")
         self._snapshots: dict[str, Snapshot] = {}
@@ -138,17 +147,23 @@ class Repository:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        endpoint_url: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> Repository:
-        """Create an empty repository at ``location`` (a path, ``file://`` URI or backend).
+        """Create an empty repository at ``location``: a path, ``file://`` or
+        ``s3://bucket/prefix`` URI, or a ``Backend``.
 
         Raises ``AlreadyExistsError`` if one exists there; ``chunk_size`` must be a
         positive multiple of 64 bytes, ``compression_level`` a zstd level (1-19).
+        ``endpoint_url`` selects an S3-compatible server (default: boto3's
+        configuration, including ``AWS_ENDPOINT_URL``); ``cache_dir`` is where
+        remote repositories keep their local chunk-index cache.
         """
         if chunk_size <= 0 or chunk_size % 64:
             raise InvalidInputError(f"chunk_size must be a positive multiple of 64 bytes, got {chunk_size}")
         if not 1 <= compression_level <= 19:
             raise InvalidInputError(f"compression_level must be 1..19, got {compression_level}")
-        backend = _backend_for(location)
+        backend = _backend_for(location, endpoint_url)
         if isinstance(backend, LocalBackend) and backend.root.exists() and not backend.root.is_dir():
             raise InvalidInputError(f"{backend.root} exists and is not a directory")
         config = RepositoryConfig(uuid.uuid4().hex, chunk_size, compression_level)
@@ -156,12 +171,19 @@ class Repository:
             backend.put(CONFIG_KEY, json.dumps(asdict(config), indent=1).encode(), exclusive=True)
         except AlreadyExistsError:
             raise AlreadyExistsError(f"a repository exists already at {backend.uri}") from None
-        return cls(backend, config)
+        return cls(backend, config, cache_dir)
 
     @classmethod
-    def open(cls, location: Location) -> Repository:
-        """Open an existing repository; ``RepositoryNotFoundError`` if there is none."""
-        backend = _backend_for(location)
+    def open(
+        cls,
+        location: Location,
+        *,
+        endpoint_url: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> Repository:
+        """Open an existing repository (see ``init`` for the arguments);
+        ``RepositoryNotFoundError`` if there is none."""
+        backend = _backend_for(location, endpoint_url)
         try:
             doc = json.loads(backend.get(CONFIG_KEY))
         except ObjectNotFoundError:
@@ -176,7 +198,7 @@ class Repository:
                 f"this qckpt reads up to {REPOSITORY_VERSION}: upgrade qckpt"
             )
         try:
-            repo = cls(backend, RepositoryConfig(**doc))
+            repo = cls(backend, RepositoryConfig(**doc), cache_dir)
         except TypeError as e:
             raise IntegrityError(f"repository config at {backend.uri} is damaged: {e}") from e
         if len(repo._index) == 0 and backend.list("packs/"):
@@ -207,18 +229,23 @@ class Repository:
         step: int | None = None,
         metrics: Mapping[str, float] | None = None,
         message: str = "",
+        on_conflict: str = "retry",
     ) -> Snapshot:
         """Store ``state`` as a new snapshot on ``branch`` (created if absent) and return it.
 
         ``state`` is a ``TrainingState`` (its step is used unless ``step`` is given)
         or any plain tree of dicts, lists, tensors and plain values. The state is
         validated before anything is written (``UnsupportedValueError`` names the
-        offending key). If the branch moved while committing, ``RefConflictError``
-        is raised; the snapshot was written and stays readable by its id until
+        offending key). If another writer moved the branch meanwhile, the commit
+        is re-parented onto the new head and published again (only a snapshot
+        record is rewritten); with ``on_conflict="raise"`` it raises
+        ``RefConflictError`` instead, and the snapshot stays readable by id until
         garbage collection. Holds the writer lock shared (GC waits for it).
         Blocks until the snapshot is durable. Tensors must not change meanwhile.
         """
         check_ref_name(branch)
+        if on_conflict not in ("retry", "raise"):
+            raise InvalidInputError(f"on_conflict must be 'retry' or 'raise', got {on_conflict!r}")
         if isinstance(state, TrainingState):
             tree: Any = state.capture()
             step = state.step if step is None else step
@@ -232,17 +259,18 @@ class Repository:
             raise InvalidInputError(f"step must be an int, got {step!r}")
         encoded, arrays = encode_tree(tree)
         with self.backend.lock(exclusive=False):  # GC must not sweep what this commit dedups against
+            self._sync_index()
             head = self.backend.read_ref(BRANCH_PREFIX + branch)
             tensors, stats = self._store_arrays(arrays)
             manifest_id = self._put_manifest(Manifest(encoded, tuple(tensors)))
-            return self._publish(
-                branch,
-                head,
-                Snapshot.new(
-                    manifest=manifest_id, parents=(head,) if head else (), step=step, time=time.time(),
+
+            def snapshot_on(parent: str | None) -> Snapshot:
+                return Snapshot.new(
+                    manifest=manifest_id, parents=(parent,) if parent else (), step=step, time=time.time(),
                     message=message, metrics=metrics, stats=stats,
-                ),
-            )  # fmt: skip
+                )  # fmt: skip
+
+            return self._publish(branch, head, snapshot_on, retry=on_conflict == "retry")
 
     def _put_manifest(self, manifest: Manifest) -> str:
         data = manifest.to_bytes()
@@ -250,12 +278,35 @@ class Repository:
         self.backend.put(manifest_key(manifest_id), data)
         return manifest_id
 
-    def _publish(self, branch: str, head: str | None, snapshot: Snapshot) -> Snapshot:
-        """Write the snapshot record, then move ``branch`` from ``head`` to it (compare-and-swap)."""
-        self.backend.put(snapshot_key(snapshot.id), snapshot.to_bytes())
-        self.backend.swap_ref(BRANCH_PREFIX + branch, head, snapshot.id)
-        self._snapshots[snapshot.id] = snapshot
-        return snapshot
+    def _publish(
+        self, branch: str, head: str | None, snapshot_on: Callable[[str | None], Snapshot], *, retry: bool = True
+    ) -> Snapshot:
+        """Write ``snapshot_on(head)``'s record, then move ``branch`` from ``head`` to it
+        (compare-and-swap). If the branch moved, build the snapshot on the new head
+        and try again (``retry``); a branch deleted meanwhile is never recreated."""
+        for _ in range(_MAX_PUBLISH_ATTEMPTS):
+            snapshot = snapshot_on(head)
+            self.backend.put(snapshot_key(snapshot.id), snapshot.to_bytes())
+            try:
+                self.backend.swap_ref(BRANCH_PREFIX + branch, head, snapshot.id)
+            except RefConflictError as e:
+                if not retry or e.actual is None or head is None:
+                    raise
+                head = e.actual
+                continue
+            self._snapshots[snapshot.id] = snapshot
+            return snapshot
+        raise RefConflictError(BRANCH_PREFIX + branch, head, self.backend.read_ref(BRANCH_PREFIX + branch))
+
+    def _sync_index(self) -> None:
+        """With the writer lock held: rebuild the index if a garbage collection (here or
+        on another machine) ran since it was last brought up to date, so no commit
+        dedups against a chunk that GC deleted."""
+        generation = self.backend.read_ref(GC_GENERATION_REF)
+        if generation != self._index.generation():
+            self._index.clear()
+            self._index_packs()
+            self._index.set_generation(generation)
 
     def _store_arrays(self, arrays: list[ArrayLeaf]) -> tuple[list[TensorEntry], CommitStats]:
         """Chunk, hash, dedup, encode and pack every array; index the new chunks."""
@@ -554,8 +605,13 @@ class Repository:
         A pack whose footer is damaged is skipped with a warning on the ``qckpt``
         logger: its chunks then read as missing, naming the snapshot that needs them.
         """
+        with self.backend.lock(exclusive=False):
+            return self._index_packs()
+
+    def _index_packs(self) -> int:
+        """``rebuild_index`` for callers that hold the writer lock already."""
         indexed = 0
-        with self._rebuild_lock, self.backend.lock(exclusive=False):
+        with self._rebuild_lock:
             for pack_id in self._pack_ids():
                 try:
                     self._index.put_many(self._pack_contents(pack_id))

@@ -7,5 +7,7 @@ layer above decides what the keys and bytes mean.
 from qckpt.backends._base import Backend, check_key
 from qckpt.backends.local import LocalBackend
 from qckpt.backends.memory import MemoryBackend
+from qckpt.backends.retry import RetryingBackend
+from qckpt.backends.s3 import S3Backend, parse_s3_uri
 
-__all__ = ["Backend", "LocalBackend", "MemoryBackend", "check_key"]
+__all__ = ["Backend", "LocalBackend", "MemoryBackend", "RetryingBackend", "S3Backend", "check_key", "parse_s3_uri"]

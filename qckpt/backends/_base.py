@@ -6,6 +6,7 @@ import re
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 
+from qckpt.backends._reflock import ref_lock
 from qckpt.errors import InvalidInputError
 
 _KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=-]*")
@@ -43,6 +44,8 @@ class Backend(ABC):
 
     #: Where the repository lives, for messages (never contains credentials).
     uri: str
+    #: Whether ``lock`` is a native lock (flock, in-process) rather than lock refs.
+    native_lock: bool = False
 
     @abstractmethod
     def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
@@ -91,14 +94,16 @@ class Backend(ABC):
         Raises ``RefConflictError`` (with the actual value) when the ref differs.
         """
 
-    @abstractmethod
     def lock(self, *, exclusive: bool) -> AbstractContextManager[None]:
         """Hold the repository-wide writer lock until the context exits.
 
         Writers that add data (commits) hold it shared, garbage collection holds
         it exclusive, so GC never deletes an object a commit is about to
-        reference. Blocks until granted; never left behind by a dead process.
+        reference. Blocks until granted; a dead holder's lock does not block
+        forever. This default builds the lock from refs (see ``_reflock``);
+        backends with a native lock override it and set ``native_lock``.
         """
+        return ref_lock(self, exclusive=exclusive)
 
     def close(self) -> None:
         """Release resources. The backend must not be used afterwards."""

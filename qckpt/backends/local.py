@@ -42,6 +42,8 @@ class LocalBackend(Backend):
     leaves it untouched. Safe for several threads and several processes.
     """
 
+    native_lock = True
+
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
         self.uri = self.root.as_uri()

@@ -13,6 +13,8 @@ from qckpt.errors import AlreadyExistsError, ObjectNotFoundError, RefConflictErr
 class MemoryBackend(Backend):
     """Blobs and refs in dictionaries, guarded by one lock. Lost when the process ends."""
 
+    native_lock = True
+
     def __init__(self, name: str = "") -> None:
         self.uri = f"memory://{name}"
         self._blobs: dict[str, bytes] = {}

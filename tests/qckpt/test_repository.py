@@ -182,7 +182,7 @@ def test_stats_account_for_every_stored_byte(local_repo_path: Path) -> None:
 
 
 def test_ref_conflict_is_reported_and_loses_nothing() -> None:
-    """A writer that loses the ref race gets RefConflictError; both snapshots survive."""
+    """A writer that loses the ref race re-parents (default) or gets RefConflictError; nothing is lost."""
 
     class RacingBackend(MemoryBackend):
         sneak: str | None = None
@@ -199,11 +199,19 @@ def test_ref_conflict_is_reported_and_loses_nothing() -> None:
         other = repo.commit(_state(2), branch="other")
         backend.sneak = other.id
         with pytest.raises(qckpt.RefConflictError, match="heads/main") as info:
-            repo.commit(_state(3))
+            repo.commit(_state(3), on_conflict="raise")
         assert info.value.expected == base.id and info.value.actual == other.id
         assert repo.branches()["main"] == other.id
         orphan = [i for i in repo.snapshot_ids() if i not in (base.id, other.id)]
         assert len(orphan) == 1 and repo.load(orphan[0])["w"].shape == (64, 16)
+
+        intruder = repo.commit(_state(4), branch="third")
+        backend.sneak = intruder.id
+        rebased = repo.commit(_state(5))  # default: re-parent onto the new head and publish
+        assert rebased.parents == (intruder.id,) and repo.branches()["main"] == rebased.id
+        assert torch.equal(repo.load("main")["w"], _state(5)["w"])
+        with pytest.raises(qckpt.InvalidInputError, match="on_conflict"):
+            repo.commit(_state(5), on_conflict="ignore")
 
 
 def test_index_is_rebuilt_from_packs(local_repo_path: Path) -> None:
