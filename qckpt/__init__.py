@@ -37,6 +37,7 @@ from qckpt.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
     StateMismatchError,
+    TransientBackendError,
     UnsupportedValueError,
 )
 from qckpt.repository import Repository, RepositoryConfig, RepositoryStats
@@ -77,6 +78,7 @@ __all__ = [
     "TensorDiff",
     "TensorEntry",
     "TrainingState",
+    "TransientBackendError",
     "UnsupportedValueError",
     "__version__",
 ]

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from qckpt.backends._base import Backend
 from qckpt.backends._reflock import ref_lock
-from qckpt.errors import ObjectNotFoundError, TransientBackendError
+from qckpt.errors import AlreadyExistsError, ObjectNotFoundError, RefConflictError, TransientBackendError
 
 T = TypeVar("T")
 _log = logging.getLogger("qckpt")
@@ -21,10 +21,11 @@ class RetryingBackend(Backend):
     """Retries ``TransientBackendError`` up to ``attempts`` times, sleeping a random
     fraction of a delay that doubles from ``base_delay_s`` up to ``max_delay_s``.
 
-    Permanent errors pass through at once. Every operation is safe to retry:
-    puts are idempotent (content-addressed, exclusive puts compare content),
-    the inner backend's ``swap_ref`` treats "already holds the new value" as
-    done, and a retried ``delete`` that finds the key gone counts as done.
+    Permanent errors pass through at once. A request that failed transiently may
+    still have taken effect (its response was lost), so after such a failure a
+    retry that finds its own effect counts as done: an exclusive put that finds
+    the same bytes, a ref swap that finds the ref already holding the new value
+    (refs hold unique snapshot ids), a delete that finds the key gone.
     """
 
     def __init__(
@@ -45,11 +46,12 @@ class RetryingBackend(Backend):
         self._sleep = sleep
         self.retries = 0  # transient failures absorbed, for reports
 
-    def _retry(self, operation: str, fn: Callable[[], T]) -> T:
+    def _retry(self, operation: str, fn: Callable[[bool], T]) -> T:
+        """Call ``fn(after_transient_failure)`` until it succeeds or fails permanently."""
         delay = self.base_delay_s
         for attempt in range(1, self.attempts + 1):
             try:
-                return fn()
+                return fn(attempt > 1)
             except TransientBackendError as e:
                 if attempt == self.attempts:
                     raise
@@ -60,45 +62,55 @@ class RetryingBackend(Backend):
         raise AssertionError("unreachable")
 
     def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
-        self._retry("put", lambda: self.inner.put(key, data, exclusive=exclusive))
+        def attempt(retried: bool) -> None:
+            try:
+                self.inner.put(key, data, exclusive=exclusive)
+            except AlreadyExistsError:
+                if not (retried and self.inner.get(key) == bytes(data)):
+                    raise
+
+        self._retry("put", attempt)
 
     def get(self, key: str) -> bytes:
-        return self._retry("get", lambda: self.inner.get(key))
+        return self._retry("get", lambda retried: self.inner.get(key))
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
-        return self._retry("get_range", lambda: self.inner.get_range(key, offset, length))
+        return self._retry("get_range", lambda retried: self.inner.get_range(key, offset, length))
 
     def exists(self, key: str) -> bool:
-        return self._retry("exists", lambda: self.inner.exists(key))
+        return self._retry("exists", lambda retried: self.inner.exists(key))
 
     def list(self, prefix: str) -> list[str]:
-        return self._retry("list", lambda: self.inner.list(prefix))
+        return self._retry("list", lambda retried: self.inner.list(prefix))
 
     def size(self, key: str) -> int:
-        return self._retry("size", lambda: self.inner.size(key))
+        return self._retry("size", lambda retried: self.inner.size(key))
 
     def delete(self, key: str) -> None:
-        tried = []
-
-        def attempt() -> None:
+        def attempt(retried: bool) -> None:
             try:
                 self.inner.delete(key)
             except ObjectNotFoundError:
-                if not tried:
+                if not retried:
                     raise
-            finally:
-                tried.append(True)
 
         self._retry("delete", attempt)
 
     def read_ref(self, name: str) -> str | None:
-        return self._retry("read_ref", lambda: self.inner.read_ref(name))
+        return self._retry("read_ref", lambda retried: self.inner.read_ref(name))
 
     def list_refs(self, prefix: str) -> dict[str, str]:
-        return self._retry("list_refs", lambda: self.inner.list_refs(prefix))
+        return self._retry("list_refs", lambda retried: self.inner.list_refs(prefix))
 
     def swap_ref(self, name: str, expected: str | None, new: str | None) -> None:
-        self._retry("swap_ref", lambda: self.inner.swap_ref(name, expected, new))
+        def attempt(retried: bool) -> None:
+            try:
+                self.inner.swap_ref(name, expected, new)
+            except RefConflictError as e:
+                if not (retried and e.actual == new):
+                    raise
+
+        self._retry("swap_ref", attempt)
 
     def lock(self, *, exclusive: bool) -> AbstractContextManager[None]:
         return self.inner.lock(exclusive=exclusive) if self.native_lock else ref_lock(self, exclusive=exclusive)

@@ -124,8 +124,7 @@ class S3Backend(Backend):
             try:
                 self._call("put_object", key, Key=full, Body=body, IfNoneMatch="*")
             except _PreconditionFailed:
-                if self.get(key) != body:  # equal bytes: our own earlier attempt whose response was lost
-                    raise AlreadyExistsError(f"{self.uri}: {key!r} exists already") from None
+                raise AlreadyExistsError(f"{self.uri}: {key!r} exists already") from None
         elif len(body) >= _TRANSFER.multipart_threshold:
             self.requests["multipart_upload"] = self.requests.get("multipart_upload", 0) + 1
             try:
@@ -203,16 +202,9 @@ class S3Backend(Backend):
         return {n: v for n, v in found.items() if v is not None}
 
     def swap_ref(self, name: str, expected: str | None, new: str | None) -> None:
-        """Compare-and-swap with S3 conditional writes.
-
-        Idempotent under retries: if the ref already holds ``new`` (a retried
-        call whose first attempt landed but whose response was lost), the swap
-        counts as done. Refs hold unique snapshot ids, so this is exact.
-        """
+        """Compare-and-swap with S3 conditional writes (``If-None-Match``/``If-Match``)."""
         key = self.prefix + _REFS + check_key(name)
         actual, etag = self._read_ref(name)
-        if actual == new and new != expected:
-            return  # already done by an attempt whose response was lost
         if actual != expected:
             raise RefConflictError(name, expected, actual)
         try:
@@ -224,9 +216,7 @@ class S3Backend(Backend):
             else:
                 self._call("put_object", name, Key=key, Body=(new + "\n").encode(), IfMatch=etag)
         except _PreconditionFailed:
-            actual = self.read_ref(name)
-            if actual != new:
-                raise RefConflictError(name, expected, actual) from None
+            raise RefConflictError(name, expected, self.read_ref(name)) from None
 
 
 class _PreconditionFailed(BackendError):

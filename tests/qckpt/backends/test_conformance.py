@@ -111,7 +111,7 @@ def test_ref_conflicts_leave_ref_unchanged(backend: Backend) -> None:
 def test_concurrent_compare_and_swap_loses_nothing(backend: Backend) -> None:
     """Threads increment a counter ref by CAS with retry; every increment must land."""
     backend.swap_ref("heads/counter", None, "0")
-    per_thread, threads = 25, 6
+    per_thread, threads = 15, 6
     errors: list[BaseException] = []
 
     def work() -> None:
