@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch
 import qckpt
 from qckpt._progress import Progress
 from bench.compare import differences
+from bench.s3server import CREDENTIALS, moto_server, new_bucket
 from bench.workload import SIZES, Trainer
 
 
@@ -28,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", type=Path, default=Path("demo-repo"), help="where to create the demo repository")
     parser.add_argument("--size", choices=sorted(SIZES), default="3m")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--s3", action="store_true", help="use an S3 repository on a loopback S3 server (moto)")
 
 
 def _mb(n: float) -> str:
@@ -45,11 +48,22 @@ def _fresh_repository(path: Path) -> qckpt.Repository:
 
 
 def run(args: argparse.Namespace) -> None:
+    if not args.s3:
+        _run(args, str(args.repo), _fresh_repository(args.repo))
+        return
+    for key, value in CREDENTIALS.items():
+        os.environ.setdefault(key, value)
+    with moto_server() as endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint  # the training subprocess finds the server too
+        location = f"s3://{new_bucket(endpoint)}/demo"
+        _run(args, location, qckpt.Repository.init(location))
+
+
+def _run(args: argparse.Namespace, location: str, repo: qckpt.Repository) -> None:
     half = args.steps // 2
-    repo = _fresh_repository(args.repo)
     trainer = Trainer(args.size, total_steps=args.steps)
     print(f"qckpt demo: {args.size} model ({trainer.num_params():,} parameters), {args.steps} steps, "
-          f"a commit every step into {args.repo}/")  # fmt: skip
+          f"a commit every step into {location}")  # fmt: skip
 
     commit_s = 0.0
     with Progress(args.steps, "training") as bar:
@@ -68,13 +82,13 @@ def run(args: argparse.Namespace) -> None:
 
     print(f"\nrestoring main@{half} in a fresh process and training {args.steps - half} more steps on branch 'resumed'...")
     subprocess.run(
-        [sys.executable, "-m", "bench", "train", "--repo", str(args.repo), "--size", args.size,
+        [sys.executable, "-m", "bench", "train", "--repo", location, "--size", args.size,
          "--total-steps", str(args.steps), "--restore", f"main@{half}", "--steps", str(args.steps - half),
          "--branch", "resumed"],
         check=True,
     )  # fmt: skip
 
-    with qckpt.Repository.open(args.repo) as repo:
+    with qckpt.Repository.open(location) as repo:
         main_log = {s.step: s for s in repo.log("main")}
         resumed_log = {s.step: s for s in repo.log("resumed") if s.step is not None and s.step > half}
         same_losses = all(main_log[k].metrics["loss"] == s.metrics["loss"] for k, s in resumed_log.items())

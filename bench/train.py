@@ -17,7 +17,7 @@ from bench.workload import SIZES, Trainer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repo", type=Path, help="repository path (created if --init)")
+    parser.add_argument("--repo", help="repository path, file:// or s3:// URI (created if --init)")
     parser.add_argument("--init", action="store_true", help="create the repository first")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)

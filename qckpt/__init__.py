@@ -20,7 +20,7 @@ from qckpt._fsck import FsckProblem, FsckReport
 from qckpt._gc import GcReport, RetentionPolicy
 from qckpt._records import CommitStats, Snapshot, TensorEntry
 from qckpt._view import SnapshotView
-from qckpt.backends import Backend, LocalBackend, MemoryBackend
+from qckpt.backends import Backend, LocalBackend, MemoryBackend, RetryingBackend, S3Backend
 from qckpt.errors import (
     AlreadyExistsError,
     AmbiguousRevisionError,
@@ -70,6 +70,8 @@ __all__ = [
     "RepositoryNotFoundError",
     "RepositoryStats",
     "RetentionPolicy",
+    "RetryingBackend",
+    "S3Backend",
     "RevisionNotFoundError",
     "Snapshot",
     "SnapshotView",

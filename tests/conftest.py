@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import qckpt
-from tests.s3server import CREDENTIALS, moto_server, new_bucket
+from bench.s3server import CREDENTIALS, moto_server, new_bucket
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -35,8 +35,9 @@ def _load(path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_resume_in_new_process_is_bit_exact(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_resume_in_new_process_is_bit_exact(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    repo = tmp_path / "repo" if backend == "local" else request.getfixturevalue("s3_uri")
     _train("--steps", str(2 * N), "--losses-out", str(tmp_path / "a.json"), "--final-out", str(tmp_path / "a.pt"))
     _train("--repo", str(repo), "--init", "--steps", str(N), "--commit-every", str(N))
     _train("--repo", str(repo), "--restore", f"main@{N}", "--steps", str(N),

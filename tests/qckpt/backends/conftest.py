@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qckpt.backends import Backend, LocalBackend, MemoryBackend, RetryingBackend, S3Backend
-from tests.s3server import new_bucket
+from bench.s3server import new_bucket
 
 FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
     "memory": lambda request, tmp: MemoryBackend("conformance"),

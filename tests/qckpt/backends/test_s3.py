@@ -17,7 +17,7 @@ import qckpt
 from bench.compare import differences
 from qckpt.backends import MemoryBackend, RetryingBackend, S3Backend, parse_s3_uri
 from tests.qckpt.backends.faults import FaultyBackend
-from tests.s3server import moto_server, new_bucket
+from bench.s3server import moto_server, new_bucket
 
 
 def _tree(seed: int, tensors: int = 1) -> dict:

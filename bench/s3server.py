@@ -1,4 +1,4 @@
-"""A real S3-compatible server for tests: moto's standalone server on a free loopback port."""
+"""A real S3-compatible server on loopback (moto), for tests, the demo and benchmarks."""
 
 from __future__ import annotations
 

@@ -1,0 +1,127 @@
+"""``python -m bench s3``: committing to S3 versus local disk versus torch.save + upload.
+
+Trains the reference model and, after every step, stores the same training
+state three ways, side by side in one process:
+
+* ``qckpt-local``: ``Repository.commit`` to a local directory;
+* ``qckpt-s3``: ``Repository.commit`` to ``s3://bucket/qckpt``;
+* ``torch.save+upload``: ``torch.save`` to memory, then one S3 upload (what
+  users do today).
+
+Reports per method the mean time per checkpoint, the bytes stored, and for the
+S3 methods the requests and bytes sent per checkpoint; then the time to restore
+the latest checkpoint from S3 in a fresh repository (empty index cache) versus
+download + ``torch.load``. Without ``--endpoint`` it starts moto's S3 server on
+loopback: timings then measure a local Python server, not AWS; request counts
+and bytes are what AWS would see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import boto3
+import torch
+
+import qckpt
+from qckpt.backends import RetryingBackend, S3Backend
+from bench.s3server import CREDENTIALS, moto_server, new_bucket
+from bench.workload import Trainer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny model, 5 checkpoints")
+    parser.add_argument("--commits", type=int, default=10)
+    parser.add_argument("--endpoint", help="an existing S3-compatible endpoint (default: start moto on loopback)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+
+
+@contextmanager
+def _endpoint(url: str | None) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    for key, value in CREDENTIALS.items():
+        os.environ.setdefault(key, value)
+    with moto_server() as started:
+        yield started
+
+
+def _s3_backend(repo: qckpt.Repository) -> S3Backend:
+    """The S3 backend under the retry wrapper that ``s3://`` locations get."""
+    backend = repo.backend.inner if isinstance(repo.backend, RetryingBackend) else repo.backend
+    assert isinstance(backend, S3Backend)
+    return backend
+
+
+def run(args: argparse.Namespace) -> dict:
+    size, commits = ("tiny", 5) if args.quick else ("3m", args.commits)
+    trainer = Trainer(size, total_steps=commits + 1)
+    with _endpoint(args.endpoint) as endpoint, tempfile.TemporaryDirectory(prefix="qckpt-bench-s3-") as tmp:
+        bucket = new_bucket(endpoint)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        local = qckpt.Repository.init(Path(tmp) / "local")
+        remote = qckpt.Repository.init(f"s3://{bucket}/qckpt", endpoint_url=endpoint, cache_dir=Path(tmp) / "cache")
+        times: dict[str, list[float]] = {"qckpt-local": [], "qckpt-s3": [], "torch.save+upload": []}
+        upload_bytes = 0
+        for i in range(commits):
+            loss = trainer.train_step()
+            t0 = time.perf_counter()
+            local.commit(trainer.state, metrics={"loss": loss})
+            t1 = time.perf_counter()
+            remote.commit(trainer.state, metrics={"loss": loss})
+            t2 = time.perf_counter()
+            buffer = io.BytesIO()
+            torch.save(trainer.state.capture(), buffer)
+            upload_bytes += buffer.tell()
+            buffer.seek(0)
+            client.upload_fileobj(buffer, bucket, f"torch/step-{i}.pt")
+            t3 = time.perf_counter()
+            for name, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                times[name].append(dt)
+        requests, sent = dict(_s3_backend(remote).requests), _s3_backend(remote).bytes_sent
+        stored = {"qckpt-local": local.stats().stored_bytes, "qckpt-s3": remote.stats().stored_bytes,
+                  "torch.save+upload": upload_bytes}  # fmt: skip
+        local.close()
+        remote.close()
+
+        t0 = time.perf_counter()
+        with qckpt.Repository.open(f"s3://{bucket}/qckpt", endpoint_url=endpoint, cache_dir=Path(tmp) / "fresh") as fresh:
+            fresh.restore(trainer.state, "main")
+        restore_qckpt = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        body = client.get_object(Bucket=bucket, Key=f"torch/step-{commits - 1}.pt")["Body"].read()
+        torch.load(io.BytesIO(body), weights_only=False)
+        restore_torch = time.perf_counter() - t0
+
+    per_commit = {op: n / commits for op, n in requests.items()}
+    results = {
+        "model": size, "params": trainer.num_params(), "commits": commits,
+        "methods": {m: {"save_s": statistics.mean(times[m]), "bytes": stored[m]} for m in times},
+        "s3_requests_per_commit": per_commit,
+        "s3_bytes_sent_per_commit": sent / commits,
+        "torch_upload_bytes_per_commit": upload_bytes / commits,
+        "restore_latest_s": {"qckpt-s3 (fresh cache)": restore_qckpt, "download+torch.load": restore_torch},
+    }  # fmt: skip
+    base = results["methods"]["torch.save+upload"]
+    print(f"{size} model ({trainer.num_params():,} parameters), {commits} checkpoints, endpoint {endpoint}")
+    print(f"{'method':22s} {'s/ckpt':>8s} {'vs torch':>9s} {'stored':>12s} {'vs torch':>9s}")
+    for name, m in results["methods"].items():
+        print(f"{name:22s} {m['save_s']:8.3f} {m['save_s'] / base['save_s']:8.2f}x {m['bytes'] / 1e6:10.1f}MB "
+              f"{m['bytes'] / base['bytes']:8.2f}x")  # fmt: skip
+    print("S3 requests per qckpt commit: " + ", ".join(f"{op} {n:.1f}" for op, n in sorted(per_commit.items())))
+    print(f"bytes sent per commit: qckpt {sent / commits / 1e6:.2f} MB, torch.save+upload {upload_bytes / commits / 1e6:.2f} MB")
+    print(f"restore latest: qckpt from S3 with empty cache {restore_qckpt:.3f}s, download + torch.load {restore_torch:.3f}s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
