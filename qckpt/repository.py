@@ -62,6 +62,8 @@ PACK_TARGET_SIZE = 64 << 20
 _STEP_REVISION = re.compile(r"(.+)@([0-9]+)")
 _log = logging.getLogger("qckpt")
 _MAX_PUBLISH_ATTEMPTS = 1000
+_READ_GAP = 1 << 20  # objects at most this far apart in a pack are fetched with one read
+_READ_SPAN = 64 << 20  # ... as long as that read stays this short
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,9 @@ class Repository:
         self.backend = backend
         self.config = config
         self._index = _index_for(backend, config, cache_dir)
-        self._workers = os.cpu_count() or 2
-        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="qckpt")
+        self._workers = os.cpu_count() or 2  # encoding parallelism
+        # reads mostly wait on storage (network for S3): more threads than cores
+        self._pool = ThreadPoolExecutor(max_workers=max(16, self._workers), thread_name_prefix="qckpt")
         self._snapshots: dict[str, Snapshot] = {}
         self._rebuild_lock = threading.Lock()
 
@@ -290,7 +293,7 @@ class Repository:
             try:
                 self.backend.swap_ref(BRANCH_PREFIX + branch, head, snapshot.id)
             except RefConflictError as e:
-                if not retry or e.actual is None or head is None:
+                if not retry or e.actual is None:  # never recreate a branch deleted meanwhile
                     raise
                 head = e.actual
                 continue
@@ -401,25 +404,69 @@ class Repository:
             raise IntegrityError(f"{context}: {where}: {e}") from e
 
     def read_arrays(self, snapshot: Snapshot, entries: list[TensorEntry]) -> list[torch.Tensor | np.ndarray]:
-        """Read and verify the given tensors of ``snapshot`` (chunks in parallel), as CPU values."""
+        """Read and verify the given tensors of ``snapshot`` as CPU values.
+
+        Chunks are grouped by pack and neighbouring objects fetched with one
+        ranged read (``_READ_GAP`` apart at most, ``_READ_SPAN`` long at most),
+        in parallel; every object is decoded and digest-checked.
+        """
         buffers = [np.empty(e.nbytes, dtype=np.uint8) for e in entries]
+        targets: dict[bytes, list[tuple[np.ndarray, TensorEntry, int, int]]] = {}
+        for buffer, entry in zip(buffers, entries):
+            for chunk_id, offset, length in entry.spans():
+                targets.setdefault(chunk_id, []).append((buffer, entry, offset, length))
 
-        def fill(buffer: np.ndarray, entry: TensorEntry, chunk_id: bytes, offset: int, length: int) -> None:
-            raw = self._read_chunk(chunk_id, f"snapshot {snapshot.short_id}, state key {entry.path!r}")
-            if len(raw) != length:
-                raise IntegrityError(
-                    f"snapshot {snapshot.short_id}, state key {entry.path!r}: chunk {chunk_id.hex()} "
-                    f"has {len(raw)} bytes, manifest expects {length}"
-                )
-            buffer[offset : offset + length] = np.frombuffer(raw, dtype=np.uint8)
+        def context(chunk_id: bytes) -> str:
+            return f"snapshot {snapshot.short_id}, state key {targets[chunk_id][0][1].path!r}"
 
-        futures = [
-            self._pool.submit(fill, buf, entry, chunk_id, offset, length)
-            for buf, entry in zip(buffers, entries)
-            for chunk_id, offset, length in entry.spans()
-        ]
-        for f in futures:
-            f.result()
+        def place(chunk_id: bytes, raw: bytes) -> None:
+            for buffer, entry, offset, length in targets[chunk_id]:
+                if len(raw) != length:
+                    raise IntegrityError(
+                        f"{context(chunk_id)}: chunk {chunk_id.hex()} has {len(raw)} bytes, manifest expects {length}"
+                    )
+                buffer[offset : offset + length] = np.frombuffer(raw, dtype=np.uint8)
+
+        def read_one(chunk_id: bytes) -> None:
+            place(chunk_id, self._read_chunk(chunk_id, context(chunk_id)))
+
+        def read_span(pack_id: str, span: list[tuple[bytes, ChunkLocation]]) -> None:
+            start = span[0][1].offset
+            end = max(loc.offset + loc.length for _, loc in span)
+            try:
+                data = self.backend.get_range(pack_key(pack_id), start, end - start)
+            except ObjectNotFoundError:  # repacked by GC meanwhile: locate each object anew
+                for chunk_id, _ in span:
+                    read_one(chunk_id)
+                return
+            view = memoryview(data)
+            for chunk_id, loc in span:
+                try:
+                    place(chunk_id, decode_object(view[loc.offset - start : loc.offset - start + loc.length], chunk_id))
+                except IntegrityError as e:
+                    where = f"object {chunk_id.hex()} (pack {pack_id}, offset {loc.offset})"
+                    raise IntegrityError(f"{context(chunk_id)}: {where}: {e}") from e
+
+        by_pack: dict[str, list[tuple[bytes, ChunkLocation]]] = {}
+        tasks = []
+        for chunk_id in targets:
+            location = self._locate(chunk_id)
+            if location is None:
+                raise IntegrityError(f"{context(chunk_id)}: object {chunk_id.hex()} is missing (in no pack)")
+            by_pack.setdefault(location.pack_id, []).append((chunk_id, location))
+        for pack_id, located in by_pack.items():
+            located.sort(key=lambda item: item[1].offset)
+            span = [located[0]]
+            for item in located[1:]:
+                span_end = max(loc.offset + loc.length for _, loc in span)
+                if item[1].offset - span_end <= _READ_GAP and item[1].offset + item[1].length - span[0][1].offset <= _READ_SPAN:
+                    span.append(item)
+                else:
+                    tasks.append(self._pool.submit(read_span, pack_id, span))
+                    span = [item]
+            tasks.append(self._pool.submit(read_span, pack_id, span))
+        for task in tasks:
+            task.result()
         return [_as_value(buf, entry) for buf, entry in zip(buffers, entries)]
 
     def manifest(self, snapshot: Snapshot) -> Manifest:
