@@ -657,15 +657,18 @@ class Repository:
 
     def _index_packs(self) -> int:
         """``rebuild_index`` for callers that hold the writer lock already."""
-        indexed = 0
+        def footer(pack_id: str) -> dict[bytes, ChunkLocation] | None:
+            try:
+                return self._pack_contents(pack_id)
+            except IntegrityError as e:
+                _log.warning("skipping damaged pack %s while rebuilding the index: %s", pack_id, e)
+                return None
+
         with self._rebuild_lock:
-            for pack_id in self._pack_ids():
-                try:
-                    self._index.put_many(self._pack_contents(pack_id))
-                    indexed += 1
-                except IntegrityError as e:
-                    _log.warning("skipping damaged pack %s while rebuilding the index: %s", pack_id, e)
-        return indexed
+            found = [f for f in self._pool.map(footer, self._pack_ids()) if f is not None]
+            for contents in found:
+                self._index.put_many(contents)
+        return len(found)
 
     def gc(
         self,
