@@ -397,11 +397,7 @@ class Repository:
                 ) from None
             location = moved
             data = self.backend.get_range(pack_key(location.pack_id), location.offset, location.length)
-        try:
-            return decode_object(data, chunk_id)
-        except IntegrityError as e:
-            where = f"object {chunk_id.hex()} (pack {location.pack_id}, offset {location.offset})"
-            raise IntegrityError(f"{context}: {where}: {e}") from e
+        return _decode_located(chunk_id, data, location, context)
 
     def read_arrays(self, snapshot: Snapshot, entries: list[TensorEntry]) -> list[torch.Tensor | np.ndarray]:
         """Read and verify the given tensors of ``snapshot`` as CPU values.
@@ -420,7 +416,7 @@ class Repository:
             return f"snapshot {snapshot.short_id}, state key {targets[chunk_id][0][1].path!r}"
 
         def place(chunk_id: bytes, raw: bytes) -> None:
-            for buffer, entry, offset, length in targets[chunk_id]:
+            for buffer, _entry, offset, length in targets[chunk_id]:
                 if len(raw) != length:
                     raise IntegrityError(
                         f"{context(chunk_id)}: chunk {chunk_id.hex()} has {len(raw)} bytes, manifest expects {length}"
@@ -441,11 +437,8 @@ class Repository:
                 return
             view = memoryview(data)
             for chunk_id, loc in span:
-                try:
-                    place(chunk_id, decode_object(view[loc.offset - start : loc.offset - start + loc.length], chunk_id))
-                except IntegrityError as e:
-                    where = f"object {chunk_id.hex()} (pack {pack_id}, offset {loc.offset})"
-                    raise IntegrityError(f"{context(chunk_id)}: {where}: {e}") from e
+                obj = view[loc.offset - start : loc.offset - start + loc.length]
+                place(chunk_id, _decode_located(chunk_id, obj, loc, context(chunk_id)))
 
         by_pack: dict[str, list[tuple[bytes, ChunkLocation]]] = {}
         tasks = []
@@ -754,6 +747,15 @@ class Repository:
         except ObjectNotFoundError:
             raise IntegrityError(f"manifest {manifest_id} is missing") from None
         return Manifest.from_bytes(manifest_id, data)
+
+
+def _decode_located(chunk_id: bytes, data: bytes | memoryview, location: ChunkLocation, context: str) -> bytes:
+    """Decode and verify one object read from ``location``; errors name snapshot, key and object."""
+    try:
+        return decode_object(data, chunk_id)
+    except IntegrityError as e:
+        where = f"object {chunk_id.hex()} (pack {location.pack_id}, offset {location.offset})"
+        raise IntegrityError(f"{context}: {where}: {e}") from e
 
 
 def _as_value(buffer: np.ndarray, entry: TensorEntry) -> torch.Tensor | np.ndarray:
