@@ -1,0 +1,43 @@
+"""Write the golden repository of the current format version (run once per format version).
+
+``python -m tests.golden.make_golden v1`` wrote ``tests/golden/v1`` with qckpt's
+format version 1; ``tests/qckpt/test_golden.py`` checks that every later qckpt reads it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import qckpt
+
+
+def golden_state(step: int) -> dict[str, Any]:
+    """The deterministic tree committed at ``step`` (the test regenerates it to compare)."""
+    g = torch.Generator().manual_seed(step)
+    return {
+        "weights": torch.randn(300, 7, generator=g),
+        "half": torch.randn(50, generator=g).to(torch.bfloat16),
+        "ids": torch.arange(100, dtype=torch.int64) * step,
+        "mask": torch.rand(33, generator=g) > 0.5,
+        "table": np.linspace(0, step, 64, dtype=np.float64),
+        "meta": {"step": step, "name": f"s{step}", "ratio": 0.1 * step, "pair": (1, "a")},
+    }
+
+
+def main(version: str) -> None:
+    root = Path(__file__).parent / version
+    with qckpt.Repository.init(root, chunk_size=1024) as repo:
+        for step in (1, 2, 3):
+            repo.commit(golden_state(step), step=step, metrics={"loss": 1.0 / step})
+        repo.create_tag("first", "main@1")
+        repo.create_branch("side", "main@2")
+        repo.commit(golden_state(10), branch="side", step=10)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
