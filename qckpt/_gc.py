@@ -46,7 +46,8 @@ class RetentionPolicy:
     it is a branch head, tagged (``keep_tagged``), or selected by any rule among
     the history of some branch: the newest ``keep_last``, the best
     ``keep_best_k`` by metric ``keep_best`` (``keep_best_mode`` ``min``/``max``),
-    or those newer than ``keep_newer_than`` seconds. Every other snapshot expires.
+    or those newer than ``keep_newer_than`` seconds. Every other snapshot expires;
+    with ``keep_tagged=False`` a tag whose snapshot expires is deleted with it.
     """
 
     keep_last: int | None = None
@@ -202,7 +203,10 @@ def collect_garbage(
             backend.put(pack_key(new_id), data)
             repo._index.put_many(locations)
         repo._index.remove_many(dead_chunks)  # 2. forget dead chunks
-        for snapshot_id in expired:  # 3. records
+        for name, target in repo.tags().items():  # 3. tags of expired snapshots, then records
+            if target not in keep:
+                repo.delete_tag(name)
+        for snapshot_id in expired:
             backend.delete(snapshot_key(snapshot_id))
             repo._snapshots.pop(snapshot_id, None)
         for key in dead_manifests:
