@@ -3,12 +3,31 @@
 Each codec has a fixed numeric id recorded in every object header, so decoding
 depends only on what the repository holds. Ids are never reused. Codecs are
 stateless and thread-safe (zstd contexts are per thread).
+
+Two families:
+
+* ``Codec``: self-contained (raw, zstd, shuffle+zstd).
+* ``PredictiveCodec``: the chunk is stored as the residual between its bits and
+  a *prediction* computed from other chunks (its dependencies, e.g. the same
+  chunk of the previous snapshot, or the optimizer moments of this one) and a
+  few scalars recorded in the payload. The residual is the wrapping integer
+  difference of the bit patterns, zigzag-mapped so small differences of either
+  sign become small numbers, byte-shuffled and zstd-compressed. Lossless by
+  construction: a poor prediction only costs size. Predictions use only IEEE
+  754 basic operations (+, -, *, /, sqrt: correctly rounded on every
+  platform), with NaN results replaced by 0, so the decoder repeats them bit
+  for bit; a different result would still be caught by the digest check.
+
+Predictive payload layout: ``u8 float format, u8 scalar count, f64 scalars...``
+then the shuffled zstd residual.
 """
 
 from __future__ import annotations
 
+import struct
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -17,6 +36,17 @@ import zstandard
 from qckpt.errors import IntegrityError
 
 _local = threading.local()
+
+# Float formats a prediction computes in (recorded in the payload; the header only knows the item size).
+FLOAT_NONE, FLOAT32, BFLOAT16, FLOAT16, FLOAT64 = range(5)
+FLOAT_FORMATS = {"float32": FLOAT32, "bfloat16": BFLOAT16, "float16": FLOAT16, "float64": FLOAT64,
+                 "<f4": FLOAT32, "<f2": FLOAT16, "<f8": FLOAT64}  # fmt: skip
+_FORMAT_ITEMSIZE = {FLOAT32: 4, BFLOAT16: 2, FLOAT16: 2, FLOAT64: 8}
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+_PREDICTIVE_HEAD = struct.Struct("<BB")
+
+Raw = bytes | bytearray | memoryview | np.ndarray
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -35,8 +65,26 @@ def _decompress(payload: bytes | memoryview, raw_length: int) -> bytes:
         raise IntegrityError(f"zstd payload cannot be decoded: {e}") from e
 
 
+def _u8(data: Raw) -> np.ndarray:
+    return data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+
+
+def _shuffle_compress(raw: Raw, itemsize: int, level: int) -> bytes:
+    planes = _u8(raw).reshape(-1, itemsize).T
+    return _compressor(level).compress(np.ascontiguousarray(planes).data)
+
+
+def _decompress_unshuffle(payload: memoryview, raw_length: int, itemsize: int) -> np.ndarray:
+    if raw_length % itemsize:
+        raise IntegrityError(f"raw length {raw_length} is not a multiple of item size {itemsize}")
+    planes = np.frombuffer(_decompress(payload, raw_length), dtype=np.uint8)
+    if planes.size != raw_length:
+        raise IntegrityError(f"decoded {planes.size} bytes, header says {raw_length}")
+    return np.ascontiguousarray(planes.reshape(itemsize, -1).T).reshape(-1)
+
+
 class Codec(ABC):
-    """Turns raw chunk bytes into a payload and back, losslessly.
+    """Turns raw chunk bytes into a payload and back, losslessly, on its own.
 
     ``itemsize`` is the element width of the tensor the chunk belongs to
     (1 for bytes, 2 for bf16/fp16, 4 for fp32...); raw chunks are always a whole
@@ -47,7 +95,7 @@ class Codec(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def encode(self, raw: memoryview, itemsize: int, level: int) -> bytes:
+    def encode(self, raw: Raw, itemsize: int, level: int) -> bytes:
         """Encode ``raw``; ``level`` is the zstd level where one applies."""
 
     @abstractmethod
@@ -61,7 +109,7 @@ class RawCodec(Codec):
     id = 0
     name = "raw"
 
-    def encode(self, raw: memoryview, itemsize: int, level: int) -> bytes:
+    def encode(self, raw: Raw, itemsize: int, level: int) -> bytes:
         return bytes(raw)
 
     def decode(self, payload: memoryview, raw_length: int, itemsize: int) -> bytes:
@@ -74,8 +122,8 @@ class ZstdCodec(Codec):
     id = 1
     name = "zstd"
 
-    def encode(self, raw: memoryview, itemsize: int, level: int) -> bytes:
-        return _compressor(level).compress(raw)
+    def encode(self, raw: Raw, itemsize: int, level: int) -> bytes:
+        return _compressor(level).compress(_u8(raw).data)
 
     def decode(self, payload: memoryview, raw_length: int, itemsize: int) -> bytes:
         return _decompress(payload, raw_length)
@@ -92,23 +140,174 @@ class ShuffleZstdCodec(Codec):
     id = 2
     name = "shuffle+zstd"
 
-    def encode(self, raw: memoryview, itemsize: int, level: int) -> bytes:
-        planes = np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T
-        return _compressor(level).compress(np.ascontiguousarray(planes).data)
+    def encode(self, raw: Raw, itemsize: int, level: int) -> bytes:
+        return _shuffle_compress(raw, itemsize, level)
 
     def decode(self, payload: memoryview, raw_length: int, itemsize: int) -> bytes:
-        if raw_length % itemsize:
-            raise IntegrityError(f"raw length {raw_length} is not a multiple of item size {itemsize}")
-        planes = np.frombuffer(_decompress(payload, raw_length), dtype=np.uint8)
-        if planes.size != raw_length:
-            raise IntegrityError(f"decoded {planes.size} bytes, header says {raw_length}")
-        return np.ascontiguousarray(planes.reshape(itemsize, -1).T).tobytes()
+        return _decompress_unshuffle(payload, raw_length, itemsize).tobytes()
 
 
-CODECS: dict[int, Codec] = {c.id: c for c in (RawCodec(), ZstdCodec(), ShuffleZstdCodec())}
+def to_float(raw: Raw, fmt: int) -> np.ndarray:
+    """The elements of ``raw`` as float32 (float64 for FLOAT64) values to predict with.
+    May share memory with ``raw``: never write to the result."""
+    data = _u8(raw)
+    if fmt == FLOAT32:
+        return data.view(np.float32)
+    if fmt == BFLOAT16:
+        return (data.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    if fmt == FLOAT16:
+        return data.view(np.float16).astype(np.float32)
+    if fmt == FLOAT64:
+        return data.view(np.float64)
+    raise IntegrityError(f"unknown float format {fmt} in a predictive object")
 
 
-def codec_by_id(codec_id: int) -> Codec:
+def from_float(values: np.ndarray, fmt: int) -> np.ndarray:
+    """Raw bytes of a prediction in format ``fmt``; NaN becomes 0 (NaN bit patterns
+    differ between platforms, predictions must not). Consumes ``values``."""
+    values[np.isnan(values)] = 0
+    if fmt == BFLOAT16:  # truncation: deterministic, and a prediction needs no rounding
+        return (values.view(np.uint32) >> np.uint32(16)).astype(np.uint16).view(np.uint8)
+    if fmt == FLOAT16:
+        return values.astype(np.float16).view(np.uint8)
+    return values.view(np.uint8)
+
+
+def _zigzag_difference(raw: Raw, prediction: np.ndarray, itemsize: int) -> np.ndarray:
+    unsigned, signed = _UNSIGNED[itemsize], _SIGNED[itemsize]
+    diff = (_u8(raw).view(unsigned) - prediction.view(unsigned)).view(signed)  # wraps
+    return ((diff << signed(1)) ^ (diff >> signed(8 * itemsize - 1))).view(np.uint8)
+
+
+def _undo_zigzag_difference(residual: np.ndarray, prediction: np.ndarray, itemsize: int) -> np.ndarray:
+    unsigned = _UNSIGNED[itemsize]
+    zigzag = residual.view(unsigned)
+    diff = (zigzag >> unsigned(1)) ^ (unsigned(0) - (zigzag & unsigned(1)))
+    return (prediction.view(unsigned) + diff).view(np.uint8)
+
+
+class PredictiveCodec(ABC):
+    """Stores a chunk as its residual against a prediction from its dependencies.
+
+    ``inputs`` are the raw bytes of the dependency chunks, in the order the
+    object header lists them; each has the chunk's length. ``scalars`` and the
+    float format ``fmt`` are recorded in the payload.
+    """
+
+    id: ClassVar[int]
+    name: ClassVar[str]
+    arity: ClassVar[tuple[int, int]]  # least and most dependencies
+    float_only: ClassVar[bool] = True
+
+    @abstractmethod
+    def predict(self, inputs: Sequence[Raw], fmt: int, scalars: Sequence[float]) -> np.ndarray:
+        """The predicted raw bytes (uint8 array of the chunk's length)."""
+
+    def encode(self, raw: Raw, itemsize: int, level: int, inputs: Sequence[Raw], fmt: int, scalars: Sequence[float]) -> bytes:
+        head = _PREDICTIVE_HEAD.pack(fmt, len(scalars)) + struct.pack(f"<{len(scalars)}d", *scalars)
+        residual = _zigzag_difference(raw, self.predict(inputs, fmt, scalars), itemsize)
+        return head + _shuffle_compress(residual, itemsize, level)
+
+    def decode(self, payload: memoryview, raw_length: int, itemsize: int, inputs: Sequence[Raw]) -> bytes:
+        if len(payload) < _PREDICTIVE_HEAD.size:
+            raise IntegrityError("predictive payload is truncated")
+        fmt, count = _PREDICTIVE_HEAD.unpack_from(payload)
+        start = _PREDICTIVE_HEAD.size + 8 * count
+        if len(payload) < start or not self.arity[0] <= len(inputs) <= self.arity[1]:
+            raise IntegrityError(f"malformed {self.name} object ({len(inputs)} dependencies, {count} scalars)")
+        if (self.float_only and _FORMAT_ITEMSIZE.get(fmt) != itemsize) or itemsize not in _UNSIGNED:
+            raise IntegrityError(f"{self.name} object has float format {fmt} for item size {itemsize}")
+        if any(len(_u8(i)) != raw_length for i in inputs):
+            raise IntegrityError(f"{self.name} object: a dependency's length differs from {raw_length}")
+        scalars = struct.unpack_from(f"<{count}d", payload, _PREDICTIVE_HEAD.size)
+        residual = _decompress_unshuffle(payload[start:], raw_length, itemsize)
+        return _undo_zigzag_difference(residual, self.predict(inputs, fmt, scalars), itemsize).tobytes()
+
+
+class DeltaCodec(PredictiveCodec):
+    """Prediction: the same chunk of a base snapshot. Any dtype."""
+
+    id = 3
+    name = "delta"
+    arity = (1, 1)
+    float_only = False
+
+    def predict(self, inputs: Sequence[Raw], fmt: int, scalars: Sequence[float]) -> np.ndarray:
+        return _u8(inputs[0])
+
+
+def _scalars(fmt: int, scalars: Sequence[float]) -> list[np.floating]:
+    kind = np.float64 if fmt == FLOAT64 else np.float32
+    return [kind(s) for s in scalars]
+
+
+class AdamSecondMomentCodec(PredictiveCodec):
+    """Adam/AdamW ``exp_avg_sq`` after one step: dependencies ``v_prev, m, m_prev``,
+    scalars ``beta1, beta2``. The step's gradient is implied by the first moments,
+    ``g = (m - beta1 * m_prev) / (1 - beta1)``; prediction ``beta2 * v_prev + (1 - beta2) * g * g``."""
+
+    id = 4
+    name = "adam-v"
+    arity = (3, 3)
+
+    def predict(self, inputs: Sequence[Raw], fmt: int, scalars: Sequence[float]) -> np.ndarray:
+        v_prev, m, m_prev = (to_float(i, fmt) for i in inputs)
+        beta1, beta2 = _scalars(fmt, scalars)
+        one = beta1.dtype.type(1)
+        grad = m - beta1 * m_prev
+        grad /= one - beta1
+        grad *= grad
+        grad *= one - beta2
+        grad += beta2 * v_prev
+        return from_float(grad, fmt)
+
+
+class AdamParamCodec(PredictiveCodec):
+    """A parameter after Adam/AdamW steps: dependencies ``p_prev, m, v``, scalars
+    ``decay, step_size, sqrt_bias_correction2, eps``; prediction (PyTorch's update,
+    same operation order) ``p_prev * decay + (-step_size * m) / (sqrt(v) / sqrt_bc2 + eps)``."""
+
+    id = 5
+    name = "adam-param"
+    arity = (3, 3)
+
+    def predict(self, inputs: Sequence[Raw], fmt: int, scalars: Sequence[float]) -> np.ndarray:
+        p_prev, m, v = (to_float(i, fmt) for i in inputs)
+        decay, step_size, sqrt_bc2, eps = _scalars(fmt, scalars)
+        denom = np.sqrt(v)
+        denom /= sqrt_bc2
+        denom += eps
+        update = (-step_size) * m
+        update /= denom
+        update += p_prev * decay
+        return from_float(update, fmt)
+
+
+class LinearCodec(PredictiveCodec):
+    """A linear combination of dependencies: ``sum(c_i * x_i)``, evaluated left to right
+    (e.g. SGD with momentum: ``p_prev - lr * momentum_buffer``)."""
+
+    id = 6
+    name = "linear"
+    arity = (1, 4)
+
+    def predict(self, inputs: Sequence[Raw], fmt: int, scalars: Sequence[float]) -> np.ndarray:
+        if len(scalars) != len(inputs):
+            raise IntegrityError(f"linear object has {len(inputs)} dependencies but {len(scalars)} coefficients")
+        coefficients = _scalars(fmt, scalars)
+        total = to_float(inputs[0], fmt) * coefficients[0]
+        for x, c in zip(inputs[1:], coefficients[1:]):
+            total += to_float(x, fmt) * c
+        return from_float(total, fmt)
+
+
+CODECS: dict[int, Codec | PredictiveCodec] = {
+    c.id: c
+    for c in (RawCodec(), ZstdCodec(), ShuffleZstdCodec(), DeltaCodec(), AdamSecondMomentCodec(), AdamParamCodec(), LinearCodec())
+}
+
+
+def codec_by_id(codec_id: int) -> Codec | PredictiveCodec:
     """The codec registered under ``codec_id``; ``IntegrityError`` for an unknown id."""
     try:
         return CODECS[codec_id]
@@ -116,11 +315,11 @@ def codec_by_id(codec_id: int) -> Codec:
         raise IntegrityError(f"unknown codec id {codec_id} (written by a newer qckpt?)") from None
 
 
-def encode_best(raw: memoryview, itemsize: int, floating: bool, level: int) -> tuple[Codec, bytes]:
-    """Encode ``raw`` with the codec that suits its element type; fall back to raw
-    storage when compression does not make it smaller."""
-    codec: Codec = CODECS[ShuffleZstdCodec.id] if floating and itemsize > 1 else CODECS[ZstdCodec.id]
+def encode_plain(raw: Raw, itemsize: int, floating: bool, level: int) -> tuple[Codec, bytes]:
+    """Encode ``raw`` on its own with the codec that suits its element type; fall back
+    to raw storage when compression does not make it smaller."""
+    codec: Codec = CODECS[ShuffleZstdCodec.id] if floating and itemsize > 1 else CODECS[ZstdCodec.id]  # type: ignore[assignment]
     payload = codec.encode(raw, itemsize, level)
-    if len(payload) >= len(raw):
-        return CODECS[RawCodec.id], bytes(raw)
+    if len(payload) >= len(_u8(raw)):
+        return CODECS[RawCodec.id], bytes(_u8(raw).data)  # type: ignore[return-value]
     return codec, payload

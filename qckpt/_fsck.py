@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,19 +85,21 @@ def check_repository(repo: Repository, progress: Callable[[str, int, int], None]
                 users[chunk_id].append(f"snapshot {snap.short_id} key {entry.path!r}")
     report.chunks = len(users)
 
-    def verify(chunk_id: bytes) -> FsckProblem | None:
-        try:
-            repo._read_chunk(chunk_id, "fsck")
-        except IntegrityError as e:
-            affected = users[chunk_id]
-            more = [f"... and {len(affected) - _MAX_AFFECTED} more"] if len(affected) > _MAX_AFFECTED else []
-            return FsckProblem(f"object {chunk_id.hex()}", str(e), tuple(affected[:_MAX_AFFECTED] + more))
-        return None
+    verified = 0
+    lock = threading.Lock()
 
-    for n, problem in enumerate(repo._pool.map(verify, list(users))):
-        report_progress("verifying chunks", n + 1, len(users))
-        if problem is not None:
-            report.problems.append(problem)
+    def count(chunk_id: bytes, raw: bytes) -> None:
+        nonlocal verified
+        with lock:
+            verified += 1
+            report_progress("verifying chunks", verified, len(users))
+
+    errors = repo._reader.read(list(users), count)
+    order = {c: i for i, c in enumerate(users)}
+    for chunk_id, error in sorted(errors.items(), key=lambda item: order[item[0]]):
+        affected = users[chunk_id]
+        more = [f"... and {len(affected) - _MAX_AFFECTED} more"] if len(affected) > _MAX_AFFECTED else []
+        report.problems.append(FsckProblem(f"object {chunk_id.hex()}", str(error), tuple(affected[:_MAX_AFFECTED] + more)))
 
     pack_ids = repo._pack_ids()
     report.packs = len(pack_ids)

@@ -12,8 +12,14 @@ what nothing kept needs, in an order that is safe to interrupt:
 4. delete dead and repacked packs.
 
 A crash at any point leaves at worst extra garbage for the next run, never an
-index entry or a manifest pointing at a deleted object. Every object decodes on
-its own in format version 1 (no delta chains), so liveness is per chunk.
+index entry or a manifest pointing at a deleted object.
+
+Liveness follows dependencies: a chunk is live if a kept snapshot's manifest
+lists it, or a live chunk is predicted from it (transitively). Dependencies
+are taken from the pack footers, read in full by every collection, so chunks
+written by other machines since this index was built are covered too. An
+expired snapshot's chunks therefore stay as long as a kept chunk's chain
+passes through them (at most ``max_chain - 1`` snapshots back).
 """
 
 from __future__ import annotations
@@ -24,10 +30,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qckpt._objects import decode_object
 from qckpt._packs import ChunkLocation, PackBuilder, pack_key
 from qckpt._records import Snapshot, snapshot_key
-from qckpt.errors import InvalidInputError
+from qckpt.errors import IntegrityError, InvalidInputError
 
 if TYPE_CHECKING:
     from qckpt.repository import Repository
@@ -156,19 +161,35 @@ def collect_garbage(
             live_chunks.update(c for t in repo._manifest_by_id(manifest_id).tensors for c in t.chunks)
             report("marking", n + 1, len(live_manifests))
 
+        pack_ids = repo._pack_ids()
+        footers: dict[str, dict[bytes, ChunkLocation]] = {}
+        canonical_of: dict[bytes, ChunkLocation] = {}
+        for n, (pack_id, contents) in enumerate(zip(pack_ids, repo._pool.map(repo._pack_contents, pack_ids))):
+            report("scanning packs", n + 1, len(pack_ids))
+            footers[pack_id] = contents
+            for chunk_id, location in contents.items():
+                if chunk_id not in canonical_of:
+                    canonical = repo._index.get(chunk_id)
+                    if canonical is None:  # index behind this pack: adopt its copy
+                        if not dry_run:
+                            repo._index.put_many({chunk_id: location})
+                        canonical = location
+                    canonical_of[chunk_id] = canonical
+        stack = list(live_chunks)
+        while stack:  # what live chunks are predicted from is live too
+            location = canonical_of.get(stack.pop())
+            for dep in location.deps if location is not None else ():
+                if dep not in live_chunks:
+                    live_chunks.add(dep)
+                    stack.append(dep)
+
         dead_packs: list[str] = []
         repacks: dict[str, list[tuple[bytes, ChunkLocation]]] = {}
         dead_chunks: set[bytes] = set()
-        pack_ids = repo._pack_ids()
-        for n, pack_id in enumerate(pack_ids):
-            report("scanning packs", n + 1, len(pack_ids))
+        for pack_id, contents in footers.items():
             live, dead_bytes, total_bytes = [], 0, 0
-            for chunk_id, location in repo._pack_contents(pack_id).items():
-                canonical = repo._index.get(chunk_id)
-                if canonical is None:  # index behind this pack: adopt its copy
-                    if not dry_run:
-                        repo._index.put_many({chunk_id: location})
-                    canonical = location
+            for chunk_id, location in contents.items():
+                canonical = canonical_of[chunk_id]
                 total_bytes += location.length
                 if chunk_id in live_chunks and canonical == location:
                     live.append((chunk_id, location))
@@ -194,11 +215,14 @@ def collect_garbage(
         backend.swap_ref(GC_GENERATION_REF, repo._index.generation(), generation)
         for n, (pack_id, live) in enumerate(repacks.items()):  # 1. repack
             report("repacking", n + 1, len(repacks))
+            damaged = repo._reader.read([c for c, _ in live], lambda chunk_id, raw: None)
+            if damaged:  # never copy a damaged object forward
+                chunk_id, error = next(iter(damaged.items()))
+                raise IntegrityError(f"garbage collection stopped before repacking pack {pack_id}: {error}")
             builder = PackBuilder()
             for chunk_id, location in live:
                 obj = backend.get_range(pack_key(pack_id), location.offset, location.length)
-                decode_object(obj, chunk_id)  # never copy a damaged object forward
-                builder.add(chunk_id, location.codec, obj)
+                builder.add(chunk_id, location.codec, obj, location.depth, location.deps)
             new_id, data, locations = builder.finish()
             backend.put(pack_key(new_id), data)
             repo._index.put_many(locations)

@@ -21,7 +21,8 @@ from qckpt._ids import ID_BYTES
 from qckpt._packs import ChunkLocation
 from qckpt.errors import BackendError
 
-_VALUE = struct.Struct(f"<{ID_BYTES}sQIB")
+_VALUE = struct.Struct(f"<{ID_BYTES}sQIBB")  # pack id, offset, length, codec, depth; then dependency ids
+_V1_VALUE = struct.Struct(f"<{ID_BYTES}sQIB")  # written by qckpt before delta codecs: self-contained objects
 _GENERATION_KEY = b"qckpt:gc-generation"  # not 16 bytes long: never a chunk id
 
 
@@ -104,12 +105,17 @@ class MemoryIndex(ChunkIndex):
 
 
 def _encode(loc: ChunkLocation) -> bytes:
-    return _VALUE.pack(bytes.fromhex(loc.pack_id), loc.offset, loc.length, loc.codec)
+    return _VALUE.pack(bytes.fromhex(loc.pack_id), loc.offset, loc.length, loc.codec, loc.depth) + b"".join(loc.deps)
 
 
 def _decode(value: bytes) -> ChunkLocation:
-    pack, offset, length, codec = _VALUE.unpack(value)
-    return ChunkLocation(pack.hex(), offset, length, codec)
+    if len(value) == _V1_VALUE.size:
+        pack, offset, length, codec = _V1_VALUE.unpack(value)
+        return ChunkLocation(pack.hex(), offset, length, codec)
+    pack, offset, length, codec, depth = _VALUE.unpack_from(value)
+    deps = value[_VALUE.size :]
+    return ChunkLocation(pack.hex(), offset, length, codec, depth,
+                         tuple(deps[i : i + ID_BYTES] for i in range(0, len(deps), ID_BYTES)))  # fmt: skip
 
 
 class _SharedEnv:

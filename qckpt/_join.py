@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from qckpt._hot import stage
 from qckpt._records import CommitStats, Manifest, Snapshot, TensorEntry
 from qckpt._refs import BRANCH_PREFIX, check_ref_name
 from qckpt._tensors import is_floating
@@ -95,7 +96,7 @@ def average(repo: Repository, revisions: Sequence[str], branch: str, weights: Se
         entries.append(None)
     with repo.backend.lock(exclusive=False):
         repo._sync_index()
-        stored, stats = repo._store_arrays(computed)
+        stored, stats = repo._store_arrays(stage(computed), None, {}, None)
         new_entries = iter(stored)
         tensors = tuple(e if e is not None else next(new_entries) for e in entries)
         manifest_id = repo._put_manifest(Manifest(first.tree, tensors))

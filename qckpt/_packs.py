@@ -4,10 +4,15 @@ Layout::
 
     object 0 | object 1 | ... | footer | trailer
 
-    footer  = entry*   entry = 16-byte chunk id, u64 offset, u32 length, u8 codec id
-    trailer = u32 entry count, u64 footer offset, 8-byte magic b"QCKPACK1"
+    footer  = entry*
+    entry   = 16-byte chunk id, u64 offset, u32 length, u8 codec id,
+              u8 chain depth, u8 n, n x 16-byte dependency chunk ids
+    trailer = u32 entry count, u64 footer offset, 8-byte magic b"QCKPACK2"
 
-The footer makes every pack self-describing, so the chunk index can be rebuilt
+Packs of format version 1 (magic ``QCKPACK1``) have fixed 29-byte entries
+without depth and dependencies (every version-1 object is self-contained) and
+are still read. The footer makes every pack self-describing, so the chunk
+index, with the dependency graph that garbage collection needs, can be rebuilt
 from the packs alone. A pack's id is the xxh3-128 of its bytes; its key is
 ``packs/<id>.pack``.
 """
@@ -20,9 +25,12 @@ from dataclasses import dataclass
 from qckpt._ids import ID_BYTES, hex_id
 from qckpt.errors import IntegrityError
 
-PACK_MAGIC = b"QCKPACK1"
-_ENTRY = struct.Struct(f"<{ID_BYTES}sQIB")
+PACK_MAGIC = b"QCKPACK2"
+_V1_MAGIC = b"QCKPACK1"
+_V1_ENTRY = struct.Struct(f"<{ID_BYTES}sQIB")
+_ENTRY = struct.Struct(f"<{ID_BYTES}sQIBBB")
 _TRAILER = struct.Struct("<IQ8s")
+TRAILER_SIZE = _TRAILER.size
 
 
 def pack_key(pack_id: str) -> str:
@@ -31,12 +39,17 @@ def pack_key(pack_id: str) -> str:
 
 @dataclass(frozen=True)
 class ChunkLocation:
-    """Where an object lives: pack id (hex), byte offset and length, and its codec."""
+    """Where an object lives (pack id in hex, byte offset and length), its codec, and
+    its place in the dependency graph: ``depth`` is the length of the longest
+    dependency chain ending at it (1 for a self-contained object), ``deps`` the
+    chunk ids it is predicted from."""
 
     pack_id: str
     offset: int
     length: int
     codec: int
+    depth: int = 1
+    deps: tuple[bytes, ...] = ()
 
 
 class PackBuilder:
@@ -47,47 +60,76 @@ class PackBuilder:
 
     def _reset(self) -> None:
         self._parts: list[bytes] = []
-        self._entries: list[tuple[bytes, int, int, int]] = []
+        self._entries: list[tuple[bytes, int, int, int, int, tuple[bytes, ...]]] = []
         self.size = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, chunk_id: bytes, codec: int, obj: bytes) -> None:
-        self._entries.append((chunk_id, self.size, len(obj), codec))
+    def add(self, chunk_id: bytes, codec: int, obj: bytes, depth: int = 1, deps: tuple[bytes, ...] = ()) -> None:
+        if not 1 <= depth <= 255 or len(deps) > 255:
+            raise ValueError(f"depth {depth} / {len(deps)} dependencies out of range")
+        self._entries.append((chunk_id, self.size, len(obj), codec, depth, deps))
         self._parts.append(obj)
         self.size += len(obj)
 
     def finish(self) -> tuple[str, bytes, dict[bytes, ChunkLocation]]:
         """Return (pack id, pack bytes, chunk id -> location) and reset the builder."""
-        footer = b"".join(_ENTRY.pack(*e) for e in self._entries)
+        footer = b"".join(_ENTRY.pack(cid, off, n, codec, depth, len(deps)) + b"".join(deps)
+                          for cid, off, n, codec, depth, deps in self._entries)  # fmt: skip
         data = b"".join(self._parts) + footer + _TRAILER.pack(len(self._entries), self.size, PACK_MAGIC)
         pack_id = hex_id(data)
-        locations = {cid: ChunkLocation(pack_id, off, n, codec) for cid, off, n, codec in self._entries}
+        locations = {e[0]: ChunkLocation(pack_id, *e[1:]) for e in self._entries}
         self._reset()
         return pack_id, data, locations
 
 
-def footer_span(pack_id: str, trailer: bytes, pack_size: int) -> tuple[int, int]:
-    """(offset, length) of the footer, from a pack's last ``TRAILER_SIZE`` bytes.
+@dataclass(frozen=True)
+class FooterSpan:
+    offset: int
+    length: int
+    count: int
+    version: int
 
-    Validates the magic and that the footer exactly fills the space before the
-    trailer, so a damaged trailer never leads to an absurd read.
+
+def footer_span(pack_id: str, trailer: bytes, pack_size: int) -> FooterSpan:
+    """Where the footer is, from a pack's last ``TRAILER_SIZE`` bytes.
+
+    Validates the magic and that the footer fits exactly before the trailer,
+    so a damaged trailer never leads to an absurd read.
     """
     if len(trailer) != _TRAILER.size or pack_size < _TRAILER.size:
         raise IntegrityError(f"pack {pack_id} is truncated")
     count, footer_offset, magic = _TRAILER.unpack(trailer)
-    if magic != PACK_MAGIC or footer_offset + count * _ENTRY.size + _TRAILER.size != pack_size:
+    length = pack_size - _TRAILER.size - footer_offset
+    if magic == _V1_MAGIC:
+        ok, version = length == count * _V1_ENTRY.size, 1
+    else:
+        ok, version = magic == PACK_MAGIC and length >= count * _ENTRY.size, 2
+    if not ok or length < 0:
         raise IntegrityError(f"pack {pack_id} has a damaged trailer")
-    return footer_offset, count * _ENTRY.size
+    return FooterSpan(footer_offset, length, count, version)
 
 
-def read_pack_footer(pack_id: str, footer: bytes) -> dict[bytes, ChunkLocation]:
+def read_pack_footer(pack_id: str, footer: bytes, span: FooterSpan) -> dict[bytes, ChunkLocation]:
     """Parse the footer bytes located by ``footer_span``."""
-    if len(footer) % _ENTRY.size:
+    if len(footer) != span.length:
         raise IntegrityError(f"pack {pack_id} has a damaged footer")
-    entries = (_ENTRY.unpack_from(footer, i) for i in range(0, len(footer), _ENTRY.size))
-    return {cid: ChunkLocation(pack_id, off, n, codec) for cid, off, n, codec in entries}
-
-
-TRAILER_SIZE = _TRAILER.size
+    if span.version == 1:
+        entries = (_V1_ENTRY.unpack_from(footer, i) for i in range(0, len(footer), _V1_ENTRY.size))
+        return {cid: ChunkLocation(pack_id, off, n, codec) for cid, off, n, codec in entries}
+    locations: dict[bytes, ChunkLocation] = {}
+    position = 0
+    for _ in range(span.count):
+        if position + _ENTRY.size > len(footer):
+            raise IntegrityError(f"pack {pack_id} has a damaged footer")
+        cid, off, n, codec, depth, count = _ENTRY.unpack_from(footer, position)
+        position += _ENTRY.size
+        deps = tuple(footer[position + ID_BYTES * i : position + ID_BYTES * (i + 1)] for i in range(count))
+        position += ID_BYTES * count
+        if position > len(footer) or depth == 0 or (depth == 1) != (count == 0):
+            raise IntegrityError(f"pack {pack_id} has a damaged footer")
+        locations[cid] = ChunkLocation(pack_id, off, n, codec, depth, deps)
+    if position != len(footer):
+        raise IntegrityError(f"pack {pack_id} has a damaged footer")
+    return locations

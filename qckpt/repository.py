@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,17 +25,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from qckpt._encoding import EncodePlanner, chunk_view
+from qckpt._hot import HotSnapshot, HotTier, StagedArray, stage
 from qckpt._ids import ID_HEX, digest, hex_id
 from qckpt._diff import TensorDiff, diff_snapshots
 from qckpt._fsck import FsckReport, check_repository
 from qckpt._gc import GC_GENERATION_REF, GcReport, RetentionPolicy, collect_garbage
 from qckpt._index import ChunkIndex, LmdbIndex, MemoryIndex
 from qckpt._join import average, pick_best
-from qckpt._objects import decode_object, encode_object
+from qckpt._objects import EncodedObject, encode_object
 from qckpt._packs import TRAILER_SIZE, ChunkLocation, PackBuilder, footer_span, pack_key, read_pack_footer
+from qckpt._predict import ParamRule, parameter_rules
+from qckpt._reader import ChunkReader
 from qckpt._records import CommitStats, Manifest, Snapshot, TensorEntry, manifest_key, snapshot_key
 from qckpt._refs import BRANCH_PREFIX, TAG_PREFIX, check_ref_name
-from qckpt._tensors import is_floating, numpy_dtype, numpy_dtype_name, raw_bytes, torch_dtype, torch_dtype_name
+from qckpt._tensors import is_floating, numpy_dtype, torch_dtype
 from qckpt._tree import ArrayLeaf, decode_tree, encode_tree
 from qckpt._view import SnapshotView
 from qckpt._zarr_export import export_zarr
@@ -54,16 +58,16 @@ from qckpt.errors import (
 )
 from qckpt.state import TrainingState
 
-REPOSITORY_VERSION = 1
+REPOSITORY_VERSION = 2  # 2: delta and predictive codecs, pack footers with dependencies
 CONFIG_KEY = "config"
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_COMPRESSION_LEVEL = 1
+DEFAULT_MAX_CHAIN = 16
+DEFAULT_HOT_SNAPSHOTS = 2
 PACK_TARGET_SIZE = 64 << 20
 _STEP_REVISION = re.compile(r"(.+)@([0-9]+)")
 _log = logging.getLogger("qckpt")
 _MAX_PUBLISH_ATTEMPTS = 1000
-_READ_GAP = 1 << 20  # objects at most this far apart in a pack are fetched with one read
-_READ_SPAN = 64 << 20  # ... as long as that read stays this short
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class RepositoryConfig:
     chunk_size: int
     compression_level: int
     version: int = REPOSITORY_VERSION
+    max_chain: int = DEFAULT_MAX_CHAIN  # longest dependency chain a commit may create (1: no deltas)
 
 
 @dataclass(frozen=True)
@@ -130,15 +135,32 @@ class Repository:
     concurrently. Several processes may share a repository: ref updates are
     compare-and-swap, so a lost race raises ``RefConflictError`` instead of
     silently dropping a commit. Use as a context manager or call ``close``.
+
+    The hot tier keeps the tensors of the last ``hot_snapshots`` committed or
+    restored snapshots in host memory (at most ``hot_bytes`` beyond the newest,
+    when given): a commit on top of a hot snapshot is encoded as deltas and
+    optimizer-aware predictions against it. ``hot_snapshots=0`` disables both.
     """
 
-    def __init__(self, backend: Backend, config: RepositoryConfig, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        config: RepositoryConfig,
+        cache_dir: str | os.PathLike[str] | None = None,
+        *,
+        hot_snapshots: int = DEFAULT_HOT_SNAPSHOTS,
+        hot_bytes: int | None = None,
+    ) -> None:
+        if hot_snapshots < 0 or (hot_bytes is not None and hot_bytes < 0):
+            raise InvalidInputError("hot_snapshots and hot_bytes must not be negative")
         self.backend = backend
         self.config = config
         self._index = _index_for(backend, config, cache_dir)
         self._workers = os.cpu_count() or 2  # encoding parallelism
         # reads mostly wait on storage (network for S3): more threads than cores
         self._pool = ThreadPoolExecutor(max_workers=max(16, self._workers), thread_name_prefix="qckpt")
+        self._reader = ChunkReader(backend, self._locate, self._pool)
+        self._hot = HotTier(hot_snapshots, hot_bytes)
         self._snapshots: dict[str, Snapshot] = {}
         self._rebuild_lock = threading.Lock()
 
@@ -150,31 +172,39 @@ class Repository:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        max_chain: int = DEFAULT_MAX_CHAIN,
         endpoint_url: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        hot_snapshots: int = DEFAULT_HOT_SNAPSHOTS,
+        hot_bytes: int | None = None,
     ) -> Repository:
         """Create an empty repository at ``location``: a path, ``file://`` or
         ``s3://bucket/prefix`` URI, or a ``Backend``.
 
         Raises ``AlreadyExistsError`` if one exists there; ``chunk_size`` must be a
         positive multiple of 64 bytes, ``compression_level`` a zstd level (1-19).
+        ``max_chain`` (1-255) bounds dependency chains: restoring any chunk decodes
+        at most that many objects along one chain; 1 stores every chunk on its own.
         ``endpoint_url`` selects an S3-compatible server (default: boto3's
         configuration, including ``AWS_ENDPOINT_URL``); ``cache_dir`` is where
-        remote repositories keep their local chunk-index cache.
+        remote repositories keep their local chunk-index cache. ``hot_snapshots``
+        and ``hot_bytes`` size the hot tier (see the class).
         """
         if chunk_size <= 0 or chunk_size % 64:
             raise InvalidInputError(f"chunk_size must be a positive multiple of 64 bytes, got {chunk_size}")
         if not 1 <= compression_level <= 19:
             raise InvalidInputError(f"compression_level must be 1..19, got {compression_level}")
+        if not 1 <= max_chain <= 255:
+            raise InvalidInputError(f"max_chain must be 1..255, got {max_chain}")
         backend = _backend_for(location, endpoint_url)
         if isinstance(backend, LocalBackend) and backend.root.exists() and not backend.root.is_dir():
             raise InvalidInputError(f"{backend.root} exists and is not a directory")
-        config = RepositoryConfig(uuid.uuid4().hex, chunk_size, compression_level)
+        config = RepositoryConfig(uuid.uuid4().hex, chunk_size, compression_level, max_chain=max_chain)
         try:
             backend.put(CONFIG_KEY, json.dumps(asdict(config), indent=1).encode(), exclusive=True)
         except AlreadyExistsError:
             raise AlreadyExistsError(f"a repository exists already at {backend.uri}") from None
-        return cls(backend, config, cache_dir)
+        return cls(backend, config, cache_dir, hot_snapshots=hot_snapshots, hot_bytes=hot_bytes)
 
     @classmethod
     def open(
@@ -183,6 +213,8 @@ class Repository:
         *,
         endpoint_url: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        hot_snapshots: int = DEFAULT_HOT_SNAPSHOTS,
+        hot_bytes: int | None = None,
     ) -> Repository:
         """Open an existing repository (see ``init`` for the arguments);
         ``RepositoryNotFoundError`` if there is none."""
@@ -201,7 +233,7 @@ class Repository:
                 f"this qckpt reads up to {REPOSITORY_VERSION}: upgrade qckpt"
             )
         try:
-            repo = cls(backend, RepositoryConfig(**doc), cache_dir)
+            repo = cls(backend, RepositoryConfig(**doc), cache_dir, hot_snapshots=hot_snapshots, hot_bytes=hot_bytes)
         except TypeError as e:
             raise IntegrityError(f"repository config at {backend.uri} is damaged: {e}") from e
         if len(repo._index) == 0 and backend.list("packs/"):
@@ -249,9 +281,11 @@ class Repository:
         check_ref_name(branch)
         if on_conflict not in ("retry", "raise"):
             raise InvalidInputError(f"on_conflict must be 'retry' or 'raise', got {on_conflict!r}")
+        rules: dict[str, ParamRule] = {}
         if isinstance(state, TrainingState):
             tree: Any = state.capture()
             step = state.step if step is None else step
+            rules = parameter_rules(tree, state.optimizer_layouts())
         else:
             tree = state
         metrics = dict(metrics or {})
@@ -260,11 +294,13 @@ class Repository:
             raise InvalidInputError(f"metrics must map names to numbers; bad entries: {bad}")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise InvalidInputError(f"step must be an int, got {step!r}")
-        encoded, arrays = encode_tree(tree)
+        encoded, leaves = encode_tree(tree)
+        staged = stage(leaves)
         with self.backend.lock(exclusive=False):  # GC must not sweep what this commit dedups against
+            self._upgrade_config()
             self._sync_index()
             head = self.backend.read_ref(BRANCH_PREFIX + branch)
-            tensors, stats = self._store_arrays(arrays)
+            tensors, stats = self._store_arrays(staged, self._hot.get(head), rules, step)
             manifest_id = self._put_manifest(Manifest(encoded, tuple(tensors)))
 
             def snapshot_on(parent: str | None) -> Snapshot:
@@ -273,7 +309,16 @@ class Repository:
                     message=message, metrics=metrics, stats=stats,
                 )  # fmt: skip
 
-            return self._publish(branch, head, snapshot_on, retry=on_conflict == "retry")
+            snapshot = self._publish(branch, head, snapshot_on, retry=on_conflict == "retry")
+        self._hot.put(HotSnapshot(snapshot.id, {a.path: a for a in staged}, {t.path: t for t in tensors}, rules, step))
+        return snapshot
+
+    def _upgrade_config(self) -> None:
+        """Before the first write to a repository of an older format version, record
+        the current version, so an older qckpt refuses it instead of misreading it."""
+        if self.config.version < REPOSITORY_VERSION:
+            self.config = RepositoryConfig(**{**asdict(self.config), "version": REPOSITORY_VERSION})
+            self.backend.put(CONFIG_KEY, json.dumps(asdict(self.config), indent=1).encode())
 
     def _put_manifest(self, manifest: Manifest) -> str:
         data = manifest.to_bytes()
@@ -311,40 +356,39 @@ class Repository:
             self._index_packs()
             self._index.set_generation(generation)
 
-    def _store_arrays(self, arrays: list[ArrayLeaf]) -> tuple[list[TensorEntry], CommitStats]:
-        """Chunk, hash, dedup, encode and pack every array; index the new chunks."""
+    def _store_arrays(
+        self, staged: Sequence[StagedArray], base: HotSnapshot | None, rules: Mapping[str, ParamRule], step: int | None
+    ) -> tuple[list[TensorEntry], CommitStats]:
+        """Chunk, hash, dedup, encode (predicted from ``base`` where that is smaller)
+        and pack every staged array; index the new chunks."""
         size = self.config.chunk_size
         entries: list[TensorEntry] = []
-        jobs: dict[bytes, tuple[np.ndarray, int, bool]] = {}
-        raw_total = chunk_count = 0
-        for leaf in arrays:
-            if isinstance(leaf.value, torch.Tensor):
-                kind, dtype, width = "tensor", torch_dtype_name(leaf.value.dtype), leaf.value.element_size()
-            else:
-                kind, dtype, width = "ndarray", numpy_dtype_name(leaf.value.dtype), leaf.value.itemsize
-            assert dtype is not None  # encode_tree rejected unsupported dtypes
-            raw = raw_bytes(leaf.value)
-            ids = []
-            for offset in range(0, raw.size, size):
-                view = raw[offset : offset + size]
-                chunk_id = digest(view.data)
-                ids.append(chunk_id)
-                jobs.setdefault(chunk_id, (view, width, is_floating(dtype)))
-            raw_total += raw.size
-            chunk_count += len(ids)
-            entries.append(TensorEntry(leaf.path, kind, dtype, tuple(leaf.value.shape), size, tuple(ids)))
-        missing = self._index.missing(jobs)
-        new = [cid for cid in jobs if cid in missing]
-        locations, stored = self._write_packs(new, jobs)
+        first: dict[bytes, tuple[StagedArray, int]] = {}  # chunk id -> (array, chunk number) of its first occurrence
+        for array in staged:
+            ids = tuple(digest(array.data[o : o + size].data) for o in range(0, array.data.size, size))
+            for number, chunk_id in enumerate(ids):
+                first.setdefault(chunk_id, (array, number))
+            entries.append(TensorEntry(array.path, array.kind, array.dtype, array.shape, size, ids))
+        missing = self._index.missing(first)
+        new = [cid for cid in first if cid in missing]
+        planner = EncodePlanner(self._index, size, self.config.max_chain, staged, entries, base, rules, step, missing)
+        waves: dict[int, list[bytes]] = {}
+        for chunk_id in new:
+            waves.setdefault(planner.wave(*first[chunk_id]), []).append(chunk_id)
+        locations, stored = self._write_packs([waves[w] for w in sorted(waves)], first, planner)
         self._index.put_many(locations)
-        stats = CommitStats(raw_total, chunk_count, len(new), sum(jobs[c][0].size for c in new), stored)
+        raw_total = sum(a.data.size for a in staged)
+        stats = CommitStats(raw_total, sum(len(e.chunks) for e in entries), len(new),
+                            sum(chunk_view(*first[c], size).size for c in new), stored)  # fmt: skip
         return entries, stats
 
     def _write_packs(
-        self, new: list[bytes], jobs: Mapping[bytes, tuple[np.ndarray, int, bool]]
+        self, waves: list[list[bytes]], first: Mapping[bytes, tuple[StagedArray, int]], planner: EncodePlanner
     ) -> tuple[dict[bytes, ChunkLocation], int]:
-        """Encode ``new`` chunks in the thread pool (bounded in flight) and write packs."""
+        """Encode new chunks wave by wave in the thread pool (bounded in flight; a wave
+        only predicts from chunks of earlier waves) and write packs."""
         level = self.config.compression_level
+        size = self.config.chunk_size
         builder = PackBuilder()
         locations: dict[bytes, ChunkLocation] = {}
         stored = 0
@@ -354,23 +398,28 @@ class Repository:
             self.backend.put(pack_key(pack_id), data)
             locations.update(locs)
 
-        pending: deque[tuple[bytes, Future[tuple[int, bytes]]]] = deque()
-        todo = iter(new)
         max_in_flight = 4 * self._workers
-        while True:
-            for chunk_id in todo:
-                view, width, floating = jobs[chunk_id]
-                pending.append((chunk_id, self._pool.submit(encode_object, view.data, width, floating, level)))
-                if len(pending) >= max_in_flight:
+        for wave in waves:
+            pending: deque[tuple[bytes, Future[EncodedObject]]] = deque()
+            todo = iter(wave)
+            while True:
+                for chunk_id in todo:
+                    array, number = first[chunk_id]
+                    candidates = planner.candidates(chunk_id, array, number)
+                    pending.append((chunk_id, self._pool.submit(
+                        encode_object, chunk_view(array, number, size), array.itemsize, is_floating(array.dtype), level, candidates
+                    )))  # fmt: skip
+                    if len(pending) >= max_in_flight:
+                        break
+                if not pending:
                     break
-            if not pending:
-                break
-            chunk_id, future = pending.popleft()
-            codec, obj = future.result()
-            builder.add(chunk_id, codec, obj)
-            stored += len(obj)
-            if builder.size >= PACK_TARGET_SIZE:
-                flush()
+                chunk_id, future = pending.popleft()
+                obj = future.result()
+                depth = planner.encoded(chunk_id, obj.deps)
+                builder.add(chunk_id, obj.codec, obj.data, depth, obj.deps)
+                stored += len(obj.data)
+                if builder.size >= PACK_TARGET_SIZE:
+                    flush()
         if len(builder):
             flush()
         return locations, stored
@@ -383,84 +432,36 @@ class Repository:
             location = self._index.get(chunk_id)
         return location
 
-    def _read_chunk(self, chunk_id: bytes, context: str) -> bytes:
-        location = self._locate(chunk_id)
-        if location is None:
-            raise IntegrityError(f"{context}: object {chunk_id.hex()} is missing (in no pack)")
-        try:
-            data = self.backend.get_range(pack_key(location.pack_id), location.offset, location.length)
-        except ObjectNotFoundError:
-            moved = self._index.get(chunk_id)  # garbage collection may have repacked it meanwhile
-            if moved is None or moved == location:
-                raise IntegrityError(
-                    f"{context}: object {chunk_id.hex()} (pack {location.pack_id}): pack is missing"
-                ) from None
-            location = moved
-            data = self.backend.get_range(pack_key(location.pack_id), location.offset, location.length)
-        return _decode_located(chunk_id, data, location, context)
-
     def read_arrays(self, snapshot: Snapshot, entries: list[TensorEntry]) -> list[torch.Tensor | np.ndarray]:
-        """Read and verify the given tensors of ``snapshot`` as CPU values.
+        """Read and verify the given tensors of ``snapshot`` as CPU values (see ``ChunkReader``).
 
-        Chunks are grouped by pack and neighbouring objects fetched with one
-        ranged read (``_READ_GAP`` apart at most, ``_READ_SPAN`` long at most),
-        in parallel; every object is decoded and digest-checked.
+        Raises ``IntegrityError`` naming the snapshot, the state key and the
+        object at fault if any chunk (or a chunk it depends on) cannot be read.
         """
+        return [_as_value(b, e) for b, e in zip(self._read_buffers(snapshot, entries), entries)]
+
+    def _read_buffers(self, snapshot: Snapshot, entries: list[TensorEntry]) -> list[np.ndarray]:
+        """``read_arrays``, as one flat uint8 buffer per entry."""
         buffers = [np.empty(e.nbytes, dtype=np.uint8) for e in entries]
         targets: dict[bytes, list[tuple[np.ndarray, TensorEntry, int, int]]] = {}
         for buffer, entry in zip(buffers, entries):
             for chunk_id, offset, length in entry.spans():
                 targets.setdefault(chunk_id, []).append((buffer, entry, offset, length))
 
-        def context(chunk_id: bytes) -> str:
-            return f"snapshot {snapshot.short_id}, state key {targets[chunk_id][0][1].path!r}"
-
         def place(chunk_id: bytes, raw: bytes) -> None:
-            for buffer, _entry, offset, length in targets[chunk_id]:
+            for buffer, entry, offset, length in targets[chunk_id]:
                 if len(raw) != length:
                     raise IntegrityError(
-                        f"{context(chunk_id)}: chunk {chunk_id.hex()} has {len(raw)} bytes, manifest expects {length}"
+                        f"snapshot {snapshot.short_id}, state key {entry.path!r}: "
+                        f"chunk {chunk_id.hex()} has {len(raw)} bytes, manifest expects {length}"
                     )
                 buffer[offset : offset + length] = np.frombuffer(raw, dtype=np.uint8)
 
-        def read_one(chunk_id: bytes) -> None:
-            place(chunk_id, self._read_chunk(chunk_id, context(chunk_id)))
-
-        def read_span(pack_id: str, span: list[tuple[bytes, ChunkLocation]]) -> None:
-            start = span[0][1].offset
-            end = max(loc.offset + loc.length for _, loc in span)
-            try:
-                data = self.backend.get_range(pack_key(pack_id), start, end - start)
-            except ObjectNotFoundError:  # repacked by GC meanwhile: locate each object anew
-                for chunk_id, _ in span:
-                    read_one(chunk_id)
-                return
-            view = memoryview(data)
-            for chunk_id, loc in span:
-                obj = view[loc.offset - start : loc.offset - start + loc.length]
-                place(chunk_id, _decode_located(chunk_id, obj, loc, context(chunk_id)))
-
-        by_pack: dict[str, list[tuple[bytes, ChunkLocation]]] = {}
-        tasks = []
-        for chunk_id in targets:
-            location = self._locate(chunk_id)
-            if location is None:
-                raise IntegrityError(f"{context(chunk_id)}: object {chunk_id.hex()} is missing (in no pack)")
-            by_pack.setdefault(location.pack_id, []).append((chunk_id, location))
-        for pack_id, located in by_pack.items():
-            located.sort(key=lambda item: item[1].offset)
-            span = [located[0]]
-            for item in located[1:]:
-                span_end = max(loc.offset + loc.length for _, loc in span)
-                if item[1].offset - span_end <= _READ_GAP and item[1].offset + item[1].length - span[0][1].offset <= _READ_SPAN:
-                    span.append(item)
-                else:
-                    tasks.append(self._pool.submit(read_span, pack_id, span))
-                    span = [item]
-            tasks.append(self._pool.submit(read_span, pack_id, span))
-        for task in tasks:
-            task.result()
-        return [_as_value(buf, entry) for buf, entry in zip(buffers, entries)]
+        errors = self._reader.read(targets, place)
+        if errors:
+            chunk_id, error = next(iter(errors.items()))
+            raise IntegrityError(f"snapshot {snapshot.short_id}, state key {targets[chunk_id][0][1].path!r}: {error}") from error
+        return buffers
 
     def manifest(self, snapshot: Snapshot) -> Manifest:
         """The (verified) manifest of ``snapshot``."""
@@ -475,7 +476,9 @@ class Repository:
         Everything is validated and read (and digest-checked) before anything is
         modified: a mismatch raises ``StateMismatchError`` listing every
         offending key, damaged data raises ``IntegrityError``; in both cases the
-        live state is untouched. Returns the restored snapshot.
+        live state is untouched. A snapshot in the hot tier is copied from
+        memory; one read from storage enters the hot tier (the base of the next
+        commit's deltas). Returns the restored snapshot.
         """
         snap = self.snapshot(revision)
         manifest = self.manifest(snap)
@@ -485,8 +488,20 @@ class Repository:
                 f"snapshot {snap.short_id} ({revision}) does not fit the live training state; nothing was modified:",
                 problems,
             )
-        values = self.read_arrays(snap, list(manifest.tensors))
-        state.load(decode_tree(manifest.tree, values.__getitem__))
+        hot = self._hot.get(snap.id)
+        entries = list(manifest.tensors)
+        if hot is not None and all(e.path in hot.arrays for e in entries):
+            buffers = [hot.arrays[e.path].data for e in entries]
+        else:
+            buffers = self._read_buffers(snap, entries)
+            hot = None
+        # live objects get their own copies: load_state_dict may keep the tensors it is given
+        tree = decode_tree(manifest.tree, lambda i: _as_value(buffers[i].copy(), entries[i]))
+        state.load(tree)
+        if hot is None:
+            staged = {e.path: StagedArray(e.path, e.kind, e.dtype, e.shape, e.itemsize, b) for e, b in zip(entries, buffers)}
+            rules = parameter_rules(tree, state.optimizer_layouts())
+            self._hot.put(HotSnapshot(snap.id, staged, {e.path: e for e in entries}, rules, snap.step))
         return snap
 
     def load(self, revision: str = "main") -> SnapshotView:
@@ -738,8 +753,8 @@ class Repository:
         key = pack_key(pack_id)
         size = self.backend.size(key)
         trailer = self.backend.get_range(key, max(0, size - TRAILER_SIZE), TRAILER_SIZE)
-        offset, length = footer_span(pack_id, trailer, size)
-        return read_pack_footer(pack_id, self.backend.get_range(key, offset, length))
+        span = footer_span(pack_id, trailer, size)
+        return read_pack_footer(pack_id, self.backend.get_range(key, span.offset, span.length), span)
 
     def _manifest_by_id(self, manifest_id: str) -> Manifest:
         try:
@@ -747,15 +762,6 @@ class Repository:
         except ObjectNotFoundError:
             raise IntegrityError(f"manifest {manifest_id} is missing") from None
         return Manifest.from_bytes(manifest_id, data)
-
-
-def _decode_located(chunk_id: bytes, data: bytes | memoryview, location: ChunkLocation, context: str) -> bytes:
-    """Decode and verify one object read from ``location``; errors name snapshot, key and object."""
-    try:
-        return decode_object(data, chunk_id)
-    except IntegrityError as e:
-        where = f"object {chunk_id.hex()} (pack {location.pack_id}, offset {location.offset})"
-        raise IntegrityError(f"{context}: {where}: {e}") from e
 
 
 def _as_value(buffer: np.ndarray, entry: TensorEntry) -> torch.Tensor | np.ndarray:

@@ -20,8 +20,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from qckpt._predict import OptimizerLayout
 from qckpt._records import TensorEntry
 from qckpt._refs import check_ref_name
+from qckpt._tree import join_path
 from qckpt.errors import InvalidInputError
 
 STATE_FORMAT = "qckpt.training_state/1"
@@ -177,6 +179,23 @@ class TrainingState:
             "rng": capture_rng() if self.rng else None,
             "extras": self.extras,
         }
+
+    def optimizer_layouts(self) -> list[OptimizerLayout]:
+        """For each optimizer component, the captured tree path of each parameter it
+        updates (by ``state_dict`` index), and its update rule's family. Lets the
+        repository predict parameters and moments from the optimizer's own update."""
+        names: dict[int, str] = {}
+        for name, component in self.components.items():
+            if isinstance(component, torch.nn.Module):
+                prefix = join_path("components", name)
+                names.update((id(p), join_path(prefix, key)) for key, p in component.named_parameters())
+        layouts = []
+        for name, component in self.components.items():
+            if isinstance(component, torch.optim.Optimizer):
+                kind = {torch.optim.Adam: "adam", torch.optim.AdamW: "adam", torch.optim.SGD: "sgd"}.get(type(component), "other")
+                paths = tuple(names.get(id(p)) for group in component.param_groups for p in group["params"])
+                layouts.append(OptimizerLayout(name, kind, paths))
+        return layouts
 
     def problems(self, stored: Any) -> list[str]:
         """Every way the stored tree (tensors as ``TensorEntry``) does not fit this state."""

@@ -12,9 +12,11 @@ def test_footer_roundtrip() -> None:
     builder = PackBuilder()
     builder.add(b"a" * 16, 2, b"first object")
     builder.add(b"b" * 16, 1, b"second")
+    builder.add(b"c" * 16, 5, b"third", depth=3, deps=(b"a" * 16, b"b" * 16))
     pack_id, data, locations = builder.finish()
-    offset, length = footer_span(pack_id, data[-TRAILER_SIZE:], len(data))
-    assert read_pack_footer(pack_id, data[offset : offset + length]) == locations
+    span = footer_span(pack_id, data[-TRAILER_SIZE:], len(data))
+    assert read_pack_footer(pack_id, data[span.offset : span.offset + span.length], span) == locations
+    assert locations[b"c" * 16].deps == (b"a" * 16, b"b" * 16) and locations[b"c" * 16].depth == 3
     assert data[locations[b"b" * 16].offset :][:6] == b"second"
     assert len(builder) == 0 and builder.size == 0
 

@@ -1,0 +1,191 @@
+"""Reading objects: fetch, resolve dependencies, decode and verify, in parallel.
+
+``ChunkReader.read`` takes the chunk ids wanted, follows their dependencies in
+the chunk index (no object is read to discover what it depends on), and splits
+the whole dependency closure into independent groups (connected components:
+typically one chunk slot of a parameter and its optimizer moments along a
+chain). Groups are processed in batches of bounded encoded size: each batch is
+fetched with coalesced ranged reads (neighbouring objects of one pack in one
+request), then every group is decoded in the thread pool in dependency order,
+keeping a decoded dependency only until its last dependent is done. Every
+object, dependencies included, is digest-checked.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import Executor
+from typing import Protocol
+
+from qckpt._objects import decode_object
+from qckpt._packs import ChunkLocation, pack_key
+from qckpt.errors import IntegrityError, ObjectNotFoundError
+
+READ_GAP = 1 << 20  # objects at most this far apart in a pack are fetched with one read
+READ_SPAN = 64 << 20  # ... as long as that read stays this short
+BATCH_BYTES = 256 << 20  # encoded bytes fetched (and held) at once
+
+
+class RangeReader(Protocol):
+    def get_range(self, key: str, offset: int, length: int) -> bytes: ...
+
+
+def describe(chunk_id: bytes, location: ChunkLocation) -> str:
+    return f"object {chunk_id.hex()} (pack {location.pack_id}, offset {location.offset})"
+
+
+class ChunkReader:
+    """Reads chunks through ``locate`` (index lookup that may rebuild the index)
+    from ``backend``, with ``pool`` for parallel fetches and decodes. Thread-safe."""
+
+    def __init__(self, backend: RangeReader, locate: Callable[[bytes], ChunkLocation | None], pool: Executor) -> None:
+        self._backend = backend
+        self._locate = locate
+        self._pool = pool
+
+    def read(self, targets: Collection[bytes], deliver: Callable[[bytes, bytes], None]) -> dict[bytes, IntegrityError]:
+        """Decode each of ``targets`` and call ``deliver(chunk_id, raw)`` (from pool
+        threads, once per target). Returns the targets that could not be read, each
+        with an ``IntegrityError`` naming the object (or the dependency) at fault."""
+        wanted = set(targets)
+        locations: dict[bytes, ChunkLocation] = {}
+        errors: dict[bytes, IntegrityError] = {}
+        stack = list(wanted)
+        while stack:
+            chunk_id = stack.pop()
+            if chunk_id in locations or chunk_id in errors:
+                continue
+            location = self._locate(chunk_id)
+            if location is None:
+                errors[chunk_id] = IntegrityError(f"object {chunk_id.hex()} is missing (in no pack)")
+                continue
+            locations[chunk_id] = location
+            stack.extend(location.deps)
+        for batch in _batches(_components(locations), locations):
+            data = self._fetch(batch, locations, errors)
+            tasks = [self._pool.submit(self._decode_group, g, locations, data, errors, wanted, deliver) for g in batch]
+            for task in tasks:
+                task.result()
+        return {c: e for c, e in errors.items() if c in wanted}
+
+    def _decode_group(
+        self,
+        group: list[bytes],
+        locations: dict[bytes, ChunkLocation],
+        data: dict[bytes, memoryview],
+        errors: dict[bytes, IntegrityError],
+        wanted: set[bytes],
+        deliver: Callable[[bytes, bytes], None],
+    ) -> None:
+        uses = Counter(d for c in group for d in locations[c].deps)
+        decoded: dict[bytes, bytes] = {}
+
+        def resolve(dep: bytes) -> bytes:
+            if dep not in decoded:
+                raise IntegrityError(f"its dependency {dep.hex()} is not listed in the pack footer before it")
+            return decoded[dep]
+
+        for chunk_id in sorted(group, key=lambda c: locations[c].depth):
+            location = locations[chunk_id]
+            broken = next((d for d in location.deps if d in errors), None)
+            if chunk_id in errors:
+                pass
+            elif broken is not None:
+                errors[chunk_id] = IntegrityError(
+                    f"{describe(chunk_id, location)} depends on object {broken.hex()}, which cannot be read: {errors[broken]}"
+                )
+            else:
+                try:
+                    raw = decode_object(data[chunk_id], chunk_id, resolve)
+                except IntegrityError as e:
+                    errors[chunk_id] = IntegrityError(f"{describe(chunk_id, location)}: {e}")
+                else:
+                    if chunk_id in wanted:
+                        deliver(chunk_id, raw)
+                    if uses[chunk_id]:
+                        decoded[chunk_id] = raw
+            data.pop(chunk_id, None)
+            for dep in location.deps:
+                uses[dep] -= 1
+                if uses[dep] == 0:
+                    decoded.pop(dep, None)
+
+    def _fetch(
+        self, batch: list[list[bytes]], locations: dict[bytes, ChunkLocation], errors: dict[bytes, IntegrityError]
+    ) -> dict[bytes, memoryview]:
+        """The encoded objects of ``batch``; coalesced ranged reads in parallel."""
+        by_pack: dict[str, list[tuple[bytes, ChunkLocation]]] = {}
+        for group in batch:
+            for chunk_id in group:
+                by_pack.setdefault(locations[chunk_id].pack_id, []).append((chunk_id, locations[chunk_id]))
+        data: dict[bytes, memoryview] = {}
+
+        def read_one(chunk_id: bytes, location: ChunkLocation) -> None:
+            moved = self._locate(chunk_id)  # garbage collection may have repacked it meanwhile
+            if moved is None or moved == location:
+                errors[chunk_id] = IntegrityError(f"{describe(chunk_id, location)}: pack is missing")
+                return
+            locations[chunk_id] = moved
+            data[chunk_id] = memoryview(self._backend.get_range(pack_key(moved.pack_id), moved.offset, moved.length))
+
+        def read_span(pack_id: str, span: list[tuple[bytes, ChunkLocation]]) -> None:
+            start = span[0][1].offset
+            end = max(loc.offset + loc.length for _, loc in span)
+            try:
+                view = memoryview(self._backend.get_range(pack_key(pack_id), start, end - start))
+            except ObjectNotFoundError:
+                for chunk_id, location in span:
+                    read_one(chunk_id, location)
+                return
+            for chunk_id, loc in span:
+                data[chunk_id] = view[loc.offset - start : loc.offset - start + loc.length]
+
+        tasks = []
+        for pack_id, located in by_pack.items():
+            located.sort(key=lambda item: item[1].offset)
+            span = [located[0]]
+            for item in located[1:]:
+                span_end = max(loc.offset + loc.length for _, loc in span)
+                if item[1].offset - span_end <= READ_GAP and item[1].offset + item[1].length - span[0][1].offset <= READ_SPAN:
+                    span.append(item)
+                else:
+                    tasks.append(self._pool.submit(read_span, pack_id, span))
+                    span = [item]
+            tasks.append(self._pool.submit(read_span, pack_id, span))
+        for task in tasks:
+            task.result()
+        return data
+
+
+def _components(locations: dict[bytes, ChunkLocation]) -> list[list[bytes]]:
+    """Groups of chunks connected by dependencies (union-find)."""
+    parent = {c: c for c in locations}
+
+    def find(c: bytes) -> bytes:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    for chunk_id, location in locations.items():
+        for dep in location.deps:
+            if dep in parent:
+                parent[find(chunk_id)] = find(dep)
+    groups: dict[bytes, list[bytes]] = {}
+    for chunk_id in locations:
+        groups.setdefault(find(chunk_id), []).append(chunk_id)
+    return list(groups.values())
+
+
+def _batches(groups: Iterable[list[bytes]], locations: dict[bytes, ChunkLocation]) -> Iterable[list[list[bytes]]]:
+    batch: list[list[bytes]] = []
+    size = 0
+    for group in groups:
+        batch.append(group)
+        size += sum(locations[c].length for c in group)
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
