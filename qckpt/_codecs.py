@@ -205,7 +205,9 @@ class PredictiveCodec(ABC):
 
     def encode(self, raw: Raw, itemsize: int, level: int, inputs: Sequence[Raw], fmt: int, scalars: Sequence[float]) -> bytes:
         head = _PREDICTIVE_HEAD.pack(fmt, len(scalars)) + struct.pack(f"<{len(scalars)}d", *scalars)
-        residual = _zigzag_difference(raw, self.predict(inputs, fmt, scalars), itemsize)
+        with np.errstate(all="ignore"):  # overflow and NaN are legitimate in a prediction
+            prediction = self.predict(inputs, fmt, scalars)
+        residual = _zigzag_difference(raw, prediction, itemsize)
         return head + _shuffle_compress(residual, itemsize, level)
 
     def decode(self, payload: memoryview, raw_length: int, itemsize: int, inputs: Sequence[Raw]) -> bytes:
@@ -221,7 +223,9 @@ class PredictiveCodec(ABC):
             raise IntegrityError(f"{self.name} object: a dependency's length differs from {raw_length}")
         scalars = struct.unpack_from(f"<{count}d", payload, _PREDICTIVE_HEAD.size)
         residual = _decompress_unshuffle(payload[start:], raw_length, itemsize)
-        return _undo_zigzag_difference(residual, self.predict(inputs, fmt, scalars), itemsize).tobytes()
+        with np.errstate(all="ignore"):
+            prediction = self.predict(inputs, fmt, scalars)
+        return _undo_zigzag_difference(residual, prediction, itemsize).tobytes()
 
 
 class DeltaCodec(PredictiveCodec):
