@@ -1,0 +1,292 @@
+"""``python -m bench storage``: stored bytes and save/restore time of frequent checkpoints.
+
+Trains the reference model (AdamW, warm-up + cosine LR, dropout, real text)
+and, at every checkpoint, saves the same training state with each method,
+side by side in one process:
+
+* ``torch.save``: one file per checkpoint;
+* ``torch.save+zstd``: the same bytes compressed with zstd (level 3, its default);
+* ``safetensors``: tensors in a safetensors file, the rest of the tree as JSON metadata;
+* ``dcp``: ``torch.distributed.checkpoint.save`` (single process, filesystem writer);
+* ``qckpt-plain``: a repository with ``max_chain=1`` (dedup + shuffle + zstd only);
+* ``qckpt``: a repository with every codec (deltas, optimizer-aware predictions).
+
+Scenarios: ``every_step`` (a checkpoint after every optimizer step),
+``every_10`` (after every tenth step) and ``frozen_90`` (fine-tuning with 90%
+of the parameters frozen, every step). For each method: total bytes stored,
+mean save time, and the time to restore the latest and the oldest checkpoint
+in a fresh reader (qckpt: a newly opened repository, so nothing comes from the
+hot tier; ``restore_latest_hot_s`` is the same restore in the writing process,
+from the hot tier). With ``--chains``, ``every_step`` is also run with other
+``max_chain`` values (methods ``qckpt-k<K>``), the size/restore trade-off that
+chose the default. Ratios are ours / theirs, both measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import zstandard
+
+import qckpt
+from bench.s3server import CREDENTIALS, moto_server, new_bucket
+from bench.workload import Trainer, WarmupCosine
+from qckpt._tree import decode_tree, encode_tree
+
+SCENARIOS = ("every_step", "every_10", "frozen_90")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="3M model, 12 checkpoints per scenario (under 2 minutes)")
+    parser.add_argument("--size", default=None, help="model size (default: 10m, or 3m with --quick)")
+    parser.add_argument("--commits", type=int, default=None, help="checkpoints per scenario (default 60, 12 with --quick)")
+    parser.add_argument("--chains", default="", help="comma-separated extra max_chain values to sweep on every_step")
+    parser.add_argument("--backend", choices=("local", "s3"), default="local", help="where qckpt repositories live")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+
+
+def _tensor_table(tree: Any) -> tuple[str, dict[str, torch.Tensor]]:
+    """The tree as JSON text plus its tensors by index (what safetensors can hold)."""
+    encoded, leaves = encode_tree(tree)
+    tensors = {}
+    for i, leaf in enumerate(leaves):
+        value = leaf.value if isinstance(leaf.value, torch.Tensor) else torch.from_numpy(leaf.value)
+        tensors[f"t{i}"] = value.detach().contiguous()
+    return json.dumps(encoded), tensors
+
+
+class Method:
+    """One way to store checkpoints: ``save`` each state, report bytes, ``restore`` one."""
+
+    name: str
+
+    def save(self, tree: Any, state: qckpt.TrainingState) -> None: ...
+
+    def bytes(self) -> int: ...
+
+    def restore(self, index: int, template: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FileMethod(Method):
+    """File-per-checkpoint methods."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        self.name = name
+        self.root = root
+        root.mkdir(parents=True)
+        self.paths: list[Path] = []
+
+    def bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+
+    def _next(self) -> Path:
+        path = self.root / f"ckpt{len(self.paths):05d}"
+        self.paths.append(path)
+        return path
+
+
+class TorchSave(FileMethod):
+    def save(self, tree: Any, state: qckpt.TrainingState) -> None:
+        torch.save(tree, self._next())
+
+    def restore(self, index: int, template: Any) -> None:
+        torch.load(self.paths[index], weights_only=False)
+
+
+class TorchSaveZstd(FileMethod):
+    def save(self, tree: Any, state: qckpt.TrainingState) -> None:
+        buffer = io.BytesIO()
+        torch.save(tree, buffer)
+        self._next().write_bytes(zstandard.ZstdCompressor(level=3).compress(buffer.getbuffer()))
+
+    def restore(self, index: int, template: Any) -> None:
+        data = zstandard.ZstdDecompressor().decompress(self.paths[index].read_bytes())
+        torch.load(io.BytesIO(data), weights_only=False)
+
+
+class Safetensors(FileMethod):
+    def save(self, tree: Any, state: qckpt.TrainingState) -> None:
+        from safetensors.torch import save_file
+
+        text, tensors = _tensor_table(tree)
+        save_file(tensors, str(self._next()), metadata={"tree": text})
+
+    def restore(self, index: int, template: Any) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(self.paths[index]), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            encoded = json.loads(f.metadata()["tree"])
+        decode_tree(encoded, lambda i: tensors[f"t{i}"])
+
+
+class Dcp(FileMethod):
+    def save(self, tree: Any, state: qckpt.TrainingState) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(tree, checkpoint_id=self._next())
+
+    def restore(self, index: int, template: Any) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load(template, checkpoint_id=self.paths[index])
+
+
+class Qckpt(Method):
+    def __init__(self, name: str, location: str, max_chain: int | None) -> None:
+        self.name = name
+        self.location = location
+        self.repo = qckpt.Repository.init(location, **({"max_chain": max_chain} if max_chain else {}))
+        self.ids: list[str] = []
+
+    def save(self, tree: Any, state: qckpt.TrainingState) -> None:
+        self.ids.append(self.repo.commit(state).id)
+
+    def bytes(self) -> int:
+        return self.repo.stats().stored_bytes
+
+    def restore(self, index: int, template: Any) -> None:
+        with qckpt.Repository.open(self.location, hot_snapshots=0) as fresh:
+            fresh.load(self.ids[index]).tree()
+
+    def restore_hot(self, state: qckpt.TrainingState) -> float:
+        start = time.perf_counter()
+        self.repo.restore(state, self.ids[-1])
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.repo.close()
+
+
+@dataclass
+class Result:
+    save_times: list[float] = field(default_factory=list)
+    values: dict[str, float] = field(default_factory=dict)
+
+
+def _trainer(size: str, scenario: str, total: int) -> Trainer:
+    trainer = Trainer(size, total_steps=total)
+    if scenario == "frozen_90":  # fine-tuning: freeze the first 90% of parameters, optimize the rest
+        params = list(trainer.model.parameters())
+        budget, frozen = 0.9 * sum(p.numel() for p in params), 0
+        for p in params:
+            if frozen + p.numel() > budget:
+                break
+            p.requires_grad_(False)
+            frozen += p.numel()
+        trainable = [p for p in params if p.requires_grad]
+        trainer.optimizer = torch.optim.AdamW(trainable, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, WarmupCosine(max(1, total // 10), total))
+        trainer.state = qckpt.TrainingState(
+            model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler, sampler=trainer.sampler
+        )
+    return trainer
+
+
+def _timed(fn: Callable[[], None], repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@contextmanager
+def _locations(backend: str, root: Path) -> Iterator[Callable[[str], str]]:
+    if backend == "local":
+        yield lambda name: str(root / name)
+        return
+    for key, value in CREDENTIALS.items():
+        os.environ.setdefault(key, value)
+    with moto_server() as url:
+        os.environ["AWS_ENDPOINT_URL"] = url
+        bucket = new_bucket(url)
+        yield lambda name: f"s3://{bucket}/{name}"
+
+
+def run_scenario(scenario: str, size: str, commits: int, chains: list[int], backend: str) -> dict[str, Any]:
+    interval = 10 if scenario == "every_10" else 1
+    steps = commits * interval
+    trainer = _trainer(size, scenario, total=steps + 10)
+    with tempfile.TemporaryDirectory(prefix="qckpt-bench-storage-") as tmp, _locations(backend, Path(tmp)) as where:
+        root = Path(tmp)
+        methods: list[Method] = [
+            TorchSave("torch.save", root / "torch"), TorchSaveZstd("torch.save+zstd", root / "torchzstd"),
+            Safetensors("safetensors", root / "safetensors"), Dcp("dcp", root / "dcp"),
+            Qckpt("qckpt-plain", where("plain"), 1), Qckpt("qckpt", where("qckpt"), None),
+        ]  # fmt: skip
+        methods += [Qckpt(f"qckpt-k{k}", where(f"k{k}"), k) for k in chains]
+        results = {m.name: Result() for m in methods}
+        for step in range(1, steps + 1):
+            trainer.train_step()
+            if step % interval:
+                continue
+            tree = trainer.state.capture()
+            for method in methods:
+                start = time.perf_counter()
+                method.save(tree, trainer.state)
+                results[method.name].save_times.append(time.perf_counter() - start)
+        template = trainer.state.capture()
+        out: dict[str, Any] = {}
+        for method in methods:
+            result = results[method.name]
+            entry = {
+                "bytes": method.bytes(),
+                "save_s": statistics.mean(result.save_times),
+                "restore_latest_s": _timed(lambda: method.restore(len(result.save_times) - 1, template)),
+                "restore_oldest_s": _timed(lambda: method.restore(0, template)),
+            }
+            if isinstance(method, Qckpt):
+                entry["restore_latest_hot_s"] = min(method.restore_hot(trainer.state) for _ in range(3))
+                entry["max_chain"] = method.repo.config.max_chain
+            out[method.name] = entry
+            method.close()
+    params = sum(p.numel() for p in trainer.model.parameters())
+    return {"checkpoints": commits, "steps": steps, "params": params, "methods": out}
+
+
+def _report(results: dict[str, Any]) -> None:
+    for name, scenario in results["scenarios"].items():
+        base = scenario["methods"]["torch.save"]
+        print(f"\n{name}: {scenario['checkpoints']} checkpoints over {scenario['steps']} steps, {scenario['params']:,} params")
+        print(f"  {'method':16s} {'MB stored':>10s} {'bytes/ts':>9s} {'save ms':>8s} {'latest ms':>10s} {'oldest ms':>10s} {'latest/ts':>10s}")
+        for method, m in scenario["methods"].items():
+            print(f"  {method:16s} {m['bytes'] / 1e6:10.1f} {m['bytes'] / base['bytes']:9.3f} {m['save_s'] * 1e3:8.1f} "
+                  f"{m['restore_latest_s'] * 1e3:10.1f} {m['restore_oldest_s'] * 1e3:10.1f} "
+                  f"{m['restore_latest_s'] / base['restore_latest_s']:10.2f}")  # fmt: skip
+        q = scenario["methods"]["qckpt"]
+        print(f"  qckpt restore of the latest from the hot tier: {q['restore_latest_hot_s'] * 1e3:.1f} ms")
+
+
+def run(args: argparse.Namespace) -> None:
+    size = args.size or ("3m" if args.quick else "10m")
+    commits = args.commits or (12 if args.quick else 60)
+    chains = [int(k) for k in args.chains.split(",") if k.strip()]
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    results: dict[str, Any] = {"size": size, "backend": args.backend, "cores": os.cpu_count(), "scenarios": {}}
+    for scenario in SCENARIOS:
+        start = time.perf_counter()
+        results["scenarios"][scenario] = run_scenario(scenario, size, commits, chains if scenario == "every_step" else [], args.backend)
+        print(f"[{scenario}: {time.perf_counter() - start:.0f} s]", flush=True)
+    _report(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"\nwrote {args.json}")
