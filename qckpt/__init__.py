@@ -25,6 +25,7 @@ from qckpt.errors import (
     AlreadyExistsError,
     AmbiguousRevisionError,
     BackendError,
+    CommitAbortedError,
     ConflictError,
     FormatVersionError,
     IntegrityError,
@@ -40,6 +41,7 @@ from qckpt.errors import (
     TransientBackendError,
     UnsupportedValueError,
 )
+from qckpt._writer import CommitHandle
 from qckpt.repository import Repository, RepositoryConfig, RepositoryStats
 from qckpt.state import Stateful, TrainingState
 
@@ -50,6 +52,8 @@ __all__ = [
     "AmbiguousRevisionError",
     "Backend",
     "BackendError",
+    "CommitAbortedError",
+    "CommitHandle",
     "CommitStats",
     "ConflictError",
     "FormatVersionError",

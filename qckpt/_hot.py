@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,11 +34,17 @@ class StagedArray:
     shape: tuple[int, ...]
     itemsize: int
     data: np.ndarray
+    pinned: bool = False  # page-locked (staged from CUDA)
 
 
-def stage(leaves: Sequence[ArrayLeaf]) -> list[StagedArray]:
-    """Copy every leaf's bytes into new host buffers (the only step that reads live tensors)."""
+def stage(leaves: Sequence[ArrayLeaf], take: Callable[[int, bool], np.ndarray] | None = None) -> list[StagedArray]:
+    """Copy every leaf's bytes into host buffers from ``take(nbytes, pinned)`` (new
+    ones by default); the only step that reads live tensors. CUDA tensors are
+    copied into pinned buffers with non-blocking transfers and one
+    synchronisation at the end."""
+    take = take or (lambda n, pinned: _new_buffer(n, pinned))
     staged = []
+    cuda = False
     for leaf in leaves:
         value = leaf.value
         if isinstance(value, torch.Tensor):
@@ -46,11 +52,26 @@ def stage(leaves: Sequence[ArrayLeaf]) -> list[StagedArray]:
         else:
             kind, dtype, width = "ndarray", numpy_dtype_name(value.dtype), value.itemsize
         assert dtype is not None  # encode_tree rejected unsupported dtypes
-        view = raw_bytes(value)
-        data = np.empty(view.size, dtype=np.uint8)
-        np.copyto(data, view)
-        staged.append(StagedArray(leaf.path, kind, dtype, tuple(value.shape), width, data))
+        cuda_leaf = isinstance(value, torch.Tensor) and value.is_cuda
+        if cuda_leaf:
+            flat = value.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+            data = take(flat.numel(), True)
+            torch.from_numpy(data).copy_(flat, non_blocking=True)
+            cuda = True
+        else:
+            view = raw_bytes(value)
+            data = take(view.size, False)
+            np.copyto(data, view)
+        staged.append(StagedArray(leaf.path, kind, dtype, tuple(value.shape), width, data, pinned=cuda_leaf))
+    if cuda:
+        torch.cuda.synchronize()
     return staged
+
+
+def _new_buffer(nbytes: int, pinned: bool) -> np.ndarray:
+    if pinned:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+    return np.empty(nbytes, dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -71,13 +92,39 @@ class HotSnapshot:
 
 class HotTier:
     """The most recently committed or restored snapshots, newest last, bounded by
-    ``max_snapshots`` and ``max_bytes`` (the newest always stays). Thread-safe."""
+    ``max_snapshots`` and ``max_bytes`` (the newest always stays). Thread-safe.
+
+    Buffers of evicted snapshots are recycled by ``take`` (at most one
+    snapshot's worth is kept for that), which saves page faults when staging.
+    Hot buffers are read only by the writer thread (as the delta base, before
+    it evicts anything) and by ``copy_out`` under the tier's lock, so a
+    recycled buffer is never still being read.
+    """
 
     def __init__(self, max_snapshots: int, max_bytes: int | None) -> None:
         self.max_snapshots = max_snapshots
         self.max_bytes = max_bytes
         self._items: OrderedDict[str, HotSnapshot] = OrderedDict()
+        self._free: dict[tuple[int, bool], list[np.ndarray]] = {}
+        self._free_bytes = 0
         self._lock = threading.Lock()
+
+    def take(self, nbytes: int, pinned: bool) -> np.ndarray:
+        """A buffer of ``nbytes`` for staging: recycled when one is free, else new."""
+        with self._lock:
+            free = self._free.get((nbytes, pinned))
+            if free:
+                self._free_bytes -= nbytes
+                return free.pop()
+        return _new_buffer(nbytes, pinned)
+
+    def copy_out(self, snapshot_id: str, paths: Sequence[str]) -> list[np.ndarray] | None:
+        """Copies of a hot snapshot's buffers for ``paths``, or None if it is not (fully) hot."""
+        with self._lock:
+            hot = self._items.get(snapshot_id)
+            if hot is None or any(p not in hot.arrays for p in paths):
+                return None
+            return [hot.arrays[p].data.copy() for p in paths]
 
     def get(self, snapshot_id: str | None) -> HotSnapshot | None:
         with self._lock:
@@ -92,7 +139,15 @@ class HotTier:
             while len(self._items) > self.max_snapshots or (
                 self.max_bytes is not None and len(self._items) > 1 and self.nbytes > self.max_bytes
             ):
-                self._items.popitem(last=False)
+                _, evicted = self._items.popitem(last=False)
+                self._recycle(evicted)
+
+    def _recycle(self, evicted: HotSnapshot) -> None:
+        limit = max((h.nbytes for h in self._items.values()), default=0)
+        for array in evicted.arrays.values():
+            if self._free_bytes + array.data.nbytes <= limit:
+                self._free.setdefault((array.data.nbytes, array.pinned), []).append(array.data)
+                self._free_bytes += array.data.nbytes
 
     @property
     def nbytes(self) -> int:
@@ -102,6 +157,3 @@ class HotTier:
         with self._lock:
             return len(self._items)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()

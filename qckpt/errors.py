@@ -17,6 +17,7 @@
     │   └── RefConflictError                     a ref moved under a compare-and-swap
     ├── IntegrityError                           stored bytes are damaged
     ├── FormatVersionError                       repository written by a newer qckpt
+    ├── CommitAbortedError                       not written: an earlier async commit failed
     └── BackendError                             the storage itself failed (permanent)
         └── TransientBackendError                a failure that retrying may cure (5xx, timeout)
 
@@ -42,6 +43,7 @@ __all__ = [
     "RefConflictError",
     "IntegrityError",
     "FormatVersionError",
+    "CommitAbortedError",
     "BackendError",
     "TransientBackendError",
 ]
@@ -128,6 +130,11 @@ class IntegrityError(QckptError):
 
 class FormatVersionError(QckptError):
     """The repository uses a format version this qckpt cannot read."""
+
+
+class CommitAbortedError(QckptError):
+    """An asynchronous commit queued behind one that failed was not written, so
+    that no branch moves past a failed commit. The cause is the failure."""
 
 
 class BackendError(QckptError):

@@ -42,6 +42,7 @@ from qckpt._refs import BRANCH_PREFIX, TAG_PREFIX, check_ref_name
 from qckpt._tensors import is_floating, numpy_dtype, torch_dtype
 from qckpt._tree import ArrayLeaf, decode_tree, encode_tree
 from qckpt._view import SnapshotView
+from qckpt._writer import CommitHandle, CommitWriter
 from qckpt._zarr_export import export_zarr
 from qckpt.backends import Backend, LocalBackend, MemoryBackend, RetryingBackend, S3Backend, parse_s3_uri
 from qckpt.errors import (
@@ -64,6 +65,7 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_COMPRESSION_LEVEL = 1
 DEFAULT_MAX_CHAIN = 16
 DEFAULT_HOT_SNAPSHOTS = 2
+DEFAULT_MAX_PENDING = 2
 PACK_TARGET_SIZE = 64 << 20
 _STEP_REVISION = re.compile(r"(.+)@([0-9]+)")
 _log = logging.getLogger("qckpt")
@@ -150,9 +152,10 @@ class Repository:
         *,
         hot_snapshots: int = DEFAULT_HOT_SNAPSHOTS,
         hot_bytes: int | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
-        if hot_snapshots < 0 or (hot_bytes is not None and hot_bytes < 0):
-            raise InvalidInputError("hot_snapshots and hot_bytes must not be negative")
+        if hot_snapshots < 0 or (hot_bytes is not None and hot_bytes < 0) or max_pending < 1:
+            raise InvalidInputError("hot_snapshots and hot_bytes must not be negative, max_pending at least 1")
         self.backend = backend
         self.config = config
         self._index = _index_for(backend, config, cache_dir)
@@ -163,6 +166,7 @@ class Repository:
         self._hot = HotTier(hot_snapshots, hot_bytes)
         self._snapshots: dict[str, Snapshot] = {}
         self._rebuild_lock = threading.Lock()
+        self._writer = CommitWriter(self._write_commit, max_pending, f"qckpt-writer {backend.uri}")
 
     # -- lifecycle -----------------------------------------------------------
     @classmethod
@@ -177,6 +181,7 @@ class Repository:
         cache_dir: str | os.PathLike[str] | None = None,
         hot_snapshots: int = DEFAULT_HOT_SNAPSHOTS,
         hot_bytes: int | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> Repository:
         """Create an empty repository at ``location``: a path, ``file://`` or
         ``s3://bucket/prefix`` URI, or a ``Backend``.
@@ -188,7 +193,8 @@ class Repository:
         ``endpoint_url`` selects an S3-compatible server (default: boto3's
         configuration, including ``AWS_ENDPOINT_URL``); ``cache_dir`` is where
         remote repositories keep their local chunk-index cache. ``hot_snapshots``
-        and ``hot_bytes`` size the hot tier (see the class).
+        and ``hot_bytes`` size the hot tier, ``max_pending`` bounds asynchronous
+        commits in flight (see the class and ``commit_async``).
         """
         if chunk_size <= 0 or chunk_size % 64:
             raise InvalidInputError(f"chunk_size must be a positive multiple of 64 bytes, got {chunk_size}")
@@ -204,7 +210,7 @@ class Repository:
             backend.put(CONFIG_KEY, json.dumps(asdict(config), indent=1).encode(), exclusive=True)
         except AlreadyExistsError:
             raise AlreadyExistsError(f"a repository exists already at {backend.uri}") from None
-        return cls(backend, config, cache_dir, hot_snapshots=hot_snapshots, hot_bytes=hot_bytes)
+        return cls(backend, config, cache_dir, hot_snapshots=hot_snapshots, hot_bytes=hot_bytes, max_pending=max_pending)
 
     @classmethod
     def open(
@@ -215,6 +221,7 @@ class Repository:
         cache_dir: str | os.PathLike[str] | None = None,
         hot_snapshots: int = DEFAULT_HOT_SNAPSHOTS,
         hot_bytes: int | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> Repository:
         """Open an existing repository (see ``init`` for the arguments);
         ``RepositoryNotFoundError`` if there is none."""
@@ -233,7 +240,7 @@ class Repository:
                 f"this qckpt reads up to {REPOSITORY_VERSION}: upgrade qckpt"
             )
         try:
-            repo = cls(backend, RepositoryConfig(**doc), cache_dir, hot_snapshots=hot_snapshots, hot_bytes=hot_bytes)
+            repo = cls(backend, RepositoryConfig(**doc), cache_dir, hot_snapshots=hot_snapshots, hot_bytes=hot_bytes, max_pending=max_pending)
         except TypeError as e:
             raise IntegrityError(f"repository config at {backend.uri} is damaged: {e}") from e
         if len(repo._index) == 0 and backend.list("packs/"):
@@ -241,10 +248,14 @@ class Repository:
         return repo
 
     def close(self) -> None:
-        """Finish background work and release the index and backend."""
-        self._pool.shutdown(wait=True)
-        self._index.close()
-        self.backend.close()
+        """Write every pending commit, finish background work, release the index and
+        backend. Raises a background commit failure not reported yet."""
+        try:
+            self._writer.close()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._index.close()
+            self.backend.close()
 
     def __enter__(self) -> Repository:
         return self
@@ -266,7 +277,8 @@ class Repository:
         message: str = "",
         on_conflict: str = "retry",
     ) -> Snapshot:
-        """Store ``state`` as a new snapshot on ``branch`` (created if absent) and return it.
+        """Store ``state`` as a new snapshot on ``branch`` (created if absent) and return it
+        once it is durable: ``commit_async(...).wait()``.
 
         ``state`` is a ``TrainingState`` (its step is used unless ``step`` is given)
         or any plain tree of dicts, lists, tensors and plain values. The state is
@@ -276,7 +288,33 @@ class Repository:
         record is rewritten); with ``on_conflict="raise"`` it raises
         ``RefConflictError`` instead, and the snapshot stays readable by id until
         garbage collection. Holds the writer lock shared (GC waits for it).
-        Blocks until the snapshot is durable. Tensors must not change meanwhile.
+        """
+        return self.commit_async(
+            state, branch=branch, step=step, metrics=metrics, message=message, on_conflict=on_conflict
+        ).wait()
+
+    def commit_async(
+        self,
+        state: TrainingState | Mapping[str, Any],
+        *,
+        branch: str = "main",
+        step: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        message: str = "",
+        on_conflict: str = "retry",
+    ) -> CommitHandle:
+        """Stage ``state`` and commit it in the background (arguments as ``commit``).
+
+        Returns once the tensors are copied into host memory the repository owns
+        (pinned memory and one synchronisation for CUDA tensors): training may
+        change them right away. Validation errors are raised here. Chunking,
+        encoding, writing and the ref update run on the repository's writer
+        thread, in submission order; at most ``max_pending`` commits are in
+        flight (this call blocks while that many are). A background failure is
+        raised by the returned handle's ``wait()`` and by the next
+        ``commit``/``commit_async``/``flush``; commits queued behind it are not
+        written (``CommitAbortedError``), so the branch stays at the last good
+        snapshot.
         """
         check_ref_name(branch)
         if on_conflict not in ("retry", "raise"):
@@ -295,22 +333,31 @@ class Repository:
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise InvalidInputError(f"step must be an int, got {step!r}")
         encoded, leaves = encode_tree(tree)
-        staged = stage(leaves)
+        job = _CommitJob(encoded, stage(leaves, self._hot.take), rules, branch, step, metrics, message, on_conflict)
+        return self._writer.submit(job)
+
+    def flush(self) -> None:
+        """Wait until every commit submitted so far is durable (raises a background failure not reported yet)."""
+        self._writer.flush()
+
+    def _write_commit(self, job: _CommitJob) -> Snapshot:
+        """The background half of a commit (runs on the writer thread)."""
         with self.backend.lock(exclusive=False):  # GC must not sweep what this commit dedups against
             self._upgrade_config()
             self._sync_index()
-            head = self.backend.read_ref(BRANCH_PREFIX + branch)
-            tensors, stats = self._store_arrays(staged, self._hot.get(head), rules, step)
-            manifest_id = self._put_manifest(Manifest(encoded, tuple(tensors)))
+            head = self.backend.read_ref(BRANCH_PREFIX + job.branch)
+            tensors, stats = self._store_arrays(job.staged, self._hot.get(head), job.rules, job.step)
+            manifest_id = self._put_manifest(Manifest(job.encoded, tuple(tensors)))
 
             def snapshot_on(parent: str | None) -> Snapshot:
                 return Snapshot.new(
-                    manifest=manifest_id, parents=(parent,) if parent else (), step=step, time=time.time(),
-                    message=message, metrics=metrics, stats=stats,
+                    manifest=manifest_id, parents=(parent,) if parent else (), step=job.step, time=time.time(),
+                    message=job.message, metrics=job.metrics, stats=stats,
                 )  # fmt: skip
 
-            snapshot = self._publish(branch, head, snapshot_on, retry=on_conflict == "retry")
-        self._hot.put(HotSnapshot(snapshot.id, {a.path: a for a in staged}, {t.path: t for t in tensors}, rules, step))
+            snapshot = self._publish(job.branch, head, snapshot_on, retry=job.on_conflict == "retry")
+        arrays = {a.path: a for a in job.staged}
+        self._hot.put(HotSnapshot(snapshot.id, arrays, {t.path: t for t in tensors}, job.rules, job.step))
         return snapshot
 
     def _upgrade_config(self) -> None:
@@ -480,6 +527,7 @@ class Repository:
         memory; one read from storage enters the hot tier (the base of the next
         commit's deltas). Returns the restored snapshot.
         """
+        self._writer.flush()  # pending commits first: the revision may name them, and the hot tier is shared
         snap = self.snapshot(revision)
         manifest = self.manifest(snap)
         problems = state.problems(decode_tree(manifest.tree, lambda i: manifest.tensors[i]))
@@ -488,17 +536,15 @@ class Repository:
                 f"snapshot {snap.short_id} ({revision}) does not fit the live training state; nothing was modified:",
                 problems,
             )
-        hot = self._hot.get(snap.id)
         entries = list(manifest.tensors)
-        if hot is not None and all(e.path in hot.arrays for e in entries):
-            buffers = [hot.arrays[e.path].data for e in entries]
-        else:
+        copies = self._hot.copy_out(snap.id, [e.path for e in entries])
+        from_storage = copies is None
+        if copies is None:
             buffers = self._read_buffers(snap, entries)
-            hot = None
-        # live objects get their own copies: load_state_dict may keep the tensors it is given
-        tree = decode_tree(manifest.tree, lambda i: _as_value(buffers[i].copy(), entries[i]))
+            copies = [b.copy() for b in buffers]  # load_state_dict may keep what it is given
+        tree = decode_tree(manifest.tree, lambda i: _as_value(copies[i], entries[i]))
         state.load(tree)
-        if hot is None:
+        if from_storage:
             staged = {e.path: StagedArray(e.path, e.kind, e.dtype, e.shape, e.itemsize, b) for e, b in zip(entries, buffers)}
             rules = parameter_rules(tree, state.optimizer_layouts())
             self._hot.put(HotSnapshot(snap.id, staged, {e.path: e for e in entries}, rules, snap.step))
@@ -762,6 +808,20 @@ class Repository:
         except ObjectNotFoundError:
             raise IntegrityError(f"manifest {manifest_id} is missing") from None
         return Manifest.from_bytes(manifest_id, data)
+
+
+@dataclass(frozen=True)
+class _CommitJob:
+    """A staged commit waiting for the writer thread."""
+
+    encoded: Any
+    staged: list[StagedArray]
+    rules: dict[str, ParamRule]
+    branch: str
+    step: int | None
+    metrics: dict[str, float]
+    message: str
+    on_conflict: str
 
 
 def _as_value(buffer: np.ndarray, entry: TensorEntry) -> torch.Tensor | np.ndarray:

@@ -1,0 +1,142 @@
+"""The background commit writer: one thread per repository, a bounded queue.
+
+``submit`` enqueues a staged commit and returns a ``CommitHandle`` at once,
+blocking only while ``max_pending`` commits are already queued or in flight
+(back-pressure, bounded memory). Commits are written in submission order, so
+each one's base is the previous one. A failure is never lost: it is raised
+from its handle, and from the next ``submit`` (or ``flush``) unless the
+handle already raised it to someone; commits
+queued behind it are not written (``CommitAbortedError``), so no branch
+moves past a failed commit. ``flush`` waits until everything submitted is
+written; ``close`` flushes and stops the thread. Every open writer is flushed
+at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from qckpt._records import Snapshot
+from qckpt.errors import CommitAbortedError
+
+_log = logging.getLogger("qckpt")
+_open_writers: weakref.WeakSet[CommitWriter] = weakref.WeakSet()
+
+
+class CommitHandle:
+    """A commit in flight. ``wait()`` returns its ``Snapshot`` or raises its failure;
+    ``done()`` tells without blocking; ``snapshot_id`` is None until written. Thread-safe."""
+
+    def __init__(self, acknowledge: Callable[[BaseException], None]) -> None:
+        self._future: Future[Snapshot] = Future()
+        self._acknowledge = acknowledge
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> Snapshot:
+        """Block until the commit is durable (or ``timeout`` seconds: ``TimeoutError``);
+        raise its failure (which then counts as reported: the next commit will not raise it again)."""
+        try:
+            return self._future.result(timeout)
+        except BaseException as e:
+            if self._future.done():
+                self._acknowledge(e)
+            raise
+
+    @property
+    def snapshot_id(self) -> str | None:
+        if not self._future.done() or self._future.exception() is not None:
+            return None
+        return self._future.result().id
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("failed" if self._future.exception() else self.snapshot_id)
+        return f"CommitHandle({state})"
+
+
+class CommitWriter:
+    """Runs ``write(job)`` for each submitted job on one background thread."""
+
+    def __init__(self, write: Callable[[Any], Snapshot], max_pending: int, name: str) -> None:
+        self._write = write
+        self._queue: queue.Queue[tuple[Any, CommitHandle] | None] = queue.Queue(maxsize=max_pending)
+        self._lock = threading.Lock()
+        self._failure: BaseException | None = None  # not yet reported to a caller
+        self._aborting: BaseException | None = None  # fail what was queued behind it
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        _open_writers.add(self)
+
+    def _acknowledge(self, error: BaseException) -> None:
+        with self._lock:
+            if self._failure is error:
+                self._failure = None
+
+    def _raise_failure(self) -> None:
+        with self._lock:
+            failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def submit(self, job: Any) -> CommitHandle:
+        """Queue ``job``; first raises a background failure not reported yet."""
+        self._raise_failure()
+        handle = CommitHandle(self._acknowledge)
+        self._queue.put((job, handle))  # blocks while max_pending commits are in flight
+        return handle
+
+    def flush(self) -> None:
+        """Wait until every submitted commit is written; raise a failure not reported yet."""
+        self._queue.join()
+        self._raise_failure()
+
+    def close(self) -> None:
+        """Flush, then stop the thread. Raises a failure not reported yet (after stopping)."""
+        if not self._thread.is_alive():
+            return
+        self._queue.join()
+        self._queue.put(None)
+        self._thread.join()
+        _open_writers.discard(self)
+        self._raise_failure()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                job, handle = item
+                if self._aborting is not None:
+                    error = CommitAbortedError("not written: an earlier asynchronous commit failed")
+                    error.__cause__ = self._aborting
+                    handle._future.set_exception(error)
+                    continue
+                try:
+                    handle._future.set_result(self._write(job))
+                except BaseException as e:  # reported through the handle and the next submit, never dropped
+                    with self._lock:
+                        self._failure = e
+                    self._aborting = e
+                    handle._future.set_exception(e)
+            finally:
+                if self._queue.empty():
+                    self._aborting = None  # the queue drained: later commits start afresh
+                self._queue.task_done()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for writer in list(_open_writers):
+        try:
+            writer.flush()
+        except Exception as e:  # already set on its handle; at exit, logging is all that is left
+            _log.error("an asynchronous commit failed and was never waited for: %s", e)

@@ -1,0 +1,138 @@
+"""Asynchronous commits: same bits as synchronous ones, failures surface and never
+move a branch past them, bounded memory, flush on close, CUDA staging."""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import qckpt
+from bench.workload import Trainer, train_step
+from qckpt.errors import BackendError
+
+
+class PackFailures(qckpt.MemoryBackend):
+    """Fails pack writes while ``failing`` is set, after waiting for ``release``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = False
+        self.release = threading.Event()
+
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        if self.failing and key.startswith("packs/"):
+            self.release.wait(10)
+            raise BackendError("injected: no space left on device")
+        super().put(key, data, exclusive=exclusive)
+
+
+def test_async_commits_equal_sync_commits_bit_for_bit() -> None:
+    trainer = Trainer("tiny", total_steps=20)
+    repos = [qckpt.Repository.init(qckpt.MemoryBackend(), chunk_size=4096) for _ in range(2)]
+    handles = []
+    for _ in range(8):
+        train_step(trainer.state)
+        handles.append(repos[0].commit_async(trainer.state))  # written while training goes on...
+        repos[1].commit(trainer.state)  # ...this one before it does
+    snaps = [h.wait() for h in handles]
+    assert [h.snapshot_id for h in handles] == [s.id for s in snaps] and all(h.done() for h in handles)
+    for a, b in zip(reversed(repos[0].log()), reversed(repos[1].log())):
+        assert [t.chunks for t in repos[0].manifest(a).tensors] == [t.chunks for t in repos[1].manifest(b).tensors]
+        assert a.stats == b.stats
+    for repo in repos:
+        repo.close()
+
+
+def test_background_failure_surfaces_and_branch_stays_at_last_good_snapshot() -> None:
+    backend = PackFailures()
+    repo = qckpt.Repository.init(backend, chunk_size=1024)
+    good = repo.commit({"w": torch.arange(1000.0)}, step=1)
+    backend.failing = True
+    failed = repo.commit_async({"w": torch.arange(1000.0) + 1}, step=2)
+    queued = repo.commit_async({"w": torch.arange(1000.0) + 2}, step=3)
+    backend.release.set()
+    with pytest.raises(BackendError, match="no space"):
+        failed.wait()
+    with pytest.raises(qckpt.CommitAbortedError) as aborted:
+        queued.wait()
+    assert isinstance(aborted.value.__cause__, BackendError)
+    assert repo.branches()["main"] == good.id and failed.snapshot_id is None
+    backend.failing = False
+    after = repo.commit({"w": torch.arange(1000.0) + 3}, step=4)  # the failure was reported by wait()
+    assert after.parents == (good.id,) and torch.equal(repo.load("main")["w"], torch.arange(1000.0) + 3)
+    repo.close()
+
+
+def test_unwaited_failure_is_raised_by_the_next_commit() -> None:
+    backend = PackFailures()
+    backend.release.set()
+    repo = qckpt.Repository.init(backend, chunk_size=1024)
+    backend.failing = True
+    repo.commit_async({"w": torch.ones(10)})
+    with pytest.raises(BackendError):
+        repo.flush()
+    backend.failing = False
+    repo.commit_async({"w": torch.ones(10)})
+    repo.close()
+    assert len(repo.log()) == 1
+
+
+def test_memory_stays_bounded_over_200_rapid_commits() -> None:
+    state = {"w": torch.zeros(1 << 20)}  # 4 MiB
+    repo = qckpt.Repository.init(qckpt.MemoryBackend(), max_pending=2, hot_snapshots=2)
+    tracemalloc.start()
+    try:
+        for step in range(200):
+            state["w"][step] = step  # each commit differs (one chunk changes)
+            repo.commit_async(state, step=step)
+        repo.flush()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # queued + writing + hot + recycled buffers, plus encoding scratch: a handful of states, not 200
+    assert peak < 12 * (4 << 20), peak
+    assert len(repo.log()) == 200
+    repo.close()
+
+
+def test_close_writes_pending_commits(tmp_path: Path) -> None:
+    repo = qckpt.Repository.init(tmp_path / "repo")
+    handles = [repo.commit_async({"w": torch.full((1000,), float(i))}, step=i) for i in range(5)]
+    repo.close()
+    assert all(h.done() for h in handles)
+    with qckpt.Repository.open(tmp_path / "repo") as reopened:
+        assert [s.step for s in reopened.log()] == [4, 3, 2, 1, 0]
+
+
+def test_validation_errors_are_raised_by_commit_async_itself() -> None:
+    repo = qckpt.Repository.init(qckpt.MemoryBackend())
+    with pytest.raises(qckpt.UnsupportedValueError, match="w"):
+        repo.commit_async({"w": object()})
+    assert repo.branches() == {}
+    repo.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensors_are_staged_through_pinned_memory() -> None:
+    model = torch.nn.Linear(64, 64).cuda()
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = qckpt.TrainingState(model=model, optimizer=optimizer)
+    repo = qckpt.Repository.init(qckpt.MemoryBackend(), chunk_size=1024)
+    loss: Any = model(torch.randn(8, 64, device="cuda")).square().mean()
+    loss.backward()
+    optimizer.step()
+    handle = repo.commit_async(state)
+    with torch.no_grad():
+        expected = model.weight.detach().cpu().clone()
+        model.weight.add_(1.0)  # changing it after staging does not change the commit
+    snapshot = handle.wait()
+    assert torch.equal(repo.load(snapshot.id)["components/model/weight"], expected)
+    restored = qckpt.TrainingState(model=torch.nn.Linear(64, 64).cuda(), optimizer=torch.optim.AdamW(model.parameters()))
+    repo.restore(restored, snapshot.id)
+    assert torch.equal(restored.components["model"].weight.cpu(), expected)
+    repo.close()
