@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -9,25 +10,31 @@ import numpy as np
 import torch
 
 from qckpt._records import Manifest, Snapshot, TensorEntry
+from qckpt._tensors import numpy_dtype, torch_dtype
 from qckpt._tree import decode_tree
+from qckpt.errors import InvalidInputError
 
 Reader = Callable[[Snapshot, list[TensorEntry]], list[torch.Tensor | np.ndarray]]
+ByteReader = Callable[[Snapshot, TensorEntry, int, int], np.ndarray]
+Index = int | slice | tuple[int | slice, ...]
 
 
 class SnapshotView(Mapping[str, "torch.Tensor | np.ndarray"]):
     """Tensors of a snapshot by path (``components/model/fc.weight``), read on access.
 
-    Indexing reads and digest-checks only that tensor's chunks; ``entry(path)``
-    gives dtype and shape without reading anything; ``tree()`` rebuilds the
-    whole committed structure, plain values included. Values are fresh CPU
-    tensors (or numpy arrays) owned by the caller. Thread-safe.
+    Indexing reads and digest-checks only that tensor's chunks; ``read(path,
+    index)`` only the chunks covering a slice of it; ``entry(path)`` gives
+    dtype and shape without reading anything; ``tree()`` rebuilds the whole
+    committed structure, plain values included. Values are fresh CPU tensors
+    (or numpy arrays) owned by the caller. Thread-safe.
     """
 
-    def __init__(self, snapshot: Snapshot, manifest: Manifest, reader: Reader) -> None:
+    def __init__(self, snapshot: Snapshot, manifest: Manifest, reader: Reader, byte_reader: ByteReader) -> None:
         self.snapshot = snapshot
         self._manifest = manifest
         self._entries = {e.path: e for e in manifest.tensors}
         self._read = reader
+        self._read_bytes = byte_reader
 
     def entry(self, path: str) -> TensorEntry:
         """Metadata (dtype, shape, chunk ids) of the tensor at ``path``."""
@@ -35,6 +42,30 @@ class SnapshotView(Mapping[str, "torch.Tensor | np.ndarray"]):
 
     def __getitem__(self, path: str) -> torch.Tensor | np.ndarray:
         return self._read(self.snapshot, [self._entries[path]])[0]
+
+    def read(self, path: str, index: Index) -> torch.Tensor | np.ndarray:
+        """``self[path][index]`` for basic indexing (ints and slices, any steps), reading
+        only the chunks between the first and the last selected element."""
+        entry = self._entries[path]
+        selection = _normalize(index, entry.shape)
+        if entry.nbytes == 0 or any(len(r) == 0 for r in selection):
+            return self[path][index] if entry.nbytes == 0 else _empty(entry, selection, index)
+        strides = [math.prod(entry.shape[d + 1 :]) for d in range(len(entry.shape))]
+        low = [min(r) for r in selection]
+        high = [max(r) for r in selection]
+        first = sum(lo * st for lo, st in zip(low, strides))
+        last = sum(hi * st for hi, st in zip(high, strides))
+        data = self._read_bytes(self.snapshot, entry, first * entry.itemsize, (last + 1) * entry.itemsize)
+        region_shape = [hi - lo + 1 for lo, hi in zip(low, high)]
+        local = tuple(_shifted(r, lo, keep) for r, lo, keep in zip(selection, low, _kept_dims(index, len(entry.shape))))
+        # index raw elements (numpy knows no bfloat16/float8, and torch no negative steps)
+        elements = data.view(np.dtype((np.void, entry.itemsize)))
+        byte_strides = [st * entry.itemsize for st in strides]
+        picked = np.lib.stride_tricks.as_strided(elements, region_shape, byte_strides)[local]
+        flat = np.ascontiguousarray(picked).reshape(-1).view(np.uint8)
+        if entry.kind == "ndarray":
+            return flat.view(numpy_dtype(entry.dtype)).reshape(picked.shape)
+        return torch.from_numpy(flat).view(torch_dtype(entry.dtype)).reshape(picked.shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -49,3 +80,42 @@ class SnapshotView(Mapping[str, "torch.Tensor | np.ndarray"]):
 
     def __repr__(self) -> str:
         return f"<SnapshotView {self.snapshot.short_id} step={self.snapshot.step} tensors={len(self)}>"
+
+
+def _kept_dims(index: Index, ndim: int) -> list[bool]:
+    """Per dimension: whether the selection keeps it (a slice) or drops it (an int)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return [not isinstance(p, int) for p in parts] + [True] * (ndim - len(parts))
+
+
+def _normalize(index: Index, shape: tuple[int, ...]) -> list[range]:
+    parts = index if isinstance(index, tuple) else (index,)
+    if len(parts) > len(shape) or any(isinstance(p, bool) or not isinstance(p, (int, slice)) for p in parts):
+        raise InvalidInputError(f"index {index!r} must be ints and slices, at most {len(shape)} of them")
+    out = []
+    for d, size in enumerate(shape):
+        part = parts[d] if d < len(parts) else slice(None)
+        if isinstance(part, int):
+            position = part + size if part < 0 else part
+            if not 0 <= position < size:
+                raise InvalidInputError(f"index {part} is out of range for dimension {d} of size {size}")
+            out.append(range(position, position + 1))
+        else:
+            out.append(range(*part.indices(size)))
+    return out
+
+
+def _shifted(selected: range, low: int, keep: bool) -> int | slice:
+    """The selection ``selected`` expressed in a region starting at ``low``."""
+    start = selected.start - low
+    if not keep:
+        return start
+    stop = start + len(selected) * selected.step
+    return slice(start, stop if stop >= 0 else None, selected.step)
+
+
+def _empty(entry: TensorEntry, selection: list[range], index: Index) -> torch.Tensor | np.ndarray:
+    shape = [len(r) for r, keep in zip(selection, _kept_dims(index, len(entry.shape))) if keep]
+    if entry.kind == "ndarray":
+        return np.empty(shape, dtype=numpy_dtype(entry.dtype))
+    return torch.empty(shape, dtype=torch_dtype(entry.dtype))

@@ -489,20 +489,33 @@ class Repository:
 
     def _read_buffers(self, snapshot: Snapshot, entries: list[TensorEntry]) -> list[np.ndarray]:
         """``read_arrays``, as one flat uint8 buffer per entry."""
-        buffers = [np.empty(e.nbytes, dtype=np.uint8) for e in entries]
-        targets: dict[bytes, list[tuple[np.ndarray, TensorEntry, int, int]]] = {}
-        for buffer, entry in zip(buffers, entries):
+        return self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries])
+
+    def read_bytes(self, snapshot: Snapshot, entry: TensorEntry, start: int, end: int) -> np.ndarray:
+        """Bytes ``[start, end)`` of one tensor of ``snapshot``, reading (and verifying)
+        only the chunks that cover them."""
+        if not 0 <= start <= end <= entry.nbytes:
+            raise InvalidInputError(f"byte range [{start}, {end}) is outside {entry.path!r} ({entry.nbytes} bytes)")
+        return self._read_byte_ranges(snapshot, [(entry, start, end)])[0]
+
+    def _read_byte_ranges(self, snapshot: Snapshot, ranges: list[tuple[TensorEntry, int, int]]) -> list[np.ndarray]:
+        buffers = [np.empty(end - start, dtype=np.uint8) for _, start, end in ranges]
+        targets: dict[bytes, list[tuple[np.ndarray, TensorEntry, int, int, int]]] = {}
+        for buffer, (entry, start, end) in zip(buffers, ranges):
             for chunk_id, offset, length in entry.spans():
-                targets.setdefault(chunk_id, []).append((buffer, entry, offset, length))
+                if offset < end and offset + length > start:
+                    targets.setdefault(chunk_id, []).append((buffer, entry, offset - start, length, end - start))
 
         def place(chunk_id: bytes, raw: bytes) -> None:
-            for buffer, entry, offset, length in targets[chunk_id]:
+            data = np.frombuffer(raw, dtype=np.uint8)
+            for buffer, entry, at, length, size in targets[chunk_id]:
                 if len(raw) != length:
                     raise IntegrityError(
                         f"snapshot {snapshot.short_id}, state key {entry.path!r}: "
                         f"chunk {chunk_id.hex()} has {len(raw)} bytes, manifest expects {length}"
                     )
-                buffer[offset : offset + length] = np.frombuffer(raw, dtype=np.uint8)
+                lo, hi = max(at, 0), min(at + length, size)  # the part of the chunk inside the range
+                buffer[lo:hi] = data[lo - at : hi - at]
 
         errors = self._reader.read(targets, place)
         if errors:
@@ -553,7 +566,7 @@ class Repository:
     def load(self, revision: str = "main") -> SnapshotView:
         """A read-only view of a snapshot without any model: tensors by path, read lazily."""
         snap = self.snapshot(revision)
-        return SnapshotView(snap, self.manifest(snap), self.read_arrays)
+        return SnapshotView(snap, self.manifest(snap), self.read_arrays, self.read_bytes)
 
     # -- snapshots and revisions ----------------------------------------------
     def snapshot(self, revision: str) -> Snapshot:
