@@ -13,28 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 import zarr
 
+from qckpt._tensors import numpy_dtype
+from qckpt._zarr_store import root_attributes, zarr_dtype
 from qckpt.errors import AlreadyExistsError, InvalidInputError
 
 if TYPE_CHECKING:
     from qckpt.repository import Repository
-
-_SAME_WIDTH_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def _numpy(value: torch.Tensor | np.ndarray) -> tuple[np.ndarray, str | None]:
-    """The value as numpy, plus the real dtype name when it had to be stored as raw bits."""
-    if isinstance(value, np.ndarray):
-        return value, None
-    try:
-        return value.numpy(), None
-    except TypeError:  # no numpy equivalent (bfloat16, float8): keep the bits
-        bits = value.reshape(-1).view(torch.uint8).numpy().view(_SAME_WIDTH_UINT[value.element_size()])
-        return bits.reshape(tuple(value.shape)), str(value.dtype).removeprefix("torch.")
-
 
 def export_zarr(repo: Repository, revision: str, dest: Path, progress: Callable[[str, int, int], None] | None = None) -> int:
     """Write the snapshot at ``revision`` to a new zarr v3 directory ``dest``; returns the number of arrays."""
@@ -43,18 +29,17 @@ def export_zarr(repo: Repository, revision: str, dest: Path, progress: Callable[
     snap = repo.snapshot(revision)
     manifest = repo.manifest(snap)
     root = zarr.open_group(str(dest), mode="w-", zarr_format=3)
-    root.attrs["qckpt"] = {
-        "snapshot": snap.id, "step": snap.step, "time": snap.time, "message": snap.message,
-        "tree": manifest.tree, "arrays": [t.path for t in manifest.tensors],
-    }  # fmt: skip
+    root.attrs.update(root_attributes(snap, manifest))
     for n, entry in enumerate(manifest.tensors):
-        data, real_dtype = _numpy(repo.read_arrays(snap, [entry])[0])
+        raw = repo.read_bytes(snap, entry, 0, entry.nbytes)
+        dtype = numpy_dtype(entry.dtype) if entry.kind == "ndarray" else zarr_dtype(entry)[0]
+        data = raw.view(dtype).reshape(entry.shape)
         try:
             array = root.create_array(name=entry.path, shape=data.shape, dtype=data.dtype, chunks="auto")
         except (ValueError, TypeError) as e:
             raise InvalidInputError(f"state key {entry.path!r} cannot be a zarr array name: {e}") from e
         array[...] = data
-        array.attrs["qckpt_dtype"] = real_dtype or entry.dtype
+        array.attrs["qckpt_dtype"] = entry.dtype
         if progress:
             progress("exporting", n + 1, len(manifest.tensors))
     return len(manifest.tensors)

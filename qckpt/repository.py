@@ -44,6 +44,7 @@ from qckpt._tree import ArrayLeaf, decode_tree, encode_tree
 from qckpt._view import SnapshotView
 from qckpt._writer import CommitHandle, CommitWriter
 from qckpt._zarr_export import export_zarr
+from qckpt._zarr_store import SnapshotStore
 from qckpt.backends import Backend, LocalBackend, MemoryBackend, RetryingBackend, S3Backend, parse_s3_uri
 from qckpt.errors import (
     AlreadyExistsError,
@@ -794,6 +795,11 @@ class Repository:
     ) -> int:
         """Write a snapshot to a new zarr v3 directory readable without qckpt; returns the array count."""
         return export_zarr(self, revision, Path(dest), progress)
+
+    def zarr_store(self, revision: str) -> SnapshotStore:
+        """The snapshot at ``revision`` as a read-only zarr v3 store (``zarr.open_group(store,
+        mode="r")``): arrays at state paths, chunks read lazily from this repository."""
+        return SnapshotStore(self, self.snapshot(revision))
 
     def fsck(self, progress: Callable[[str, int, int], None] | None = None) -> FsckReport:
         """Verify every ref, reachable snapshot, manifest, chunk digest and pack footer.
