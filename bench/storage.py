@@ -28,7 +28,6 @@ import argparse
 import io
 import json
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -36,6 +35,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ import zstandard
 
 import qckpt
 from bench.s3server import CREDENTIALS, moto_server, new_bucket
+from bench.timing import best_time
 from bench.workload import Trainer, WarmupCosine
 from qckpt._tree import decode_tree, encode_tree
 
@@ -199,15 +200,6 @@ def _trainer(size: str, scenario: str, total: int) -> Trainer:
     return trainer
 
 
-def _timed(fn: Callable[[], None], repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 @contextmanager
 def _locations(backend: str, root: Path) -> Iterator[Callable[[str], str]]:
     if backend == "local":
@@ -250,8 +242,8 @@ def run_scenario(scenario: str, size: str, commits: int, chains: list[int], back
             entry = {
                 "bytes": method.bytes(),
                 "save_s": statistics.mean(result.save_times),
-                "restore_latest_s": _timed(lambda: method.restore(len(result.save_times) - 1, template)),
-                "restore_oldest_s": _timed(lambda: method.restore(0, template)),
+                "restore_latest_s": best_time(partial(method.restore, len(result.save_times) - 1, template)),
+                "restore_oldest_s": best_time(partial(method.restore, 0, template)),
             }
             if isinstance(method, Qckpt):
                 entry["restore_latest_hot_s"] = min(method.restore_hot(trainer.state) for _ in range(3))

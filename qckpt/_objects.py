@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qckpt._codecs import Codec, PredictiveCodec, Raw, codec_by_id, encode_plain
+from qckpt._codecs import PredictiveCodec, Raw, codec_by_id, encode_plain
 from qckpt._ids import ID_BYTES, digest
 from qckpt.errors import IntegrityError
 

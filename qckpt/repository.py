@@ -40,7 +40,7 @@ from qckpt._reader import ChunkReader
 from qckpt._records import CommitStats, Manifest, Snapshot, TensorEntry, manifest_key, snapshot_key
 from qckpt._refs import BRANCH_PREFIX, TAG_PREFIX, check_ref_name
 from qckpt._tensors import is_floating, numpy_dtype, torch_dtype
-from qckpt._tree import ArrayLeaf, decode_tree, encode_tree
+from qckpt._tree import decode_tree, encode_tree
 from qckpt._view import SnapshotView
 from qckpt._writer import CommitHandle, CommitWriter
 from qckpt._zarr_export import export_zarr

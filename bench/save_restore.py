@@ -1,0 +1,138 @@
+"""``python -m bench save_restore``: how long training waits for checkpoints, and restore speed.
+
+For each reference model size (``10m`` and ``100m``; ``--quick``: ``tiny`` and
+``3m``), in one process:
+
+* ``clone_s``: copying the captured training state in memory (``tensor.clone()``);
+* ``torch_save_s`` / ``torch_load_s``: ``torch.save`` to a local file and ``torch.load`` of it;
+* ``stall_s``: mean time the training thread spends in ``Repository.commit_async``
+  (capture + staging into host memory) when committing every step;
+* ``train_steps_per_s_no_ckpt``, ``..._ckpt_every_step``, ``..._ckpt_every_10``:
+  training throughput with asynchronous commits (the final flush included);
+* ``restore_hot_s``: ``Repository.restore`` of the latest snapshot in the writing
+  process (from the hot tier);
+* ``restore_latest_s``: the same restore from storage (a repository opened with
+  ``hot_snapshots=0``), into the live model and optimizer;
+* ``full_restore_s`` / ``lazy_one_tensor_s``: ``load(latest).tree()`` versus
+  reading one tensor (the largest weight) of it, from storage.
+
+Each time is the best of a few repetitions. On a CPU-only machine the
+background writer competes with training for the same cores; that cost is
+part of the throughput figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import qckpt
+from bench.timing import best_time
+from bench.workload import Trainer, train_step
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny and 3M models, few steps (about a minute)")
+    parser.add_argument("--sizes", default=None, help="comma-separated model sizes (default 10m,100m; tiny,3m with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per throughput measurement (default 20; 10 with --quick)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+
+
+def _clone(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_clone(v) for v in tree)
+    return tree
+
+
+def _throughput(trainer: Trainer, repo: qckpt.Repository | None, steps: int, every: int, stalls: list[float]) -> float:
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        train_step(trainer.state)
+        if repo is not None and step % every == 0:
+            before = time.perf_counter()
+            repo.commit_async(trainer.state)
+            stalls.append(time.perf_counter() - before)
+    if repo is not None:
+        repo.flush()
+    return steps / (time.perf_counter() - start)
+
+
+def measure(size: str, steps: int, root: Path) -> dict[str, float]:
+    trainer = Trainer(size, total_steps=10 * steps)
+    for _ in range(2):
+        train_step(trainer.state)
+    tree = trainer.state.capture()
+    out: dict[str, float] = {"params": sum(p.numel() for p in trainer.model.parameters())}
+    out["clone_s"] = best_time(lambda: _clone(tree))
+    path = root / f"{size}.pt"
+    out["torch_save_s"] = best_time(lambda: torch.save(tree, path))
+    out["torch_load_s"] = best_time(lambda: torch.load(path, weights_only=False))
+    out["state_bytes"] = path.stat().st_size
+
+    location = root / f"{size}-repo"
+    repo = qckpt.Repository.init(location)
+    stalls: list[float] = []
+    out["train_steps_per_s_no_ckpt"] = _throughput(trainer, None, steps, 1, [])
+    out["train_steps_per_s_ckpt_every_step"] = _throughput(trainer, repo, steps, 1, stalls)
+    out["stall_s"] = statistics.mean(stalls)
+    out["train_steps_per_s_ckpt_every_10"] = _throughput(trainer, repo, 2 * steps, 10, [])
+    latest = repo.snapshot("main").id
+    out["restore_hot_s"] = best_time(lambda: repo.restore(trainer.state, latest))
+    repo.close()
+
+    with qckpt.Repository.open(location, hot_snapshots=0) as fresh:
+        out["restore_latest_s"] = best_time(lambda: fresh.restore(trainer.state, latest))
+        view = fresh.load(latest)
+        largest = max(view, key=lambda p: view.entry(p).nbytes)
+        out["full_restore_s"] = best_time(lambda: fresh.load(latest).tree())
+        out["lazy_one_tensor_s"] = best_time(lambda: fresh.load(latest)[largest])
+        out["latest_chain_depth"] = max(
+            fresh._index.get(c).depth for e in fresh.manifest(fresh.snapshot(latest)).tensors for c in e.chunks  # type: ignore[union-attr]
+        )
+    return out
+
+
+def _ratios(m: dict[str, float]) -> dict[str, float]:
+    return {
+        "stall/clone": m["stall_s"] / m["clone_s"],
+        "stall/torch_save": m["stall_s"] / m["torch_save_s"],
+        "every_10/no_ckpt": m["train_steps_per_s_ckpt_every_10"] / m["train_steps_per_s_no_ckpt"],
+        "every_step/no_ckpt": m["train_steps_per_s_ckpt_every_step"] / m["train_steps_per_s_no_ckpt"],
+        "restore_latest/torch_load": m["restore_latest_s"] / m["torch_load_s"],
+        "restore_hot/clone": m["restore_hot_s"] / m["clone_s"],
+        "lazy_one_tensor/full_restore": m["lazy_one_tensor_s"] / m["full_restore_s"],
+    }
+
+
+def run(args: argparse.Namespace) -> None:
+    sizes = (args.sizes or ("tiny,3m" if args.quick else "10m,100m")).split(",")
+    steps = args.steps or (10 if args.quick else 20)
+    results: dict[str, Any] = {"sizes": {}}
+    with tempfile.TemporaryDirectory(prefix="qckpt-bench-save-restore-") as tmp:
+        for size in sizes:
+            measured = measure(size, steps, Path(tmp))
+            results["sizes"][size] = {**measured, "ratios": _ratios(measured)}
+            print(f"\n{size} ({int(measured['params']):,} params, state {measured['state_bytes'] / 1e6:.0f} MB)")
+            for key, value in measured.items():
+                if key.endswith("_s"):
+                    print(f"  {key:36s} {value * 1e3:10.1f} ms")
+                elif key.startswith("train_steps"):
+                    print(f"  {key:36s} {value:10.2f}")
+            print(f"  latest snapshot's chain depth        {int(measured['latest_chain_depth']):10d}")
+            for key, value in results["sizes"][size]["ratios"].items():
+                print(f"  {key:36s} {value:10.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"\nwrote {args.json}")
