@@ -20,6 +20,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable
+import concurrent.futures.thread  # noqa: F401  (its exit hook must be registered before ours)
 from concurrent.futures import Future
 from typing import Any
 
@@ -133,10 +134,15 @@ class CommitWriter:
                 self._queue.task_done()
 
 
-@atexit.register
 def _flush_at_exit() -> None:
     for writer in list(_open_writers):
         try:
             writer.flush()
         except Exception as e:  # already set on its handle; at exit, logging is all that is left
             _log.error("an asynchronous commit failed and was never waited for: %s", e)
+
+
+# Interpreter exit shuts thread pools down in threading's own exit hooks, which run
+# before ``atexit`` ones; commits need the pool, so flush from such a hook, registered
+# after concurrent.futures' (hooks run last-registered first). Private API, hence the fallback.
+getattr(threading, "_register_atexit", atexit.register)(_flush_at_exit)

@@ -3,6 +3,8 @@ move a branch past them, bounded memory, flush on close, CUDA staging."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import tracemalloc
 from pathlib import Path
@@ -136,3 +138,17 @@ def test_cuda_tensors_are_staged_through_pinned_memory() -> None:
     repo.restore(restored, snapshot.id)
     assert torch.equal(restored.components["model"].weight.cpu(), expected)
     repo.close()
+
+
+def test_interpreter_exit_flushes_pending_commits(tmp_path: Path) -> None:
+    script = (
+        "import sys, torch, qckpt\n"
+        "repo = qckpt.Repository.init(sys.argv[1])\n"
+        "for i in range(5):\n"
+        "    repo.commit_async({'w': torch.full((100_000,), float(i))}, step=i)\n"
+        "# no flush, no close: interpreter exit must write them\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "repo")], check=True, timeout=120)
+    with qckpt.Repository.open(tmp_path / "repo") as repo:
+        assert [s.step for s in repo.log()] == [4, 3, 2, 1, 0]
+        assert torch.equal(repo.load("main")["w"], torch.full((100_000,), 4.0)) and repo.fsck().ok
