@@ -555,7 +555,8 @@ class Repository:
         from_storage = copies is None
         if copies is None:
             buffers = self._read_buffers(snap, entries)
-            copies = [b.copy() for b in buffers]  # load_state_dict may keep what it is given
+            # the buffers become hot; load_state_dict may keep what it is given, so it gets copies
+            copies = [b.copy() for b in buffers] if self._hot.max_snapshots else buffers
         tree = decode_tree(manifest.tree, lambda i: _as_value(copies[i], entries[i]))
         state.load(tree)
         if from_storage:
