@@ -59,37 +59,47 @@ def encode_object(
     prediction that makes it smallest.
 
     With candidates, each option (self-contained included) is first tried on a
-    1/``SAMPLE_STRIDE`` sample of the elements and only the most promising one
-    is encoded in full, so trying several predictions costs a fraction of one
-    encoding each; a self-contained encoding is kept if that one turns out larger.
+    sample (``SAMPLE_BLOCKS`` evenly spaced blocks, 1/16 of the chunk) and only the
+    most promising one is encoded in full, so trying several predictions costs
+    a fraction of one encoding each; a self-contained encoding is kept if that
+    one turns out no smaller than the raw chunk.
     """
     if candidates:
-        best = min(candidates, key=lambda c: _sampled_size(c, raw, itemsize, level))
-        if _sampled_size(best, raw, itemsize, level) < _sampled_plain_size(raw, itemsize, floating, level):
+        sample = _Sampler(len(raw), itemsize)
+        sizes = [len(c.codec.encode(sample(raw), itemsize, level, [sample(i) for i in c.inputs], c.fmt, c.scalars))
+                 for c in candidates]  # fmt: skip
+        best = candidates[sizes.index(min(sizes))]
+        if min(sizes) < len(encode_plain(sample(raw), itemsize, floating, level)[1]):
             payload = best.codec.encode(raw, itemsize, level, best.inputs, best.fmt, best.scalars)
             header = _HEADER.pack(OBJECT_VERSION, best.codec.id, itemsize, FLAG_DEPENDENCIES, len(raw))
-            data = header + bytes([len(best.deps)]) + b"".join(best.deps) + payload
+            data = b"".join([header, bytes([len(best.deps)]), *best.deps, payload])
             if len(data) < len(raw):
                 return EncodedObject(best.codec.id, data, best.deps)
     codec, payload = encode_plain(raw, itemsize, floating, level)
     return EncodedObject(codec.id, _HEADER.pack(OBJECT_VERSION, codec.id, itemsize, 0, len(raw)) + payload, ())
 
 
-SAMPLE_STRIDE = 16
+SAMPLE_BLOCKS = 4
+_SAMPLE_MIN = 64 << 10  # chunks up to this size are "sampled" whole
 
 
-def _sample(data: Raw, itemsize: int) -> np.ndarray:
-    elements = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
-    return np.ascontiguousarray(elements.reshape(-1, itemsize)[::SAMPLE_STRIDE]).reshape(-1)
+class _Sampler:
+    """The same evenly spaced blocks (1/16 of the bytes, whole elements) of any buffer
+    of one length; a buffer seen before is not copied again."""
 
+    def __init__(self, length: int, itemsize: int) -> None:
+        block = (length // (16 * SAMPLE_BLOCKS)) // itemsize * itemsize
+        self._spans = [(0, length)] if length <= _SAMPLE_MIN or block == 0 else [
+            (i * length // SAMPLE_BLOCKS // itemsize * itemsize, block) for i in range(SAMPLE_BLOCKS)
+        ]  # fmt: skip
+        self._seen: dict[tuple[int, int], np.ndarray] = {}
 
-def _sampled_size(candidate: Candidate, raw: Raw, itemsize: int, level: int) -> int:
-    inputs = [_sample(i, itemsize) for i in candidate.inputs]
-    return len(candidate.codec.encode(_sample(raw, itemsize), itemsize, level, inputs, candidate.fmt, candidate.scalars))
-
-
-def _sampled_plain_size(raw: Raw, itemsize: int, floating: bool, level: int) -> int:
-    return len(encode_plain(_sample(raw, itemsize), itemsize, floating, level)[1])
+    def __call__(self, data: Raw) -> np.ndarray:
+        array = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+        key = (array.__array_interface__["data"][0], array.size)
+        if key not in self._seen:
+            self._seen[key] = np.concatenate([array[start : start + size] for start, size in self._spans])
+        return self._seen[key]
 
 
 def object_dependencies(data: bytes | memoryview) -> tuple[bytes, ...]:

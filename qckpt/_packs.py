@@ -77,7 +77,7 @@ class PackBuilder:
         """Return (pack id, pack bytes, chunk id -> location) and reset the builder."""
         footer = b"".join(_ENTRY.pack(cid, off, n, codec, depth, len(deps)) + b"".join(deps)
                           for cid, off, n, codec, depth, deps in self._entries)  # fmt: skip
-        data = b"".join(self._parts) + footer + _TRAILER.pack(len(self._entries), self.size, PACK_MAGIC)
+        data = b"".join([*self._parts, footer, _TRAILER.pack(len(self._entries), self.size, PACK_MAGIC)])  # one copy
         pack_id = hex_id(data)
         locations = {e[0]: ChunkLocation(pack_id, *e[1:]) for e in self._entries}
         self._reset()
