@@ -59,9 +59,13 @@ def stage(leaves: Sequence[ArrayLeaf], take: Callable[[int, bool], np.ndarray] |
             torch.from_numpy(data).copy_(flat, non_blocking=True)
             cuda = True
         else:
-            view = raw_bytes(value)
-            data = take(view.size, False)
-            np.copyto(data, view)
+            if isinstance(value, torch.Tensor) and value.is_contiguous() and value.device.type == "cpu" and value.numel() \
+                    and not value.is_conj() and not value.is_neg():  # fmt: skip
+                source = value.detach().view(-1).view(torch.uint8)  # the common case, without raw_bytes' checks
+            else:
+                source = torch.from_numpy(raw_bytes(value))
+            data = take(source.numel(), False)
+            torch.from_numpy(data).copy_(source)
         staged.append(StagedArray(leaf.path, kind, dtype, tuple(value.shape), width, data, pinned=cuda_leaf))
     if cuda:
         torch.cuda.synchronize()
