@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qckpt._packs import ChunkLocation, PackBuilder, pack_key
+from qckpt._reader import ChunkReader
 from qckpt._records import Snapshot, snapshot_key
 from qckpt.errors import IntegrityError, InvalidInputError
 
@@ -215,7 +216,9 @@ def collect_garbage(
         backend.swap_ref(GC_GENERATION_REF, repo._index.generation(), generation)
         for n, (pack_id, live) in enumerate(repacks.items()):  # 1. repack
             report("repacking", n + 1, len(repacks))
-            damaged = repo._reader.read([c for c, _ in live], lambda chunk_id, raw: None)
+            # a reader that never rebuilds the index (that takes the writer lock, which GC holds)
+            reader = ChunkReader(backend, repo._index.get, repo._pool)
+            damaged = reader.read([c for c, _ in live], lambda chunk_id, raw: None)
             if damaged:  # never copy a damaged object forward
                 chunk_id, error = next(iter(damaged.items()))
                 raise IntegrityError(f"garbage collection stopped before repacking pack {pack_id}: {error}")
