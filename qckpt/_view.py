@@ -48,8 +48,8 @@ class SnapshotView(Mapping[str, "torch.Tensor | np.ndarray"]):
         only the chunks between the first and the last selected element."""
         entry = self._entries[path]
         selection = _normalize(index, entry.shape)
-        if entry.nbytes == 0 or any(len(r) == 0 for r in selection):
-            return self[path][index] if entry.nbytes == 0 else _empty(entry, selection, index)
+        if any(len(r) == 0 for r in selection):  # includes every tensor with no elements
+            return _empty(entry, selection, index)
         strides = [math.prod(entry.shape[d + 1 :]) for d in range(len(entry.shape))]
         low = [min(r) for r in selection]
         high = [max(r) for r in selection]
