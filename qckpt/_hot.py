@@ -20,7 +20,7 @@ import torch
 
 from qckpt._predict import ParamRule
 from qckpt._records import TensorEntry
-from qckpt._tensors import numpy_dtype_name, raw_bytes, torch_dtype_name
+from qckpt._tensors import flat_bytes, numpy_dtype_name, raw_bytes, torch_dtype_name
 from qckpt._tree import ArrayLeaf
 
 
@@ -54,14 +54,14 @@ def stage(leaves: Sequence[ArrayLeaf], take: Callable[[int, bool], np.ndarray] |
         assert dtype is not None  # encode_tree rejected unsupported dtypes
         cuda_leaf = isinstance(value, torch.Tensor) and value.is_cuda
         if cuda_leaf:
-            flat = value.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+            flat = flat_bytes(value.detach().resolve_conj().resolve_neg().contiguous())
             data = take(flat.numel(), True)
             torch.from_numpy(data).copy_(flat, non_blocking=True)
             cuda = True
         else:
             if isinstance(value, torch.Tensor) and value.is_contiguous() and value.device.type == "cpu" and value.numel() \
                     and not value.is_conj() and not value.is_neg():  # fmt: skip
-                source = value.detach().view(-1).view(torch.uint8)  # the common case, without raw_bytes' checks
+                source = flat_bytes(value.detach())  # the common case, without raw_bytes' checks
             else:
                 source = torch.from_numpy(raw_bytes(value))
             data = take(source.numel(), False)

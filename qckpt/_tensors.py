@@ -68,6 +68,14 @@ def raw_bytes(value: torch.Tensor | np.ndarray) -> np.ndarray:
     if t.is_neg():
         t = t.resolve_neg()
     t = t.cpu()
-    if not t.is_contiguous() or t.reshape(-1).stride(0) != 1:  # size-1 dims may keep any stride
+    if not t.is_contiguous():
         t = torch.empty(t.shape, dtype=t.dtype).copy_(t)
-    return t.reshape(-1).view(torch.uint8).numpy()
+    return flat_bytes(t).numpy()
+
+
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 view of a contiguous, non-empty tensor's elements.
+
+    ``view(-1)`` is not enough: a contiguous tensor whose dimensions have size 1
+    may keep any stride there, and byte views need stride 1."""
+    return t.as_strided((t.numel(),), (1,)).view(torch.uint8)

@@ -119,6 +119,19 @@ def test_validation_errors_are_raised_by_commit_async_itself() -> None:
     repo.close()
 
 
+def test_contiguous_tensors_with_odd_strides_on_size_one_dims_round_trip() -> None:
+    """Size-1 dimensions may carry any stride on a contiguous tensor; staging must
+    still read exactly the elements (Hypothesis found a 1-element, stride-2 case)."""
+    base = torch.arange(12, dtype=torch.float32)
+    tree = {"one": base[3::2][:1], "row": base.as_strided((1, 3), (7, 1), 3)}
+    assert all(t.is_contiguous() for t in tree.values())
+    repo = qckpt.Repository.init(qckpt.MemoryBackend())
+    repo.commit(tree, message="odd strides")
+    restored = repo.load("main").tree()
+    for key, value in tree.items():
+        assert torch.equal(restored[key], value), key
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tensors_are_staged_through_pinned_memory() -> None:
     model = torch.nn.Linear(64, 64).cuda()
