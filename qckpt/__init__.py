@@ -18,6 +18,7 @@ private and may change.
 from qckpt._diff import TensorDiff
 from qckpt._fsck import FsckProblem, FsckReport
 from qckpt._gc import GcReport, RetentionPolicy
+from qckpt._lossy import LossyTier
 from qckpt._records import CommitStats, Snapshot, TensorEntry
 from qckpt._view import SnapshotView
 from qckpt.backends import Backend, LocalBackend, MemoryBackend, RetryingBackend, S3Backend
@@ -63,6 +64,7 @@ __all__ = [
     "IntegrityError",
     "InvalidInputError",
     "InvalidRefNameError",
+    "LossyTier",
     "LocalBackend",
     "MemoryBackend",
     "NotFoundError",

@@ -18,8 +18,11 @@ Two families:
   platform), with NaN results replaced by 0, so the decoder repeats them bit
   for bit; a different result would still be caught by the digest check.
 
-Predictive payload layout: ``u8 float format, u8 scalar count, f64 scalars...``
-then the shuffled zstd residual.
+Predictive payload layout: ``u8 float format, u8 scalar count, [u8 dropped
+bits], f64 scalars...`` then the shuffled zstd residual. Bit 7 of the format
+byte marks a *lossy-tier* object (see ``round_bits``): the prediction is rounded
+to the chunk's precision first, and the residual, a multiple of ``2**dropped``,
+is stored shifted right by the dropped bits.
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ FLOAT_FORMATS = {"float32": FLOAT32, "bfloat16": BFLOAT16, "float16": FLOAT16, "
 _FORMAT_ITEMSIZE = {FLOAT32: 4, BFLOAT16: 2, FLOAT16: 2, FLOAT64: 8}
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+# Per float format: (mantissa bits, exponent mask) of the bit pattern.
+_FORMAT_BITS = {FLOAT32: (23, 0x7F800000), BFLOAT16: (7, 0x7F80), FLOAT16: (10, 0x7C00), FLOAT64: (52, 0x7FF0000000000000)}
 _PREDICTIVE_HEAD = struct.Struct("<BB")
+_ROUNDED = 0x80  # format byte flag: a dropped-bits byte follows the head
 
 Raw = bytes | bytearray | memoryview | np.ndarray
 
@@ -177,16 +183,52 @@ def from_float(values: np.ndarray, fmt: int) -> np.ndarray:
     return values.view(np.uint8)
 
 
-def _zigzag_difference(raw: Raw, prediction: np.ndarray, itemsize: int) -> np.ndarray:
+def mantissa_bits(fmt: int) -> int:
+    """Explicit mantissa bits of a float format (0 for FLOAT_NONE)."""
+    return _FORMAT_BITS.get(fmt, (0, 0))[0]
+
+
+def round_bits(raw: Raw, fmt: int, dropped: int) -> np.ndarray:
+    """``raw``'s floats rounded to ``mantissa_bits(fmt) - dropped`` mantissa bits
+    (a new uint8 array): round half to even on the bit pattern, so every
+    result's low ``dropped`` bits are zero. Infinities stay; NaN becomes the
+    quiet NaN of its sign; a finite value that would round to infinity is
+    truncated instead. For normal numbers the relative error is at most
+    ``2**-(mantissa_bits(fmt) - dropped + 1)`` (``2**-(kept bits)`` for the
+    truncated ones); subnormals keep an absolute error below half their new
+    spacing. The lossy tier's only lossy step."""
+    mantissa, exponent = _FORMAT_BITS[fmt]
+    if not 0 < dropped < mantissa:
+        raise ValueError(f"can drop 1 to {mantissa - 1} mantissa bits of this format, not {dropped}")
+    unsigned = _UNSIGNED[_FORMAT_ITEMSIZE[fmt]]
+    bits = _u8(raw).view(unsigned)
+    one, low = unsigned(1), unsigned((1 << dropped) - 1)
+    exp_mask = unsigned(exponent)
+    rounded = (bits + (low >> one) + ((bits >> unsigned(dropped)) & one)) & ~low
+    special = (bits & exp_mask) == exp_mask
+    overflow = ((rounded & exp_mask) == exp_mask) & ~special
+    rounded[overflow] = bits[overflow] & ~low
+    nan = special & ((bits & unsigned((1 << mantissa) - 1)) != 0)
+    sign = unsigned(1 << (8 * bits.itemsize - 1))
+    rounded[nan] = (bits[nan] & sign) | exp_mask | unsigned(1 << (mantissa - 1))
+    rounded[special & ~nan] = bits[special & ~nan]
+    return rounded.view(np.uint8)
+
+
+def _zigzag_difference(raw: Raw, prediction: np.ndarray, itemsize: int, dropped: int) -> np.ndarray:
     unsigned, signed = _UNSIGNED[itemsize], _SIGNED[itemsize]
     diff = (_u8(raw).view(unsigned) - prediction.view(unsigned)).view(signed)  # wraps
+    if dropped:
+        diff >>= signed(dropped)  # exact: both sides are multiples of 2**dropped
     return ((diff << signed(1)) ^ (diff >> signed(8 * itemsize - 1))).view(np.uint8)
 
 
-def _undo_zigzag_difference(residual: np.ndarray, prediction: np.ndarray, itemsize: int) -> np.ndarray:
+def _undo_zigzag_difference(residual: np.ndarray, prediction: np.ndarray, itemsize: int, dropped: int) -> np.ndarray:
     unsigned = _UNSIGNED[itemsize]
     zigzag = residual.view(unsigned)
     diff = (zigzag >> unsigned(1)) ^ (unsigned(0) - (zigzag & unsigned(1)))
+    if dropped:
+        diff <<= unsigned(dropped)
     return (prediction.view(unsigned) + diff).view(np.uint8)
 
 
@@ -195,7 +237,9 @@ class PredictiveCodec(ABC):
 
     ``inputs`` are the raw bytes of the dependency chunks, in the order the
     object header lists them; each has the chunk's length. ``scalars`` and the
-    float format ``fmt`` are recorded in the payload.
+    float format ``fmt`` are recorded in the payload. With ``dropped`` > 0 (lossy
+    tier) the chunk must already be ``round_bits(chunk, fmt, dropped)``; the
+    prediction is rounded the same way, so the residual loses nothing more.
     """
 
     id: ClassVar[int]
@@ -207,29 +251,44 @@ class PredictiveCodec(ABC):
     def predict(self, inputs: Sequence[Raw], fmt: int, scalars: Sequence[float]) -> np.ndarray:
         """The predicted raw bytes (uint8 array of the chunk's length)."""
 
-    def encode(self, raw: Raw, itemsize: int, level: int, inputs: Sequence[Raw], fmt: int, scalars: Sequence[float]) -> bytes:
-        head = _PREDICTIVE_HEAD.pack(fmt, len(scalars)) + struct.pack(f"<{len(scalars)}d", *scalars)
+    def encode(
+        self, raw: Raw, itemsize: int, level: int, inputs: Sequence[Raw], fmt: int, scalars: Sequence[float], dropped: int = 0
+    ) -> bytes:
+        head = _PREDICTIVE_HEAD.pack(fmt | (_ROUNDED if dropped else 0), len(scalars))
+        head += (bytes([dropped]) if dropped else b"") + struct.pack(f"<{len(scalars)}d", *scalars)
         with np.errstate(all="ignore"):  # overflow and NaN are legitimate in a prediction
             prediction = self.predict(inputs, fmt, scalars)
-        residual = _zigzag_difference(raw, prediction, itemsize)
+        if dropped:
+            prediction = round_bits(prediction, fmt, dropped)
+            if np.any(_u8(raw).view(_UNSIGNED[itemsize]) & _UNSIGNED[itemsize]((1 << dropped) - 1)):
+                raise ValueError("a lossy-tier chunk must be rounded with round_bits before encoding")
+        residual = _zigzag_difference(raw, prediction, itemsize, dropped)
         return head + _shuffle_compress(residual, itemsize, level)
 
     def decode(self, payload: memoryview, raw_length: int, itemsize: int, inputs: Sequence[Raw]) -> bytes:
         if len(payload) < _PREDICTIVE_HEAD.size:
             raise IntegrityError("predictive payload is truncated")
         fmt, count = _PREDICTIVE_HEAD.unpack_from(payload)
-        start = _PREDICTIVE_HEAD.size + 8 * count
+        start = _PREDICTIVE_HEAD.size
+        dropped = 0
+        if fmt & _ROUNDED and len(payload) > start:
+            fmt, dropped, start = fmt & ~_ROUNDED, payload[start], start + 1
+            if not 0 < dropped < mantissa_bits(fmt):
+                raise IntegrityError(f"{self.name} object drops {dropped} bits of float format {fmt}")
+        scalars_at, start = start, start + 8 * count
         if len(payload) < start or not self.arity[0] <= len(inputs) <= self.arity[1]:
             raise IntegrityError(f"malformed {self.name} object ({len(inputs)} dependencies, {count} scalars)")
-        if (self.float_only and _FORMAT_ITEMSIZE.get(fmt) != itemsize) or itemsize not in _UNSIGNED:
+        if ((self.float_only or dropped) and _FORMAT_ITEMSIZE.get(fmt) != itemsize) or itemsize not in _UNSIGNED:
             raise IntegrityError(f"{self.name} object has float format {fmt} for item size {itemsize}")
         if any(len(_u8(i)) != raw_length for i in inputs):
             raise IntegrityError(f"{self.name} object: a dependency's length differs from {raw_length}")
-        scalars = struct.unpack_from(f"<{count}d", payload, _PREDICTIVE_HEAD.size)
+        scalars = struct.unpack_from(f"<{count}d", payload, scalars_at)
         residual = _decompress_unshuffle(payload[start:], raw_length, itemsize)
         with np.errstate(all="ignore"):
             prediction = self.predict(inputs, fmt, scalars)
-        return _undo_zigzag_difference(residual, prediction, itemsize).tobytes()
+        if dropped:
+            prediction = round_bits(prediction, fmt, dropped)
+        return _undo_zigzag_difference(residual, prediction, itemsize, dropped).tobytes()
 
 
 class DeltaCodec(PredictiveCodec):

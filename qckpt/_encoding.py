@@ -7,7 +7,8 @@ or in this commit, whose chunk at the same position is either indexed
 already (then its depth is known) or encoded by an earlier wave of this
 commit; no chunk depends on itself; and the chain it would create is at most
 ``max_chain`` objects long. Otherwise the chunk is simply stored on its own,
-which is always safe.
+which is always safe. Candidates carry the mantissa bits the lossy tier
+rounded the array by, so predictions are rounded alike.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class EncodePlanner:
                 inputs.append(chunk_view(other, number, self._chunk_size))
             else:
                 if depth + 1 <= self._max_chain:
-                    out.append(Candidate(codec, tuple(deps), tuple(inputs), fmt, prediction.scalars))
+                    out.append(Candidate(codec, tuple(deps), tuple(inputs), fmt, prediction.scalars, array.dropped))
         return out
 
     def encoded(self, chunk_id: bytes, deps: Sequence[bytes]) -> int:

@@ -26,7 +26,8 @@ from qckpt._tree import ArrayLeaf
 
 @dataclass(frozen=True)
 class StagedArray:
-    """One tensor's bytes, owned by the repository: path, kind, dtype, shape, data (flat uint8)."""
+    """One tensor's bytes, owned by the repository: path, kind, dtype, shape, data
+    (flat uint8); ``dropped``: low mantissa bits the lossy tier rounded away."""
 
     path: str
     kind: str
@@ -35,6 +36,7 @@ class StagedArray:
     itemsize: int
     data: np.ndarray
     pinned: bool = False  # page-locked (staged from CUDA)
+    dropped: int = 0
 
 
 def stage(leaves: Sequence[ArrayLeaf], take: Callable[[int, bool], np.ndarray] | None = None) -> list[StagedArray]:

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from qckpt._hot import stage
+from qckpt._lossy import ANNOTATION as LOSSY
+from qckpt._lossy import check_main_line
 from qckpt._records import CommitStats, Manifest, Snapshot, TensorEntry
 from qckpt._refs import BRANCH_PREFIX, check_ref_name
 from qckpt._tensors import is_floating
@@ -27,7 +29,15 @@ def _unique(ids: Sequence[str | None]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
-def pick_best(repo: Repository, target: str, candidates: Sequence[str], metric: Metric, mode: str, message: str) -> Snapshot:
+def _lossy_of(snaps: Sequence[Snapshot]) -> dict[str, Any]:
+    """The annotation that marks a result built from lossy snapshots (the coarsest one), or none."""
+    lossy = [s.lossy for s in snaps if s.lossy is not None]
+    return {LOSSY: min(lossy, key=lambda a: a.get("mantissa_bits", 0))} if lossy else {}
+
+
+def pick_best(
+    repo: Repository, target: str, candidates: Sequence[str], metric: Metric, mode: str, message: str, allow_lossy: bool
+) -> Snapshot:
     """Move ``target`` to a join snapshot of the best candidate (see ``Repository.join``)."""
     check_ref_name(target)
     if not candidates or mode not in ("min", "max"):
@@ -44,6 +54,8 @@ def pick_best(repo: Repository, target: str, candidates: Sequence[str], metric: 
     scores = [score(s) for _, s in snaps]
     winner_rev, winner = snaps[scores.index(min(scores))]
     summary = [{"revision": r, "snapshot": s.id, "step": s.step, "metrics": s.metrics} for r, s in snaps]
+    lossy = _lossy_of([winner])
+    check_main_line(target, lossy.get(LOSSY), allow_lossy, f"joining {winner_rev} into {target!r}")
     with repo.backend.lock(exclusive=False):
         return repo._publish(
             target,
@@ -52,7 +64,7 @@ def pick_best(repo: Repository, target: str, candidates: Sequence[str], metric: 
                 manifest=winner.manifest, parents=_unique([head, *(s.id for _, s in snaps)]), step=winner.step,
                 time=time.time(), message=message or f"join {target}: picked {winner_rev} by {name} ({mode})",
                 metrics=winner.metrics, stats=CommitStats(raw_bytes=winner.stats.raw_bytes, chunks=winner.stats.chunks),
-                annotations={"join": {"metric": name, "mode": mode, "winner": winner_rev, "candidates": summary}},
+                annotations={"join": {"metric": name, "mode": mode, "winner": winner_rev, "candidates": summary}, **lossy},
             ),
         )  # fmt: skip
 
@@ -66,7 +78,9 @@ def _weighted(values: list[Any], weights: list[float], like: Any) -> Any:
     return total.to(like.dtype)
 
 
-def average(repo: Repository, revisions: Sequence[str], branch: str, weights: Sequence[float] | None, message: str) -> Snapshot:
+def average(
+    repo: Repository, revisions: Sequence[str], branch: str, weights: Sequence[float] | None, message: str, allow_lossy: bool
+) -> Snapshot:
     """Commit the element-wise weighted average of snapshots to ``branch`` (see ``Repository.average``)."""
     check_ref_name(branch)
     if len(revisions) < 2:
@@ -76,6 +90,8 @@ def average(repo: Repository, revisions: Sequence[str], branch: str, weights: Se
         raise InvalidInputError("weights must be one non-negative number per revision, not all zero")
     norm = [w / sum(raw_weights) for w in raw_weights]
     snaps = [repo.snapshot(r) for r in revisions]
+    lossy = _lossy_of(snaps)
+    check_main_line(branch, lossy.get(LOSSY), allow_lossy, f"averaging into {branch!r}")
     manifests = [repo.manifest(s) for s in snaps]
     first = manifests[0]
     shape_of = [[(t.path, t.kind, t.dtype, t.shape) for t in m.tensors] for m in manifests]
@@ -108,6 +124,6 @@ def average(repo: Repository, revisions: Sequence[str], branch: str, weights: Se
                 time=time.time(), message=message or f"average of {', '.join(revisions)}",
                 stats=CommitStats(sum(t.nbytes for t in tensors), sum(len(t.chunks) for t in tensors),
                                   stats.new_chunks, stats.new_raw_bytes, stats.new_stored_bytes),
-                annotations={"average": {"revisions": list(revisions), "snapshots": [s.id for s in snaps], "weights": norm}},
+                annotations={"average": {"revisions": list(revisions), "snapshots": [s.id for s in snaps], "weights": norm}, **lossy},
             ),
         )  # fmt: skip

@@ -36,13 +36,15 @@ HEADER_SIZE = _HEADER.size
 @dataclass(frozen=True)
 class Candidate:
     """One predictive encoding to try for a chunk: codec, dependency chunk ids with
-    their raw bytes, the float format to compute in, and the codec's scalars."""
+    their raw bytes, the float format to compute in, the codec's scalars, and the
+    mantissa bits the (lossy-tier) chunk was rounded by."""
 
     codec: PredictiveCodec
     deps: tuple[bytes, ...]
     inputs: tuple[Raw, ...]
     fmt: int
     scalars: tuple[float, ...] = ()
+    dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,11 @@ def encode_object(
     """
     if candidates:
         sample = _Sampler(len(raw), itemsize)
-        sizes = [len(c.codec.encode(sample(raw), itemsize, level, [sample(i) for i in c.inputs], c.fmt, c.scalars))
+        sizes = [len(c.codec.encode(sample(raw), itemsize, level, [sample(i) for i in c.inputs], c.fmt, c.scalars, c.dropped))
                  for c in candidates]  # fmt: skip
         best = candidates[sizes.index(min(sizes))]
         if min(sizes) < len(encode_plain(sample(raw), itemsize, floating, level)[1]):
-            payload = best.codec.encode(raw, itemsize, level, best.inputs, best.fmt, best.scalars)
+            payload = best.codec.encode(raw, itemsize, level, best.inputs, best.fmt, best.scalars, best.dropped)
             header = _HEADER.pack(OBJECT_VERSION, best.codec.id, itemsize, FLAG_DEPENDENCIES, len(raw))
             data = b"".join([header, bytes([len(best.deps)]), *best.deps, payload])
             if len(data) < len(raw):

@@ -123,8 +123,8 @@ class Snapshot:
     """One commit: a manifest, its parents, and what was recorded with it.
 
     ``annotations`` is plain data written by operations (a join records its
-    candidates there). Create with ``Snapshot.new``; the id is the digest of
-    ``to_bytes()``.
+    candidates there, a lossy-tier commit its precision under ``"lossy"``).
+    Create with ``Snapshot.new``; the id is the digest of ``to_bytes()``.
     """
 
     id: str
@@ -140,6 +140,12 @@ class Snapshot:
     @property
     def short_id(self) -> str:
         return self.id[:12]
+
+    @property
+    def lossy(self) -> dict[str, Any] | None:
+        """The lossy tier's record (``mantissa_bits``, ``relative_error``) if this
+        snapshot's floats were stored rounded, else None (bit-exact)."""
+        return self.annotations.get("lossy")
 
     def _document(self) -> dict[str, Any]:
         return {

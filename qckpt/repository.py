@@ -33,6 +33,8 @@ from qckpt._fsck import FsckReport, check_repository
 from qckpt._gc import GC_GENERATION_REF, GcReport, RetentionPolicy, collect_garbage
 from qckpt._index import ChunkIndex, LmdbIndex, MemoryIndex
 from qckpt._join import average, pick_best
+from qckpt._lossy import ANNOTATION as LOSSY
+from qckpt._lossy import LossyTier, check_main_line, quantize
 from qckpt._objects import EncodedObject, encode_object
 from qckpt._packs import TRAILER_SIZE, ChunkLocation, PackBuilder, footer_span, pack_key, read_pack_footer
 from qckpt._predict import ParamRule, parameter_rules
@@ -60,7 +62,7 @@ from qckpt.errors import (
 )
 from qckpt.state import TrainingState
 
-REPOSITORY_VERSION = 2  # 2: delta and predictive codecs, pack footers with dependencies
+REPOSITORY_VERSION = 3  # 2: delta and predictive codecs, pack footers with dependencies; 3: lossy-tier payloads
 CONFIG_KEY = "config"
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_COMPRESSION_LEVEL = 1
@@ -277,6 +279,7 @@ class Repository:
         metrics: Mapping[str, float] | None = None,
         message: str = "",
         on_conflict: str = "retry",
+        lossy: LossyTier | None = None,
     ) -> Snapshot:
         """Store ``state`` as a new snapshot on ``branch`` (created if absent) and return it
         once it is durable: ``commit_async(...).wait()``.
@@ -289,9 +292,14 @@ class Repository:
         record is rewritten); with ``on_conflict="raise"`` it raises
         ``RefConflictError`` instead, and the snapshot stays readable by id until
         garbage collection. Holds the writer lock shared (GC waits for it).
+
+        ``lossy=LossyTier(mantissa_bits)`` stores floats rounded to that
+        precision (opt-in, for exploratory branches; refused on ``main`` unless
+        ``allow_main``): the snapshot then holds the rounded values, bit-exact,
+        and records ``annotations["lossy"]``.
         """
         return self.commit_async(
-            state, branch=branch, step=step, metrics=metrics, message=message, on_conflict=on_conflict
+            state, branch=branch, step=step, metrics=metrics, message=message, on_conflict=on_conflict, lossy=lossy
         ).wait()
 
     def commit_async(
@@ -303,6 +311,7 @@ class Repository:
         metrics: Mapping[str, float] | None = None,
         message: str = "",
         on_conflict: str = "retry",
+        lossy: LossyTier | None = None,
     ) -> CommitHandle:
         """Stage ``state`` and commit it in the background (arguments as ``commit``).
 
@@ -320,6 +329,9 @@ class Repository:
         check_ref_name(branch)
         if on_conflict not in ("retry", "raise"):
             raise InvalidInputError(f"on_conflict must be 'retry' or 'raise', got {on_conflict!r}")
+        if lossy is not None and not isinstance(lossy, LossyTier):
+            raise InvalidInputError(f"lossy must be a LossyTier or None, got {lossy!r}")
+        check_main_line(branch, lossy and lossy.annotation(), bool(lossy and lossy.allow_main), "this commit")
         rules: dict[str, ParamRule] = {}
         if isinstance(state, TrainingState):
             tree: Any = state.capture()
@@ -334,7 +346,7 @@ class Repository:
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise InvalidInputError(f"step must be an int, got {step!r}")
         encoded, leaves = encode_tree(tree)
-        job = _CommitJob(encoded, stage(leaves, self._hot.take), rules, branch, step, metrics, message, on_conflict)
+        job = _CommitJob(encoded, stage(leaves, self._hot.take), rules, branch, step, metrics, message, on_conflict, lossy)
         return self._writer.submit(job)
 
     def flush(self) -> None:
@@ -347,17 +359,19 @@ class Repository:
             self._upgrade_config()
             self._sync_index()
             head = self.backend.read_ref(BRANCH_PREFIX + job.branch)
-            tensors, stats = self._store_arrays(job.staged, self._hot.get(head), job.rules, job.step)
+            staged = quantize(job.staged, job.lossy) if job.lossy is not None else job.staged
+            tensors, stats = self._store_arrays(staged, self._hot.get(head), job.rules, job.step)
             manifest_id = self._put_manifest(Manifest(job.encoded, tuple(tensors)))
 
             def snapshot_on(parent: str | None) -> Snapshot:
                 return Snapshot.new(
                     manifest=manifest_id, parents=(parent,) if parent else (), step=job.step, time=time.time(),
                     message=job.message, metrics=job.metrics, stats=stats,
+                    annotations={LOSSY: job.lossy.annotation()} if job.lossy else {},
                 )  # fmt: skip
 
             snapshot = self._publish(job.branch, head, snapshot_on, retry=job.on_conflict == "retry")
-        arrays = {a.path: a for a in job.staged}
+        arrays = {a.path: a for a in staged}
         self._hot.put(HotSnapshot(snapshot.id, arrays, {t.path: t for t in tensors}, job.rules, job.step))
         return snapshot
 
@@ -763,6 +777,7 @@ class Repository:
         metric: str | Callable[[Snapshot], float] = "loss",
         mode: str = "min",
         message: str = "",
+        allow_lossy: bool = False,
     ) -> Snapshot:
         """Pick the best candidate revision and move branch ``target`` to it.
 
@@ -771,11 +786,18 @@ class Repository:
         scores lose. Records a snapshot with the winner's manifest (no data is
         copied) whose parents are ``target``'s head and every candidate, and
         whose ``annotations["join"]`` keeps each candidate's step and metrics.
+        A lossy-tier winner is refused for ``main`` unless ``allow_lossy``.
         """
-        return pick_best(self, target, candidates, metric, mode, message)
+        return pick_best(self, target, candidates, metric, mode, message, allow_lossy)
 
     def average(
-        self, revisions: list[str], *, branch: str, weights: list[float] | None = None, message: str = ""
+        self,
+        revisions: list[str],
+        *,
+        branch: str,
+        weights: list[float] | None = None,
+        message: str = "",
+        allow_lossy: bool = False,
     ) -> Snapshot:
         """Commit the element-wise (weighted) average of snapshots to ``branch``.
 
@@ -783,9 +805,10 @@ class Repository:
         otherwise). Every floating-point tensor is averaged in float64 and cast
         back, optimizer moments included; tensors identical in all snapshots,
         non-floating tensors and all plain values (step counters, RNG and sampler
-        states) are taken unchanged from the first revision.
+        states) are taken unchanged from the first revision. Averaging lossy-tier
+        snapshots into ``main`` is refused unless ``allow_lossy``.
         """
-        return average(self, revisions, branch, weights, message)
+        return average(self, revisions, branch, weights, message, allow_lossy)
 
     def diff(self, a: str, b: str) -> list[TensorDiff]:
         """Per-tensor comparison of two revisions (see ``TensorDiff``)."""
@@ -842,6 +865,7 @@ class _CommitJob:
     metrics: dict[str, float]
     message: str
     on_conflict: str
+    lossy: LossyTier | None
 
 
 def _as_value(buffer: np.ndarray, entry: TensorEntry) -> torch.Tensor | np.ndarray:

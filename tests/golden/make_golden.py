@@ -1,7 +1,8 @@
 """Write the golden repository of the current format version (run once per format version).
 
 ``python -m tests.golden.make_golden v1`` wrote ``tests/golden/v1`` with qckpt's
-format version 1; ``tests/qckpt/test_golden.py`` checks that every later qckpt reads it.
+format version 1 (``v2``: version 2, with delta objects); ``tests/qckpt/test_golden.py``
+checks that every later qckpt reads them.
 """
 
 from __future__ import annotations
