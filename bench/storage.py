@@ -9,7 +9,11 @@ side by side in one process:
 * ``safetensors``: tensors in a safetensors file, the rest of the tree as JSON metadata;
 * ``dcp``: ``torch.distributed.checkpoint.save`` (single process, filesystem writer);
 * ``qckpt-plain``: a repository with ``max_chain=1`` (dedup + shuffle + zstd only);
-* ``qckpt``: a repository with every codec (deltas, optimizer-aware predictions).
+* ``qckpt``: a repository with every codec (deltas, optimizer-aware predictions);
+* ``qckpt-lossy<B>`` (with ``--lossy B``, default 10): the same, every commit on a
+  side branch through the lossy tier (floats rounded to B mantissa bits); not
+  lossless, so it is reported with the largest relative error measured on the
+  latest snapshot against the training state, next to the stated bound.
 
 Scenarios: ``every_step`` (a checkpoint after every optimizer step),
 ``every_10`` (after every tenth step) and ``frozen_90`` (fine-tuning with 90%
@@ -56,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default=None, help="model size (default: 10m, or 3m with --quick)")
     parser.add_argument("--commits", type=int, default=None, help="checkpoints per scenario (default 60, 12 with --quick)")
     parser.add_argument("--chains", default="", help="comma-separated extra max_chain values to sweep on every_step")
+    parser.add_argument("--lossy", type=int, default=10, metavar="BITS",
+                        help="mantissa bits of the qckpt-lossy method (default 10; 0 leaves it out)")
     parser.add_argument("--backend", choices=("local", "s3"), default="local", help="where qckpt repositories live")
     parser.add_argument("--json", type=Path, help="also write the results here")
 
@@ -150,15 +156,16 @@ class Dcp(FileMethod):
 
 
 class Qckpt(Method):
-    def __init__(self, name: str, location: str, max_chain: int | None) -> None:
+    def __init__(self, name: str, location: str, max_chain: int | None, lossy: qckpt.LossyTier | None = None) -> None:
         self.name = name
         self.location = location
         self.repo = qckpt.Repository.init(location, **({"max_chain": max_chain} if max_chain else {}))
+        self.lossy = lossy
         self.ids: list[str] = []
         self.new_raw_bytes = 0
 
     def save(self, tree: Any, state: qckpt.TrainingState) -> None:
-        snapshot = self.repo.commit(state)
+        snapshot = self.repo.commit(state, branch="explore" if self.lossy else "main", lossy=self.lossy)
         self.ids.append(snapshot.id)
         self.new_raw_bytes += snapshot.stats.new_raw_bytes
 
@@ -168,6 +175,18 @@ class Qckpt(Method):
     def restore(self, index: int, template: Any) -> None:
         with qckpt.Repository.open(self.location, hot_snapshots=0) as fresh:
             fresh.load(self.ids[index]).tree()
+
+    def max_relative_error(self, original: dict[str, torch.Tensor]) -> float:
+        """Largest |stored - original| / |original| over the latest snapshot's nonzero
+        floats (``original``: ``_tensor_table`` of the state that was saved last)."""
+        stored = _tensor_table(self.repo.load(self.ids[-1]).tree())[1]
+        worst = 0.0
+        for key, value in original.items():
+            if value.is_floating_point() and value.numel():
+                nonzero = value != 0
+                error = (stored[key].double() - value.double())[nonzero].abs() / value.double()[nonzero].abs()
+                worst = max(worst, float(error.max()) if error.numel() else 0.0)
+        return worst
 
     def restore_hot(self, state: qckpt.TrainingState) -> float:
         start = time.perf_counter()
@@ -216,7 +235,7 @@ def _locations(backend: str, root: Path) -> Iterator[Callable[[str], str]]:
         yield lambda name: f"s3://{bucket}/{name}"
 
 
-def run_scenario(scenario: str, size: str, commits: int, chains: list[int], backend: str) -> dict[str, Any]:
+def run_scenario(scenario: str, size: str, commits: int, chains: list[int], backend: str, lossy: int) -> dict[str, Any]:
     interval = 10 if scenario == "every_10" else 1
     steps = commits * interval
     trainer = _trainer(size, scenario, total=steps + 10)
@@ -228,6 +247,8 @@ def run_scenario(scenario: str, size: str, commits: int, chains: list[int], back
             Qckpt("qckpt-plain", where("plain"), 1), Qckpt("qckpt", where("qckpt"), None),
         ]  # fmt: skip
         methods += [Qckpt(f"qckpt-k{k}", where(f"k{k}"), k) for k in chains]
+        if lossy:
+            methods.append(Qckpt(f"qckpt-lossy{lossy}", where("lossy"), None, qckpt.LossyTier(lossy)))
         results = {m.name: Result() for m in methods}
         for step in range(1, steps + 1):
             trainer.train_step()
@@ -240,6 +261,8 @@ def run_scenario(scenario: str, size: str, commits: int, chains: list[int], back
                 results[method.name].save_times.append(time.perf_counter() - start)
                 results[method.name].cpu_times.append(time.process_time() - cpu)
         template = trainer.state.capture()
+        # a copy: some methods restore into ``template`` in place (dcp), i.e. into the live state
+        last_saved = {key: value.clone() for key, value in _tensor_table(template)[1].items()}
         out: dict[str, Any] = {}
         for method in methods:
             result = results[method.name]
@@ -250,6 +273,9 @@ def run_scenario(scenario: str, size: str, commits: int, chains: list[int], back
                 "restore_oldest_s": best_time(partial(method.restore, 0, template)),
             }
             if isinstance(method, Qckpt):
+                if method.lossy:
+                    entry["max_relative_error"] = method.max_relative_error(last_saved)
+                    entry["relative_error_bound"] = method.lossy.relative_error
                 entry["restore_latest_hot_s"] = min(method.restore_hot(trainer.state) for _ in range(3))
                 entry["max_chain"] = method.repo.config.max_chain
                 # everything a commit costs (staging, hashing, encoding, writing) per CPU-second: a lower bound on the encoder
@@ -272,6 +298,9 @@ def _report(results: dict[str, Any]) -> None:
         q = scenario["methods"]["qckpt"]
         print(f"  qckpt restore of the latest from the hot tier: {q['restore_latest_hot_s'] * 1e3:.1f} ms; "
               f"commit throughput {q['encode_mb_per_cpu_s']:.0f} MB per CPU-second")  # fmt: skip
+        for method, m in scenario["methods"].items():
+            if "max_relative_error" in m:
+                print(f"  {method}: largest relative error {m['max_relative_error']:.3g} (bound {m['relative_error_bound']:.3g})")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -282,7 +311,9 @@ def run(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {"size": size, "backend": args.backend, "cores": os.cpu_count(), "scenarios": {}}
     for scenario in SCENARIOS:
         start = time.perf_counter()
-        results["scenarios"][scenario] = run_scenario(scenario, size, commits, chains if scenario == "every_step" else [], args.backend)
+        results["scenarios"][scenario] = run_scenario(
+            scenario, size, commits, chains if scenario == "every_step" else [], args.backend, args.lossy
+        )
         print(f"[{scenario}: {time.perf_counter() - start:.0f} s]", flush=True)
     _report(results)
     if args.json:
