@@ -55,8 +55,9 @@ def _summary(snap: Snapshot, names: dict[str, list[str]]) -> str:
     refs = f" ({', '.join(names[snap.id])})" if snap.id in names else ""
     metrics = " ".join(f"{k}={v:.4g}" for k, v in snap.metrics.items())
     step = f" step {snap.step}" if snap.step is not None else ""
+    lossy = f" [lossy: {snap.lossy.get('mantissa_bits')} mantissa bits]" if snap.lossy else ""
     message = f"  {snap.message}" if snap.message else ""
-    return f"{snap.short_id}{refs}{step} {metrics}{message}".rstrip()
+    return f"{snap.short_id}{refs}{step}{lossy} {metrics}{message}".rstrip()
 
 
 def _graph_lines(snaps: list[Snapshot], names: dict[str, list[str]]) -> list[str]:

@@ -30,7 +30,8 @@ def populated(tmp_path: Path) -> Path:
         for i in range(4):
             repo.commit({"w": torch.full((200,), float(i)), "b": torch.zeros(3)}, step=i, metrics={"loss": 4.0 - i})
         repo.create_branch("alt", "main@1")
-        repo.commit({"w": torch.randn(200), "b": torch.zeros(3)}, branch="alt", step=2, metrics={"loss": 0.5})
+        repo.commit({"w": torch.randn(200), "b": torch.zeros(3)}, branch="alt", step=2, metrics={"loss": 0.5},
+                    lossy=qckpt.LossyTier(10, min_elements=100))  # fmt: skip
     return path
 
 
@@ -88,6 +89,9 @@ def test_fsck_json(populated: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_history_commands(populated: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out = _cli(capsys, populated, "log")
     assert code == 0 and len(out.splitlines()) == 4 and "(main) step 3 loss=1" in out
+    assert "lossy" not in out
+    code, out = _cli(capsys, populated, "log", "alt")
+    assert code == 0 and out.splitlines()[0].endswith("(alt) step 2 [lossy: 10 mantissa bits] loss=0.5")
     code, out = _cli(capsys, populated, "log", "--graph")
     assert code == 0 and len(out.splitlines()) == 5 and out.splitlines()[0].startswith("*") and "| *" in out
     code, out = _cli(capsys, populated, "log", "--json", "-n", "2")
