@@ -211,7 +211,6 @@ def round_bits(raw: Raw, fmt: int, dropped: int) -> np.ndarray:
     nan = special & ((bits & unsigned((1 << mantissa) - 1)) != 0)
     sign = unsigned(1 << (8 * bits.itemsize - 1))
     rounded[nan] = (bits[nan] & sign) | exp_mask | unsigned(1 << (mantissa - 1))
-    rounded[special & ~nan] = bits[special & ~nan]
     return rounded.view(np.uint8)
 
 
@@ -271,7 +270,9 @@ class PredictiveCodec(ABC):
         fmt, count = _PREDICTIVE_HEAD.unpack_from(payload)
         start = _PREDICTIVE_HEAD.size
         dropped = 0
-        if fmt & _ROUNDED and len(payload) > start:
+        if fmt & _ROUNDED:
+            if len(payload) <= start:
+                raise IntegrityError("predictive payload is truncated")
             fmt, dropped, start = fmt & ~_ROUNDED, payload[start], start + 1
             if not 0 < dropped < mantissa_bits(fmt):
                 raise IntegrityError(f"{self.name} object drops {dropped} bits of float format {fmt}")

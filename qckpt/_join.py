@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from qckpt._hot import stage
-from qckpt._lossy import ANNOTATION as LOSSY
 from qckpt._lossy import check_main_line
-from qckpt._records import CommitStats, Manifest, Snapshot, TensorEntry
+from qckpt._records import LOSSY_ANNOTATION, CommitStats, Manifest, Snapshot, TensorEntry
 from qckpt._refs import BRANCH_PREFIX, check_ref_name
 from qckpt._tensors import is_floating
 from qckpt._tree import ArrayLeaf
@@ -30,9 +29,9 @@ def _unique(ids: Sequence[str | None]) -> tuple[str, ...]:
 
 
 def _lossy_of(snaps: Sequence[Snapshot]) -> dict[str, Any]:
-    """The annotation that marks a result built from lossy snapshots (the coarsest one), or none."""
+    """The annotations that mark a result built from lossy snapshots (the coarsest one's record), or none."""
     lossy = [s.lossy for s in snaps if s.lossy is not None]
-    return {LOSSY: min(lossy, key=lambda a: a.get("mantissa_bits", 0))} if lossy else {}
+    return {LOSSY_ANNOTATION: min(lossy, key=lambda a: a.get("mantissa_bits", 0))} if lossy else {}
 
 
 def pick_best(
@@ -55,7 +54,7 @@ def pick_best(
     winner_rev, winner = snaps[scores.index(min(scores))]
     summary = [{"revision": r, "snapshot": s.id, "step": s.step, "metrics": s.metrics} for r, s in snaps]
     lossy = _lossy_of([winner])
-    check_main_line(target, lossy.get(LOSSY), allow_lossy, f"joining {winner_rev} into {target!r}")
+    check_main_line(target, lossy.get(LOSSY_ANNOTATION), allow_lossy, f"joining {winner_rev} into {target!r}")
     with repo.backend.lock(exclusive=False):
         return repo._publish(
             target,
@@ -91,7 +90,7 @@ def average(
     norm = [w / sum(raw_weights) for w in raw_weights]
     snaps = [repo.snapshot(r) for r in revisions]
     lossy = _lossy_of(snaps)
-    check_main_line(branch, lossy.get(LOSSY), allow_lossy, f"averaging into {branch!r}")
+    check_main_line(branch, lossy.get(LOSSY_ANNOTATION), allow_lossy, f"averaging into {branch!r}")
     manifests = [repo.manifest(s) for s in snaps]
     first = manifests[0]
     shape_of = [[(t.path, t.kind, t.dtype, t.shape) for t in m.tensors] for m in manifests]

@@ -25,7 +25,6 @@ from qckpt._hot import StagedArray
 from qckpt.errors import InvalidInputError
 
 MAIN_LINE = "main"
-ANNOTATION = "lossy"
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,9 @@ def _verified_json(kind: str, record_id: str, data: bytes, decompress: bool) -> 
     return doc
 
 
+LOSSY_ANNOTATION = "lossy"  # the annotation key a lossy-tier snapshot carries
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor or array of a snapshot: path, kind (``tensor``/``ndarray``), dtype,
@@ -145,7 +148,7 @@ class Snapshot:
     def lossy(self) -> dict[str, Any] | None:
         """The lossy tier's record (``mantissa_bits``, ``relative_error``) if this
         snapshot's floats were stored rounded, else None (bit-exact)."""
-        return self.annotations.get("lossy")
+        return self.annotations.get(LOSSY_ANNOTATION)
 
     def _document(self) -> dict[str, Any]:
         return {

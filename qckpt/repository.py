@@ -33,13 +33,12 @@ from qckpt._fsck import FsckReport, check_repository
 from qckpt._gc import GC_GENERATION_REF, GcReport, RetentionPolicy, collect_garbage
 from qckpt._index import ChunkIndex, LmdbIndex, MemoryIndex
 from qckpt._join import average, pick_best
-from qckpt._lossy import ANNOTATION as LOSSY
 from qckpt._lossy import LossyTier, check_main_line, quantize
 from qckpt._objects import EncodedObject, encode_object
 from qckpt._packs import TRAILER_SIZE, ChunkLocation, PackBuilder, footer_span, pack_key, read_pack_footer
 from qckpt._predict import ParamRule, parameter_rules
 from qckpt._reader import ChunkReader
-from qckpt._records import CommitStats, Manifest, Snapshot, TensorEntry, manifest_key, snapshot_key
+from qckpt._records import LOSSY_ANNOTATION, CommitStats, Manifest, Snapshot, TensorEntry, manifest_key, snapshot_key
 from qckpt._refs import BRANCH_PREFIX, TAG_PREFIX, check_ref_name
 from qckpt._tensors import is_floating, numpy_dtype, torch_dtype
 from qckpt._tree import decode_tree, encode_tree
@@ -329,9 +328,10 @@ class Repository:
         check_ref_name(branch)
         if on_conflict not in ("retry", "raise"):
             raise InvalidInputError(f"on_conflict must be 'retry' or 'raise', got {on_conflict!r}")
-        if lossy is not None and not isinstance(lossy, LossyTier):
-            raise InvalidInputError(f"lossy must be a LossyTier or None, got {lossy!r}")
-        check_main_line(branch, lossy and lossy.annotation(), bool(lossy and lossy.allow_main), "this commit")
+        if lossy is not None:
+            if not isinstance(lossy, LossyTier):
+                raise InvalidInputError(f"lossy must be a LossyTier or None, got {lossy!r}")
+            check_main_line(branch, lossy.annotation(), lossy.allow_main, "this commit")
         rules: dict[str, ParamRule] = {}
         if isinstance(state, TrainingState):
             tree: Any = state.capture()
@@ -355,11 +355,11 @@ class Repository:
 
     def _write_commit(self, job: _CommitJob) -> Snapshot:
         """The background half of a commit (runs on the writer thread)."""
+        staged = quantize(job.staged, job.lossy) if job.lossy is not None else job.staged
         with self.backend.lock(exclusive=False):  # GC must not sweep what this commit dedups against
             self._upgrade_config()
             self._sync_index()
             head = self.backend.read_ref(BRANCH_PREFIX + job.branch)
-            staged = quantize(job.staged, job.lossy) if job.lossy is not None else job.staged
             tensors, stats = self._store_arrays(staged, self._hot.get(head), job.rules, job.step)
             manifest_id = self._put_manifest(Manifest(job.encoded, tuple(tensors)))
 
@@ -367,7 +367,7 @@ class Repository:
                 return Snapshot.new(
                     manifest=manifest_id, parents=(parent,) if parent else (), step=job.step, time=time.time(),
                     message=job.message, metrics=job.metrics, stats=stats,
-                    annotations={LOSSY: job.lossy.annotation()} if job.lossy else {},
+                    annotations={LOSSY_ANNOTATION: job.lossy.annotation()} if job.lossy else {},
                 )  # fmt: skip
 
             snapshot = self._publish(job.branch, head, snapshot_on, retry=job.on_conflict == "retry")
