@@ -98,7 +98,7 @@ def measure(size: str, steps: int, root: Path) -> dict[str, float]:
         out["full_restore_s"] = best_time(lambda: fresh.load(latest).tree())
         out["lazy_one_tensor_s"] = best_time(lambda: fresh.load(latest)[largest])
         out["latest_chain_depth"] = max(
-            fresh._index.get(c).depth for e in fresh.manifest(fresh.snapshot(latest)).tensors for c in e.chunks  # type: ignore[union-attr]
+            fresh._store.index.get(c).depth for e in fresh.manifest(fresh.snapshot(latest)).tensors for c in e.chunks  # type: ignore[union-attr]
         )
     return out
 

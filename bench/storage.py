@@ -50,7 +50,7 @@ import qckpt
 from bench.s3server import CREDENTIALS, moto_server, new_bucket
 from bench.timing import best_time
 from bench.workload import Trainer, WarmupCosine
-from qckpt._tree import decode_tree, encode_tree
+from qckpt.format.tree import decode_tree, encode_tree
 
 SCENARIOS = ("every_step", "every_10", "frozen_90")
 

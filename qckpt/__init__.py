@@ -11,17 +11,14 @@ Quick use::
         repo.commit(state, metrics={"loss": loss})   # every step, deduplicated
     repo.restore(state, "main@120")                   # back to step 120, bit-exact
 
-This module is the public API; everything in modules starting with ``_`` is
-private and may change.
+This module is the public API (and ``qckpt.backends`` for storage backends,
+``qckpt.testing`` for backend authors). The layers below it -- ``format``,
+``store``, ``commit``, ``ops`` (see docs/design.md) -- are private and may change.
 """
 
-from qckpt._diff import TensorDiff
-from qckpt._fsck import FsckProblem, FsckReport
-from qckpt._gc import GcReport, RetentionPolicy
-from qckpt._lossy import LossyTier
-from qckpt._records import CommitStats, Snapshot, TensorEntry
-from qckpt._view import SnapshotView
 from qckpt.backends import Backend, LocalBackend, MemoryBackend, RetryingBackend, S3Backend
+from qckpt.commit.lossy import LossyTier
+from qckpt.commit.writer import CommitHandle
 from qckpt.errors import (
     AlreadyExistsError,
     AmbiguousRevisionError,
@@ -42,9 +39,14 @@ from qckpt.errors import (
     TransientBackendError,
     UnsupportedValueError,
 )
-from qckpt._writer import CommitHandle
-from qckpt.repository import Repository, RepositoryConfig, RepositoryStats
+from qckpt.format.records import CommitStats, Snapshot, TensorEntry
+from qckpt.ops.diff import TensorDiff
+from qckpt.ops.fsck import FsckProblem, FsckReport
+from qckpt.ops.gc import GcReport, RetentionPolicy
+from qckpt.ops.view import SnapshotView
+from qckpt.repository import Repository, RepositoryStats
 from qckpt.state import Stateful, TrainingState
+from qckpt.store.store import RepositoryConfig
 
 __version__ = "0.1.0"
 

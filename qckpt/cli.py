@@ -18,9 +18,9 @@ from dataclasses import asdict
 from typing import Any
 
 from qckpt._progress import stage_progress
-from qckpt._records import Snapshot
 from qckpt.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, QckptError
-from qckpt._gc import RetentionPolicy
+from qckpt.format.records import Snapshot
+from qckpt.ops.gc import RetentionPolicy
 from qckpt.repository import Repository
 
 EXIT_DAMAGED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT = 1, 2, 3, 4

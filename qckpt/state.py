@@ -20,11 +20,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from qckpt._predict import OptimizerLayout
-from qckpt._records import TensorEntry
-from qckpt._refs import check_ref_name
-from qckpt._tree import join_path
+from qckpt.commit.predict import OptimizerLayout
 from qckpt.errors import InvalidInputError
+from qckpt.format.records import TensorEntry
+from qckpt.format.tree import join_path
+from qckpt.store.refs import check_ref_name
 
 STATE_FORMAT = "qckpt.training_state/1"
 
@@ -115,6 +115,27 @@ def _optimizer_problems(name: str, live: dict[str, Any], stored: Any) -> list[st
     return problems
 
 
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer a wrapper delegates to (accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer`` and the like keep it in ``.optimizer``)."""
+    seen = {id(optimizer)}
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and id(optimizer.optimizer) not in seen:
+        optimizer = optimizer.optimizer
+        seen.add(id(optimizer))
+    return optimizer
+
+
+def optimizer_family(optimizer: torch.optim.Optimizer) -> str:
+    """``"adam"`` for Adam, AdamW and their subclasses, ``"sgd"`` for SGD and its
+    subclasses, else ``"other"``. A subclass that changes the update rule only
+    costs bytes: predictions are verified residuals, never trusted."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return "adam"
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    return "other"
+
+
 class TrainingState:
     """The named live objects of a training run, plus step counter, extras and RNG.
 
@@ -192,9 +213,16 @@ class TrainingState:
         layouts = []
         for name, component in self.components.items():
             if isinstance(component, torch.optim.Optimizer):
-                kind = {torch.optim.Adam: "adam", torch.optim.AdamW: "adam", torch.optim.SGD: "sgd"}.get(type(component), "other")
+                inner = unwrap_optimizer(component)
+                kind = optimizer_family(inner)
                 paths = tuple(names.get(id(p)) for group in component.param_groups for p in group["params"])
-                layouts.append(OptimizerLayout(name, kind, paths))
+                note = ""
+                if kind == "other":
+                    note = (f"optimizer {name!r} ({type(inner).__qualname__}) has no optimizer-aware codec: "
+                            "its parameters and state are stored as plain deltas")  # fmt: skip
+                elif paths and all(p is None for p in paths):
+                    note = f"optimizer {name!r}: none of its parameters belongs to a module of this TrainingState"
+                layouts.append(OptimizerLayout(name, kind, paths, note))
         return layouts
 
     def problems(self, stored: Any) -> list[str]:

@@ -5,11 +5,36 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 from qckpt.backends._reflock import ref_lock
 from qckpt.errors import InvalidInputError
 
 _KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=-]*")
+REFS_NAMESPACE = "refs"  # where backends keep refs; no blob key may start with it
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers the layers above, as data (wrappers pass their inner
+    backend's on, so wrapping never changes behaviour).
+
+    ``native_lock``: ``lock`` is a native lock (flock, in-process) rather than
+    lock refs. ``index``: where the chunk index belongs: ``"memory"`` (the
+    repository lives no longer than the process), ``"local"`` (in
+    ``local_dir``, a directory beside the data that only this backend's
+    users see), or ``"cache"`` (a per-user cache directory: remote storage).
+    """
+
+    native_lock: bool = False
+    index: Literal["memory", "local", "cache"] = "cache"
+    local_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.index == "local") != (self.local_dir is not None):
+            raise ValueError("local_dir is required for, and only for, index='local'")
 
 
 def check_key(key: str) -> str:
@@ -22,6 +47,13 @@ def check_key(key: str) -> str:
     parts = key.split("/")
     if not key or any(not _KEY_PART.fullmatch(p) for p in parts):
         raise InvalidInputError(f"invalid storage key {key!r}")
+    return key
+
+
+def check_blob_key(key: str) -> str:
+    """``check_key``, and not in the reserved refs namespace (every backend's blob methods call this)."""
+    if check_key(key).split("/", 1)[0] == REFS_NAMESPACE:
+        raise InvalidInputError(f"key {key!r} is in the reserved {REFS_NAMESPACE!r} namespace")
     return key
 
 
@@ -44,8 +76,8 @@ class Backend(ABC):
 
     #: Where the repository lives, for messages (never contains credentials).
     uri: str
-    #: Whether ``lock`` is a native lock (flock, in-process) rather than lock refs.
-    native_lock: bool = False
+    #: What this backend offers (see ``Capabilities``).
+    capabilities: Capabilities = Capabilities()
 
     @abstractmethod
     def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
@@ -101,7 +133,7 @@ class Backend(ABC):
         it exclusive, so GC never deletes an object a commit is about to
         reference. Blocks until granted; a dead holder's lock does not block
         forever. This default builds the lock from refs (see ``_reflock``);
-        backends with a native lock override it and set ``native_lock``.
+        backends with a native lock override it and say so in ``capabilities``.
         """
         return ref_lock(self, exclusive=exclusive)
 

@@ -15,16 +15,15 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from qckpt.backends._base import Backend, check_key
+from qckpt.backends._base import REFS_NAMESPACE, Backend, Capabilities, check_blob_key, check_key
 from qckpt.errors import (
     AlreadyExistsError,
     BackendError,
-    InvalidInputError,
     ObjectNotFoundError,
     RefConflictError,
 )
 
-_REFS = "refs"
+_REFS = REFS_NAMESPACE
 
 
 def _fsync_dir(path: Path) -> None:
@@ -42,18 +41,14 @@ class LocalBackend(Backend):
     leaves it untouched. Safe for several threads and several processes.
     """
 
-    native_lock = True
-
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
         self.uri = self.root.as_uri()
+        self.capabilities = Capabilities(native_lock=True, index="local", local_dir=self.root)
 
     # -- blobs -------------------------------------------------------------
     def _path(self, key: str) -> Path:
-        check_key(key)
-        if key.split("/", 1)[0] == _REFS:
-            raise InvalidInputError(f"key {key!r} is in the reserved 'refs' namespace")
-        return self.root / key
+        return self.root / check_blob_key(key)
 
     def _write_atomic(self, path: Path, data: bytes | bytearray | memoryview, *, exclusive: bool) -> None:
         tmp_dir = self.root / ".tmp"

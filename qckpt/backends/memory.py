@@ -6,14 +6,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from qckpt.backends._base import Backend, check_key
+from qckpt.backends._base import Backend, Capabilities, check_blob_key, check_key
 from qckpt.errors import AlreadyExistsError, ObjectNotFoundError, RefConflictError
 
 
 class MemoryBackend(Backend):
     """Blobs and refs in dictionaries, guarded by one lock. Lost when the process ends."""
 
-    native_lock = True
+    capabilities = Capabilities(native_lock=True, index="memory")
 
     def __init__(self, name: str = "") -> None:
         self.uri = f"memory://{name}"
@@ -25,14 +25,14 @@ class MemoryBackend(Backend):
         self._exclusive_held = False
 
     def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
-        check_key(key)
+        check_blob_key(key)
         with self._lock:
             if exclusive and key in self._blobs:
                 raise AlreadyExistsError(f"{self.uri}: key {key!r} exists already")
             self._blobs[key] = bytes(data)
 
     def _blob(self, key: str) -> bytes:
-        check_key(key)
+        check_blob_key(key)
         with self._lock:
             try:
                 return self._blobs[key]
@@ -46,7 +46,7 @@ class MemoryBackend(Backend):
         return self._blob(key)[offset : offset + length]
 
     def exists(self, key: str) -> bool:
-        check_key(key)
+        check_blob_key(key)
         with self._lock:
             return key in self._blobs
 
@@ -58,7 +58,7 @@ class MemoryBackend(Backend):
         return len(self._blob(key))
 
     def delete(self, key: str) -> None:
-        check_key(key)
+        check_blob_key(key)
         with self._lock:
             if self._blobs.pop(key, None) is None:
                 raise ObjectNotFoundError(f"{self.uri}: no object {key!r}")

@@ -39,7 +39,7 @@ class RetryingBackend(Backend):
     ) -> None:
         self.inner = inner
         self.uri = inner.uri
-        self.native_lock = inner.native_lock
+        self.capabilities = inner.capabilities
         self.attempts = attempts
         self.base_delay_s = base_delay_s
         self.max_delay_s = max_delay_s
@@ -113,7 +113,7 @@ class RetryingBackend(Backend):
         self._retry("swap_ref", attempt)
 
     def lock(self, *, exclusive: bool) -> AbstractContextManager[None]:
-        return self.inner.lock(exclusive=exclusive) if self.native_lock else ref_lock(self, exclusive=exclusive)
+        return self.inner.lock(exclusive=exclusive) if self.capabilities.native_lock else ref_lock(self, exclusive=exclusive)
 
     def close(self) -> None:
         self.inner.close()

@@ -20,7 +20,7 @@ import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from qckpt.backends._base import Backend, check_key
+from qckpt.backends._base import REFS_NAMESPACE, Backend, check_blob_key, check_key
 from qckpt.errors import (
     AlreadyExistsError,
     BackendError,
@@ -30,7 +30,7 @@ from qckpt.errors import (
     TransientBackendError,
 )
 
-_REFS = "refs/"
+_REFS = REFS_NAMESPACE + "/"
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                     "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}  # fmt: skip
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -110,10 +110,7 @@ class S3Backend(Backend):
         return BackendError(f"{where}: S3 error {code or status}")
 
     def _key(self, key: str) -> str:
-        check_key(key)
-        if key.startswith(_REFS):
-            raise InvalidInputError(f"key {key!r} is in the reserved 'refs' namespace")
-        return self.prefix + key
+        return self.prefix + check_blob_key(key)
 
     # -- blobs -------------------------------------------------------------------------
     def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 import qckpt
 from bench.compare import differences
 from bench.workload import Trainer, WarmupCosine, train_step
-from qckpt._codecs import (
+from qckpt.format.codecs import (
     BFLOAT16, FLOAT16, FLOAT32, FLOAT64, AdamParamCodec, AdamSecondMomentCodec, DeltaCodec, LinearCodec, PredictiveCodec,
 )  # fmt: skip
-from qckpt._ids import digest
-from qckpt._objects import Candidate, decode_object, encode_object
+from qckpt.format.ids import digest
+from qckpt.format.objects import Candidate, decode_object, encode_object
 from qckpt.errors import IntegrityError
 
 FORMATS = {FLOAT32: 4, BFLOAT16: 2, FLOAT16: 2, FLOAT64: 8}
@@ -94,7 +94,7 @@ def _codec_usage(repo: qckpt.Repository) -> Counter[str]:
     for snap in repo.log("main"):
         for entry in repo.manifest(snap).tensors:
             for chunk_id in entry.chunks:
-                location = repo._index.get(chunk_id)
+                location = repo._store.index.get(chunk_id)
                 assert location is not None
                 usage[names.get(location.codec, "plain")] += 1
     return usage
@@ -178,7 +178,7 @@ def test_chain_bound_holds_after_hundreds_of_commits() -> None:
 
     def chain(chunk_id: bytes) -> int:  # recomputed from the dependency graph, not trusted from the index
         if chunk_id not in longest:
-            location = repo._index.get(chunk_id)
+            location = repo._store.index.get(chunk_id)
             assert location is not None
             longest[chunk_id] = 1 + max((chain(d) for d in location.deps), default=0)
         return longest[chunk_id]
@@ -194,10 +194,10 @@ def test_damaged_delta_base_is_an_integrity_error_not_wrong_weights(tmp_path: Pa
         first = repo.commit({"w": weights})
         repo.commit({"w": weights * 1.0001})
         base_chunk = repo.manifest(first).tensors[0].chunks[0]
-        location = repo._index.get(base_chunk)
+        location = repo._store.index.get(base_chunk)
         assert location is not None
         latest = repo.manifest(repo.snapshot("main")).tensors[0].chunks[0]
-        assert repo._index.get(latest).deps == (base_chunk,)  # type: ignore[union-attr]
+        assert repo._store.index.get(latest).deps == (base_chunk,)  # type: ignore[union-attr]
     pack = tmp_path / "repo" / "packs" / f"{location.pack_id}.pack"
     data = bytearray(pack.read_bytes())
     data[location.offset + location.length - 5] ^= 0xFF

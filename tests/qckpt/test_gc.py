@@ -10,8 +10,8 @@ import torch
 
 import qckpt
 from bench.compare import differences
-from qckpt._gc import plan_retention
-from qckpt._records import Snapshot
+from qckpt.ops.gc import plan_retention
+from qckpt.format.records import Snapshot
 
 
 def _tree(seed: int, n: int = 600) -> dict:

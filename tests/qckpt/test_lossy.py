@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 import qckpt
 from bench.workload import Trainer
-from qckpt._codecs import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, FLOAT_FORMATS, mantissa_bits, round_bits
-from qckpt._objects import Candidate, decode_object, encode_object
-from qckpt._ids import digest
-from qckpt._tensors import raw_bytes
+from qckpt.format.codecs import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, FLOAT_FORMATS, mantissa_bits, round_bits
+from qckpt.format.objects import Candidate, decode_object, encode_object
+from qckpt.format.ids import digest
+from qckpt.format.tensors import raw_bytes
 from qckpt.errors import InvalidInputError
 from tests.qckpt.test_codecs import PREDICTIVE, _close_floats
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qckpt._packs import TRAILER_SIZE, PackBuilder, footer_span, read_pack_footer
+from qckpt.format.packs import TRAILER_SIZE, PackBuilder, footer_span, read_pack_footer
 from qckpt.errors import IntegrityError
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qckpt
-from qckpt._tree import decode_plain, encode_plain, encode_tree
+from qckpt.format.tree import decode_plain, encode_plain, encode_tree
 
 
 def test_encoding_is_json() -> None:

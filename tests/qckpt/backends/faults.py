@@ -21,7 +21,7 @@ class FaultyBackend(Backend):
     def __init__(self, inner: Backend, rate: float, seed: int = 0) -> None:
         self.inner = inner
         self.uri = inner.uri
-        self.native_lock = inner.native_lock
+        self.capabilities = inner.capabilities
         self.rate = rate
         self.random = random.Random(seed)
         self.injected = {"before": 0, "after": 0}

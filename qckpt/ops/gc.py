@@ -28,17 +28,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from qckpt._packs import ChunkLocation, PackBuilder, pack_key
-from qckpt._reader import ChunkReader
-from qckpt._records import Snapshot, snapshot_key
 from qckpt.errors import IntegrityError, InvalidInputError
-
-if TYPE_CHECKING:
-    from qckpt.repository import Repository
-
-GC_GENERATION_REF = "gc/generation"  # changed by every collection; index caches compare it
+from qckpt.format.packs import ChunkLocation, PackBuilder
+from qckpt.format.records import Snapshot
+from qckpt.store.layout import GC_GENERATION_REF, TAG_PREFIX, manifest_key, pack_key, snapshot_key
+from qckpt.store.reader import ChunkReader
+from qckpt.store.store import Store
 
 Progress = Callable[[str, int, int], None]
 
@@ -131,13 +127,8 @@ class GcReport:
     dry_run: bool
 
 
-def _stored_bytes(repo: Repository) -> int:
-    backend = repo.backend
-    return sum(backend.size(k) for prefix in ("packs/", "manifests/", "snapshots/") for k in backend.list(prefix))
-
-
 def collect_garbage(
-    repo: Repository,
+    store: Store,
     policy: RetentionPolicy,
     *,
     dry_run: bool = False,
@@ -150,30 +141,30 @@ def collect_garbage(
     rewritten with only their live objects (each verified on the way).
     """
     report = progress or (lambda stage, done, total: None)
-    backend = repo.backend
+    backend = store.backend
     with backend.lock(exclusive=True):
-        repo._sync_index()  # the index must reflect earlier collections before we judge liveness
-        bytes_before = _stored_bytes(repo)
-        snapshots = {i: repo.snapshot(i) for i in repo.snapshot_ids()}
-        keep = plan_retention(snapshots, repo.branches(), repo.tags(), policy, time.time())
+        store.sync_index()  # the index must reflect earlier collections before we judge liveness
+        bytes_before = store.stored_bytes()
+        snapshots = {i: store.snapshot(i) for i in store.snapshot_ids()}
+        keep = plan_retention(snapshots, store.branches(), store.tags(), policy, time.time())
         live_manifests = {snapshots[i].manifest for i in keep}
         live_chunks: set[bytes] = set()
         for n, manifest_id in enumerate(sorted(live_manifests)):
-            live_chunks.update(c for t in repo._manifest_by_id(manifest_id).tensors for c in t.chunks)
+            live_chunks.update(c for t in store.manifest_by_id(manifest_id).tensors for c in t.chunks)
             report("marking", n + 1, len(live_manifests))
 
-        pack_ids = repo._pack_ids()
+        pack_ids = store.pack_ids()
         footers: dict[str, dict[bytes, ChunkLocation]] = {}
         canonical_of: dict[bytes, ChunkLocation] = {}
-        for n, (pack_id, contents) in enumerate(zip(pack_ids, repo._pool.map(repo._pack_contents, pack_ids))):
+        for n, (pack_id, contents) in enumerate(zip(pack_ids, store.pool.map(store.pack_contents, pack_ids))):
             report("scanning packs", n + 1, len(pack_ids))
             footers[pack_id] = contents
             for chunk_id, location in contents.items():
                 if chunk_id not in canonical_of:
-                    canonical = repo._index.get(chunk_id)
+                    canonical = store.index.get(chunk_id)
                     if canonical is None:  # index behind this pack: adopt its copy
                         if not dry_run:
-                            repo._index.put_many({chunk_id: location})
+                            store.index.put_many({chunk_id: location})
                         canonical = location
                     canonical_of[chunk_id] = canonical
         stack = list(live_chunks)
@@ -204,7 +195,7 @@ def collect_garbage(
                 repacks[pack_id] = live
 
         expired = [i for i in snapshots if i not in keep]
-        dead_manifests = [k for k in backend.list("manifests/") if k.removeprefix("manifests/") not in live_manifests]
+        dead_manifests = [manifest_key(m) for m in store.manifest_ids() if m not in live_manifests]
         if dry_run:
             freed = sum(backend.size(pack_key(p)) for p in dead_packs)
             freed += sum(backend.size(snapshot_key(i)) for i in expired) + sum(backend.size(k) for k in dead_manifests)
@@ -213,11 +204,11 @@ def collect_garbage(
                             len(dead_chunks), bytes_before, bytes_before - freed, True)  # fmt: skip
 
         generation = uuid.uuid4().hex  # tells other repositories' index caches to rebuild
-        backend.swap_ref(GC_GENERATION_REF, repo._index.generation(), generation)
+        backend.swap_ref(GC_GENERATION_REF, store.index.generation(), generation)
         for n, (pack_id, live) in enumerate(repacks.items()):  # 1. repack
             report("repacking", n + 1, len(repacks))
             # a reader that never rebuilds the index (that takes the writer lock, which GC holds)
-            reader = ChunkReader(backend, repo._index.get, repo._pool)
+            reader = ChunkReader(backend, store.index.get, store.pool)
             damaged = reader.read([c for c, _ in live], lambda chunk_id, raw: None)
             if damaged:  # never copy a damaged object forward
                 chunk_id, error = next(iter(damaged.items()))
@@ -226,22 +217,20 @@ def collect_garbage(
             for chunk_id, location in live:
                 obj = backend.get_range(pack_key(pack_id), location.offset, location.length)
                 builder.add(chunk_id, location.codec, obj, location.depth, location.deps)
-            new_id, data, locations = builder.finish()
-            backend.put(pack_key(new_id), data)
-            repo._index.put_many(locations)
-        repo._index.remove_many(dead_chunks)  # 2. forget dead chunks
-        for name, target in repo.tags().items():  # 3. tags of expired snapshots, then records
+            store.index.put_many(store.put_pack(builder))
+        store.index.remove_many(dead_chunks)  # 2. forget dead chunks
+        for name, target in store.tags().items():  # 3. tags of expired snapshots, then records
             if target not in keep:
-                repo.delete_tag(name)
+                store.delete_ref(TAG_PREFIX, name, "tag")
         for snapshot_id in expired:
             backend.delete(snapshot_key(snapshot_id))
-            repo._snapshots.pop(snapshot_id, None)
+            store.forget_snapshot(snapshot_id)
         for key in dead_manifests:
             backend.delete(key)
         for pack_id in [*dead_packs, *repacks]:  # 4. packs
             backend.delete(pack_key(pack_id))
-        repo._index.set_generation(generation)
+        store.index.set_generation(generation)
         return GcReport(len(keep), len(expired), len(dead_manifests), len(dead_packs), len(repacks),
-                        len(dead_chunks), bytes_before, _stored_bytes(repo), False)  # fmt: skip
+                        len(dead_chunks), bytes_before, store.stored_bytes(), False)  # fmt: skip
 
 

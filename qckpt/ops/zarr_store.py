@@ -16,17 +16,16 @@ import asyncio
 import json
 import math
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store, SuffixByteRequest
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.abc.store import Store as ZarrStore
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
-from qckpt._records import Manifest, Snapshot, TensorEntry
-from qckpt._tensors import TORCH_DTYPES, numpy_dtype
-
-if TYPE_CHECKING:
-    from qckpt.repository import Repository
+from qckpt.format.records import Manifest, Snapshot, TensorEntry
+from qckpt.format.tensors import TORCH_DTYPES, numpy_dtype
+from qckpt.store.store import Store
 
 _SAME_WIDTH_UINT = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 
@@ -55,18 +54,18 @@ def _rows_per_chunk(entry: TensorEntry) -> int:
     return max(1, entry.chunk_size // row_bytes) if row_bytes else 1
 
 
-class SnapshotStore(Store):
+class SnapshotStore(ZarrStore):
     """Read-only zarr v3 store over one snapshot (``Repository.zarr_store``)."""
 
     supports_writes = False
     supports_deletes = False
     supports_listing = True
 
-    def __init__(self, repo: Repository, snapshot: Snapshot) -> None:
+    def __init__(self, store: Store, snapshot: Snapshot) -> None:
         super().__init__(read_only=True)
-        self._repo = repo
+        self._chunks = store
         self.snapshot = snapshot
-        manifest = repo.manifest(snapshot)
+        manifest = store.manifest(snapshot)
         self._arrays = {e.path: e for e in manifest.tensors}
         groups = {""} | {"/".join(p.split("/")[:i]) for p in self._arrays for i in range(1, p.count("/") + 1)}
         self._metadata: dict[str, bytes] = {}
@@ -89,7 +88,7 @@ class SnapshotStore(Store):
         }  # fmt: skip
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, SnapshotStore) and other._repo is self._repo and other.snapshot.id == self.snapshot.id
+        return isinstance(other, SnapshotStore) and other._chunks is self._chunks and other.snapshot.id == self.snapshot.id
 
     def _chunk_bytes(self, key: str) -> bytes | None:
         """The bytes of one zarr chunk (``<array path>/c[/<i>/0/...]``), or None if no such key."""
@@ -101,14 +100,14 @@ class SnapshotStore(Store):
         if len(parts) != len(entry.shape) or not all(p.isdigit() for p in parts) or any(int(p) for p in parts[1:]):
             return None
         if not entry.shape:
-            return bytes(self._repo.read_bytes(self.snapshot, entry, 0, entry.nbytes))
+            return bytes(self._chunks.read_bytes(self.snapshot, entry, 0, entry.nbytes))
         rows = _rows_per_chunk(entry)
         row_bytes = math.prod(entry.shape[1:]) * entry.itemsize
         first = int(parts[0]) * rows
         if first >= entry.shape[0]:
             return None
         last = min(first + rows, entry.shape[0])
-        data = bytes(self._repo.read_bytes(self.snapshot, entry, first * row_bytes, last * row_bytes))
+        data = bytes(self._chunks.read_bytes(self.snapshot, entry, first * row_bytes, last * row_bytes))
         return data + bytes((rows - (last - first)) * row_bytes)  # edge chunks are stored at full size
 
     def _value(self, key: str) -> bytes | None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import lmdb
 
-from qckpt._ids import ID_BYTES
-from qckpt._packs import ChunkLocation
 from qckpt.errors import BackendError
+from qckpt.format.ids import ID_BYTES
+from qckpt.format.packs import ChunkLocation
 
 _VALUE = struct.Struct(f"<{ID_BYTES}sQIBB")  # pack id, offset, length, codec, depth; then dependency ids
 _V1_VALUE = struct.Struct(f"<{ID_BYTES}sQIB")  # written by qckpt before delta codecs: self-contained objects

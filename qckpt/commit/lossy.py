@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from qckpt._codecs import FLOAT_FORMATS, FLOAT_NONE, mantissa_bits, round_bits
-from qckpt._hot import StagedArray
+from qckpt.commit.staging import StagedArray
 from qckpt.errors import InvalidInputError
+from qckpt.format.codecs import FLOAT_FORMATS, FLOAT_NONE, mantissa_bits, round_bits
 
 MAIN_LINE = "main"
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qckpt._codecs import PredictiveCodec, Raw, codec_by_id, encode_plain
-from qckpt._ids import ID_BYTES, digest
 from qckpt.errors import IntegrityError
+from qckpt.format.codecs import PredictiveCodec, Raw, codec_by_id, encode_plain
+from qckpt.format.ids import ID_BYTES, digest
 
 OBJECT_VERSION = 1
 FLAG_DEPENDENCIES = 1

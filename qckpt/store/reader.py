@@ -13,14 +13,16 @@ object, dependencies included, is digest-checked.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Executor
 from typing import Protocol
 
-from qckpt._objects import decode_object
-from qckpt._packs import ChunkLocation, pack_key
 from qckpt.errors import IntegrityError, ObjectNotFoundError
+from qckpt.format.objects import decode_object
+from qckpt.format.packs import ChunkLocation
+from qckpt.store.layout import pack_key
 
 READ_GAP = 1 << 20  # objects at most this far apart in a pack are fetched with one read
 READ_SPAN = 64 << 20  # ... as long as that read stays this short
@@ -36,19 +38,48 @@ def describe(chunk_id: bytes, location: ChunkLocation) -> str:
 
 
 class ChunkReader:
-    """Reads chunks through ``locate`` (index lookup that may rebuild the index)
-    from ``backend``, with ``pool`` for parallel fetches and decodes. Thread-safe."""
+    """Reads chunks located by ``locate`` (an index lookup) from ``backend``, with
+    ``pool`` for parallel fetches and decodes. When a chunk is not in the index
+    (or not where it says), ``refresh`` (an index rebuild; none if not given) runs
+    at most once per ``read``; a chunk still not found after it is missing.
+    Thread-safe."""
 
-    def __init__(self, backend: RangeReader, locate: Callable[[bytes], ChunkLocation | None], pool: Executor) -> None:
+    def __init__(
+        self,
+        backend: RangeReader,
+        locate: Callable[[bytes], ChunkLocation | None],
+        pool: Executor,
+        refresh: Callable[[], object] | None = None,
+    ) -> None:
         self._backend = backend
-        self._locate = locate
+        self._index_get = locate
+        self._refresh = refresh
         self._pool = pool
+
+    def _locator(self) -> Callable[[bytes], ChunkLocation | None]:
+        """An index lookup that refreshes the index on the first miss, once."""
+        lock = threading.Lock()
+        refreshed = self._refresh is None
+
+        def locate(chunk_id: bytes) -> ChunkLocation | None:
+            nonlocal refreshed
+            location = self._index_get(chunk_id)
+            if location is None and not refreshed:
+                with lock:
+                    if not refreshed and self._refresh is not None:
+                        self._refresh()
+                        refreshed = True
+                location = self._index_get(chunk_id)
+            return location
+
+        return locate
 
     def read(self, targets: Collection[bytes], deliver: Callable[[bytes, bytes], None]) -> dict[bytes, IntegrityError]:
         """Decode each of ``targets`` and call ``deliver(chunk_id, raw)`` (from pool
         threads, once per target). Returns the targets that could not be read, each
         with an ``IntegrityError`` naming the object (or the dependency) at fault."""
         wanted = set(targets)
+        locate = self._locator()
         locations: dict[bytes, ChunkLocation] = {}
         errors: dict[bytes, IntegrityError] = {}
         stack = list(wanted)
@@ -56,14 +87,14 @@ class ChunkReader:
             chunk_id = stack.pop()
             if chunk_id in locations or chunk_id in errors:
                 continue
-            location = self._locate(chunk_id)
+            location = locate(chunk_id)
             if location is None:
                 errors[chunk_id] = IntegrityError(f"object {chunk_id.hex()} is missing (in no pack)")
                 continue
             locations[chunk_id] = location
             stack.extend(location.deps)
         for batch in _batches(_components(locations), locations):
-            data = self._fetch(batch, locations, errors)
+            data = self._fetch(batch, locations, errors, locate)
             tasks = [self._pool.submit(self._decode_group, g, locations, data, errors, wanted, deliver) for g in batch]
             for task in tasks:
                 task.result()
@@ -112,7 +143,11 @@ class ChunkReader:
                     decoded.pop(dep, None)
 
     def _fetch(
-        self, batch: list[list[bytes]], locations: dict[bytes, ChunkLocation], errors: dict[bytes, IntegrityError]
+        self,
+        batch: list[list[bytes]],
+        locations: dict[bytes, ChunkLocation],
+        errors: dict[bytes, IntegrityError],
+        locate: Callable[[bytes], ChunkLocation | None],
     ) -> dict[bytes, memoryview]:
         """The encoded objects of ``batch``; coalesced ranged reads in parallel."""
         by_pack: dict[str, list[tuple[bytes, ChunkLocation]]] = {}
@@ -122,7 +157,7 @@ class ChunkReader:
         data: dict[bytes, memoryview] = {}
 
         def read_one(chunk_id: bytes, location: ChunkLocation) -> None:
-            moved = self._locate(chunk_id)  # garbage collection may have repacked it meanwhile
+            moved = locate(chunk_id)  # garbage collection may have repacked it meanwhile
             if moved is None or moved == location:
                 errors[chunk_id] = IntegrityError(f"{describe(chunk_id, location)}: pack is missing")
                 return

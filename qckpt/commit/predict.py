@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from qckpt._codecs import AdamParamCodec, AdamSecondMomentCodec, DeltaCodec, LinearCodec
-from qckpt._tree import join_path
+from qckpt.format.codecs import AdamParamCodec, AdamSecondMomentCodec, DeltaCodec, LinearCodec
+from qckpt.format.tree import join_path
 
 BASE, SELF = "base", "self"
 
@@ -41,6 +41,7 @@ class OptimizerLayout:
     component: str
     kind: str  # "adam" (torch.optim.Adam/AdamW), "sgd" (torch.optim.SGD) or "other"
     param_paths: tuple[str | None, ...]
+    note: str = ""  # why its parameters cannot be predicted from its update rule, if they cannot
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from qckpt._records import Snapshot, TensorEntry
-
-if TYPE_CHECKING:
-    from qckpt.repository import Repository
+from qckpt.format.records import Snapshot, TensorEntry
+from qckpt.store.store import Store
 
 
 @dataclass(frozen=True)
@@ -48,10 +45,10 @@ def _changed(path: str, a: torch.Tensor, b: torch.Tensor) -> TensorDiff:
     return TensorDiff(path, "changed", l2, relative, cosine)
 
 
-def diff_snapshots(repo: Repository, a: Snapshot, b: Snapshot) -> list[TensorDiff]:
+def diff_snapshots(store: Store, a: Snapshot, b: Snapshot) -> list[TensorDiff]:
     """Compare every tensor path of two snapshots; identical chunk ids are ``same`` without reading."""
-    left = {t.path: t for t in repo.manifest(a).tensors}
-    right = {t.path: t for t in repo.manifest(b).tensors}
+    left = {t.path: t for t in store.manifest(a).tensors}
+    right = {t.path: t for t in store.manifest(b).tensors}
     out: list[TensorDiff] = []
     for path in [*left, *(p for p in right if p not in left)]:
         x: TensorEntry | None = left.get(path)
@@ -63,5 +60,5 @@ def diff_snapshots(repo: Repository, a: Snapshot, b: Snapshot) -> list[TensorDif
         elif x.chunks == y.chunks:
             out.append(TensorDiff(path, "same", 0.0, 0.0, 1.0))
         else:
-            out.append(_changed(path, repo.read_arrays(a, [x])[0], repo.read_arrays(b, [y])[0]))
+            out.append(_changed(path, store.read_arrays(a, [x])[0], store.read_arrays(b, [y])[0]))
     return out

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from qckpt._records import Manifest, Snapshot, TensorEntry
-from qckpt._tensors import numpy_dtype, torch_dtype
-from qckpt._tree import decode_tree
 from qckpt.errors import InvalidInputError
+from qckpt.format.records import Manifest, Snapshot, TensorEntry
+from qckpt.format.tensors import numpy_dtype, torch_dtype
+from qckpt.format.tree import decode_tree
 
 Reader = Callable[[Snapshot, list[TensorEntry]], list[torch.Tensor | np.ndarray]]
 ByteReader = Callable[[Snapshot, TensorEntry, int, int], np.ndarray]

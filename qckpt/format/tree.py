@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from qckpt._tensors import numpy_dtype, numpy_dtype_name, torch_dtype_name
 from qckpt.errors import IntegrityError, UnsupportedValueError
+from qckpt.format.tensors import numpy_dtype, numpy_dtype_name, torch_dtype_name
 
 Json = Any  # JSON-compatible value
 

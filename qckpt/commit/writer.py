@@ -1,6 +1,7 @@
 """The background commit writer: one thread per repository, a bounded queue.
 
-``submit`` enqueues a staged commit and returns a ``CommitHandle`` at once,
+``submit`` enqueues a job (a staged commit, or any step that must run in order
+with commits, such as a change of the hot tier) and returns a ``CommitHandle`` at once,
 blocking only while ``max_pending`` commits are already queued or in flight
 (back-pressure, bounded memory). Commits are written in submission order, so
 each one's base is the previous one. A failure is never lost: it is raised
@@ -15,17 +16,16 @@ at interpreter exit.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread  # noqa: F401  (its exit hook must be registered before ours)
 import logging
 import queue
 import threading
 import weakref
 from collections.abc import Callable
-import concurrent.futures.thread  # noqa: F401  (its exit hook must be registered before ours)
 from concurrent.futures import Future
-from typing import Any
 
-from qckpt._records import Snapshot
 from qckpt.errors import CommitAbortedError
+from qckpt.format.records import Snapshot
 
 _log = logging.getLogger("qckpt")
 _open_writers: weakref.WeakSet[CommitWriter] = weakref.WeakSet()
@@ -63,12 +63,14 @@ class CommitHandle:
         return f"CommitHandle({state})"
 
 
-class CommitWriter:
-    """Runs ``write(job)`` for each submitted job on one background thread."""
+Job = Callable[[], Snapshot]
 
-    def __init__(self, write: Callable[[Any], Snapshot], max_pending: int, name: str) -> None:
-        self._write = write
-        self._queue: queue.Queue[tuple[Any, CommitHandle] | None] = queue.Queue(maxsize=max_pending)
+
+class CommitWriter:
+    """Runs each submitted job on one background thread, in submission order."""
+
+    def __init__(self, max_pending: int, name: str) -> None:
+        self._queue: queue.Queue[tuple[Job, CommitHandle] | None] = queue.Queue(maxsize=max_pending)
         self._lock = threading.Lock()
         self._failure: BaseException | None = None  # not yet reported to a caller
         self._aborting: BaseException | None = None  # fail what was queued behind it
@@ -87,7 +89,7 @@ class CommitWriter:
         if failure is not None:
             raise failure
 
-    def submit(self, job: Any) -> CommitHandle:
+    def submit(self, job: Job) -> CommitHandle:
         """Queue ``job``; first raises a background failure not reported yet."""
         self._raise_failure()
         handle = CommitHandle(self._acknowledge)
@@ -122,7 +124,7 @@ class CommitWriter:
                     handle._future.set_exception(error)
                     continue
                 try:
-                    handle._future.set_result(self._write(job))
+                    handle._future.set_result(job())
                 except BaseException as e:  # reported through the handle and the next submit, never dropped
                     with self._lock:
                         self._failure = e

@@ -11,27 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import zarr
 
-from qckpt._tensors import numpy_dtype
-from qckpt._zarr_store import root_attributes, zarr_dtype
 from qckpt.errors import AlreadyExistsError, InvalidInputError
+from qckpt.format.records import Snapshot
+from qckpt.format.tensors import numpy_dtype
+from qckpt.ops.zarr_store import root_attributes, zarr_dtype
+from qckpt.store.store import Store
 
-if TYPE_CHECKING:
-    from qckpt.repository import Repository
 
-def export_zarr(repo: Repository, revision: str, dest: Path, progress: Callable[[str, int, int], None] | None = None) -> int:
-    """Write the snapshot at ``revision`` to a new zarr v3 directory ``dest``; returns the number of arrays."""
+def export_zarr(store: Store, snap: Snapshot, dest: Path, progress: Callable[[str, int, int], None] | None = None) -> int:
+    """Write ``snap`` to a new zarr v3 directory ``dest``; returns the number of arrays."""
     if dest.exists():
         raise AlreadyExistsError(f"{dest} exists already; choose a new directory")
-    snap = repo.snapshot(revision)
-    manifest = repo.manifest(snap)
+    manifest = store.manifest(snap)
     root = zarr.open_group(str(dest), mode="w-", zarr_format=3)
     root.attrs.update(root_attributes(snap, manifest))
     for n, entry in enumerate(manifest.tensors):
-        raw = repo.read_bytes(snap, entry, 0, entry.nbytes)
+        raw = store.read_bytes(snap, entry, 0, entry.nbytes)
         dtype = numpy_dtype(entry.dtype) if entry.kind == "ndarray" else zarr_dtype(entry)[0]
         data = raw.view(dtype).reshape(entry.shape)
         try:

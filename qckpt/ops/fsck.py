@@ -6,14 +6,11 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from qckpt._records import Snapshot
-from qckpt._refs import BRANCH_PREFIX, TAG_PREFIX
 from qckpt.errors import IntegrityError, RevisionNotFoundError
-
-if TYPE_CHECKING:
-    from qckpt.repository import Repository
+from qckpt.format.records import Snapshot
+from qckpt.store.layout import BRANCH_PREFIX, TAG_PREFIX
+from qckpt.store.store import Store
 
 _MAX_AFFECTED = 20
 
@@ -42,14 +39,14 @@ class FsckReport:
         return not self.problems
 
 
-def check_repository(repo: Repository, progress: Callable[[str, int, int], None] | None = None) -> FsckReport:
+def check_repository(store: Store, progress: Callable[[str, int, int], None] | None = None) -> FsckReport:
     """Verify refs, every snapshot reachable from them (parents expired by GC end a
     line of history, they are not damage), their manifests, the digest of every
     chunk they reference, and every pack footer."""
     report_progress = progress or (lambda stage, done, total: None)
     report = FsckReport()
-    refs = {BRANCH_PREFIX + k: v for k, v in repo.branches().items()}
-    refs |= {TAG_PREFIX + k: v for k, v in repo.tags().items()}
+    refs = {BRANCH_PREFIX + k: v for k, v in store.branches().items()}
+    refs |= {TAG_PREFIX + k: v for k, v in store.tags().items()}
     report.refs = len(refs)
 
     snapshots: dict[str, Snapshot] = {}
@@ -61,7 +58,7 @@ def check_repository(repo: Repository, progress: Callable[[str, int, int], None]
             continue
         visited.add(snapshot_id)
         try:
-            snap = repo.snapshot(snapshot_id)
+            snap = store.snapshot(snapshot_id)
         except RevisionNotFoundError:
             if direct:  # a ref must point at a stored snapshot; parents may have been expired by GC
                 report.problems.append(FsckProblem(f"ref {via}", f"points at missing snapshot {snapshot_id}"))
@@ -76,7 +73,7 @@ def check_repository(repo: Repository, progress: Callable[[str, int, int], None]
     users: dict[bytes, list[str]] = defaultdict(list)
     for snap in snapshots.values():
         try:
-            manifest = repo.manifest(snap)
+            manifest = store.manifest(snap)
         except IntegrityError as e:
             report.problems.append(FsckProblem(f"manifest {snap.manifest}", str(e), (f"snapshot {snap.short_id}",)))
             continue
@@ -94,18 +91,18 @@ def check_repository(repo: Repository, progress: Callable[[str, int, int], None]
             verified += 1
             report_progress("verifying chunks", verified, len(users))
 
-    errors = repo._reader.read(list(users), count)
+    errors = store.reader.read(list(users), count)
     order = {c: i for i, c in enumerate(users)}
     for chunk_id, error in sorted(errors.items(), key=lambda item: order[item[0]]):
         affected = users[chunk_id]
         more = [f"... and {len(affected) - _MAX_AFFECTED} more"] if len(affected) > _MAX_AFFECTED else []
         report.problems.append(FsckProblem(f"object {chunk_id.hex()}", str(error), tuple(affected[:_MAX_AFFECTED] + more)))
 
-    pack_ids = repo._pack_ids()
+    pack_ids = store.pack_ids()
     report.packs = len(pack_ids)
     for pack_id in pack_ids:
         try:
-            repo._pack_contents(pack_id)
+            store.pack_contents(pack_id)
         except IntegrityError as e:
             report.problems.append(FsckProblem(f"pack {pack_id}", str(e)))
     return report

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from qckpt._hot import stage
-from qckpt._lossy import check_main_line
-from qckpt._records import LOSSY_ANNOTATION, CommitStats, Manifest, Snapshot, TensorEntry
-from qckpt._refs import BRANCH_PREFIX, check_ref_name
-from qckpt._tensors import is_floating
-from qckpt._tree import ArrayLeaf
+from qckpt.commit.arrays import write_arrays
+from qckpt.commit.lossy import check_main_line
+from qckpt.commit.staging import stage
 from qckpt.errors import InvalidInputError, StateMismatchError
-
-if TYPE_CHECKING:
-    from qckpt.repository import Repository
+from qckpt.format.records import LOSSY_ANNOTATION, CommitStats, Manifest, Snapshot, TensorEntry
+from qckpt.format.tensors import is_floating
+from qckpt.format.tree import ArrayLeaf
+from qckpt.store.refs import check_ref_name
+from qckpt.store.store import Store, Transaction
 
 Metric = str | Callable[[Snapshot], float]
 
@@ -35,13 +33,13 @@ def _lossy_of(snaps: Sequence[Snapshot]) -> dict[str, Any]:
 
 
 def pick_best(
-    repo: Repository, target: str, candidates: Sequence[str], metric: Metric, mode: str, message: str, allow_lossy: bool
+    store: Store, target: str, candidates: Sequence[str], metric: Metric, mode: str, message: str, allow_lossy: bool
 ) -> Snapshot:
     """Move ``target`` to a join snapshot of the best candidate (see ``Repository.join``)."""
     check_ref_name(target)
     if not candidates or mode not in ("min", "max"):
         raise InvalidInputError("join needs at least one candidate and mode 'min' or 'max'")
-    snaps = [(rev, repo.snapshot(rev)) for rev in candidates]
+    snaps = [(rev, store.snapshot(store.resolve(rev))) for rev in candidates]
     name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom metric")
 
     def score(snap: Snapshot) -> float:
@@ -55,17 +53,12 @@ def pick_best(
     summary = [{"revision": r, "snapshot": s.id, "step": s.step, "metrics": s.metrics} for r, s in snaps]
     lossy = _lossy_of([winner])
     check_main_line(target, lossy.get(LOSSY_ANNOTATION), allow_lossy, f"joining {winner_rev} into {target!r}")
-    with repo.backend.lock(exclusive=False):
-        return repo._publish(
-            target,
-            repo.backend.read_ref(BRANCH_PREFIX + target),
-            lambda head: Snapshot.new(
-                manifest=winner.manifest, parents=_unique([head, *(s.id for _, s in snaps)]), step=winner.step,
-                time=time.time(), message=message or f"join {target}: picked {winner_rev} by {name} ({mode})",
-                metrics=winner.metrics, stats=CommitStats(raw_bytes=winner.stats.raw_bytes, chunks=winner.stats.chunks),
-                annotations={"join": {"metric": name, "mode": mode, "winner": winner_rev, "candidates": summary}, **lossy},
-            ),
-        )  # fmt: skip
+    return store.transaction(target, lambda txn: lambda head: Snapshot.new(
+        manifest=winner.manifest, parents=_unique([head, *(s.id for _, s in snaps)]), step=winner.step,
+        message=message or f"join {target}: picked {winner_rev} by {name} ({mode})", metrics=winner.metrics,
+        stats=CommitStats(raw_bytes=winner.stats.raw_bytes, chunks=winner.stats.chunks),
+        annotations={"join": {"metric": name, "mode": mode, "winner": winner_rev, "candidates": summary}, **lossy},
+    ))  # fmt: skip
 
 
 def _weighted(values: list[Any], weights: list[float], like: Any) -> Any:
@@ -78,7 +71,7 @@ def _weighted(values: list[Any], weights: list[float], like: Any) -> Any:
 
 
 def average(
-    repo: Repository, revisions: Sequence[str], branch: str, weights: Sequence[float] | None, message: str, allow_lossy: bool
+    store: Store, revisions: Sequence[str], branch: str, weights: Sequence[float] | None, message: str, allow_lossy: bool
 ) -> Snapshot:
     """Commit the element-wise weighted average of snapshots to ``branch`` (see ``Repository.average``)."""
     check_ref_name(branch)
@@ -88,10 +81,10 @@ def average(
     if len(raw_weights) != len(revisions) or any(w < 0 for w in raw_weights) or sum(raw_weights) <= 0:
         raise InvalidInputError("weights must be one non-negative number per revision, not all zero")
     norm = [w / sum(raw_weights) for w in raw_weights]
-    snaps = [repo.snapshot(r) for r in revisions]
+    snaps = [store.snapshot(store.resolve(r)) for r in revisions]
     lossy = _lossy_of(snaps)
     check_main_line(branch, lossy.get(LOSSY_ANNOTATION), allow_lossy, f"averaging into {branch!r}")
-    manifests = [repo.manifest(s) for s in snaps]
+    manifests = [store.manifest(s) for s in snaps]
     first = manifests[0]
     shape_of = [[(t.path, t.kind, t.dtype, t.shape) for t in m.tensors] for m in manifests]
     problems = [f"{revisions[i]}: tensors differ from {revisions[0]} ({set(shape_of[i]) ^ set(shape_of[0])})"
@@ -106,23 +99,22 @@ def average(
         if all(v.chunks == entry.chunks for v in versions) or not is_floating(entry.dtype):
             entries.append(entry)  # identical everywhere (or not floating): kept as in the first
             continue
-        values = [repo.read_arrays(s, [v])[0] for s, v in zip(snaps, versions)]
+        values = [store.read_arrays(s, [v])[0] for s, v in zip(snaps, versions)]
         computed.append(ArrayLeaf(entry.path, _weighted(values, norm, values[0])))
         entries.append(None)
-    with repo.backend.lock(exclusive=False):
-        repo._sync_index()
-        stored, stats = repo._store_arrays(stage(computed), None, {}, None)
+    staged = stage(computed)
+
+    def build(txn: Transaction) -> Callable[[str | None], Snapshot]:
+        stored, stats = write_arrays(txn, staged, None, {}, None)
         new_entries = iter(stored)
         tensors = tuple(e if e is not None else next(new_entries) for e in entries)
-        manifest_id = repo._put_manifest(Manifest(first.tree, tensors))
-        return repo._publish(
-            branch,
-            repo.backend.read_ref(BRANCH_PREFIX + branch),
-            lambda head: Snapshot.new(
-                manifest=manifest_id, parents=_unique([head, *(s.id for s in snaps)]), step=snaps[0].step,
-                time=time.time(), message=message or f"average of {', '.join(revisions)}",
-                stats=CommitStats(sum(t.nbytes for t in tensors), sum(len(t.chunks) for t in tensors),
-                                  stats.new_chunks, stats.new_raw_bytes, stats.new_stored_bytes),
-                annotations={"average": {"revisions": list(revisions), "snapshots": [s.id for s in snaps], "weights": norm}, **lossy},
-            ),
+        manifest_id = txn.put_manifest(Manifest(first.tree, tensors))
+        return lambda head: Snapshot.new(
+            manifest=manifest_id, parents=_unique([head, *(s.id for s in snaps)]), step=snaps[0].step,
+            message=message or f"average of {', '.join(revisions)}",
+            stats=CommitStats(sum(t.nbytes for t in tensors), sum(len(t.chunks) for t in tensors),
+                              stats.new_chunks, stats.new_raw_bytes, stats.new_stored_bytes),
+            annotations={"average": {"revisions": list(revisions), "snapshots": [s.id for s in snaps], "weights": norm}, **lossy},
         )  # fmt: skip
+
+    return store.transaction(branch, build)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from qckpt._ids import ID_BYTES, hex_id
 from qckpt.errors import IntegrityError
+from qckpt.format.ids import ID_BYTES, hex_id
 
 PACK_MAGIC = b"QCKPACK2"
 _V1_MAGIC = b"QCKPACK1"
@@ -31,10 +31,6 @@ _V1_ENTRY = struct.Struct(f"<{ID_BYTES}sQIB")
 _ENTRY = struct.Struct(f"<{ID_BYTES}sQIBBB")
 _TRAILER = struct.Struct("<IQ8s")
 TRAILER_SIZE = _TRAILER.size
-
-
-def pack_key(pack_id: str) -> str:
-    return f"packs/{pack_id}.pack"
 
 
 @dataclass(frozen=True)

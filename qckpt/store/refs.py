@@ -13,8 +13,6 @@ import re
 from qckpt.errors import InvalidRefNameError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
-BRANCH_PREFIX = "heads/"
-TAG_PREFIX = "tags/"
 
 
 def check_ref_name(name: str, kind: str = "branch") -> str:

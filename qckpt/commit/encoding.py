@@ -18,12 +18,13 @@ from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
-from qckpt._codecs import FLOAT_FORMATS, FLOAT_NONE, PredictiveCodec, codec_by_id
-from qckpt._hot import HotSnapshot, StagedArray
-from qckpt._index import ChunkIndex
-from qckpt._objects import Candidate
-from qckpt._predict import BASE, ParamRule, Prediction, plan_predictions
-from qckpt._records import TensorEntry
+from qckpt.commit.hot import HotSnapshot
+from qckpt.commit.predict import BASE, ParamRule, Prediction, plan_predictions
+from qckpt.commit.staging import StagedArray
+from qckpt.format.codecs import FLOAT_FORMATS, FLOAT_NONE, PredictiveCodec, codec_by_id
+from qckpt.format.objects import Candidate
+from qckpt.format.records import TensorEntry
+from qckpt.store.index import ChunkIndex
 
 
 def chunk_view(array: StagedArray, number: int, chunk_size: int) -> np.ndarray:

@@ -9,25 +9,18 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import zstandard
 
-from qckpt._ids import ID_HEX, hex_id
-from qckpt._tensors import itemsize
-from qckpt._tree import Json, decode_plain, encode_plain
 from qckpt.errors import IntegrityError
+from qckpt.format.ids import ID_HEX, hex_id
+from qckpt.format.tensors import itemsize
+from qckpt.format.tree import Json, decode_plain, encode_plain
 
 RECORD_VERSION = 1
-
-
-def manifest_key(manifest_id: str) -> str:
-    return f"manifests/{manifest_id}"
-
-
-def snapshot_key(snapshot_id: str) -> str:
-    return f"snapshots/{snapshot_id}"
 
 
 def _verified_json(kind: str, record_id: str, data: bytes, decompress: bool) -> dict[str, Any]:
@@ -119,6 +112,7 @@ class CommitStats:
     new_chunks: int = 0  # chunks not stored before this commit
     new_raw_bytes: int = 0  # raw bytes of those new chunks
     new_stored_bytes: int = 0  # bytes written to packs for them
+    notes: tuple[str, ...] = ()  # what the commit could not do as well as usual (e.g. an optimizer it could not predict)
 
 
 @dataclass(frozen=True)
@@ -139,6 +133,7 @@ class Snapshot:
     metrics: dict[str, float] = field(default_factory=dict)
     stats: CommitStats = field(default_factory=CommitStats)
     annotations: dict[str, Any] = field(default_factory=dict)
+    _bytes: bytes = field(default=b"", repr=False, compare=False)  # the stored record, once serialised
 
     @property
     def short_id(self) -> str:
@@ -151,21 +146,24 @@ class Snapshot:
         return self.annotations.get(LOSSY_ANNOTATION)
 
     def _document(self) -> dict[str, Any]:
+        stats = {k: list(v) if k == "notes" else v for k, v in asdict(self.stats).items() if k != "notes" or v}
         return {
             "version": RECORD_VERSION, "manifest": self.manifest, "parents": list(self.parents),
             "step": self.step, "time": self.time, "message": self.message,
-            "metrics": encode_plain(self.metrics), "stats": asdict(self.stats),
+            "metrics": encode_plain(self.metrics), "stats": stats,
             "annotations": encode_plain(self.annotations),
         }  # fmt: skip
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self._document(), sort_keys=True, separators=(",", ":")).encode()
+        """The stored record (serialised once per snapshot)."""
+        return self._bytes or json.dumps(self._document(), sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def new(cls, **fields: Any) -> Snapshot:
-        """A new snapshot with its content id (all fields but ``id``)."""
-        draft = cls(id="", **fields)
-        return replace(draft, id=hex_id(draft.to_bytes()))
+        """A new snapshot with its content id (all fields but ``id``; ``time`` defaults to now)."""
+        fields.setdefault("time", time.time())
+        data = cls(id="", **fields).to_bytes()
+        return cls(id=hex_id(data), **fields, _bytes=data)
 
     @classmethod
     def from_bytes(cls, snapshot_id: str, data: bytes) -> Snapshot:
@@ -174,10 +172,12 @@ class Snapshot:
             parents = tuple(doc["parents"])
             if not ID_HEX.fullmatch(doc["manifest"]) or not all(ID_HEX.fullmatch(p) for p in parents):
                 raise ValueError("bad id")
+            stats = dict(doc["stats"])
+            stats["notes"] = tuple(str(n) for n in stats.get("notes", ()))
             return cls(
                 id=snapshot_id, manifest=doc["manifest"], parents=parents, step=doc["step"],
                 time=float(doc["time"]), message=str(doc["message"]), metrics=decode_plain(doc["metrics"]),
-                stats=CommitStats(**doc["stats"]), annotations=decode_plain(doc["annotations"]),
+                stats=CommitStats(**stats), annotations=decode_plain(doc["annotations"]), _bytes=data,
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as e:
             raise IntegrityError(f"snapshot {snapshot_id} is malformed: {e}") from e

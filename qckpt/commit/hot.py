@@ -1,0 +1,104 @@
+"""The hot tier: the tensors of the most recent snapshots, kept in host memory.
+
+The ``HotTier`` keeps the staged (or restored) tensors of the most recent
+snapshots, bounded by count and bytes; a hot snapshot is the base the next
+commit predicts from, and restoring it is a memory copy.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from qckpt.commit.predict import ParamRule
+from qckpt.commit.staging import StagedArray, new_buffer
+from qckpt.format.records import TensorEntry
+
+
+@dataclass(frozen=True)
+class HotSnapshot:
+    """A snapshot whose tensors are in memory: arrays and entries by path, and the
+    optimizer update rules captured with it (for predictions)."""
+
+    snapshot_id: str
+    arrays: Mapping[str, StagedArray]
+    entries: Mapping[str, TensorEntry]
+    rules: Mapping[str, ParamRule]
+    step: int | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.data.nbytes for a in self.arrays.values())
+
+
+class HotTier:
+    """The most recently committed or restored snapshots, newest last, bounded by
+    ``max_snapshots`` and ``max_bytes`` (the newest always stays). Thread-safe.
+
+    Buffers of evicted snapshots are recycled by ``take`` (at most one
+    snapshot's worth is kept for that), which saves page faults when staging.
+    Thread contract: ``put`` (the only call that evicts) runs on the writer
+    thread, the only reader of hot buffers as delta bases; ``copy_out`` copies
+    under the tier's lock. So a recycled buffer is never still being read.
+    """
+
+    def __init__(self, max_snapshots: int, max_bytes: int | None) -> None:
+        self.max_snapshots = max_snapshots
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, HotSnapshot] = OrderedDict()
+        self._free: dict[tuple[int, bool], list[np.ndarray]] = {}
+        self._free_bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int, pinned: bool) -> np.ndarray:
+        """A buffer of ``nbytes`` for staging: recycled when one is free, else new."""
+        with self._lock:
+            free = self._free.get((nbytes, pinned))
+            if free:
+                self._free_bytes -= nbytes
+                return free.pop()
+        return new_buffer(nbytes, pinned)
+
+    def copy_out(self, snapshot_id: str, paths: Sequence[str]) -> list[np.ndarray] | None:
+        """Copies of a hot snapshot's buffers for ``paths``, or None if it is not (fully) hot."""
+        with self._lock:
+            hot = self._items.get(snapshot_id)
+            if hot is None or any(p not in hot.arrays for p in paths):
+                return None
+            return [hot.arrays[p].data.copy() for p in paths]
+
+    def get(self, snapshot_id: str | None) -> HotSnapshot | None:
+        with self._lock:
+            return self._items.get(snapshot_id) if snapshot_id is not None else None
+
+    def put(self, hot: HotSnapshot) -> None:
+        if self.max_snapshots < 1:
+            return
+        with self._lock:
+            self._items[hot.snapshot_id] = hot
+            self._items.move_to_end(hot.snapshot_id)
+            while len(self._items) > self.max_snapshots or (
+                self.max_bytes is not None and len(self._items) > 1 and self.nbytes > self.max_bytes
+            ):
+                _, evicted = self._items.popitem(last=False)
+                self._recycle(evicted)
+
+    def _recycle(self, evicted: HotSnapshot) -> None:
+        limit = max((h.nbytes for h in self._items.values()), default=0)
+        for array in evicted.arrays.values():
+            if self._free_bytes + array.data.nbytes <= limit:
+                self._free.setdefault((array.data.nbytes, array.pinned), []).append(array.data)
+                self._free_bytes += array.data.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.nbytes for h in self._items.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+

@@ -1,0 +1,469 @@
+"""The storage engine: one repository on one backend, and its one write transaction.
+
+``Store`` owns the backend, the repository config, the chunk index, the
+reader and the caches of immutable records. Everything that writes a snapshot
+goes through ``Store.transaction``, which performs the steps of invariant 2 in
+this order, once:
+
+1. take the writer lock shared (garbage collection takes it exclusive);
+2. record the current format version in the config before the first write to
+   an older repository;
+3. bring the chunk index up to date after a garbage collection elsewhere;
+4. read the branch head;
+5. let the caller write objects (packs, then index entries) and the manifest;
+6. write the snapshot record and move the branch by compare-and-swap; if
+   another writer moved it meanwhile, rebuild the snapshot on the new head and
+   publish again (only a snapshot record is rewritten), or raise
+   ``RefConflictError``.
+
+The store is thread-safe. It knows nothing of training states, staging, the
+hot tier or asynchronous commits (the ``commit`` layer above it) nor of the
+facade.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qckpt.backends import Backend
+from qckpt.errors import (
+    AlreadyExistsError,
+    AmbiguousRevisionError,
+    FormatVersionError,
+    IntegrityError,
+    InvalidInputError,
+    ObjectNotFoundError,
+    RefConflictError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from qckpt.format.ids import ID_HEX, hex_id
+from qckpt.format.packs import TRAILER_SIZE, ChunkLocation, PackBuilder, footer_span, read_pack_footer
+from qckpt.format.records import Manifest, Snapshot, TensorEntry
+from qckpt.format.tensors import numpy_dtype, torch_dtype
+from qckpt.store.index import ChunkIndex, LmdbIndex, MemoryIndex
+from qckpt.store.layout import (
+    BRANCH_PREFIX,
+    CONFIG_KEY,
+    GC_GENERATION_REF,
+    MANIFEST_PREFIX,
+    PACK_PREFIX,
+    RECORD_PREFIXES,
+    SNAPSHOT_PREFIX,
+    TAG_PREFIX,
+    manifest_key,
+    pack_id_of,
+    pack_key,
+    snapshot_key,
+)
+from qckpt.store.reader import ChunkReader
+from qckpt.store.refs import check_ref_name
+
+REPOSITORY_VERSION = 3  # 2: delta and predictive codecs, pack footers with dependencies; 3: lossy-tier payloads
+DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_COMPRESSION_LEVEL = 1
+DEFAULT_MAX_CHAIN = 16
+_MAX_PUBLISH_ATTEMPTS = 1000
+_STEP_REVISION = re.compile(r"(.+)@([0-9]+)")
+_log = logging.getLogger("qckpt")
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    """Settings fixed when the repository is created (stored under ``config``)."""
+
+    repository_id: str
+    chunk_size: int
+    compression_level: int
+    version: int = REPOSITORY_VERSION
+    max_chain: int = DEFAULT_MAX_CHAIN  # longest dependency chain a commit may create (1: no deltas)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+
+SnapshotFactory = Callable[[str | None], Snapshot]  # parent head -> the snapshot to publish on it
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """What a transaction's ``build`` step sees: the store, the branch and its head
+    as read under the writer lock. Objects written through it stay safe from
+    garbage collection until the transaction ends."""
+
+    store: Store
+    branch: str
+    head: str | None
+
+    def put_manifest(self, manifest: Manifest) -> str:
+        """Write ``manifest`` (after the objects it lists); returns its id."""
+        data = manifest.to_bytes()
+        manifest_id = hex_id(data)
+        self.store.backend.put(manifest_key(manifest_id), data)
+        return manifest_id
+
+
+def _index_for(backend: Backend, config: RepositoryConfig, cache_dir: str | os.PathLike[str] | None) -> ChunkIndex:
+    """Where the backend's capabilities say the chunk index belongs: in memory, in the
+    backend's own local directory, or in a local cache (``cache_dir``, else
+    ``$QCKPT_CACHE_DIR``, else ``~/.cache/qckpt``) keyed by repository id."""
+    placement = backend.capabilities.index
+    if placement == "memory":
+        return MemoryIndex()
+    if placement == "local":
+        assert backend.capabilities.local_dir is not None  # Capabilities checks this
+        return LmdbIndex(backend.capabilities.local_dir / ".index")
+    root = Path(cache_dir or os.environ.get("QCKPT_CACHE_DIR") or Path.home() / ".cache" / "qckpt")
+    return LmdbIndex(root / config.repository_id / "index")
+
+
+class Store:
+    """A repository's storage engine (see the module docstring). Create with
+    ``create`` or ``open``; ``close`` when done. Thread-safe."""
+
+    def __init__(self, backend: Backend, config: RepositoryConfig, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        self.backend = backend
+        self.config = config
+        self.index = _index_for(backend, config, cache_dir)
+        self.workers = os.cpu_count() or 2  # encoding parallelism
+        # reads mostly wait on storage (network for S3): more threads than cores
+        self.pool = ThreadPoolExecutor(max_workers=max(16, self.workers), thread_name_prefix="qckpt")
+        self.reader = ChunkReader(backend, self.index.get, self.pool, refresh=self.rebuild_index)
+        self._snapshots: dict[str, Snapshot] = {}
+        self._rebuild_lock = threading.Lock()
+        self._config_lock = threading.Lock()
+
+    @classmethod
+    def create(cls, backend: Backend, config: RepositoryConfig, cache_dir: str | os.PathLike[str] | None = None) -> Store:
+        """Write ``config`` to an empty location (``AlreadyExistsError`` if a repository is there)."""
+        try:
+            backend.put(CONFIG_KEY, config.to_bytes(), exclusive=True)
+        except AlreadyExistsError:
+            raise AlreadyExistsError(f"a repository exists already at {backend.uri}") from None
+        return cls(backend, config, cache_dir)
+
+    @classmethod
+    def open(cls, backend: Backend, cache_dir: str | os.PathLike[str] | None = None) -> Store:
+        """Open the repository at ``backend`` (``RepositoryNotFoundError`` if none,
+        ``FormatVersionError`` if written by a newer qckpt)."""
+        try:
+            doc = json.loads(backend.get(CONFIG_KEY))
+        except ObjectNotFoundError:
+            raise RepositoryNotFoundError(f"no qckpt repository at {backend.uri} (create one with init)") from None
+        except ValueError as e:
+            raise IntegrityError(f"repository config at {backend.uri} is damaged: {e}") from e
+        if not isinstance(doc, dict) or not isinstance(doc.get("version"), int):
+            raise IntegrityError(f"repository config at {backend.uri} is damaged")
+        if doc["version"] > REPOSITORY_VERSION:
+            raise FormatVersionError(
+                f"repository at {backend.uri} has format version {doc['version']}; "
+                f"this qckpt reads up to {REPOSITORY_VERSION}: upgrade qckpt"
+            )
+        try:
+            config = RepositoryConfig(**doc)
+        except TypeError as e:
+            raise IntegrityError(f"repository config at {backend.uri} is damaged: {e}") from e
+        store = cls(backend, config, cache_dir)
+        if len(store.index) == 0 and backend.list(PACK_PREFIX):
+            store.rebuild_index()
+        return store
+
+    def close(self) -> None:
+        """Finish background reads, release the index and the backend."""
+        try:
+            self.pool.shutdown(wait=True)
+            self.index.close()
+        finally:
+            self.backend.close()
+
+    # -- the write transaction ------------------------------------------------------
+    def transaction(
+        self, branch: str, build: Callable[[Transaction], SnapshotFactory], *, on_conflict: str = "retry"
+    ) -> Snapshot:
+        """Publish a new snapshot on ``branch`` (created if absent), in the steps of the
+        module docstring. ``build(txn)`` writes objects and the manifest and returns
+        a function that makes the snapshot record for a given parent head; it is
+        called again with the new head if the branch moved (``on_conflict="retry"``,
+        never for a branch deleted meanwhile) or ``RefConflictError`` is raised
+        (``on_conflict="raise"``)."""
+        check_ref_name(branch)
+        if on_conflict not in ("retry", "raise"):
+            raise InvalidInputError(f"on_conflict must be 'retry' or 'raise', got {on_conflict!r}")
+        with self.backend.lock(exclusive=False):  # GC must not sweep what this transaction dedups against
+            self._upgrade_config()
+            self.sync_index()
+            head = self.backend.read_ref(BRANCH_PREFIX + branch)
+            snapshot_on = build(Transaction(self, branch, head))
+            return self._publish(branch, head, snapshot_on, retry=on_conflict == "retry")
+
+    def _upgrade_config(self) -> None:
+        """Before the first write to a repository of an older format version, record
+        the current version, so an older qckpt refuses it instead of misreading it."""
+        with self._config_lock:
+            if self.config.version < REPOSITORY_VERSION:
+                upgraded = replace(self.config, version=REPOSITORY_VERSION)
+                self.backend.put(CONFIG_KEY, upgraded.to_bytes())
+                self.config = upgraded
+
+    def _publish(self, branch: str, head: str | None, snapshot_on: SnapshotFactory, *, retry: bool) -> Snapshot:
+        for _ in range(_MAX_PUBLISH_ATTEMPTS):
+            snapshot = snapshot_on(head)
+            self.backend.put(snapshot_key(snapshot.id), snapshot.to_bytes())
+            try:
+                self.backend.swap_ref(BRANCH_PREFIX + branch, head, snapshot.id)
+            except RefConflictError as e:
+                if not retry or e.actual is None:  # never recreate a branch deleted meanwhile
+                    raise
+                head = e.actual
+                continue
+            self._snapshots[snapshot.id] = snapshot
+            return snapshot
+        raise RefConflictError(BRANCH_PREFIX + branch, head, self.backend.read_ref(BRANCH_PREFIX + branch))
+
+    def put_pack(self, builder: PackBuilder) -> dict[bytes, ChunkLocation]:
+        """Write the pack ``builder`` holds; returns where its objects now are (not yet indexed)."""
+        pack_id, data, locations = builder.finish()
+        self.backend.put(pack_key(pack_id), data)
+        return locations
+
+    # -- the chunk index ----------------------------------------------------------------
+    def sync_index(self) -> None:
+        """With the writer lock held: rebuild the index if a garbage collection (here or
+        on another machine) ran since it was last brought up to date, so no commit
+        dedups against a chunk that GC deleted."""
+        generation = self.backend.read_ref(GC_GENERATION_REF)
+        if generation != self.index.generation():
+            self.index.clear()
+            self.index_packs()
+            self.index.set_generation(generation)
+
+    def rebuild_index(self) -> int:
+        """Re-read every pack footer into the chunk index; returns the number of packs indexed.
+
+        A pack whose footer is damaged is skipped with a warning on the ``qckpt``
+        logger: its chunks then read as missing, naming the snapshot that needs them.
+        """
+        with self.backend.lock(exclusive=False):
+            return self.index_packs()
+
+    def index_packs(self) -> int:
+        """``rebuild_index`` for callers that hold the writer lock already."""
+
+        def footer(pack_id: str) -> dict[bytes, ChunkLocation] | None:
+            try:
+                return self.pack_contents(pack_id)
+            except IntegrityError as e:
+                _log.warning("skipping damaged pack %s while rebuilding the index: %s", pack_id, e)
+                return None
+
+        with self._rebuild_lock:
+            found = [f for f in self.pool.map(footer, self.pack_ids()) if f is not None]
+            for contents in found:
+                self.index.put_many(contents)
+        return len(found)
+
+    def pack_ids(self) -> list[str]:
+        return [pack_id_of(k) for k in self.backend.list(PACK_PREFIX)]
+
+    def pack_contents(self, pack_id: str) -> dict[bytes, ChunkLocation]:
+        """Chunk locations listed in a pack's footer (``IntegrityError`` if damaged)."""
+        key = pack_key(pack_id)
+        size = self.backend.size(key)
+        trailer = self.backend.get_range(key, max(0, size - TRAILER_SIZE), TRAILER_SIZE)
+        span = footer_span(pack_id, trailer, size)
+        return read_pack_footer(pack_id, self.backend.get_range(key, span.offset, span.length), span)
+
+    # -- records ------------------------------------------------------------------------
+    def snapshot(self, snapshot_id: str) -> Snapshot:
+        """The stored snapshot with this full id (``RevisionNotFoundError`` if absent)."""
+        if snapshot_id not in self._snapshots:
+            try:
+                data = self.backend.get(snapshot_key(snapshot_id))
+            except ObjectNotFoundError:
+                raise RevisionNotFoundError(f"snapshot {snapshot_id} does not exist") from None
+            self._snapshots[snapshot_id] = Snapshot.from_bytes(snapshot_id, data)
+        return self._snapshots[snapshot_id]
+
+    def stored_snapshot(self, snapshot_id: str) -> Snapshot | None:
+        """The snapshot with this id, or None if it was expired by garbage collection."""
+        try:
+            return self.snapshot(snapshot_id)
+        except RevisionNotFoundError:
+            return None
+
+    def forget_snapshot(self, snapshot_id: str) -> None:
+        """Drop a deleted snapshot from the cache (garbage collection)."""
+        self._snapshots.pop(snapshot_id, None)
+
+    def snapshot_ids(self) -> list[str]:
+        """Ids of every snapshot stored, reachable or not."""
+        return [key.removeprefix(SNAPSHOT_PREFIX) for key in self.backend.list(SNAPSHOT_PREFIX)]
+
+    def manifest_ids(self) -> list[str]:
+        return [key.removeprefix(MANIFEST_PREFIX) for key in self.backend.list(MANIFEST_PREFIX)]
+
+    def manifest_by_id(self, manifest_id: str) -> Manifest:
+        try:
+            data = self.backend.get(manifest_key(manifest_id))
+        except ObjectNotFoundError:
+            raise IntegrityError(f"manifest {manifest_id} is missing") from None
+        return Manifest.from_bytes(manifest_id, data)
+
+    def manifest(self, snapshot: Snapshot) -> Manifest:
+        """The (verified) manifest of ``snapshot``."""
+        try:
+            return self.manifest_by_id(snapshot.manifest)
+        except IntegrityError as e:
+            raise IntegrityError(f"snapshot {snapshot.short_id}: {e}") from e
+
+    def stored_bytes(self) -> int:
+        """Bytes in packs, manifests and snapshot records."""
+        return sum(self.backend.size(k) for prefix in RECORD_PREFIXES for k in self.backend.list(prefix))
+
+    # -- refs and revisions ---------------------------------------------------------------
+    def branches(self) -> dict[str, str]:
+        """Branch name -> snapshot id."""
+        return {k.removeprefix(BRANCH_PREFIX): v for k, v in self.backend.list_refs(BRANCH_PREFIX).items()}
+
+    def tags(self) -> dict[str, str]:
+        """Tag name -> snapshot id."""
+        return {k.removeprefix(TAG_PREFIX): v for k, v in self.backend.list_refs(TAG_PREFIX).items()}
+
+    def create_ref(self, prefix: str, name: str, snapshot_id: str, kind: str) -> None:
+        check_ref_name(name, kind)
+        other = TAG_PREFIX if prefix == BRANCH_PREFIX else BRANCH_PREFIX
+        if self.backend.read_ref(other + name) is not None:
+            raise AlreadyExistsError(f"{name!r} is already a {'tag' if other == TAG_PREFIX else 'branch'}")
+        try:
+            self.backend.swap_ref(prefix + name, None, snapshot_id)
+        except RefConflictError:
+            raise AlreadyExistsError(f"{kind} {name!r} exists already") from None
+
+    def delete_ref(self, prefix: str, name: str, kind: str) -> None:
+        check_ref_name(name, kind)
+        current = self.backend.read_ref(prefix + name)
+        if current is None:
+            raise RevisionNotFoundError(f"no {kind} named {name!r}")
+        self.backend.swap_ref(prefix + name, current, None)
+
+    def resolve(self, revision: str) -> str:
+        """The snapshot id a revision names: branch, tag, snapshot id (or unique prefix
+        of at least 6 hex digits), each optionally followed by ``@STEP`` to pick the
+        ancestor (first parents) committed at that step."""
+        if not isinstance(revision, str) or not revision:
+            raise InvalidInputError(f"revision must be a non-empty string, got {revision!r}")
+        match = _STEP_REVISION.fullmatch(revision)
+        if match is None:
+            return self._resolve_name(revision)
+        base, step = match.group(1), int(match.group(2))
+        for snap in self.first_parents(self._resolve_name(base)):
+            if snap.step == step:
+                return snap.id
+        raise RevisionNotFoundError(f"no snapshot at step {step} in the history of {base!r}")
+
+    def _resolve_name(self, name: str) -> str:
+        for prefix in (BRANCH_PREFIX, TAG_PREFIX):
+            try:
+                target = self.backend.read_ref(prefix + check_ref_name(name))
+            except InvalidInputError:
+                break
+            if target is not None:
+                return target
+        if ID_HEX.fullmatch(name):
+            if self.backend.exists(snapshot_key(name)):
+                return name
+        elif re.fullmatch(r"[0-9a-f]{6,31}", name):
+            matches = self.backend.list(snapshot_key(name))
+            if len(matches) > 1:
+                raise AmbiguousRevisionError(f"snapshot id prefix {name!r} matches {len(matches)} snapshots")
+            if matches:
+                return matches[0].removeprefix(SNAPSHOT_PREFIX)
+        known = ", ".join(sorted(self.branches())[:10]) or "none"
+        raise RevisionNotFoundError(f"unknown revision {name!r}: no branch, tag or snapshot id matches (branches: {known})")
+
+    def first_parents(self, snapshot_id: str) -> Iterator[Snapshot]:
+        """The snapshot and its first-parent ancestors, up to the first expired one."""
+        snap: Snapshot | None = self.snapshot(snapshot_id)
+        while snap is not None:
+            yield snap
+            snap = self.stored_snapshot(snap.parents[0]) if snap.parents else None
+
+    # -- reads ------------------------------------------------------------------------
+    def read_arrays(self, snapshot: Snapshot, entries: list[TensorEntry]) -> list[torch.Tensor | np.ndarray]:
+        """Read and verify the given tensors of ``snapshot`` as CPU values.
+
+        Raises ``IntegrityError`` naming the snapshot, the state key and the
+        object at fault if any chunk (or a chunk it depends on) cannot be read.
+        """
+        return [as_value(b, e) for b, e in zip(self.read_buffers(snapshot, entries), entries)]
+
+    def read_buffers(self, snapshot: Snapshot, entries: list[TensorEntry]) -> list[np.ndarray]:
+        """``read_arrays``, as one flat uint8 buffer per entry."""
+        return self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries])
+
+    def read_bytes(self, snapshot: Snapshot, entry: TensorEntry, start: int, end: int) -> np.ndarray:
+        """Bytes ``[start, end)`` of one tensor of ``snapshot``, reading (and verifying)
+        only the chunks that cover them."""
+        if not 0 <= start <= end <= entry.nbytes:
+            raise InvalidInputError(f"byte range [{start}, {end}) is outside {entry.path!r} ({entry.nbytes} bytes)")
+        return self._read_byte_ranges(snapshot, [(entry, start, end)])[0]
+
+    def _read_byte_ranges(self, snapshot: Snapshot, ranges: list[tuple[TensorEntry, int, int]]) -> list[np.ndarray]:
+        buffers = [np.empty(end - start, dtype=np.uint8) for _, start, end in ranges]
+        targets: dict[bytes, list[tuple[np.ndarray, TensorEntry, int, int, int]]] = {}
+        for buffer, (entry, start, end) in zip(buffers, ranges):
+            for chunk_id, offset, length in entry.spans():
+                if offset < end and offset + length > start:
+                    targets.setdefault(chunk_id, []).append((buffer, entry, offset - start, length, end - start))
+
+        def place(chunk_id: bytes, raw: bytes) -> None:
+            data = np.frombuffer(raw, dtype=np.uint8)
+            for buffer, entry, at, length, size in targets[chunk_id]:
+                if len(raw) != length:
+                    raise IntegrityError(
+                        f"snapshot {snapshot.short_id}, state key {entry.path!r}: "
+                        f"chunk {chunk_id.hex()} has {len(raw)} bytes, manifest expects {length}"
+                    )
+                lo, hi = max(at, 0), min(at + length, size)  # the part of the chunk inside the range
+                buffer[lo:hi] = data[lo - at : hi - at]
+
+        errors = self.reader.read(targets, place)
+        if errors:
+            chunk_id, error = next(iter(errors.items()))
+            raise IntegrityError(f"snapshot {snapshot.short_id}, state key {targets[chunk_id][0][1].path!r}: {error}") from error
+        return buffers
+
+
+def as_value(buffer: np.ndarray, entry: TensorEntry) -> torch.Tensor | np.ndarray:
+    """A flat byte buffer as the tensor (or numpy array) ``entry`` describes, sharing its memory."""
+    if entry.kind == "ndarray":
+        return buffer.view(numpy_dtype(entry.dtype)).reshape(entry.shape)
+    if buffer.size == 0:  # from_numpy gives empty tensors stride 0, which cannot be re-viewed
+        return torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
+    return torch.from_numpy(buffer).view(torch_dtype(entry.dtype)).reshape(entry.shape)
+
+
+def new_config(chunk_size: int, compression_level: int, max_chain: int) -> RepositoryConfig:
+    """A config for a new repository, with its settings checked (``InvalidInputError``)."""
+    if chunk_size <= 0 or chunk_size % 64:
+        raise InvalidInputError(f"chunk_size must be a positive multiple of 64 bytes, got {chunk_size}")
+    if not 1 <= compression_level <= 19:
+        raise InvalidInputError(f"compression_level must be 1..19, got {compression_level}")
+    if not 1 <= max_chain <= 255:
+        raise InvalidInputError(f"max_chain must be 1..255, got {max_chain}")
+    return RepositoryConfig(uuid.uuid4().hex, chunk_size, compression_level, max_chain=max_chain)
+
+
+__all__ = ["REPOSITORY_VERSION", "RepositoryConfig", "Store", "Transaction", "as_value", "new_config"]
