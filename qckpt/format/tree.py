@@ -55,7 +55,8 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
 
 
 def encode_tree(tree: Any) -> tuple[Json, list[ArrayLeaf]]:
-    """Encode ``tree``; tensors/arrays go to the returned list, referenced by index."""
+    """Encode ``tree``; tensors/arrays go to the returned list, referenced by index.
+    ``UnsupportedValueError`` for values without a plain encoding and for two tensors at one path."""
     arrays: list[ArrayLeaf] = []
 
     def enc(v: Any, path: str) -> Json:
@@ -99,7 +100,16 @@ def encode_tree(tree: Any) -> tuple[Json, list[ArrayLeaf]]:
             return enc(k, path)
         raise UnsupportedValueError(f"state key {path!r}: dict key of type {type(k).__qualname__} is not supported")
 
-    return enc(tree, ""), arrays
+    encoded = enc(tree, "")
+    paths: set[str] = set()
+    for leaf in arrays:  # a path names one tensor: views, the hot tier and predictions look tensors up by it
+        if leaf.path in paths:
+            raise UnsupportedValueError(
+                f"state key {leaf.path!r} names two tensors (dict keys that print alike, such as 1 and '1'); "
+                "rename one of them"
+            )
+        paths.add(leaf.path)
+    return encoded, arrays
 
 
 def encode_plain(value: Any) -> Json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 import qckpt
-from tests.golden.make_golden import golden_state
+from qckpt.format.codecs import FLOAT32, round_bits
+from tests.golden.make_golden import LOSSY, LOSSY_STEPS, golden_state, lossy_state
 
 GOLDEN = Path(__file__).parents[1] / "golden"
 
@@ -25,7 +27,15 @@ def _equal(a: object, b: object) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
+def _rounded(state: dict, tier: qckpt.LossyTier) -> dict:
+    """``state`` as the lossy tier stores it, rounded independently of the repository."""
+    out = dict(state)
+    raw = state["weights"].numpy().view(np.uint8)
+    out["weights"] = torch.from_numpy(round_bits(raw, FLOAT32, 23 - tier.mantissa_bits).view(np.float32).reshape(300, 7))
+    return out
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 def test_golden_repository_reads_and_accepts_commits(version: str, tmp_path: Path) -> None:
     path = tmp_path / version
     shutil.copytree(GOLDEN / version, path)  # the index is not committed: opening rebuilds it from old footers
@@ -36,7 +46,28 @@ def test_golden_repository_reads_and_accepts_commits(version: str, tmp_path: Pat
             view = repo.load(revision)
             assert _equal(view.tree(), golden_state(step)), revision
         assert repo.fsck().ok
+        if version >= "v3":  # pins the lossy payload format: a rounded snapshot and one predicted from it
+            for step, revision in zip(LOSSY_STEPS, ("first", "predicted")):
+                snap = repo.snapshot(f"explore@{step}")
+                assert snap.lossy is not None and snap.lossy["mantissa_bits"] == LOSSY.mantissa_bits, revision
+                assert _equal(repo.load(snap.id).tree(), _rounded(lossy_state(step), LOSSY)), step
+            weights = repo.load("explore").entry("weights").chunks
+            assert any(repo._store.index.get(c).deps for c in weights)  # type: ignore[union-attr]
         repo.commit(golden_state(4), step=4)  # a new commit on top of old-format history
         assert _equal(repo.load("main").tree(), golden_state(4))
         assert repo.gc(qckpt.RetentionPolicy(keep_last=2, keep_tagged=False)).snapshots_deleted > 0
         assert repo.fsck().ok and _equal(repo.load("main@3").tree(), golden_state(3))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_average_on_an_older_repository_records_the_new_version(version: str, tmp_path: Path) -> None:
+    """Every writer upgrades the config before writing new-format objects (average once did not)."""
+    path = tmp_path / version
+    shutil.copytree(GOLDEN / version, path)
+    with qckpt.Repository.open(path) as repo:
+        assert repo.config.version < 3
+        snap = repo.average(["main", "main@2"], branch="avg")
+        written = json.loads((path / "config").read_text())["version"]
+        assert written == repo.config.version == 3
+        expected = (golden_state(3)["weights"].double() + golden_state(2)["weights"].double()) / 2
+        assert torch.equal(repo.load(snap.id)["weights"], expected.float())

@@ -1,0 +1,151 @@
+"""The one write path and the bugs its seam once caused (issue: one write transaction)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import qckpt
+from bench.workload import Trainer, train_step
+
+
+class CountingBackend(qckpt.MemoryBackend):
+    """Counts pack listings: each index rebuild lists the packs once."""
+
+    def __init__(self) -> None:
+        super().__init__("counting")
+        self.pack_listings = 0
+
+    def list(self, prefix: str) -> list[str]:
+        self.pack_listings += prefix == "packs/"
+        return super().list(prefix)
+
+
+def test_two_tensors_at_one_path_are_refused(repo: qckpt.Repository) -> None:
+    tree = {"x": {1: torch.zeros(4), "1": torch.ones(4)}}
+    with pytest.raises(qckpt.UnsupportedValueError, match="x/1"):
+        repo.commit(tree)
+    with pytest.raises(qckpt.UnsupportedValueError):
+        repo.commit_async(tree)
+    assert repo.branches() == {} and repo.backend.list("packs/") == []  # nothing was written
+
+
+def test_a_missing_pack_costs_one_index_rebuild_per_operation() -> None:
+    backend = CountingBackend()
+    with qckpt.Repository.init(backend, chunk_size=64) as repo:
+        repo.commit({"w": torch.randn(16 * 16)})  # 16 chunks in one pack
+        (pack,) = backend.list("packs/")
+        backend.delete(pack)
+    with qckpt.Repository.open(backend, hot_snapshots=0) as repo:
+        backend.pack_listings = 0
+        with pytest.raises(qckpt.IntegrityError, match="missing"):
+            repo.load("main")["w"]
+        assert backend.pack_listings == 1  # one rebuild, then a clear error
+        backend.pack_listings = 0
+        report = repo.fsck()
+        assert len(report.problems) == 16
+        assert backend.pack_listings <= 2  # one rebuild for the chunk reads, one listing to check packs
+
+
+def test_a_snapshot_record_is_serialised_once_per_commit(repo: qckpt.Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    document = qckpt.Snapshot._document
+    monkeypatch.setattr(qckpt.Snapshot, "_document", lambda self: (calls.append(1), document(self))[1])
+    repo.commit({"w": torch.zeros(8)})
+    assert len(calls) == 1
+
+
+def test_a_wrapped_local_backend_keeps_its_index_beside_the_data(tmp_path: Path) -> None:
+    """Capabilities pass through wrappers: wrapping must not move the index to the user cache."""
+    location = qckpt.RetryingBackend(qckpt.LocalBackend(tmp_path / "repo"))
+    cache = Path(os.environ["QCKPT_CACHE_DIR"])
+    before = set(cache.iterdir()) if cache.exists() else set()
+    with qckpt.Repository.init(location, chunk_size=256) as repo:
+        repo.commit({"w": torch.zeros(100)})
+        repository_id = repo.config.repository_id
+    assert (tmp_path / "repo" / ".index").is_dir()
+    assert not (cache / repository_id).exists() and (set(cache.iterdir()) if cache.exists() else set()) == before
+
+
+class SubclassedAdamW(torch.optim.AdamW):
+    """A user's AdamW subclass that keeps the update rule."""
+
+
+class WrappedOptimizer(torch.optim.Optimizer):
+    """Delegates everything to ``.optimizer``, as accelerate's AcceleratedOptimizer does."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # no super().__init__: like the real wrappers
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> dict:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self.optimizer.state = value
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        self.optimizer.load_state_dict(state_dict)
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+
+def _stored_bytes_of_second_commit(tmp_path: Path, name: str, wrap) -> qckpt.CommitStats:  # type: ignore[no-untyped-def]
+    trainer = Trainer("tiny", total_steps=20)
+    plain = trainer.state.components["optimizer"]
+    optimizer = wrap(plain)
+    trainer.state.components["optimizer"] = optimizer
+    trainer.state.components["scheduler"].optimizer = optimizer
+    with qckpt.Repository.init(tmp_path / name, chunk_size=4096) as repo:
+        stats = []
+        for _ in range(2):
+            train_step(trainer.state)
+            stats.append(repo.commit(trainer.state).stats)
+    return stats[1]
+
+
+def _subclass(plain: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    sub = SubclassedAdamW([dict(group) for group in plain.param_groups])
+    sub.load_state_dict(plain.state_dict())
+    return sub
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\(\)` has been overridden")
+def test_optimizer_subclasses_and_wrappers_keep_the_predictive_codecs(tmp_path: Path) -> None:
+    assert isinstance(Trainer("tiny").state.components["optimizer"], torch.optim.AdamW)
+    baseline = _stored_bytes_of_second_commit(tmp_path, "plain", lambda o: o)
+    for name, wrap in (("subclass", _subclass), ("wrapped", WrappedOptimizer)):
+        stats = _stored_bytes_of_second_commit(tmp_path, name, wrap)
+        assert stats.new_chunks == baseline.new_chunks, name  # the same training...
+        assert stats.new_stored_bytes == baseline.new_stored_bytes, name  # ...stored as compactly
+        assert stats.notes == (), name
+
+
+def test_an_optimizer_without_a_codec_is_noted(tmp_path: Path) -> None:
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.RMSprop(model.parameters())
+    model(torch.randn(3, 64)).sum().backward()
+    optimizer.step()
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        snap = repo.commit(qckpt.TrainingState(model=model, optimizer=optimizer))
+        assert len(snap.stats.notes) == 1 and "RMSprop" in snap.stats.notes[0]
+        assert repo.snapshot("main").stats.notes == snap.stats.notes  # recorded, not only returned
