@@ -77,11 +77,12 @@ def _tensor_table(tree: Any) -> tuple[str, dict[str, torch.Tensor]]:
 
 
 class Method:
-    """One way to store checkpoints: ``save`` each state, report bytes, ``restore`` one."""
+    """One way to store checkpoints: ``save`` each state (its timing includes capturing
+    the state: ``state_dict()`` calls, once per method), report bytes, ``restore`` one."""
 
     name: str
 
-    def save(self, tree: Any, state: qckpt.TrainingState) -> None: ...
+    def save(self, state: qckpt.TrainingState) -> None: ...
 
     def bytes(self) -> int: ...
 
@@ -99,6 +100,11 @@ class FileMethod(Method):
         root.mkdir(parents=True)
         self.paths: list[Path] = []
 
+    def save(self, state: qckpt.TrainingState) -> None:
+        self.write(state.capture())
+
+    def write(self, tree: Any) -> None: ...
+
     def bytes(self) -> int:
         return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
 
@@ -109,7 +115,7 @@ class FileMethod(Method):
 
 
 class TorchSave(FileMethod):
-    def save(self, tree: Any, state: qckpt.TrainingState) -> None:
+    def write(self, tree: Any) -> None:
         torch.save(tree, self._next())
 
     def restore(self, index: int, template: Any) -> None:
@@ -117,7 +123,7 @@ class TorchSave(FileMethod):
 
 
 class TorchSaveZstd(FileMethod):
-    def save(self, tree: Any, state: qckpt.TrainingState) -> None:
+    def write(self, tree: Any) -> None:
         buffer = io.BytesIO()
         torch.save(tree, buffer)
         self._next().write_bytes(zstandard.ZstdCompressor(level=3).compress(buffer.getbuffer()))
@@ -128,7 +134,7 @@ class TorchSaveZstd(FileMethod):
 
 
 class Safetensors(FileMethod):
-    def save(self, tree: Any, state: qckpt.TrainingState) -> None:
+    def write(self, tree: Any) -> None:
         from safetensors.torch import save_file
 
         text, tensors = _tensor_table(tree)
@@ -144,7 +150,7 @@ class Safetensors(FileMethod):
 
 
 class Dcp(FileMethod):
-    def save(self, tree: Any, state: qckpt.TrainingState) -> None:
+    def write(self, tree: Any) -> None:
         import torch.distributed.checkpoint as dcp
 
         dcp.save(tree, checkpoint_id=self._next())
@@ -164,7 +170,7 @@ class Qckpt(Method):
         self.ids: list[str] = []
         self.new_raw_bytes = 0
 
-    def save(self, tree: Any, state: qckpt.TrainingState) -> None:
+    def save(self, state: qckpt.TrainingState) -> None:
         snapshot = self.repo.commit(state, branch="explore" if self.lossy else "main", lossy=self.lossy)
         self.ids.append(snapshot.id)
         self.new_raw_bytes += snapshot.stats.new_raw_bytes
@@ -254,10 +260,9 @@ def run_scenario(scenario: str, size: str, commits: int, chains: list[int], back
             trainer.train_step()
             if step % interval:
                 continue
-            tree = trainer.state.capture()
             for method in methods:
                 start, cpu = time.perf_counter(), time.process_time()
-                method.save(tree, trainer.state)
+                method.save(trainer.state)
                 results[method.name].save_times.append(time.perf_counter() - start)
                 results[method.name].cpu_times.append(time.process_time() - cpu)
         template = trainer.state.capture()

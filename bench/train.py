@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps to run")
     parser.add_argument("--total-steps", type=int, default=200, help="length of the LR schedule")
     parser.add_argument("--restore", metavar="REV", help="restore this revision before training")
+    parser.add_argument("--forget-rng", action="store_true",
+                        help="after --restore, reseed the process RNGs (a control: the resumed run must then diverge)")
     parser.add_argument("--branch", default="main")
     parser.add_argument("--commit-every", type=int, default=1, help="0: never commit")
     parser.add_argument("--losses-out", type=Path, help="write {step: loss} JSON here")
@@ -42,6 +44,8 @@ def run(args: argparse.Namespace) -> dict[int, float]:
             if repo is None:
                 raise SystemExit("--restore needs --repo")
             repo.restore(trainer.state, args.restore)
+            if args.forget_rng:
+                torch.manual_seed(args.seed + 1)
         with Progress(args.steps, f"train {args.size}", enabled=not args.quiet) as bar:
             for _ in range(args.steps):
                 loss = trainer.train_step()

@@ -55,8 +55,16 @@ def test_resume_in_new_process_is_bit_exact(tmp_path: Path, backend: str, reques
 
 
 @pytest.mark.slow
-def test_resume_without_restoring_rng_diverges(tmp_path: Path) -> None:
-    """Control: the comparison above can fail. Skipping the restore changes the bits."""
-    _train("--steps", str(2 * N), "--final-out", str(tmp_path / "a.pt"))
-    _train("--seed", "1", "--steps", str(2 * N), "--final-out", str(tmp_path / "b.pt"))
-    assert differences(_load(tmp_path / "a.pt"), _load(tmp_path / "b.pt"))
+def test_resume_that_loses_the_rng_state_diverges(tmp_path: Path) -> None:
+    """Control: the comparison above can fail. The same resume, with only the process
+    RNG state lost after the restore (dropout masks change), must differ from run A
+    in the parameters, and in the losses after the first resumed step."""
+    _train("--steps", str(2 * N), "--losses-out", str(tmp_path / "a.json"), "--final-out", str(tmp_path / "a.pt"))
+    _train("--repo", str(tmp_path / "repo"), "--init", "--steps", str(N), "--commit-every", str(N))
+    _train("--repo", str(tmp_path / "repo"), "--restore", f"main@{N}", "--forget-rng", "--steps", str(N),
+           "--losses-out", str(tmp_path / "c.json"), "--final-out", str(tmp_path / "c.pt"))  # fmt: skip
+    found = differences(_load(tmp_path / "c.pt"), _load(tmp_path / "a.pt"))
+    assert any("components/model" in d for d in found), found
+    losses_a = json.loads((tmp_path / "a.json").read_text())
+    losses_c = json.loads((tmp_path / "c.json").read_text())
+    assert any(losses_c[s] != losses_a[s] for s in losses_c)

@@ -214,12 +214,16 @@ def test_gc_keeps_what_kept_snapshots_depend_on(repo: qckpt.Repository) -> None:
     for step in range(6):
         weights = weights * 1.0001
         repo.commit({"w": weights}, step=step)
-    assert repo.backend  # the fixture's chain bound is the default (16): all six form one chain
+    assert repo.config.max_chain == 16  # the fixture's default chain bound: all six commits form one chain
+    latest = repo.load("main").entry("w").chunks
+    depths = [repo._store.index.get(c).depth for c in latest]  # type: ignore[union-attr]
+    assert max(depths) == 6  # the newest chunks sit at the end of a six-object chain
     repo.gc(qckpt.RetentionPolicy(keep_last=1))
     assert [s.step for s in repo.log()] == [5]
     assert torch.equal(repo.load("main")["w"], weights) and repo.fsck().ok
-    reopened = qckpt.Repository.open(repo.backend)  # a fresh index, rebuilt from the footers
-    assert torch.equal(reopened.load("main")["w"], weights)
+    repo._store.index.clear()  # forget every location: reads must rebuild the index from the footers
+    assert torch.equal(repo.load("main")["w"], weights)
+    assert [repo._store.index.get(c).depth for c in latest] == depths  # type: ignore[union-attr]
 
 
 def test_restore_makes_the_next_commit_a_delta(tmp_path: Path) -> None:
