@@ -1,167 +1,65 @@
-"""The backend contract (see ``qckpt.backends.Backend``), checked on every backend."""
+"""Every backend qckpt ships runs the conformance suite of ``qckpt.testing``."""
 
 from __future__ import annotations
 
-import threading
+from pathlib import Path
 
+import botocore.exceptions
 import pytest
 
-from qckpt.backends import Backend
-from qckpt.errors import AlreadyExistsError, InvalidInputError, ObjectNotFoundError, RefConflictError
+from bench.s3server import new_bucket
+from qckpt.backends import Backend, LocalBackend, MemoryBackend, RetryingBackend, S3Backend
+from qckpt.testing import BackendConformance
 
 
-def test_put_get_roundtrip(backend: Backend) -> None:
-    backend.put("packs/a.pack", b"hello")
-    backend.put("empty", b"")
-    assert backend.get("packs/a.pack") == b"hello"
-    assert backend.get("empty") == b""
-    assert backend.size("packs/a.pack") == 5
-    assert backend.exists("packs/a.pack") and not backend.exists("packs/b.pack")
+class TestMemoryBackend(BackendConformance):
+    def make_backend(self, tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
+        return MemoryBackend("conformance")
+
+    def raw_put(self, backend: Backend, key: str, data: bytes) -> None:
+        assert isinstance(backend, MemoryBackend)
+        backend._blobs[key] = data
+
+    def raw_get(self, backend: Backend, key: str) -> bytes | None:
+        assert isinstance(backend, MemoryBackend)
+        return backend._blobs.get(key)
 
 
-def test_put_accepts_memoryview_and_bytearray(backend: Backend) -> None:
-    backend.put("a", memoryview(b"xyz")[1:])
-    backend.put("b", bytearray(b"123"))
-    assert backend.get("a") == b"yz" and backend.get("b") == b"123"
+class TestLocalBackend(BackendConformance):
+    def make_backend(self, tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
+        return LocalBackend(tmp_path / "store")
+
+    def raw_put(self, backend: Backend, key: str, data: bytes) -> None:
+        assert isinstance(backend, LocalBackend)
+        path = backend.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def raw_get(self, backend: Backend, key: str) -> bytes | None:
+        assert isinstance(backend, LocalBackend)
+        path = backend.root / key
+        return path.read_bytes() if path.is_file() else None
 
 
-def test_get_range(backend: Backend) -> None:
-    backend.put("k", bytes(range(100)))
-    assert backend.get_range("k", 10, 5) == bytes(range(10, 15))
-    assert backend.get_range("k", 95, 10) == bytes(range(95, 100))  # short at the end
+class TestS3Backend(BackendConformance):
+    """S3 through the retrying wrapper, as ``s3://`` locations are opened."""
 
+    def make_backend(self, tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
+        bucket = new_bucket(request.getfixturevalue("s3_endpoint"))
+        return RetryingBackend(S3Backend(bucket, "conformance/prefix"))
 
-def test_missing_keys_raise_not_found(backend: Backend) -> None:
-    for call in (lambda: backend.get("nope"), lambda: backend.get_range("nope", 0, 1),
-                 lambda: backend.size("nope"), lambda: backend.delete("nope")):  # fmt: skip
-        with pytest.raises(ObjectNotFoundError) as info:
-            call()
-        assert isinstance(info.value, KeyError)
-        assert "nope" in str(info.value)
+    @staticmethod
+    def _s3(backend: Backend) -> S3Backend:
+        assert isinstance(backend, RetryingBackend) and isinstance(backend.inner, S3Backend)
+        return backend.inner
 
+    def raw_put(self, backend: Backend, key: str, data: bytes) -> None:
+        s3 = self._s3(backend)
+        s3.client.put_object(Bucket=s3.bucket, Key=s3.prefix + key, Body=data)
 
-def test_put_again_same_content_is_harmless(backend: Backend) -> None:
-    backend.put("k", b"v")
-    backend.put("k", b"v")
-    assert backend.get("k") == b"v"
-
-
-def test_exclusive_put(backend: Backend) -> None:
-    backend.put("config", b"1", exclusive=True)
-    with pytest.raises(AlreadyExistsError):
-        backend.put("config", b"2", exclusive=True)
-    assert backend.get("config") == b"1"
-
-
-def test_list_by_prefix_sorted(backend: Backend) -> None:
-    for key in ("snapshots/b", "snapshots/a", "manifests/a", "snap"):
-        backend.put(key, b"x")
-    assert backend.list("snapshots/") == ["snapshots/a", "snapshots/b"]
-    assert backend.list("snapshots/a") == ["snapshots/a"]
-    assert backend.list("nothing/") == []
-    assert backend.list("") == ["manifests/a", "snap", "snapshots/a", "snapshots/b"]
-
-
-def test_refs_are_not_blobs(backend: Backend) -> None:
-    backend.swap_ref("heads/main", None, "abc")
-    assert backend.list("") == []
-
-
-def test_delete(backend: Backend) -> None:
-    backend.put("k", b"v")
-    backend.delete("k")
-    assert not backend.exists("k")
-
-
-@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "..", "a//b", ".hidden", "a/.tmp", "a b", "a\x00", "a\\b"])
-def test_unsafe_keys_rejected(backend: Backend, key: str) -> None:
-    with pytest.raises(InvalidInputError):
-        backend.put(key, b"x")
-    with pytest.raises(InvalidInputError):
-        backend.swap_ref(key, None, "x")
-
-
-def test_ref_create_update_delete(backend: Backend) -> None:
-    assert backend.read_ref("heads/main") is None
-    backend.swap_ref("heads/main", None, "a1")
-    backend.swap_ref("heads/main", "a1", "b2")
-    backend.swap_ref("tags/v1", None, "a1")
-    assert backend.read_ref("heads/main") == "b2"
-    assert backend.list_refs("heads/") == {"heads/main": "b2"}
-    assert backend.list_refs("") == {"heads/main": "b2", "tags/v1": "a1"}
-    backend.swap_ref("heads/main", "b2", None)
-    assert backend.read_ref("heads/main") is None
-    assert backend.list_refs("heads/") == {}
-
-
-def test_ref_conflicts_leave_ref_unchanged(backend: Backend) -> None:
-    backend.swap_ref("heads/main", None, "a1")
-    with pytest.raises(RefConflictError) as info:
-        backend.swap_ref("heads/main", None, "zz")  # create over existing
-    assert info.value.actual == "a1"
-    with pytest.raises(RefConflictError):
-        backend.swap_ref("heads/main", "stale", "zz")
-    with pytest.raises(RefConflictError):
-        backend.swap_ref("heads/other", "a1", "zz")  # update of an absent ref
-    with pytest.raises(RefConflictError):
-        backend.swap_ref("heads/main", "stale", None)  # delete with a stale view
-    assert backend.read_ref("heads/main") == "a1"
-
-
-def test_concurrent_compare_and_swap_loses_nothing(backend: Backend) -> None:
-    """Threads increment a counter ref by CAS with retry; every increment must land."""
-    backend.swap_ref("heads/counter", None, "0")
-    per_thread, threads = 15, 6
-    errors: list[BaseException] = []
-
-    def work() -> None:
+    def raw_get(self, backend: Backend, key: str) -> bytes | None:
+        s3 = self._s3(backend)
         try:
-            for _ in range(per_thread):
-                while True:
-                    current = backend.read_ref("heads/counter")
-                    try:
-                        backend.swap_ref("heads/counter", current, str(int(current or 0) + 1))
-                        break
-                    except RefConflictError:
-                        continue
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    assert not errors
-    assert backend.read_ref("heads/counter") == str(per_thread * threads)
-
-
-def test_writer_lock_shared_and_exclusive(backend: Backend) -> None:
-    """Shared holders coexist; an exclusive holder waits for them and excludes them."""
-    events: list[str] = []
-    shared_in = threading.Event()
-    release_shared = threading.Event()
-
-    def shared_holder() -> None:
-        with backend.lock(exclusive=False):
-            with backend.lock(exclusive=False):  # a second shared holder does not block
-                events.append("shared")
-                shared_in.set()
-                release_shared.wait(5)
-            events.append("shared released")
-
-    def exclusive_holder() -> None:
-        shared_in.wait(5)
-        with backend.lock(exclusive=True):
-            events.append("exclusive")
-
-    threads = [threading.Thread(target=shared_holder), threading.Thread(target=exclusive_holder)]
-    for t in threads:
-        t.start()
-    shared_in.wait(5)
-    threading.Event().wait(0.2)  # give the exclusive holder time to (wrongly) get in
-    assert events == ["shared"]
-    release_shared.set()
-    for t in threads:
-        t.join(5)
-    assert events == ["shared", "shared released", "exclusive"]
+            return s3.client.get_object(Bucket=s3.bucket, Key=s3.prefix + key)["Body"].read()
+        except botocore.exceptions.ClientError:
+            return None
