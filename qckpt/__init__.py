@@ -25,6 +25,7 @@ from qckpt.errors import (
     BackendError,
     CommitAbortedError,
     ConflictError,
+    DivergedError,
     FormatVersionError,
     IntegrityError,
     InvalidInputError,
@@ -39,13 +40,13 @@ from qckpt.errors import (
     TransientBackendError,
     UnsupportedValueError,
 )
-from qckpt.format.records import CommitStats, Snapshot, TensorEntry
+from qckpt.format.records import CommitStats, RefLogEntry, Snapshot, TensorEntry
 from qckpt.ops.diff import TensorDiff
 from qckpt.ops.fsck import FsckProblem, FsckReport
 from qckpt.ops.gc import GcReport, RetentionPolicy
 from qckpt.ops.view import SnapshotView
 from qckpt.repository import Repository, RepositoryStats
-from qckpt.state import Stateful, TrainingState
+from qckpt.state import Lineage, Stateful, TrainingState
 from qckpt.store.store import RepositoryConfig
 
 __version__ = "0.1.0"
@@ -59,6 +60,7 @@ __all__ = [
     "CommitHandle",
     "CommitStats",
     "ConflictError",
+    "DivergedError",
     "FormatVersionError",
     "FsckProblem",
     "FsckReport",
@@ -66,6 +68,7 @@ __all__ = [
     "IntegrityError",
     "InvalidInputError",
     "InvalidRefNameError",
+    "Lineage",
     "LossyTier",
     "LocalBackend",
     "MemoryBackend",
@@ -77,6 +80,7 @@ __all__ = [
     "RepositoryConfig",
     "RepositoryNotFoundError",
     "RepositoryStats",
+    "RefLogEntry",
     "RetentionPolicy",
     "RetryingBackend",
     "S3Backend",

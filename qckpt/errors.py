@@ -14,7 +14,8 @@
     │   └── StateMismatchError                   snapshot does not fit the live state
     ├── ConflictError                            someone else got there first
     │   ├── AlreadyExistsError                   repository, tag, branch or key exists
-    │   └── RefConflictError                     a ref moved under a compare-and-swap
+    │   ├── RefConflictError                     a ref moved under a compare-and-swap
+    │   └── DivergedError                        a restored state would move its branch elsewhere: reset first
     ├── IntegrityError                           stored bytes are damaged
     ├── FormatVersionError                       repository written by a newer qckpt
     ├── CommitAbortedError                       not written: an earlier async commit failed
@@ -41,6 +42,7 @@ __all__ = [
     "ConflictError",
     "AlreadyExistsError",
     "RefConflictError",
+    "DivergedError",
     "IntegrityError",
     "FormatVersionError",
     "CommitAbortedError",
@@ -122,6 +124,12 @@ class RefConflictError(ConflictError):
         self.ref = ref
         self.expected = expected
         self.actual = actual
+
+
+class DivergedError(ConflictError):
+    """A commit of a state restored from one snapshot would move a branch that is now
+    elsewhere: ``Repository.reset`` the branch to that snapshot first (an explicit,
+    logged move), or commit to another branch."""
 
 
 class IntegrityError(QckptError):

@@ -31,8 +31,8 @@ from qckpt.commit.lossy import LossyTier, check_main_line, quantize
 from qckpt.commit.predict import ParamRule, parameter_rules
 from qckpt.commit.staging import StagedArray, stage
 from qckpt.commit.writer import CommitHandle, CommitWriter
-from qckpt.errors import InvalidInputError, StateMismatchError
-from qckpt.format.records import LOSSY_ANNOTATION, Manifest, Snapshot
+from qckpt.errors import AlreadyExistsError, DivergedError, InvalidInputError, RevisionNotFoundError, StateMismatchError
+from qckpt.format.records import LOSSY_ANNOTATION, Manifest, RefLogEntry, Snapshot
 from qckpt.format.tree import decode_tree, encode_tree
 from qckpt.ops.diff import TensorDiff, diff_snapshots
 from qckpt.ops.fsck import FsckReport, check_repository
@@ -42,7 +42,7 @@ from qckpt.ops.log import history
 from qckpt.ops.view import SnapshotView
 from qckpt.ops.zarr_export import export_zarr
 from qckpt.ops.zarr_store import SnapshotStore
-from qckpt.state import TrainingState
+from qckpt.state import Lineage, TrainingState
 from qckpt.store.layout import BRANCH_PREFIX, TAG_PREFIX
 from qckpt.store.refs import check_ref_name
 from qckpt.store.store import (
@@ -110,6 +110,24 @@ class _CommitJob:
     message: str
     on_conflict: str
     lossy: LossyTier | None
+    lineage: Lineage | None  # where the committed state came from (TrainingState only)
+
+
+def _parent_on(job: _CommitJob, head: str | None) -> str | None:
+    """The parent of a commit on ``head``: the snapshot the live state came from (see
+    ``Repository.commit``)."""
+    origin, restored = job.lineage.resolve() if job.lineage is not None else (None, False)
+    if origin is None:
+        return head
+    if head is None:  # a new branch, or one deleted under a live run: continue from where the state came from
+        return origin
+    if restored and head != origin:
+        raise DivergedError(
+            f"branch {job.branch!r} is at {head[:12]}, but this state was restored from {origin[:12]}: committing "
+            f"would move the branch off its history. Move it explicitly with repo.reset({job.branch!r}, "
+            f"{origin[:12]!r}) (recorded in the ref log), or commit to another branch."
+        )
+    return head
 
 
 class Repository:
@@ -244,6 +262,15 @@ class Repository:
         ``RefConflictError`` instead, and the snapshot stays readable by id until
         garbage collection. Holds the writer lock shared (GC waits for it).
 
+        Lineage: a ``TrainingState``'s commit has as parent the snapshot the
+        state came from. After ``restore``, that is the restored snapshot: the
+        commit starts a new branch from it, or extends a branch whose head it
+        is; a branch that is elsewhere raises ``DivergedError`` (move it with
+        ``reset`` first: nothing moves a branch off its history by accident).
+        Otherwise the parent is the branch head, or, for a branch that does
+        not exist (new, or deleted under the running job), the state's
+        previous commit. Plain trees are committed on the branch head.
+
         ``lossy=LossyTier(mantissa_bits)`` stores floats rounded to that
         precision (opt-in, for exploratory branches; refused on ``main`` unless
         ``allow_main``): the snapshot then holds the rounded values, bit-exact,
@@ -285,7 +312,10 @@ class Repository:
             check_main_line(branch, lossy.annotation(), lossy.allow_main, "this commit")
         rules: dict[str, ParamRule] = {}
         notes: tuple[str, ...] = ()
+        lineage = None
         if isinstance(state, TrainingState):
+            if state.lineage is not None and state.lineage.repository_id == self.config.repository_id:
+                lineage = state.lineage
             tree: Any = state.capture()
             step = state.step if step is None else step
             layouts = state.optimizer_layouts()
@@ -297,8 +327,13 @@ class Repository:
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise InvalidInputError(f"step must be an int, got {step!r}")
         encoded, leaves = encode_tree(tree)
-        job = _CommitJob(encoded, stage(leaves, self._hot.take), rules, notes, branch, step, metrics, message, on_conflict, lossy)
-        return self._writer.submit(lambda: self._write_commit(job))
+        job = _CommitJob(
+            encoded, stage(leaves, self._hot.take), rules, notes, branch, step, metrics, message, on_conflict, lossy, lineage
+        )
+        handle = self._writer.submit(lambda: self._write_commit(job))
+        if isinstance(state, TrainingState):
+            state.lineage = lineage.after_commit(handle) if lineage else Lineage(self.config.repository_id, handle, False)
+        return handle
 
     def flush(self) -> None:
         """Wait until every commit submitted so far is durable (raises a background failure not reported yet)."""
@@ -314,12 +349,17 @@ class Repository:
             manifest_id = txn.put_manifest(Manifest(job.encoded, tuple(tensors)))
             written["tensors"] = tensors
             annotations = {LOSSY_ANNOTATION: job.lossy.annotation()} if job.lossy else {}
-            return lambda parent: Snapshot.new(
-                manifest=manifest_id, parents=(parent,) if parent else (), step=job.step, message=job.message,
-                metrics=job.metrics, stats=stats, annotations=annotations,
-            )  # fmt: skip
+            def snapshot_on(head: str | None) -> Snapshot:
+                parent = _parent_on(job, head)
+                return Snapshot.new(
+                    manifest=manifest_id, parents=(parent,) if parent else (), step=job.step, message=job.message,
+                    metrics=job.metrics, stats=stats, annotations=annotations,
+                )  # fmt: skip
 
-        snapshot = self._store.transaction(job.branch, build, on_conflict=job.on_conflict)
+            _parent_on(job, txn.head)  # a diverged branch fails before anything is written
+            return snapshot_on
+
+        snapshot = self._store.transaction(job.branch, build, cause="commit", on_conflict=job.on_conflict)
         arrays = {a.path: a for a in staged}
         self._hot.put(HotSnapshot(snapshot.id, arrays, {t.path: t for t in written["tensors"]}, job.rules, job.step))
         return snapshot
@@ -333,7 +373,8 @@ class Repository:
         offending key, damaged data raises ``IntegrityError``; in both cases the
         live state is untouched. A snapshot in the hot tier is copied from
         memory; one read from storage enters the hot tier (the base of the next
-        commit's deltas). Returns the restored snapshot.
+        commit's deltas). The state's next commit has the restored snapshot as
+        parent (see ``commit``). Returns the restored snapshot.
         """
         snap = self.snapshot(revision)  # waits for pending commits: the revision may name them
         manifest = self._store.manifest(snap)
@@ -352,6 +393,7 @@ class Repository:
             copies = [b.copy() for b in buffers] if self._hot.max_snapshots else buffers
         tree = decode_tree(manifest.tree, lambda i: as_value(copies[i], entries[i]))
         state.load(tree)
+        state.lineage = Lineage(self.config.repository_id, snap.id, restored=True)
         if from_storage and self._hot.max_snapshots:
             staged = {e.path: StagedArray(e.path, e.kind, e.dtype, e.shape, e.itemsize, b) for e, b in zip(entries, buffers)}
             hot = HotSnapshot(snap.id, staged, {e.path: e for e in entries}, parameter_rules(tree, state.optimizer_layouts()), snap.step)
@@ -424,9 +466,49 @@ class Repository:
         return snap
 
     def delete_branch(self, name: str) -> None:
-        """Remove a branch ref (its snapshots stay until garbage collection)."""
+        """Remove a branch ref. Recorded in the ref log: ``restore_branch`` brings it
+        back, and garbage collection keeps its snapshots for the ref log's grace
+        period (``RetentionPolicy.reflog_grace``)."""
         self._writer.flush()
         self._store.delete_ref(BRANCH_PREFIX, name, "branch")
+
+    def reset(self, branch: str, to: str) -> Snapshot:
+        """Move ``branch`` to the snapshot ``to`` names (creating the branch if absent),
+        wherever it was: the explicit way to move a branch back or elsewhere.
+        Recorded in the ref log; snapshots it leaves behind stay recoverable
+        (and protected from garbage collection for the grace period)."""
+        check_ref_name(branch)
+        snap = self.snapshot(to)
+        self._store.reset(branch, snap.id)
+        return snap
+
+    def reflog(self, name: str | None = None, *, limit: int | None = None) -> list[RefLogEntry]:
+        """Recorded changes of branch or tag ``name`` (every ref if None), newest first:
+        what each ref held before and after, when, and why."""
+        self._writer.flush()
+        if name is None:
+            return self._store.reflog()[:limit]
+        check_ref_name(name)
+        entries = self._store.reflog(BRANCH_PREFIX + name) + self._store.reflog(TAG_PREFIX + name)
+        return sorted(entries, key=lambda e: -e.time)[:limit]
+
+    def restore_branch(self, name: str) -> Snapshot:
+        """Re-create deleted branch ``name`` at the snapshot it held when it was deleted
+        (from the ref log). ``AlreadyExistsError`` if it exists."""
+        self._writer.flush()
+        check_ref_name(name)
+        if name in self._store.branches():
+            raise AlreadyExistsError(f"branch {name!r} exists")
+        deleted = next((e for e in self._store.reflog(BRANCH_PREFIX + name) if e.new is None and e.old), None)
+        if deleted is None or deleted.old is None:
+            raise RevisionNotFoundError(f"the ref log records no deletion of branch {name!r}")
+        snap = self._store.stored_snapshot(deleted.old)
+        if snap is None:
+            raise RevisionNotFoundError(
+                f"branch {name!r} held snapshot {deleted.old[:12]}, which garbage collection has since deleted"
+            )
+        self._store.create_ref(BRANCH_PREFIX, name, snap.id, "branch", cause="restore")
+        return snap
 
     def delete_tag(self, name: str) -> None:
         """Remove a tag ref."""

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import copy
 import random
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from qckpt.commit.predict import OptimizerLayout
+from qckpt.commit.writer import CommitHandle
 from qckpt.errors import InvalidInputError
 from qckpt.format.records import TensorEntry
 from qckpt.format.tree import join_path
@@ -115,6 +117,39 @@ def _optimizer_problems(name: str, live: dict[str, Any], stored: Any) -> list[st
     return problems
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """Where a live training state came from: the snapshot it was last restored from
+    (``restored``) or committed as, in the repository ``repository_id``.
+    ``snapshot`` is an id, or the handle of a commit still being written;
+    ``before`` is where the state came from if that commit fails."""
+
+    repository_id: str
+    snapshot: str | CommitHandle
+    restored: bool
+    before: Lineage | None = None
+
+    def resolve(self) -> tuple[str | None, bool]:
+        """(snapshot id, restored): for a commit, its id once written, or what came
+        before it if it failed; (None, False) while it is being written."""
+        if isinstance(self.snapshot, str):
+            return self.snapshot, self.restored
+        if not self.snapshot.done():
+            return None, False
+        if self.snapshot.snapshot_id is not None:
+            return self.snapshot.snapshot_id, False
+        return self.before.resolve() if self.before is not None else (None, False)
+
+    def after_commit(self, handle: CommitHandle) -> Lineage:
+        """The lineage of a state whose commit ``handle`` is in flight (finished
+        commits before it are folded in, so the chain stays short)."""
+        before: Lineage | None = self
+        if not isinstance(self.snapshot, str) and self.snapshot.done():
+            snapshot_id, restored = self.resolve()
+            before = Lineage(self.repository_id, snapshot_id, restored) if snapshot_id is not None else None
+        return Lineage(self.repository_id, handle, False, before)
+
+
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer a wrapper delegates to (accelerate's ``AcceleratedOptimizer``,
     Lightning's ``LightningOptimizer`` and the like keep it in ``.optimizer``)."""
@@ -156,6 +191,7 @@ class TrainingState:
         self.step = step
         self.extras: dict[str, Any] = dict(extras or {})
         self.rng = rng
+        self.lineage: Lineage | None = None  # set by Repository.commit/restore
 
     def fork(self, k: int = 1) -> list[TrainingState]:
         """``k`` independent copies of this live state, for rollouts, that share every
@@ -186,7 +222,9 @@ class TrainingState:
                 attrs = vars(component).values() if hasattr(component, "__dict__") else ()
                 memo.update((id(v), lazy_clone(v)) for v in attrs if isinstance(v, torch.Tensor))
         components = copy.deepcopy(self.components, memo)
-        return TrainingState(step=self.step, extras=copy.deepcopy(self.extras, memo), rng=self.rng, **components)
+        fork = TrainingState(step=self.step, extras=copy.deepcopy(self.extras, memo), rng=self.rng, **components)
+        fork.lineage = self.lineage  # a fork came from where its original came from
+        return fork
 
     def capture(self) -> dict[str, Any]:
         """The current state as a plain tree (tensors are shared, not copied)."""

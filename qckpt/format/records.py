@@ -104,6 +104,38 @@ class Manifest:
 
 
 @dataclass(frozen=True)
+class RefLogEntry:
+    """One change of a branch or tag: ``ref`` (``heads/main``) moved from ``old`` to
+    ``new`` (None: absent) at ``time`` because of ``cause`` (``commit``, ``join``,
+    ``average``, ``create``, ``reset``, ``delete``, ``gc``...). ``rewinds``: the
+    change left ``old`` out of the ref's history (a reset elsewhere, a deletion),
+    so garbage collection protects ``old`` for a grace period."""
+
+    ref: str
+    old: str | None
+    new: str | None
+    time: float
+    cause: str
+    rewinds: bool
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"version": RECORD_VERSION, **asdict(self)}, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, key: str, data: bytes) -> RefLogEntry:
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION:
+                raise ValueError("unsupported layout or version")
+            entry = cls(str(doc["ref"]), doc["old"], doc["new"], float(doc["time"]), str(doc["cause"]), bool(doc["rewinds"]))
+            if any(v is not None and not (isinstance(v, str) and ID_HEX.fullmatch(v)) for v in (entry.old, entry.new)):
+                raise ValueError("bad snapshot id")
+            return entry
+        except (KeyError, TypeError, ValueError) as e:
+            raise IntegrityError(f"ref log entry {key} is malformed: {e}") from e
+
+
+@dataclass(frozen=True)
 class CommitStats:
     """Sizes measured while committing one snapshot."""
 

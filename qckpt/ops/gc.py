@@ -50,6 +50,12 @@ class RetentionPolicy:
     ``keep_best_k`` by metric ``keep_best`` (``keep_best_mode`` ``min``/``max``),
     or those newer than ``keep_newer_than`` seconds. Every other snapshot expires;
     with ``keep_tagged=False`` a tag whose snapshot expires is deleted with it.
+
+    A snapshot a ref left by a rewinding change (a reset elsewhere, a deleted
+    branch) is treated like a branch head for ``reflog_grace`` seconds after the
+    change (default 7 days), so mistakes stay recoverable; 0 turns this off.
+    A ``keep_best`` metric that no snapshot records is an error, not a silent
+    "keep nothing".
     """
 
     keep_last: int | None = None
@@ -58,6 +64,7 @@ class RetentionPolicy:
     keep_best_mode: str = "min"
     keep_newer_than: float | None = None
     keep_tagged: bool = True
+    reflog_grace: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         if self.keep_last is not None and self.keep_last < 1:
@@ -66,6 +73,8 @@ class RetentionPolicy:
             raise InvalidInputError("keep_best_k must be >= 1 and keep_best_mode 'min' or 'max'")
         if self.keep_newer_than is not None and self.keep_newer_than < 0:
             raise InvalidInputError("keep_newer_than must be a non-negative number of seconds")
+        if self.reflog_grace < 0:
+            raise InvalidInputError("reflog_grace must be a non-negative number of seconds")
 
     @property
     def expires(self) -> bool:
@@ -91,8 +100,18 @@ def plan_retention(
     tags: Mapping[str, str],
     policy: RetentionPolicy,
     now: float,
+    protected: Iterable[str] = (),
 ) -> set[str]:
-    """Ids of the snapshots to keep (see ``RetentionPolicy``)."""
+    """Ids of the snapshots to keep (see ``RetentionPolicy``); ``protected`` are kept
+    like branch heads (the ref log's rewound snapshots within the grace period)."""
+    if policy.keep_best is not None:
+        recorded = sorted({name for s in snapshots.values() for name in s.metrics})
+        if policy.keep_best not in recorded:
+            raise InvalidInputError(
+                f"no snapshot records metric {policy.keep_best!r} (recorded: {', '.join(recorded) or 'none'}); "
+                "nothing was deleted"
+            )
+    branches = {**branches, **{f"reflog:{i}": i for i in protected}}
     if not policy.expires:
         return {s.id for s in _ancestors([*branches.values(), *tags.values()], snapshots)}
     keep = {h for h in branches.values() if h in snapshots}
@@ -146,7 +165,9 @@ def collect_garbage(
         store.sync_index()  # the index must reflect earlier collections before we judge liveness
         bytes_before = store.stored_bytes()
         snapshots = {i: store.snapshot(i) for i in store.snapshot_ids()}
-        keep = plan_retention(snapshots, store.branches(), store.tags(), policy, time.time())
+        now = time.time()
+        protected = {e.old for e in store.reflog() if e.rewinds and e.old and now - e.time < policy.reflog_grace}
+        keep = plan_retention(snapshots, store.branches(), store.tags(), policy, now, protected)
         live_manifests = {snapshots[i].manifest for i in keep}
         live_chunks: set[bytes] = set()
         for n, manifest_id in enumerate(sorted(live_manifests)):
@@ -221,7 +242,7 @@ def collect_garbage(
         store.index.remove_many(dead_chunks)  # 2. forget dead chunks
         for name, target in store.tags().items():  # 3. tags of expired snapshots, then records
             if target not in keep:
-                store.delete_ref(TAG_PREFIX, name, "tag")
+                store.delete_ref(TAG_PREFIX, name, "tag", cause="gc: its snapshot expired")
         for snapshot_id in expired:
             backend.delete(snapshot_key(snapshot_id))
             store.forget_snapshot(snapshot_id)

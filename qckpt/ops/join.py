@@ -53,7 +53,7 @@ def pick_best(
     summary = [{"revision": r, "snapshot": s.id, "step": s.step, "metrics": s.metrics} for r, s in snaps]
     lossy = _lossy_of([winner])
     check_main_line(target, lossy.get(LOSSY_ANNOTATION), allow_lossy, f"joining {winner_rev} into {target!r}")
-    return store.transaction(target, lambda txn: lambda head: Snapshot.new(
+    return store.transaction(target, cause="join", build=lambda txn: lambda head: Snapshot.new(
         manifest=winner.manifest, parents=_unique([head, *(s.id for _, s in snaps)]), step=winner.step,
         message=message or f"join {target}: picked {winner_rev} by {name} ({mode})", metrics=winner.metrics,
         stats=CommitStats(raw_bytes=winner.stats.raw_bytes, chunks=winner.stats.chunks),
@@ -117,4 +117,4 @@ def average(
             annotations={"average": {"revisions": list(revisions), "snapshots": [s.id for s in snaps], "weights": norm}, **lossy},
         )  # fmt: skip
 
-    return store.transaction(branch, build)
+    return store.transaction(branch, build, cause="average")

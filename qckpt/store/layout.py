@@ -7,6 +7,8 @@ Blobs (immutable, content-addressed):
 * ``packs/<id>.pack``        objects, with a footer indexing them
 * ``manifests/<id>``         snapshot trees (zstd JSON)
 * ``snapshots/<id>``         snapshot records (JSON)
+* ``reflog/<ref>/<time>-<n>`` one record per change of a branch or tag (JSON;
+                             ``<time>``: 20-digit nanoseconds, so keys sort by time)
 
 Refs (mutable, compare-and-swap; stored by the backend under its reserved
 ``refs/`` namespace, which no blob key may use):
@@ -25,6 +27,7 @@ CONFIG_KEY = "config"
 PACK_PREFIX = "packs/"
 MANIFEST_PREFIX = "manifests/"
 SNAPSHOT_PREFIX = "snapshots/"
+REFLOG_PREFIX = "reflog/"
 RECORD_PREFIXES = (PACK_PREFIX, MANIFEST_PREFIX, SNAPSHOT_PREFIX)  # everything stored, for accounting
 
 BRANCH_PREFIX = "heads/"
@@ -32,7 +35,8 @@ TAG_PREFIX = "tags/"
 GC_GENERATION_REF = "gc/generation"
 __all__ = [
     "BRANCH_PREFIX", "CONFIG_KEY", "GC_GENERATION_REF", "LOCK_PREFIX", "MANIFEST_PREFIX", "PACK_PREFIX",
-    "RECORD_PREFIXES", "SNAPSHOT_PREFIX", "TAG_PREFIX", "manifest_key", "pack_id_of", "pack_key", "snapshot_key",
+    "RECORD_PREFIXES", "REFLOG_PREFIX", "SNAPSHOT_PREFIX", "TAG_PREFIX", "manifest_key", "pack_id_of", "pack_key",
+    "reflog_key", "snapshot_key",
 ]  # fmt: skip
 
 
@@ -51,3 +55,8 @@ def manifest_key(manifest_id: str) -> str:
 
 def snapshot_key(snapshot_id: str) -> str:
     return f"{SNAPSHOT_PREFIX}{snapshot_id}"
+
+
+def reflog_key(ref: str, time_ns: int, unique: str) -> str:
+    """The key of one ref log record of ``ref`` (``heads/main``), sortable by time."""
+    return f"{REFLOG_PREFIX}{ref}/{time_ns:020d}-{unique}"

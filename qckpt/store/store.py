@@ -11,10 +11,10 @@ this order, once:
 3. bring the chunk index up to date after a garbage collection elsewhere;
 4. read the branch head;
 5. let the caller write objects (packs, then index entries) and the manifest;
-6. write the snapshot record and move the branch by compare-and-swap; if
-   another writer moved it meanwhile, rebuild the snapshot on the new head and
-   publish again (only a snapshot record is rewritten), or raise
-   ``RefConflictError``.
+6. write the snapshot record and move the branch by compare-and-swap (with
+   its ref log record, see ``change_ref``); if another writer moved it
+   meanwhile, rebuild the snapshot on the new head and publish again (only a
+   snapshot record is rewritten), or raise ``RefConflictError``.
 
 The store is thread-safe. It knows nothing of training states, staging, the
 hot tier or asynchronous commits (the ``commit`` layer above it) nor of the
@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +52,7 @@ from qckpt.errors import (
 )
 from qckpt.format.ids import ID_HEX, hex_id
 from qckpt.format.packs import TRAILER_SIZE, ChunkLocation, PackBuilder, footer_span, read_pack_footer
-from qckpt.format.records import Manifest, Snapshot, TensorEntry
+from qckpt.format.records import Manifest, RefLogEntry, Snapshot, TensorEntry
 from qckpt.format.tensors import numpy_dtype, torch_dtype
 from qckpt.store.index import ChunkIndex, LmdbIndex, MemoryIndex
 from qckpt.store.layout import (
@@ -61,11 +62,13 @@ from qckpt.store.layout import (
     MANIFEST_PREFIX,
     PACK_PREFIX,
     RECORD_PREFIXES,
+    REFLOG_PREFIX,
     SNAPSHOT_PREFIX,
     TAG_PREFIX,
     manifest_key,
     pack_id_of,
     pack_key,
+    reflog_key,
     snapshot_key,
 )
 from qckpt.store.reader import ChunkReader
@@ -190,14 +193,14 @@ class Store:
 
     # -- the write transaction ------------------------------------------------------
     def transaction(
-        self, branch: str, build: Callable[[Transaction], SnapshotFactory], *, on_conflict: str = "retry"
+        self, branch: str, build: Callable[[Transaction], SnapshotFactory], *, cause: str, on_conflict: str = "retry"
     ) -> Snapshot:
         """Publish a new snapshot on ``branch`` (created if absent), in the steps of the
         module docstring. ``build(txn)`` writes objects and the manifest and returns
         a function that makes the snapshot record for a given parent head; it is
         called again with the new head if the branch moved (``on_conflict="retry"``,
         never for a branch deleted meanwhile) or ``RefConflictError`` is raised
-        (``on_conflict="raise"``)."""
+        (``on_conflict="raise"``). ``cause`` is recorded in the ref log."""
         check_ref_name(branch)
         if on_conflict not in ("retry", "raise"):
             raise InvalidInputError(f"on_conflict must be 'retry' or 'raise', got {on_conflict!r}")
@@ -206,7 +209,7 @@ class Store:
             self.sync_index()
             head = self.backend.read_ref(BRANCH_PREFIX + branch)
             snapshot_on = build(Transaction(self, branch, head))
-            return self._publish(branch, head, snapshot_on, retry=on_conflict == "retry")
+            return self._publish(branch, head, snapshot_on, cause, retry=on_conflict == "retry")
 
     def _upgrade_config(self) -> None:
         """Before the first write to a repository of an older format version, record
@@ -217,12 +220,13 @@ class Store:
                 self.backend.put(CONFIG_KEY, upgraded.to_bytes())
                 self.config = upgraded
 
-    def _publish(self, branch: str, head: str | None, snapshot_on: SnapshotFactory, *, retry: bool) -> Snapshot:
+    def _publish(self, branch: str, head: str | None, snapshot_on: SnapshotFactory, cause: str, *, retry: bool) -> Snapshot:
         for _ in range(_MAX_PUBLISH_ATTEMPTS):
             snapshot = snapshot_on(head)
             self.backend.put(snapshot_key(snapshot.id), snapshot.to_bytes())
             try:
-                self.backend.swap_ref(BRANCH_PREFIX + branch, head, snapshot.id)
+                rewinds = head is not None and head not in snapshot.parents
+                self.change_ref(BRANCH_PREFIX + branch, head, snapshot.id, cause, rewinds=rewinds)
             except RefConflictError as e:
                 if not retry or e.actual is None:  # never recreate a branch deleted meanwhile
                     raise
@@ -341,22 +345,68 @@ class Store:
         """Tag name -> snapshot id."""
         return {k.removeprefix(TAG_PREFIX): v for k, v in self.backend.list_refs(TAG_PREFIX).items()}
 
-    def create_ref(self, prefix: str, name: str, snapshot_id: str, kind: str) -> None:
+    def change_ref(self, ref: str, old: str | None, new: str | None, cause: str, *, rewinds: bool) -> None:
+        """Move ``ref`` from ``old`` to ``new`` by compare-and-swap, recording the change
+        in the ref log first (the record is removed again if the swap loses). A
+        crash between the two leaves a record of a change that did not happen:
+        it can only make garbage collection keep more."""
+        time_ns = time.time_ns()
+        entry = RefLogEntry(ref, old, new, time_ns / 1e9, cause, rewinds)
+        key = reflog_key(ref, time_ns, uuid.uuid4().hex[:8])
+        self.backend.put(key, entry.to_bytes())
+        try:
+            self.backend.swap_ref(ref, old, new)
+        except RefConflictError:
+            self.backend.delete(key)
+            raise
+
+    def reflog(self, ref: str | None = None) -> list[RefLogEntry]:
+        """Recorded changes of ``ref`` (``heads/main``; every branch and tag if None), newest first."""
+        keys = self.backend.list(REFLOG_PREFIX + (ref + "/" if ref else ""))
+        if ref is None:
+            keys = [k for k in keys if k.startswith((REFLOG_PREFIX + BRANCH_PREFIX, REFLOG_PREFIX + TAG_PREFIX))]
+        entries = list(self.pool.map(lambda k: RefLogEntry.from_bytes(k, self.backend.get(k)), keys))
+        return sorted(entries, key=lambda e: -e.time)
+
+    def is_ancestor(self, ancestor: str, snapshot_id: str) -> bool:
+        """Whether ``ancestor`` is ``snapshot_id`` or in its stored history (any parents)."""
+        seen, stack = set(), [snapshot_id]
+        while stack:
+            current = stack.pop()
+            if current == ancestor:
+                return True
+            if current not in seen:
+                seen.add(current)
+                snap = self.stored_snapshot(current)
+                stack.extend(snap.parents if snap is not None else ())
+        return False
+
+    def create_ref(self, prefix: str, name: str, snapshot_id: str, kind: str, cause: str = "create") -> None:
         check_ref_name(name, kind)
         other = TAG_PREFIX if prefix == BRANCH_PREFIX else BRANCH_PREFIX
         if self.backend.read_ref(other + name) is not None:
             raise AlreadyExistsError(f"{name!r} is already a {'tag' if other == TAG_PREFIX else 'branch'}")
         try:
-            self.backend.swap_ref(prefix + name, None, snapshot_id)
+            self.change_ref(prefix + name, None, snapshot_id, cause, rewinds=False)
         except RefConflictError:
             raise AlreadyExistsError(f"{kind} {name!r} exists already") from None
 
-    def delete_ref(self, prefix: str, name: str, kind: str) -> None:
+    def delete_ref(self, prefix: str, name: str, kind: str, cause: str = "delete") -> str:
+        """Remove a ref; returns the snapshot id it held."""
         check_ref_name(name, kind)
         current = self.backend.read_ref(prefix + name)
         if current is None:
             raise RevisionNotFoundError(f"no {kind} named {name!r}")
-        self.backend.swap_ref(prefix + name, current, None)
+        self.change_ref(prefix + name, current, None, cause, rewinds=True)
+        return current
+
+    def reset(self, branch: str, snapshot_id: str) -> str | None:
+        """Move ``branch`` to ``snapshot_id`` (creating it if absent); returns where it was."""
+        check_ref_name(branch)
+        current = self.backend.read_ref(BRANCH_PREFIX + branch)
+        rewinds = current is not None and not self.is_ancestor(current, snapshot_id)
+        self.change_ref(BRANCH_PREFIX + branch, current, snapshot_id, "reset", rewinds=rewinds)
+        return current
 
     def resolve(self, revision: str) -> str:
         """The snapshot id a revision names: branch, tag, snapshot id (or unique prefix

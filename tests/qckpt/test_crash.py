@@ -16,7 +16,7 @@ import torch
 import qckpt
 
 # The child commits snapshot 1 cleanly, then dies (os._exit, no cleanup) just
-# before the Nth write of snapshot 2's commit: pack, manifest, snapshot, ref.
+# before the Nth write of snapshot 2's commit: pack, manifest, snapshot, ref log, ref.
 CHILD = textwrap.dedent(
     """
     import os, sys, torch, qckpt
@@ -48,11 +48,11 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("writes_before_crash", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("writes_before_crash", [0, 1, 2, 3, 4, 5])
 def test_crash_between_writes(tmp_path: Path, writes_before_crash: int) -> None:
     path = tmp_path / "repo"
     result = subprocess.run([sys.executable, "-c", CHILD, str(path), str(writes_before_crash)], capture_output=True, text=True)
-    completed = writes_before_crash >= 4  # pack, manifest, snapshot, ref
+    completed = writes_before_crash >= 5  # pack, manifest, snapshot, ref log record, ref
     assert result.returncode == (0 if completed else 17), result.stderr
     with qckpt.Repository.open(path) as repo:
         head = repo.snapshot("main")

@@ -1,9 +1,12 @@
 """Random repository histories against a plain Python model (Hypothesis stateful testing).
 
 Rules commit (synchronously and asynchronously), fork, join, average, tag,
-delete, restore, reopen and garbage-collect; after every step the refs must
-match the model and every snapshot the model says is kept must load
-bit-exactly. The model computes reachability and retention on its own.
+delete, restore (and the state's lineage: its next commit continues from the
+restored snapshot, or raises if that would move a branch elsewhere), reset,
+restore a deleted branch, reopen and garbage-collect; after every step the
+refs must match the model and every snapshot the model says is kept must
+load bit-exactly. The model computes reachability, retention and the ref
+log's protection of rewound snapshots on its own.
 Asynchronous commits are settled only after the next operation has run, so
 every operation is checked to see the caller's pending commits.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -71,6 +75,10 @@ class RepositoryModel(RuleBasedStateMachine):
         self.branches: dict[str, str] = {}
         self.tags: dict[str, str] = {}
         self.pending: list[tuple[qckpt.CommitHandle, str, dict]] = []  # async commits not yet settled
+        self.origin: str | None = None  # the snapshot the live state came from (None: unknown yet)
+        self.restored = False
+        self.protected: set[str] = set()  # snapshots rewinding ref changes left (within the grace period)
+        self.deleted: dict[str, str] = {}  # deleted branch -> the snapshot it held
 
     def _record(self, snap: qckpt.Snapshot, tree: dict) -> None:
         self.trees[snap.id] = tree
@@ -86,9 +94,14 @@ class RepositoryModel(RuleBasedStateMachine):
         self.pending.clear()
 
     def _committed(self, snap: qckpt.Snapshot, branch: str, tree: dict) -> None:
-        assert snap.parents == ((self.branches[branch],) if branch in self.branches else ())
+        parent = self.branches.get(branch, self.origin)
+        assert snap.parents == ((parent,) if parent else ())
         self._record(snap, tree)
         self.branches[branch] = snap.id
+        self.origin, self.restored = snap.id, False
+
+    def _diverges(self, branch: str) -> bool:
+        return self.restored and branch in self.branches and self.branches[branch] != self.origin
 
     def _ancestors(self, heads: list[str]) -> list[str]:
         seen, stack = set(), [h for h in heads if h in self.trees]
@@ -108,12 +121,18 @@ class RepositoryModel(RuleBasedStateMachine):
     @rule(branch=BRANCHES, seed=st.integers(0, 4), size=st.integers(1, 40))
     def commit(self, branch: str, seed: int, size: int) -> None:
         tree = self._stage(seed, size)
+        if not self.pending and self._diverges(branch):
+            with pytest.raises(qckpt.DivergedError):
+                self.repo.commit(self.state, branch=branch, metrics={"score": float(seed)})
+            return  # nothing written, the state still comes from the restored snapshot
         snap = self.repo.commit(self.state, branch=branch, metrics={"score": float(seed)})
         self._settle()
         self._committed(snap, branch, tree)
 
     @rule(branch=BRANCHES, seed=st.integers(0, 4), size=st.integers(1, 40))
     def commit_async(self, branch: str, seed: int, size: int) -> None:
+        if self._diverges(branch):  # covered synchronously by ``commit``
+            return
         tree = self._stage(seed, size)
         handle = self.repo.commit_async(self.state, branch=branch, metrics={"score": float(seed)})
         self.holder.tree["w"].add_(1.0)  # changing the live state after staging must not change the commit
@@ -182,6 +201,7 @@ class RepositoryModel(RuleBasedStateMachine):
         source = data.draw(st.sampled_from(sorted(self._heads())))
         if name in self.tags:
             self.repo.delete_tag(name)
+            self.protected.add(self.tags[name])  # a deleted tag is a rewinding change too
         self.repo.create_tag(name, source)
         self._settle()
         self.tags[name] = self.branches[source]
@@ -193,18 +213,47 @@ class RepositoryModel(RuleBasedStateMachine):
         self._settle()
         name = data.draw(st.sampled_from(sorted(self.branches)))
         self.repo.delete_branch(name)
-        del self.branches[name]
+        self.deleted[name] = self.branches.pop(name)
+        self.protected.add(self.deleted[name])
+
+    @precondition(lambda self: self.deleted)
+    @rule(data=st.data())
+    def restore_branch(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.deleted)))
+        self.repo.flush()
+        self._settle()
+        if name in self.branches:
+            with pytest.raises(qckpt.AlreadyExistsError):
+                self.repo.restore_branch(name)
+            return
+        if self.deleted[name] not in self.trees:  # collected: only possible with a zero grace period
+            return
+        assert self.repo.restore_branch(name).id == self.deleted[name]
+        self.branches[name] = self.deleted.pop(name)
+
+    @precondition(lambda self: self.trees)
+    @rule(branch=BRANCHES, data=st.data())
+    def reset(self, branch: str, data: st.DataObject) -> None:
+        self.repo.flush()
+        self._settle()
+        target = data.draw(st.sampled_from(list(self.trees)))
+        old = self.branches.get(branch)
+        assert self.repo.reset(branch, target).id == target
+        if old is not None and old not in self._ancestors([target]):
+            self.protected.add(old)
+        self.branches[branch] = target
 
     @precondition(lambda self: self.trees or self.pending)
     @rule(data=st.data())
     def restore(self, data: st.DataObject) -> None:
         pending = [(h, b) for h, b, _ in self.pending]
-        revision = data.draw(st.sampled_from(sorted(self._heads()) + sorted(self.trees)))
+        revision = data.draw(st.sampled_from(sorted(self._heads()) + list(self.trees)))
         snap = self.repo.restore(self.state, revision)
         self._settle()
         assert snap.id == self.branches.get(revision, revision), (revision, pending)
         assert differences(self.holder.tree, self.trees[snap.id]) == []
         assert self.state.step == snap.step
+        self.origin, self.restored = snap.id, True
 
     @rule()
     def reopen(self) -> None:
@@ -213,16 +262,16 @@ class RepositoryModel(RuleBasedStateMachine):
         self._settle()
         self.repo = qckpt.Repository.open(self.backend)
 
-    @rule(keep_last=st.none() | st.integers(1, 3))
-    def gc(self, keep_last: int | None) -> None:
+    @rule(keep_last=st.none() | st.integers(1, 3), grace=st.booleans())
+    def gc(self, keep_last: int | None, grace: bool) -> None:
+        policy = qckpt.RetentionPolicy(keep_last=keep_last, reflog_grace=7 * 86400.0 if grace else 0.0)
+        report = self.repo.gc(policy)
+        self._settle()
+        protected = [p for p in self.protected if p in self.trees] if grace else []
         if keep_last is None:
-            report = self.repo.gc()
-            self._settle()
-            kept = set(self._ancestors(list(self.branches.values()) + list(self.tags.values())))
+            kept = set(self._ancestors(list(self.branches.values()) + list(self.tags.values()) + protected))
         else:
-            report = self.repo.gc(qckpt.RetentionPolicy(keep_last=keep_last))
-            self._settle()
-            heads = list(self.branches.values())
+            heads = list(self.branches.values()) + protected
             kept = {h for h in heads + list(self.tags.values()) if h in self.trees}
             for head in heads:
                 kept |= set(self._ancestors([head])[:keep_last])

@@ -129,7 +129,7 @@ def _subclass(plain: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return sub
 
 
-@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\(\)` has been overridden")
+@pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)` has been overridden")
 def test_optimizer_subclasses_and_wrappers_keep_the_predictive_codecs(tmp_path: Path) -> None:
     assert isinstance(Trainer("tiny").state.components["optimizer"], torch.optim.AdamW)
     baseline = _stored_bytes_of_second_commit(tmp_path, "plain", lambda o: o)
