@@ -14,7 +14,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
 from qckpt._progress import stage_progress
@@ -26,8 +26,19 @@ from qckpt.repository import Repository
 EXIT_DAMAGED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT = 1, 2, 3, 4
 
 
+def _plain(o: Any) -> Any:
+    """JSON for dataclasses (public fields only) and anything else json cannot encode."""
+    if is_dataclass(o) and not isinstance(o, type):
+        return {f.name: getattr(o, f.name) for f in fields(o) if not f.name.startswith("_")}
+    return str(o)
+
+
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=1, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+    print(json.dumps(value, indent=1, default=_plain))
+
+
+def _short(snapshot_id: str | None) -> str:
+    return snapshot_id[:12] if snapshot_id else "(none)"
 
 
 def _size(n: float) -> str:
@@ -121,7 +132,10 @@ def _refs(args: argparse.Namespace, repo: Repository, kind: str) -> int:
         if kind == "branch"
         else (repo.create_tag, repo.delete_tag, repo.tags)
     )
-    if args.delete:
+    if getattr(args, "restore", None):
+        snap = repo.restore_branch(args.restore)
+        print(f"restored branch {args.restore} at {snap.short_id} (step {snap.step}), from the ref log")
+    elif args.delete:
         delete(args.delete)
         print(f"deleted {kind} {args.delete}")
     elif args.name:
@@ -206,8 +220,32 @@ def _policy(args: argparse.Namespace) -> RetentionPolicy:
     return RetentionPolicy(keep_last=args.keep_last, keep_newer_than=newer, keep_tagged=not args.no_keep_tagged, **best)
 
 
+CONFIRM_SHARE = 0.5  # a collection that would expire more of the history than this asks first
+
+
+def _confirm_expiry(args: argparse.Namespace, repo: Repository, policy: RetentionPolicy) -> bool:
+    """Whether to go ahead: a policy that would expire more than ``CONFIRM_SHARE`` of
+    all snapshots lists them and needs ``--yes`` (or a "y" at a terminal)."""
+    plan = repo.gc(policy, dry_run=True)
+    total = plan.snapshots_kept + plan.snapshots_deleted
+    if args.yes or not total or plan.snapshots_deleted / total <= CONFIRM_SHARE:
+        return True
+    print(f"this would delete {plan.snapshots_deleted} of {total} snapshots:", file=sys.stderr)
+    for snap in plan.expired[:20]:
+        print(f"  {snap.short_id}  step {snap.step}  {_when(snap.time)}  {snap.message}", file=sys.stderr)
+    if len(plan.expired) > 20:
+        print(f"  ... and {len(plan.expired) - 20} more", file=sys.stderr)
+    if sys.stdin is not None and sys.stdin.isatty():
+        return input("delete them? [y/N] ").strip().lower() in ("y", "yes")
+    print("qckpt: refusing without --yes (or run with --dry-run to look first)", file=sys.stderr)
+    return False
+
+
 def cmd_gc(args: argparse.Namespace, repo: Repository) -> int:
-    report = repo.gc(_policy(args), dry_run=args.dry_run, progress=stage_progress(not args.json))
+    policy = _policy(args)
+    if not args.dry_run and not _confirm_expiry(args, repo, policy):
+        return EXIT_USAGE
+    report = repo.gc(policy, dry_run=args.dry_run, progress=stage_progress(not args.json))
     if args.json:
         _print_json(report)
         return 0
@@ -216,6 +254,25 @@ def cmd_gc(args: argparse.Namespace, repo: Repository) -> int:
           f"{report.manifests_deleted} manifests, {report.packs_deleted} packs, {report.chunks_deleted} chunks; "
           f"repacked {report.packs_repacked} packs")  # fmt: skip
     print(f"size {_size(report.bytes_before)} -> {_size(report.bytes_after)}")
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace, repo: Repository) -> int:
+    old = repo.branches().get(args.branch)
+    snap = repo.reset(args.branch, args.revision)
+    print(f"branch {args.branch}: {_short(old)} -> {snap.short_id} (step {snap.step}); "
+          "recorded in the ref log (qckpt reflog)")  # fmt: skip
+    return 0
+
+
+def cmd_reflog(args: argparse.Namespace, repo: Repository) -> int:
+    entries = repo.reflog(args.name, limit=args.n)
+    if args.json:
+        _print_json(entries)
+        return 0
+    for e in entries:
+        mark = "  (left its old snapshot behind)" if e.rewinds else ""
+        print(f"{_when(e.time)}  {e.ref:24s} {_short(e.old):12s} -> {_short(e.new):12s}  {e.cause}{mark}")
     return 0
 
 
@@ -266,6 +323,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("name", nargs="?")
         p.add_argument("--at", default="main", help="revision to point at (default: main)")
         p.add_argument("-d", "--delete", metavar="NAME")
+    sub.choices["branch"].add_argument("--restore", metavar="NAME", help="re-create a deleted branch from the ref log")
+    p = command("reset", cmd_reset, "move a branch to any revision (recorded in the ref log)")
+    p.add_argument("branch")
+    p.add_argument("revision")
+    p = command("reflog", cmd_reflog, "every recorded change of branches and tags, newest first")
+    p.add_argument("name", nargs="?", help="one branch or tag (default: all)")
+    p.add_argument("-n", type=int, help="at most N entries")
     p = command("fork", cmd_fork, "start a branch at any revision (metadata only, no data copied)")
     p.add_argument("name")
     p.add_argument("--at", default="main", help="branch, tag, id or BRANCH@STEP (default: main)")
@@ -280,11 +344,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-newer-than", metavar="AGE", help="keep snapshots newer than AGE (3600, 90m, 12h, 7d)")
     p.add_argument("--no-keep-tagged", action="store_true", help="let tagged snapshots expire too")
     p.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
+    p.add_argument("--yes", action="store_true", help=f"do not ask before expiring more than {CONFIRM_SHARE:.0%} of the snapshots")
     command("fsck", cmd_fsck, "verify every reachable object; exit 1 if anything is damaged")
     p = command("export", cmd_export, "write a snapshot to a zarr v3 directory")
     p.add_argument("revision")
     p.add_argument("dest")
-    for name in ("log", "show", "branch", "tag", "diff", "du", "gc", "fsck"):
+    for name in ("log", "show", "branch", "tag", "diff", "du", "gc", "fsck", "reflog"):
         sub.choices[name].add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 

@@ -144,6 +144,7 @@ class GcReport:
     bytes_before: int
     bytes_after: int
     dry_run: bool
+    expired: tuple[Snapshot, ...] = ()  # the snapshots deleted (or that would be), newest first
 
 
 def collect_garbage(
@@ -216,13 +217,14 @@ def collect_garbage(
                 repacks[pack_id] = live
 
         expired = [i for i in snapshots if i not in keep]
+        expired_snaps = tuple(sorted((snapshots[i] for i in expired), key=lambda s: -s.time))
         dead_manifests = [manifest_key(m) for m in store.manifest_ids() if m not in live_manifests]
         if dry_run:
             freed = sum(backend.size(pack_key(p)) for p in dead_packs)
             freed += sum(backend.size(snapshot_key(i)) for i in expired) + sum(backend.size(k) for k in dead_manifests)
             freed += sum(backend.size(pack_key(p)) - sum(loc.length for _, loc in live) for p, live in repacks.items())
             return GcReport(len(keep), len(expired), len(dead_manifests), len(dead_packs), len(repacks),
-                            len(dead_chunks), bytes_before, bytes_before - freed, True)  # fmt: skip
+                            len(dead_chunks), bytes_before, bytes_before - freed, True, expired_snaps)  # fmt: skip
 
         generation = uuid.uuid4().hex  # tells other repositories' index caches to rebuild
         backend.swap_ref(GC_GENERATION_REF, store.index.generation(), generation)
@@ -252,6 +254,6 @@ def collect_garbage(
             backend.delete(pack_key(pack_id))
         store.index.set_generation(generation)
         return GcReport(len(keep), len(expired), len(dead_manifests), len(dead_packs), len(repacks),
-                        len(dead_chunks), bytes_before, store.stored_bytes(), False)  # fmt: skip
+                        len(dead_chunks), bytes_before, store.stored_bytes(), False, expired_snaps)  # fmt: skip
 
 

@@ -131,3 +131,33 @@ def test_diff_du_gc_export(populated: Path, capsys: pytest.CaptureFixture[str], 
     assert code == 0 and "deleted 2 snapshots" in out  # kept: both heads and step 0 (loss 4)
     code, out = _cli(capsys, populated, "export", "main", str(tmp_path / "x.zarr"))
     assert code == 0 and (tmp_path / "x.zarr" / "zarr.json").exists()
+
+
+def test_reset_reflog_and_branch_restore(populated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with qckpt.Repository.open(populated) as repo:
+        head, alt = repo.snapshot("main"), repo.snapshot("alt")
+    code, out = _cli(capsys, populated, "reset", "main", "main@1")
+    assert code == 0 and f"{head.short_id} -> " in out and "ref log" in out
+    code, out = _cli(capsys, populated, "branch", "-d", "alt")
+    code, out = _cli(capsys, populated, "reflog")
+    lines = out.splitlines()
+    assert "heads/alt" in lines[0] and "delete" in lines[0] and "left its old snapshot behind" in lines[0]
+    assert "heads/main" in lines[1] and "reset" in lines[1]
+    code, out = _cli(capsys, populated, "reflog", "main", "--json")
+    assert code == 0 and json.loads(out)[0]["old"] == head.id
+    code, out = _cli(capsys, populated, "branch", "--restore", "alt")
+    assert code == 0 and alt.short_id in out
+    assert _cli(capsys, populated, "branch", "--restore", "alt")[0] == 4  # exists: a conflict
+    with qckpt.Repository.open(populated) as repo:
+        assert repo.branches()["alt"] == alt.id
+
+
+def test_gc_asks_before_expiring_most_of_the_history(populated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["-R", str(populated), "gc", "--keep-last", "1"])  # would expire 3 of 5 snapshots
+    err = capsys.readouterr().err
+    assert code == 2 and "would delete 3 of 5 snapshots" in err and "--yes" in err
+    with qckpt.Repository.open(populated) as repo:
+        assert len(repo.log("main", "alt")) == 5  # nothing deleted
+    code, out = _cli(capsys, populated, "gc", "--keep-last", "1", "--yes")
+    assert code == 0 and "deleted 3 snapshots" in out
+    assert _cli(capsys, populated, "gc", "--keep-best", "los:2", "--yes")[0] == 2  # a misspelt metric is an error
