@@ -108,6 +108,16 @@ def _optimizer_problems(name: str, live: dict[str, Any], stored: Any) -> list[st
     live_groups = [len(g["params"]) for g in live["param_groups"]]
     if stored_groups != live_groups:
         return [f"{name}: parameter groups have sizes {stored_groups} in the snapshot, {live_groups} live"]
+    live_keys = {k for g in live["param_groups"] for k in g}
+    stored_keys = {k for g in stored["param_groups"] for k in g}
+    if live_keys - stored_keys and stored_keys - live_keys:  # another optimizer's settings, not a newer version's
+        return [f"{name}: the snapshot's parameter groups have settings {sorted(stored_keys - live_keys)} where the "
+                f"live optimizer has {sorted(live_keys - stored_keys)}: a different kind of optimizer"]  # fmt: skip
+    live_state_keys = {k for s in live.get("state", {}).values() for k in s}
+    stored_state_keys = {k for s in stored.get("state", {}).values() for k in s}
+    if live_state_keys and stored_state_keys and live_state_keys != stored_state_keys:
+        return [f"{name}: the snapshot's optimizer state holds {sorted(stored_state_keys)}, "
+                f"the live one {sorted(live_state_keys)}"]  # fmt: skip
     problems = []
     for param, entries in stored.get("state", {}).items():
         for key, have in entries.items():
@@ -115,6 +125,14 @@ def _optimizer_problems(name: str, live: dict[str, Any], stored: Any) -> list[st
             if isinstance(want, torch.Tensor) and isinstance(have, TensorEntry) and tuple(want.shape) != have.shape:
                 problems.append(f"{name}/state/{param}/{key}: snapshot has {_describe(have)}, live has {_describe(want)}")
     return problems
+
+
+def _class_name(component: Any) -> str:
+    """The qualified class of a component (of the optimizer inside a wrapper)."""
+    if isinstance(component, torch.optim.Optimizer):
+        component = unwrap_optimizer(component)
+    cls = type(component)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 @dataclass(frozen=True)
@@ -237,6 +255,7 @@ class TrainingState:
             },
             "rng": capture_rng() if self.rng else None,
             "extras": self.extras,
+            "classes": {name: _class_name(c) for name, c in self.components.items()},
         }
 
     def optimizer_layouts(self) -> list[OptimizerLayout]:
@@ -276,7 +295,11 @@ class TrainingState:
             if isinstance(component, torch.nn.Module):
                 problems += _module_problems(name, component.state_dict(), comps[name])
             elif isinstance(component, torch.optim.Optimizer):
-                problems += _optimizer_problems(name, component.state_dict(), comps[name])
+                stored_class = stored.get("classes", {}).get(name)  # snapshots before classes were recorded: None
+                if stored_class is not None and stored_class != _class_name(component):
+                    problems.append(f"{name}: the snapshot holds a {stored_class} state, the live optimizer is a {_class_name(component)}")
+                else:
+                    problems += _optimizer_problems(name, component.state_dict(), comps[name])
         if self.rng:
             rng = stored.get("rng")
             if rng is None:

@@ -179,3 +179,25 @@ def test_failing_component_names_itself(repo: qckpt.Repository) -> None:
     with pytest.raises(RuntimeError, match="cannot load") as info:
         repo.restore(state, "main")
     assert "while restoring component 'fragile'" in "".join(info.value.__notes__)
+
+
+@pytest.mark.parametrize("recorded_class", [True, False])
+def test_restoring_another_optimizers_state_changes_nothing(recorded_class: bool) -> None:
+    """An SGD snapshot into an Adam optimizer: a StateMismatchError before any component is touched
+    (snapshots written before optimizer classes were recorded are told apart by their settings)."""
+    model = torch.nn.Linear(4, 4)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    sgd.step()
+    tree = qckpt.TrainingState(model=model, optimizer=sgd, rng=False).capture()
+    if not recorded_class:
+        del tree["classes"]
+    repo = qckpt.Repository.init(qckpt.MemoryBackend())
+    repo.commit(tree)
+    live = torch.nn.Linear(4, 4)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    adam = torch.optim.Adam(live.parameters())
+    with pytest.raises(qckpt.StateMismatchError, match="optimizer"):
+        repo.restore(qckpt.TrainingState(model=live, optimizer=adam, rng=False))
+    assert all(torch.equal(before[k], v) for k, v in live.state_dict().items())
+    assert adam.state_dict()["state"] == {}
