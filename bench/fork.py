@@ -6,11 +6,15 @@ tiny and 3M) with a populated AdamW state committed once:
 * ``fork_s_small`` / ``fork_s_large``: median time of ``create_branch`` at the
   latest snapshot (what ``qckpt fork`` does);
 * ``fork_bytes_written``: object bytes (packs, manifests, snapshots) written by
-  all forks together; refs are the only thing a fork writes;
+  all forks together; a fork writes only a ref and its ref log record (a few
+  hundred bytes of metadata);
 * ``copy_checkpoint_s_large``: the usual alternative, copying a ``torch.save``
   file of the same state, side by side in the same run;
 * ``gc_size_ratio``: repository size after fork + 3 committed training steps on
-  the branch + branch deletion + gc, divided by the size before the fork.
+  the branch + branch deletion + gc, divided by the size before the fork. A
+  deleted branch stays protected for the ref log's grace period (7 days by
+  default, so a mistake can be undone); this collects with a grace period of
+  0, as ``qckpt gc --reflog-grace 0`` does.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def _measure(size: str, workdir: Path) -> dict[str, float]:
         loss = trainer.train_step()
         repo.commit(trainer.state, branch="experiment", metrics={"loss": loss})
     repo.delete_branch("experiment")
-    repo.gc()
+    repo.gc(qckpt.RetentionPolicy(reflog_grace=0))
     after = _object_bytes(repo)
     repo.close()
     return {

@@ -217,7 +217,9 @@ def _policy(args: argparse.Namespace) -> RetentionPolicy:
         best = {"keep_best": parts[0], "keep_best_k": int(parts[1]) if len(parts) > 1 else 1,
                 "keep_best_mode": parts[2] if len(parts) > 2 else "min"}  # fmt: skip
     newer = _seconds(args.keep_newer_than) if args.keep_newer_than else None
-    return RetentionPolicy(keep_last=args.keep_last, keep_newer_than=newer, keep_tagged=not args.no_keep_tagged, **best)
+    grace = {"reflog_grace": _seconds(args.reflog_grace)} if args.reflog_grace else {}
+    return RetentionPolicy(keep_last=args.keep_last, keep_newer_than=newer, keep_tagged=not args.no_keep_tagged,
+                           **best, **grace)  # fmt: skip
 
 
 CONFIRM_SHARE = 0.5  # a collection that would expire more of the history than this asks first
@@ -343,6 +345,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-best", metavar="METRIC[:K[:min|max]]", help="keep the K best snapshots by a metric")
     p.add_argument("--keep-newer-than", metavar="AGE", help="keep snapshots newer than AGE (3600, 90m, 12h, 7d)")
     p.add_argument("--no-keep-tagged", action="store_true", help="let tagged snapshots expire too")
+    p.add_argument("--reflog-grace", metavar="AGE",
+                   help="how long snapshots left by a reset or a deleted branch stay protected (default 7d; 0: not at all)")
     p.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
     p.add_argument("--yes", action="store_true", help=f"do not ask before expiring more than {CONFIRM_SHARE:.0%} of the snapshots")
     command("fsck", cmd_fsck, "verify every reachable object; exit 1 if anything is damaged")

@@ -112,7 +112,8 @@ class Backend(ABC):
 
     @abstractmethod
     def read_ref(self, name: str) -> str | None:
-        """The value of ref ``name`` (like ``heads/main``), or ``None`` if absent."""
+        """The value of ref ``name`` (like ``heads/main``), or ``None`` if absent. Bytes
+        that are not UTF-8 read as U+FFFD (the layer above judges the value)."""
 
     @abstractmethod
     def list_refs(self, prefix: str) -> dict[str, str]:

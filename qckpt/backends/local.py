@@ -154,7 +154,7 @@ class LocalBackend(Backend):
 
     def read_ref(self, name: str) -> str | None:
         try:
-            return self._ref_path(name).read_text().strip()
+            return self._ref_path(name).read_bytes().decode("utf-8", errors="replace").strip()
         except FileNotFoundError:
             return None
         except OSError as e:

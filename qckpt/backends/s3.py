@@ -188,7 +188,7 @@ class S3Backend(Backend):
             response = self._call("get_object", name, Key=self.prefix + _REFS + check_key(name))
         except ObjectNotFoundError:
             return None, None
-        return response["Body"].read().decode().strip(), response["ETag"]
+        return response["Body"].read().decode("utf-8", errors="replace").strip(), response["ETag"]
 
     def read_ref(self, name: str) -> str | None:
         return self._read_ref(name)[0]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from qckpt.errors import IntegrityError, RevisionNotFoundError
 from qckpt.format.records import Snapshot
 from qckpt.store.layout import BRANCH_PREFIX, TAG_PREFIX
-from qckpt.store.store import Store
+from qckpt.store.store import Store, checked_ref
 
 _MAX_AFFECTED = 20
 
@@ -45,9 +45,13 @@ def check_repository(store: Store, progress: Callable[[str, int, int], None] | N
     chunk they reference, and every pack footer."""
     report_progress = progress or (lambda stage, done, total: None)
     report = FsckReport()
-    refs = {BRANCH_PREFIX + k: v for k, v in store.branches().items()}
-    refs |= {TAG_PREFIX + k: v for k, v in store.tags().items()}
-    report.refs = len(refs)
+    refs: dict[str, str] = {}
+    for ref, value in {**store.backend.list_refs(BRANCH_PREFIX), **store.backend.list_refs(TAG_PREFIX)}.items():
+        try:
+            refs[ref] = checked_ref(ref, value)
+        except IntegrityError as e:
+            report.problems.append(FsckProblem(f"ref {ref}", str(e)))
+    report.refs = len(refs) + len(report.problems)
 
     snapshots: dict[str, Snapshot] = {}
     visited: set[str] = set()

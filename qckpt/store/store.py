@@ -207,7 +207,7 @@ class Store:
         with self.backend.lock(exclusive=False):  # GC must not sweep what this transaction dedups against
             self._upgrade_config()
             self.sync_index()
-            head = self.backend.read_ref(BRANCH_PREFIX + branch)
+            head = self.read_ref(BRANCH_PREFIX + branch)
             snapshot_on = build(Transaction(self, branch, head))
             return self._publish(branch, head, snapshot_on, cause, retry=on_conflict == "retry")
 
@@ -234,7 +234,7 @@ class Store:
                 continue
             self._snapshots[snapshot.id] = snapshot
             return snapshot
-        raise RefConflictError(BRANCH_PREFIX + branch, head, self.backend.read_ref(BRANCH_PREFIX + branch))
+        raise RefConflictError(BRANCH_PREFIX + branch, head, self.read_ref(BRANCH_PREFIX + branch))
 
     def put_pack(self, builder: PackBuilder) -> dict[bytes, ChunkLocation]:
         """Write the pack ``builder`` holds; returns where its objects now are (not yet indexed)."""
@@ -337,13 +337,19 @@ class Store:
         return sum(self.backend.size(k) for prefix in RECORD_PREFIXES for k in self.backend.list(prefix))
 
     # -- refs and revisions ---------------------------------------------------------------
+    def read_ref(self, ref: str) -> str | None:
+        """The snapshot id branch or tag ``ref`` (``heads/main``) holds, or None if it is
+        absent; ``IntegrityError`` if it holds anything but a full snapshot id."""
+        value = self.backend.read_ref(ref)
+        return None if value is None else checked_ref(ref, value)
+
     def branches(self) -> dict[str, str]:
-        """Branch name -> snapshot id."""
-        return {k.removeprefix(BRANCH_PREFIX): v for k, v in self.backend.list_refs(BRANCH_PREFIX).items()}
+        """Branch name -> snapshot id (``IntegrityError`` names a damaged ref)."""
+        return {k.removeprefix(BRANCH_PREFIX): checked_ref(k, v) for k, v in self.backend.list_refs(BRANCH_PREFIX).items()}
 
     def tags(self) -> dict[str, str]:
-        """Tag name -> snapshot id."""
-        return {k.removeprefix(TAG_PREFIX): v for k, v in self.backend.list_refs(TAG_PREFIX).items()}
+        """Tag name -> snapshot id (``IntegrityError`` names a damaged ref)."""
+        return {k.removeprefix(TAG_PREFIX): checked_ref(k, v) for k, v in self.backend.list_refs(TAG_PREFIX).items()}
 
     def change_ref(self, ref: str, old: str | None, new: str | None, cause: str, *, rewinds: bool) -> None:
         """Move ``ref`` from ``old`` to ``new`` by compare-and-swap, recording the change
@@ -351,7 +357,8 @@ class Store:
         crash between the two leaves a record of a change that did not happen:
         it can only make garbage collection keep more."""
         time_ns = time.time_ns()
-        entry = RefLogEntry(ref, old, new, time_ns / 1e9, cause, rewinds)
+        logged_old = old if old is not None and ID_HEX.fullmatch(old) else None  # a damaged value is not an id
+        entry = RefLogEntry(ref, logged_old, new, time_ns / 1e9, cause, rewinds)
         key = reflog_key(ref, time_ns, uuid.uuid4().hex[:8])
         self.backend.put(key, entry.to_bytes())
         try:
@@ -384,7 +391,7 @@ class Store:
     def create_ref(self, prefix: str, name: str, snapshot_id: str, kind: str, cause: str = "create") -> None:
         check_ref_name(name, kind)
         other = TAG_PREFIX if prefix == BRANCH_PREFIX else BRANCH_PREFIX
-        if self.backend.read_ref(other + name) is not None:
+        if self.backend.read_ref(other + name) is not None:  # even a damaged one: the name is taken
             raise AlreadyExistsError(f"{name!r} is already a {'tag' if other == TAG_PREFIX else 'branch'}")
         try:
             self.change_ref(prefix + name, None, snapshot_id, cause, rewinds=False)
@@ -394,7 +401,7 @@ class Store:
     def delete_ref(self, prefix: str, name: str, kind: str, cause: str = "delete") -> str:
         """Remove a ref; returns the snapshot id it held."""
         check_ref_name(name, kind)
-        current = self.backend.read_ref(prefix + name)
+        current = self.backend.read_ref(prefix + name)  # a damaged ref can still be deleted
         if current is None:
             raise RevisionNotFoundError(f"no {kind} named {name!r}")
         self.change_ref(prefix + name, current, None, cause, rewinds=True)
@@ -403,7 +410,10 @@ class Store:
     def reset(self, branch: str, snapshot_id: str) -> str | None:
         """Move ``branch`` to ``snapshot_id`` (creating it if absent); returns where it was."""
         check_ref_name(branch)
-        current = self.backend.read_ref(BRANCH_PREFIX + branch)
+        current = self.backend.read_ref(BRANCH_PREFIX + branch)  # a damaged ref can be reset: that repairs it
+        if current is not None and not ID_HEX.fullmatch(current):
+            self.change_ref(BRANCH_PREFIX + branch, current, snapshot_id, "reset (repairing a damaged ref)", rewinds=False)
+            return None
         rewinds = current is not None and not self.is_ancestor(current, snapshot_id)
         self.change_ref(BRANCH_PREFIX + branch, current, snapshot_id, "reset", rewinds=rewinds)
         return current
@@ -426,7 +436,7 @@ class Store:
     def _resolve_name(self, name: str) -> str:
         for prefix in (BRANCH_PREFIX, TAG_PREFIX):
             try:
-                target = self.backend.read_ref(prefix + check_ref_name(name))
+                target = self.read_ref(prefix + check_ref_name(name))
             except InvalidInputError:
                 break
             if target is not None:
@@ -494,6 +504,13 @@ class Store:
             chunk_id, error = next(iter(errors.items()))
             raise IntegrityError(f"snapshot {snapshot.short_id}, state key {targets[chunk_id][0][1].path!r}: {error}") from error
         return buffers
+
+
+def checked_ref(ref: str, value: str) -> str:
+    """``value`` if it is a full snapshot id, else ``IntegrityError`` naming the ref."""
+    if not ID_HEX.fullmatch(value):
+        raise IntegrityError(f"ref {ref} is damaged: it holds {value[:48]!r}, not a snapshot id (repair it with reset)")
+    return value
 
 
 def as_value(buffer: np.ndarray, entry: TensorEntry) -> torch.Tensor | np.ndarray:

@@ -99,3 +99,22 @@ def test_index_rebuild_skips_a_damaged_pack(two_snapshots: tuple, caplog: pytest
         assert torch.equal(repo.load(second.id)["w"], torch.full((64,), 7.0))
         with pytest.raises(qckpt.IntegrityError, match=f"snapshot {first.short_id}.*missing"):
             repo.load(first.id)["w"]
+
+
+@pytest.mark.parametrize("damage", [b"\xff\xfe" + b"0" * 30, b"0123456789ab", b"", b"heads/other"],
+                         ids=["not-utf8", "truncated", "empty", "another-ref"])  # fmt: skip
+def test_a_damaged_ref_is_a_typed_error_reported_by_fsck_and_repaired_by_reset(tmp_path: Path, damage: bytes) -> None:
+    path = tmp_path / "repo"
+    with qckpt.Repository.init(path) as repo:
+        snap = repo.commit({"w": torch.zeros(3)})
+        repo.create_branch("other", snap.id)
+    (path / "refs" / "heads" / "main").write_bytes(damage)
+    with qckpt.Repository.open(path) as repo:
+        for call in (repo.branches, lambda: repo.load("main"), lambda: repo.commit({"w": torch.ones(3)})):
+            with pytest.raises(qckpt.IntegrityError, match="ref heads/main is damaged"):
+                call()
+        report = repo.fsck()  # reports, never raises
+        assert [p.subject for p in report.problems] == ["ref heads/main"] and report.refs == 2
+        repo.reset("main", snap.id)
+        assert repo.fsck().ok and repo.snapshot("main").id == snap.id
+        assert repo.reflog("main")[0].cause.startswith("reset")
