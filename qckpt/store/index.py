@@ -8,7 +8,9 @@ manifest also finds its chunks here.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import struct
 import threading
 from abc import ABC, abstractmethod
@@ -23,6 +25,7 @@ from qckpt.format.packs import ChunkLocation
 
 _VALUE = struct.Struct(f"<{ID_BYTES}sQIBB")  # pack id, offset, length, codec, depth; then dependency ids
 _V1_VALUE = struct.Struct(f"<{ID_BYTES}sQIB")  # written by qckpt before delta codecs: self-contained objects
+_log = logging.getLogger("qckpt")
 _GENERATION_KEY = b"qckpt:gc-generation"  # not 16 bytes long: never a chunk id
 
 
@@ -130,11 +133,7 @@ class _SharedEnv:
         with cls._lock:
             env, count = cls._open.get(key, (None, 0))
             if env is None:
-                try:
-                    path.mkdir(parents=True, exist_ok=True)
-                    env = lmdb.open(key, map_size=1 << 30, max_dbs=0, subdir=True)
-                except (lmdb.Error, OSError) as e:
-                    raise BackendError(f"cannot open chunk index at {path}: {e}") from e
+                env = _open_checked(path)
             cls._open[key] = (env, count + 1)
             return env
 
@@ -148,6 +147,30 @@ class _SharedEnv:
                 env.close()
             else:
                 cls._open[key] = (env, count - 1)
+
+
+def _open_checked(path: Path) -> lmdb.Environment:
+    """Open the LMDB environment at ``path``; one that is damaged -- unreadable, or
+    shorter than its own meta page says (a truncated ``data.mdb`` would make reads
+    past its end kill the process with SIGBUS) -- is deleted and started afresh:
+    the index is a cache, rebuilt from the pack footers."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            env = lmdb.open(str(path), map_size=1 << 30, max_dbs=0, subdir=True)
+            needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+            if os.path.getsize(path / "data.mdb") >= needed:
+                return env
+            env.close()
+            reason = f"data.mdb is shorter than the {needed} bytes its meta page claims"
+        except lmdb.Error as e:
+            reason = str(e)
+        _log.warning("chunk index at %s is damaged (%s): starting it afresh, it is rebuilt from the packs", path, reason)
+        shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return lmdb.open(str(path), map_size=1 << 30, max_dbs=0, subdir=True)
+    except (lmdb.Error, OSError) as e:
+        raise BackendError(f"cannot open chunk index at {path}: {e}") from e
 
 
 class LmdbIndex(ChunkIndex):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,21 @@ def test_a_damaged_ref_is_a_typed_error_reported_by_fsck_and_repaired_by_reset(t
         repo.reset("main", snap.id)
         assert repo.fsck().ok and repo.snapshot("main").id == snap.id
         assert repo.reflog("main")[0].cause.startswith("reset")
+
+
+@pytest.mark.parametrize("keep", [0, 5000, 20000])
+def test_a_truncated_index_cache_is_rebuilt_not_a_crash(tmp_path: Path, keep: int) -> None:
+    """LMDB maps past the end of a short data.mdb: reading there once killed every process with SIGBUS."""
+    path = tmp_path / "repo"
+    with qckpt.Repository.init(path, chunk_size=4096) as repo:
+        for _ in range(30):
+            weights = torch.randn(100_000)
+            repo.commit({"w": weights})
+    data = path / ".index" / "data.mdb"
+    assert data.stat().st_size > 20000
+    os.truncate(data, keep)
+    result = subprocess.run([sys.executable, "-m", "qckpt", "-R", str(path), "fsck"], capture_output=True, text=True)
+    assert result.returncode == 0, (result.returncode, result.stderr)  # SIGBUS was -7
+    assert "no problems found" in result.stdout
+    with qckpt.Repository.open(path) as repo:
+        assert torch.equal(repo.load("main")["w"], weights)
