@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from qckpt.errors import IntegrityError, RevisionNotFoundError
 from qckpt.format.records import Snapshot
-from qckpt.store.layout import BRANCH_PREFIX, TAG_PREFIX
+from qckpt.format.ids import hex_id
+from qckpt.store.layout import BRANCH_PREFIX, TAG_PREFIX, pack_key
 from qckpt.store.store import Store, checked_ref
 
 _MAX_AFFECTED = 20
@@ -104,9 +105,30 @@ def check_repository(store: Store, progress: Callable[[str, int, int], None] | N
 
     pack_ids = store.pack_ids()
     report.packs = len(pack_ids)
-    for pack_id in pack_ids:
-        try:
-            store.pack_contents(pack_id)
-        except IntegrityError as e:
-            report.problems.append(FsckProblem(f"pack {pack_id}", str(e)))
+    for n, problem in enumerate(store.pool.map(lambda p: _check_pack(store, p), pack_ids)):
+        report_progress("verifying packs", n + 1, len(pack_ids))
+        if problem is not None:
+            report.problems.append(problem)
     return report
+
+
+def _check_pack(store: Store, pack_id: str) -> FsckProblem | None:
+    """A pack's bytes against its id, and its footer against the chunk index."""
+    try:
+        data = store.backend.get(pack_key(pack_id))
+        if hex_id(data) != pack_id:
+            raise IntegrityError(f"pack {pack_id} is damaged: its content does not match its id")
+        contents = store.pack_contents(pack_id)
+    except IntegrityError as e:
+        return FsckProblem(f"pack {pack_id}", str(e))
+    disagree = [(c, loc, store.index.get(c)) for c, loc in contents.items()]
+    disagree = [(c, loc, idx) for c, loc, idx in disagree if idx is not None and idx.pack_id == pack_id and idx != loc]
+    if disagree:
+        chunk_id, footer, indexed = disagree[0]
+        return FsckProblem(
+            f"pack {pack_id}",
+            f"its footer disagrees with the chunk index on {len(disagree)} objects, e.g. {chunk_id.hex()} "
+            f"(footer: offset {footer.offset}, length {footer.length}; index: offset {indexed.offset}, "  # type: ignore[union-attr]
+            f"length {indexed.length})",  # type: ignore[union-attr]
+        )
+    return None

@@ -182,6 +182,13 @@ def collect_garbage(
             report("scanning packs", n + 1, len(pack_ids))
             footers[pack_id] = contents
             for chunk_id, location in contents.items():
+                indexed = store.index.get(chunk_id)
+                if indexed is not None and indexed.pack_id == pack_id and indexed != location:
+                    raise IntegrityError(  # never judge liveness (and delete the only copy) on a damaged footer's word
+                        f"garbage collection stopped before deleting anything: the footer of pack {pack_id} places "
+                        f"object {chunk_id.hex()} at offset {location.offset}, the chunk index at {indexed.offset}; "
+                        "run fsck"
+                    )
                 if chunk_id not in canonical_of:
                     canonical = store.index.get(chunk_id)
                     if canonical is None:  # index behind this pack: adopt its copy

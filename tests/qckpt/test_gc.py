@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import threading
 from pathlib import Path
 
@@ -147,3 +148,24 @@ def test_commits_racing_gc_lose_nothing(local_repo_path: Path) -> None:
         assert len(kept) == 3 and repo.fsck().ok
         for snap in kept:
             assert differences(repo.load(snap.id).tree(), expected[snap.id]) == []
+
+
+def test_gc_never_trusts_a_damaged_footer_over_the_index(tmp_path: Path) -> None:
+    """One flipped bit in a footer entry's offset: fsck reports the pack, GC refuses, nothing is lost."""
+    path = tmp_path / "repo"
+    with qckpt.Repository.init(path, chunk_size=256) as repo:
+        repo.commit({"w": torch.arange(640.0)}, step=1)
+        head = repo.snapshot("main")
+    (pack,) = (path / "packs").iterdir()
+    data = bytearray(pack.read_bytes())
+    _, footer_offset, _ = struct.unpack("<IQ8s", data[-20:])
+    data[footer_offset + 16] ^= 0x04  # entry 0: 16-byte chunk id, then its u64 offset
+    pack.write_bytes(bytes(data))
+    with qckpt.Repository.open(path) as repo:  # the index, built before the damage, still has the right offset
+        report = repo.fsck()
+        assert not report.ok and [p.subject for p in report.problems] == [f"pack {pack.stem}"]
+        with pytest.raises(qckpt.IntegrityError, match="stopped before deleting anything"):
+            repo.gc()
+        with pytest.raises(qckpt.IntegrityError):
+            repo.gc(qckpt.RetentionPolicy(keep_last=1))
+        assert pack.exists() and torch.equal(repo.load(head.id)["w"], torch.arange(640.0))
