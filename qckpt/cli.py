@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
+from qckpt import __version__
 from qckpt._progress import stage_progress
 from qckpt.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, QckptError
 from qckpt.format.records import Snapshot
@@ -87,7 +88,8 @@ def _graph_lines(snaps: list[Snapshot], names: dict[str, list[str]]) -> list[str
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    repo = Repository.init(args.path or args.repo, chunk_size=args.chunk_size, compression_level=args.compression_level)
+    repo = Repository.init(args.path or args.repo, chunk_size=args.chunk_size, compression_level=args.compression_level,
+                           max_chain=args.max_chain)  # fmt: skip
     print(f"initialized empty qckpt repository at {repo.backend.uri}")
     repo.close()
     return 0
@@ -138,7 +140,7 @@ def _refs(args: argparse.Namespace, repo: Repository, kind: str) -> int:
     elif args.delete:
         delete(args.delete)
         print(f"deleted {kind} {args.delete}")
-    elif args.name:
+    elif args.name is not None:
         snap = create(args.name, args.at)
         print(f"created {kind} {args.name} at {snap.short_id} (step {snap.step})")
     elif args.json:
@@ -302,6 +304,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qckpt", description="Inspect and maintain qckpt checkpoint repositories.")
     parser.add_argument("-R", "--repo", default=os.environ.get("QCKPT_REPO", "."),
                         help="repository path or file:// URI (default: $QCKPT_REPO or .)")  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"qckpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn: Callable[..., int], help: str) -> argparse.ArgumentParser:
@@ -313,6 +316,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", help="where (default: --repo)")
     p.add_argument("--chunk-size", type=int, default=1 << 20)
     p.add_argument("--compression-level", type=int, default=1)
+    p.add_argument("--max-chain", type=int, default=16, help="longest delta chain a restore decodes (1: no deltas)")
     p = command("log", cmd_log, "list snapshots, newest first")
     p.add_argument("revisions", nargs="*", help="start points (default: main; --all: every branch)")
     p.add_argument("--all", action="store_true", help="history of every branch")
@@ -380,8 +384,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    """Console script entry: exit with ``main``'s code."""
-    sys.exit(main())
+    """Console script entry: exit with ``main``'s code (quietly when the reader of
+    the output went away, as ``qckpt log | head`` does)."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        code = 141  # 128 + SIGPIPE, as shells report it
+    sys.exit(code)
 
 
 if __name__ == "__main__":

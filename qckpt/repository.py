@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from qckpt.backends import Backend, LocalBackend, RetryingBackend, S3Backend, parse_s3_uri
 from qckpt.commit.arrays import write_arrays
 from qckpt.commit.hot import HotSnapshot, HotTier
@@ -171,11 +174,13 @@ class Repository:
         hot_snapshots: int = DEFAULT_HOT_SNAPSHOTS,
         hot_bytes: int | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        exist_ok: bool = False,
     ) -> Repository:
         """Create an empty repository at ``location``: a path, ``file://`` or
         ``s3://bucket/prefix`` URI, or a ``Backend``.
 
-        Raises ``AlreadyExistsError`` if one exists there; ``chunk_size`` must be a
+        Raises ``AlreadyExistsError`` if one exists there, unless ``exist_ok``:
+        then that one is opened (its own settings apply). ``chunk_size`` must be a
         positive multiple of 64 bytes, ``compression_level`` a zstd level (1-19).
         ``max_chain`` (1-255) bounds dependency chains: restoring any chunk decodes
         at most that many objects along one chain; 1 stores every chunk on its own.
@@ -191,7 +196,12 @@ class Repository:
         local_dir = backend.capabilities.local_dir
         if local_dir is not None and local_dir.exists() and not local_dir.is_dir():
             raise InvalidInputError(f"{local_dir} exists and is not a directory")
-        store = Store.create(backend, config, cache_dir)
+        try:
+            store = Store.create(backend, config, cache_dir)
+        except AlreadyExistsError:
+            if not exist_ok:
+                raise
+            store = Store.open(backend, cache_dir)
         return cls(store, hot_snapshots=hot_snapshots, hot_bytes=hot_bytes, max_pending=max_pending)
 
     @classmethod
@@ -625,9 +635,19 @@ def _check_tiers(hot_snapshots: int, hot_bytes: int | None, max_pending: int) ->
         raise InvalidInputError("hot_snapshots and hot_bytes must not be negative, max_pending at least 1")
 
 
+def _number(value: Any) -> Any:
+    """A metric as a plain int or float: one-element tensors and NumPy scalars are
+    converted (``loss.item()`` need not be written); anything else is returned as is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
+        return value.item()
+    if isinstance(value, np.generic) and isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return value
+
+
 def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
-    metrics = dict(metrics or {})
+    metrics = {k: _number(v) for k, v in (metrics or {}).items()}
     bad = [k for k, v in metrics.items() if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float))]
     if bad:
-        raise InvalidInputError(f"metrics must map names to numbers; bad entries: {bad}")
+        raise InvalidInputError(f"metrics must map names to numbers (plain, 0-d tensors or NumPy scalars); bad entries: {bad}")
     return metrics

@@ -161,3 +161,16 @@ def test_gc_asks_before_expiring_most_of_the_history(populated: Path, capsys: py
     code, out = _cli(capsys, populated, "gc", "--keep-last", "1", "--yes")
     assert code == 0 and "deleted 3 snapshots" in out
     assert _cli(capsys, populated, "gc", "--keep-best", "los:2", "--yes")[0] == 2  # a misspelt metric is an error
+
+
+def test_version_empty_names_max_chain_and_a_closed_pipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run("--version").stdout.strip() == f"qckpt {qckpt.__version__}"
+    path = tmp_path / "r"
+    assert main(["init", str(path), "--max-chain", "4"]) == 0
+    assert qckpt.Repository.open(path).config.max_chain == 4
+    with qckpt.Repository.open(path) as repo:
+        repo.commit({f"t{i}": torch.zeros(1) for i in range(3000)})  # `show` prints far more than a pipe buffers
+    capsys.readouterr()
+    assert _cli(capsys, path, "branch", "")[0] == 2  # an empty name is an error, not a listing
+    piped = subprocess.run(f"{sys.executable} -m qckpt -R {path} show main | head -1", shell=True, capture_output=True, text=True)
+    assert piped.stdout.count("\n") == 1 and "Traceback" not in piped.stderr and "Broken pipe" not in piped.stderr

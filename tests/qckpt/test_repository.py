@@ -250,3 +250,17 @@ def test_plain_values_survive(repo: qckpt.Repository) -> None:
     repo.commit(tree)
     back = repo.load().tree()
     assert back["name"] == "run-1" and back["raw"] == b"\x00\xff" and back["nested"] == {(1, "a"): None}
+
+
+def test_metrics_accept_tensors_and_numpy_scalars_and_init_exist_ok(tmp_path: Path) -> None:
+    import numpy as np
+
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        snap = repo.commit({"w": torch.zeros(2)}, metrics={"loss": torch.tensor(0.5), "acc": np.float32(0.25), "n": np.int64(3)})
+        assert snap.metrics == {"loss": 0.5, "acc": 0.25, "n": 3}
+        with pytest.raises(qckpt.InvalidInputError, match="bad entries"):
+            repo.commit({"w": torch.zeros(2)}, metrics={"loss": torch.zeros(3)})
+    with qckpt.Repository.init(tmp_path / "r", exist_ok=True) as again:
+        assert again.snapshot("main").id == snap.id
+    with pytest.raises(qckpt.AlreadyExistsError):
+        qckpt.Repository.init(tmp_path / "r")
