@@ -89,7 +89,7 @@ def _graph_lines(snaps: list[Snapshot], names: dict[str, list[str]]) -> list[str
 
 def cmd_init(args: argparse.Namespace) -> int:
     repo = Repository.init(args.path or args.repo, chunk_size=args.chunk_size, compression_level=args.compression_level,
-                           max_chain=args.max_chain)  # fmt: skip
+                           max_chain=args.max_chain, endpoint_url=args.endpoint_url)  # fmt: skip
     print(f"initialized empty qckpt repository at {repo.backend.uri}")
     repo.close()
     return 0
@@ -304,6 +304,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qckpt", description="Inspect and maintain qckpt checkpoint repositories.")
     parser.add_argument("-R", "--repo", default=os.environ.get("QCKPT_REPO", "."),
                         help="repository path or file:// URI (default: $QCKPT_REPO or .)")  # fmt: skip
+    parser.add_argument("--endpoint-url", default=None,
+                        help="S3-compatible server for s3:// repositories (default: AWS_ENDPOINT_URL or AWS's own)")
     parser.add_argument("--version", action="version", version=f"qckpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -367,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.fn is cmd_init:
             return cmd_init(args)
-        with Repository.open(args.repo) as repo:
+        with Repository.open(args.repo, endpoint_url=args.endpoint_url) as repo:
             return int(args.fn(args, repo))
     except NotFoundError as e:
         code, error = EXIT_NOT_FOUND, e
