@@ -98,6 +98,9 @@ def _run(args: argparse.Namespace, location: str, repo: qckpt.Repository) -> Non
         final_main, final_resumed = repo.load("main"), repo.load("resumed")
         differing = differences(final_main.tree(), final_resumed.tree())
         identical = same_losses and not differing and len(resumed_log) == args.steps - half
+        first_resumed = min(resumed_log.values(), key=lambda s: s.step)
+        forked = first_resumed.parents == (repo.resolve(f"main@{half}"),)
+        print(f"branch 'resumed' forks from main@{half} (its lineage, not a new root): {forked}")
         print(f"losses of steps {half + 1}..{args.steps} identical: {same_losses}")
         print(f"final state: {len(final_main)} tensors and all plain values compared bitwise; differences: {differing or 'none'}")
         print("RESULT: continuation is bit-identical" if identical else "RESULT: MISMATCH")
