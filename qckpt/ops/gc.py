@@ -167,7 +167,7 @@ def collect_garbage(
         bytes_before = store.stored_bytes()
         snapshots = {i: store.snapshot(i) for i in store.snapshot_ids()}
         now = time.time()
-        protected = {e.old for e in store.reflog() if e.rewinds and e.old and now - e.time < policy.reflog_grace}
+        protected = {e.old for e in store.reflog(rewinding_since=now - policy.reflog_grace) if e.old}
         keep = plan_retention(snapshots, store.branches(), store.tags(), policy, now, protected)
         live_manifests = {snapshots[i].manifest for i in keep}
         live_chunks: set[bytes] = set()

@@ -7,8 +7,10 @@ Blobs (immutable, content-addressed):
 * ``packs/<id>.pack``        objects, with a footer indexing them
 * ``manifests/<id>``         snapshot trees (zstd JSON)
 * ``snapshots/<id>``         snapshot records (JSON)
-* ``reflog/<ref>/<time>-<n>`` one record per change of a branch or tag (JSON;
-                             ``<time>``: 20-digit nanoseconds, so keys sort by time)
+* ``reflog/<ref>/<time>-<n>[-rewind]`` one record per change of a branch or tag
+                             (JSON; ``<time>``: 20-digit nanoseconds, so keys sort by
+                             time; ``-rewind`` marks changes that left a snapshot behind,
+                             so GC finds them by listing, without reading every record)
 
 Refs (mutable, compare-and-swap; stored by the backend under its reserved
 ``refs/`` namespace, which no blob key may use):
@@ -35,8 +37,8 @@ TAG_PREFIX = "tags/"
 GC_GENERATION_REF = "gc/generation"
 __all__ = [
     "BRANCH_PREFIX", "CONFIG_KEY", "GC_GENERATION_REF", "LOCK_PREFIX", "MANIFEST_PREFIX", "PACK_PREFIX",
-    "RECORD_PREFIXES", "REFLOG_PREFIX", "SNAPSHOT_PREFIX", "TAG_PREFIX", "manifest_key", "pack_id_of", "pack_key",
-    "reflog_key", "snapshot_key",
+    "RECORD_PREFIXES", "REFLOG_PREFIX", "REWIND_SUFFIX", "SNAPSHOT_PREFIX", "TAG_PREFIX", "manifest_key", "pack_id_of", "pack_key",
+    "reflog_key", "reflog_key_time", "snapshot_key",
 ]  # fmt: skip
 
 
@@ -57,6 +59,14 @@ def snapshot_key(snapshot_id: str) -> str:
     return f"{SNAPSHOT_PREFIX}{snapshot_id}"
 
 
-def reflog_key(ref: str, time_ns: int, unique: str) -> str:
+REWIND_SUFFIX = "-rewind"
+
+
+def reflog_key(ref: str, time_ns: int, unique: str, rewinds: bool) -> str:
     """The key of one ref log record of ``ref`` (``heads/main``), sortable by time."""
-    return f"{REFLOG_PREFIX}{ref}/{time_ns:020d}-{unique}"
+    return f"{REFLOG_PREFIX}{ref}/{time_ns:020d}-{unique}{REWIND_SUFFIX if rewinds else ''}"
+
+
+def reflog_key_time(key: str) -> float:
+    """The time (seconds) in a key ``reflog_key`` made."""
+    return int(key.rsplit("/", 1)[1][:20]) / 1e9

@@ -68,7 +68,9 @@ from qckpt.store.layout import (
     manifest_key,
     pack_id_of,
     pack_key,
+    REWIND_SUFFIX,
     reflog_key,
+    reflog_key_time,
     snapshot_key,
 )
 from qckpt.store.reader import ChunkReader
@@ -359,7 +361,7 @@ class Store:
         time_ns = time.time_ns()
         logged_old = old if old is not None and ID_HEX.fullmatch(old) else None  # a damaged value is not an id
         entry = RefLogEntry(ref, logged_old, new, time_ns / 1e9, cause, rewinds)
-        key = reflog_key(ref, time_ns, uuid.uuid4().hex[:8])
+        key = reflog_key(ref, time_ns, uuid.uuid4().hex[:8], rewinds)
         self.backend.put(key, entry.to_bytes())
         try:
             self.backend.swap_ref(ref, old, new)
@@ -367,11 +369,13 @@ class Store:
             self.backend.delete(key)
             raise
 
-    def reflog(self, ref: str | None = None) -> list[RefLogEntry]:
-        """Recorded changes of ``ref`` (``heads/main``; every branch and tag if None), newest first."""
+    def reflog(self, ref: str | None = None, *, rewinding_since: float | None = None) -> list[RefLogEntry]:
+        """Recorded changes of ``ref`` (``heads/main``; every branch and tag if None),
+        newest first; with ``rewinding_since``, only changes that left a snapshot
+        behind at or after that time (chosen by key, reading only those records)."""
         keys = self.backend.list(REFLOG_PREFIX + (ref + "/" if ref else ""))
-        if ref is None:
-            keys = [k for k in keys if k.startswith((REFLOG_PREFIX + BRANCH_PREFIX, REFLOG_PREFIX + TAG_PREFIX))]
+        if rewinding_since is not None:
+            keys = [k for k in keys if k.endswith(REWIND_SUFFIX) and reflog_key_time(k) >= rewinding_since]
         entries = list(self.pool.map(lambda k: RefLogEntry.from_bytes(k, self.backend.get(k)), keys))
         return sorted(entries, key=lambda e: -e.time)
 
