@@ -244,6 +244,22 @@ class TrainingState:
         fork.lineage = self.lineage  # a fork came from where its original came from
         return fork
 
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the learning rate of every optimizer in this state by ``factor``, in
+        a way LR schedulers keep: their ``base_lrs`` and the groups' ``initial_lr``
+        are scaled too (``g["lr"] *= f`` alone is undone by the next
+        ``scheduler.step()`` of e.g. LambdaLR)."""
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise InvalidInputError(f"factor must be a positive number, got {factor!r}")
+        for component in self.components.values():
+            if isinstance(component, torch.optim.Optimizer):
+                for group in component.param_groups:
+                    for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                        if isinstance(group.get(key), (int, float)):
+                            group[key] *= factor
+            elif isinstance(getattr(component, "base_lrs", None), list):  # an LR scheduler
+                component.base_lrs = [lr * factor for lr in component.base_lrs]
+
     def capture(self) -> dict[str, Any]:
         """The current state as a plain tree (tensors are shared, not copied)."""
         return {

@@ -201,3 +201,31 @@ def test_restoring_another_optimizers_state_changes_nothing(recorded_class: bool
         repo.restore(qckpt.TrainingState(model=live, optimizer=adam, rng=False))
     assert all(torch.equal(before[k], v) for k, v in live.state_dict().items())
     assert adam.state_dict()["state"] == {}
+
+
+def test_scale_lr_survives_the_scheduler() -> None:
+    def run(scale: float | None) -> list[float]:
+        model = nn.Linear(3, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+        state = qckpt.TrainingState(model=model, optimizer=opt, scheduler=sched, rng=False)
+        lrs = []
+        for step in range(4):
+            if step == 2 and scale is not None:
+                state.scale_lr(scale)
+            opt.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        return lrs
+
+    plain, halved = run(None), run(0.5)
+    assert halved[:2] == plain[:2] and halved[2:] == [lr * 0.5 for lr in plain[2:]]
+    naive_model = nn.Linear(3, 3)
+    naive = torch.optim.SGD(naive_model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(naive, lambda step: 1.0 / (step + 1))
+    naive.param_groups[0]["lr"] *= 0.5
+    naive.step()
+    sched.step()
+    assert naive.param_groups[0]["lr"] == plain[0]  # what scale_lr exists for: the scheduler undid the halving
+    with pytest.raises(qckpt.InvalidInputError):
+        qckpt.TrainingState(model=naive_model).scale_lr(0)
