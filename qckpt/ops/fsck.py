@@ -97,11 +97,24 @@ def check_repository(store: Store, progress: Callable[[str, int, int], None] | N
             report_progress("verifying chunks", verified, len(users))
 
     errors = store.reader.read(list(users), count)
-    order = {c: i for i, c in enumerate(users)}
-    for chunk_id, error in sorted(errors.items(), key=lambda item: order[item[0]]):
-        affected = users[chunk_id]
+
+    def damaged_root(chunk_id: bytes) -> bytes:
+        """The damaged object an unreadable one is unreadable because of (itself if none)."""
+        location = store.index.get(chunk_id)
+        broken = next((d for d in (location.deps if location else ()) if d in errors), None)
+        return chunk_id if broken is None else damaged_root(broken)
+
+    affected_by: dict[bytes, list[str]] = defaultdict(list)  # one problem per damaged object, with all it affects
+    for chunk_id in users:
+        if chunk_id in errors:
+            root = damaged_root(chunk_id)
+            via = "" if root == chunk_id else f" (through object {chunk_id.hex()}, predicted from it)"
+            affected_by[root] += [user + via for user in users[chunk_id]]
+    for chunk_id, affected in affected_by.items():
         more = [f"... and {len(affected) - _MAX_AFFECTED} more"] if len(affected) > _MAX_AFFECTED else []
-        report.problems.append(FsckProblem(f"object {chunk_id.hex()}", str(error), tuple(affected[:_MAX_AFFECTED] + more)))
+        report.problems.append(
+            FsckProblem(f"object {chunk_id.hex()}", str(errors[chunk_id]), tuple(affected[:_MAX_AFFECTED] + more))
+        )
 
     pack_ids = store.pack_ids()
     report.packs = len(pack_ids)
