@@ -190,7 +190,7 @@ def collect_garbage(
                         "run fsck"
                     )
                 if chunk_id not in canonical_of:
-                    canonical = store.index.get(chunk_id)
+                    canonical = indexed
                     if canonical is None:  # index behind this pack: adopt its copy
                         if not dry_run:
                             store.index.put_many({chunk_id: location})
