@@ -11,7 +11,10 @@ state three ways, side by side in one process:
 Reports per method the mean time per checkpoint, the bytes stored, and for the
 S3 methods the requests and bytes sent per checkpoint; then the time to restore
 the latest checkpoint from S3 in a fresh repository (empty index cache) versus
-download + ``torch.load``. Without ``--endpoint`` it starts moto's S3 server on
+download + ``torch.load``; then (not with ``--quick``) how long a SIGKILLed
+lock holder stalls the others with the default lock lease: a committer killed
+while holding the lock shared, then the GC behind it; a GC killed while holding
+it exclusive, then the commit behind it. Without ``--endpoint`` it starts moto's S3 server on
 loopback: timings then measure a local Python server, not AWS; request counts
 and bytes are what AWS would see.
 """
@@ -22,8 +25,12 @@ import argparse
 import io
 import json
 import os
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +61,43 @@ def _endpoint(url: str | None) -> Iterator[str]:
         os.environ.setdefault(key, value)
     with moto_server() as started:
         yield started
+
+
+_HOLD_LOCK = textwrap.dedent(
+    """
+    import sys, time, qckpt
+    repo = qckpt.Repository.open(sys.argv[1], cache_dir=sys.argv[2], endpoint_url=sys.argv[4] or None)
+    with repo.backend.lock(exclusive=sys.argv[3] == "exclusive"):
+        print("held", flush=True)
+        time.sleep(3600)
+    """
+)
+
+
+def kill_lock_holder(uri: str, cache_dir: Path, *, exclusive: bool, endpoint_url: str | None = None) -> None:
+    """Start a process that takes the writer lock of ``uri``, and SIGKILL it while it holds it."""
+    mode = "exclusive" if exclusive else "shared"
+    args = [sys.executable, "-c", _HOLD_LOCK, uri, str(cache_dir), mode, endpoint_url or ""]
+    holder = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    if holder.stdout.readline().strip() != "held":
+        holder.kill()
+        raise RuntimeError("the lock holder did not start")
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+
+
+def _stalls_after_kill(repo: qckpt.Repository, uri: str, endpoint: str, tmp: Path) -> dict[str, float]:
+    """Seconds the next GC waits behind a killed committer, and the next commit behind a killed GC."""
+    kill_lock_holder(uri, tmp / "killed", exclusive=False, endpoint_url=endpoint)
+    t0 = time.perf_counter()
+    repo.gc(qckpt.RetentionPolicy(keep_last=1000))
+    gc_behind_killed_commit = time.perf_counter() - t0
+    kill_lock_holder(uri, tmp / "killed", exclusive=True, endpoint_url=endpoint)
+    t0 = time.perf_counter()
+    repo.commit({"after-kill": torch.zeros(1)}, branch="stall-probe")
+    commit_behind_killed_gc = time.perf_counter() - t0
+    return {"gc_behind_killed_commit_s": gc_behind_killed_commit, "commit_behind_killed_gc_s": commit_behind_killed_gc}
 
 
 def _s3_backend(repo: qckpt.Repository) -> S3Backend:
@@ -91,6 +135,7 @@ def run(args: argparse.Namespace) -> dict:
         requests, sent = dict(_s3_backend(remote).requests), _s3_backend(remote).bytes_sent
         stored = {"qckpt-local": local.stats().stored_bytes, "qckpt-s3": remote.stats().stored_bytes,
                   "torch.save+upload": upload_bytes}  # fmt: skip
+        stalls = {} if args.quick else _stalls_after_kill(remote, f"s3://{bucket}/qckpt", endpoint, Path(tmp))
         local.close()
         remote.close()
 
@@ -116,6 +161,7 @@ def run(args: argparse.Namespace) -> dict:
         "torch_upload_bytes_per_commit": upload_bytes / commits,
         "restore_latest_s": {"qckpt-s3 (fresh cache)": restore_qckpt, "qckpt-s3 (warm cache)": restore_warm,
                              "download+torch.load": restore_torch},
+        "lock_lease_s": S3Backend.lock_stale_s, "stall_after_kill_s": stalls,
     }  # fmt: skip
     base = results["methods"]["torch.save+upload"]
     print(f"{size} model ({trainer.num_params():,} parameters), {commits} checkpoints, endpoint {endpoint}")
@@ -127,6 +173,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"bytes sent per commit: qckpt {sent / commits / 1e6:.2f} MB, torch.save+upload {upload_bytes / commits / 1e6:.2f} MB")
     print(f"restore latest: qckpt from S3 with empty cache {restore_qckpt:.3f}s, warm cache {restore_warm:.3f}s; "
           f"download + torch.load {restore_torch:.3f}s")
+    if stalls:
+        print(f"stall after a SIGKILLed lock holder (lease {S3Backend.lock_stale_s:.0f}s): GC behind a killed commit "
+              f"{stalls['gc_behind_killed_commit_s']:.1f}s, commit behind a killed GC {stalls['commit_behind_killed_gc_s']:.1f}s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

@@ -19,6 +19,7 @@ This module is the public API (and ``qckpt.backends`` for storage backends,
 from qckpt.backends import Backend, LocalBackend, MemoryBackend, RetryingBackend, S3Backend
 from qckpt.commit.lossy import LossyTier
 from qckpt.commit.writer import CommitHandle
+from qckpt.data import ResumableSampler
 from qckpt.errors import (
     AlreadyExistsError,
     AmbiguousRevisionError,
@@ -29,6 +30,7 @@ from qckpt.errors import (
     FormatVersionError,
     IntegrityError,
     InvalidInputError,
+    LockLostError,
     InvalidRefNameError,
     NotFoundError,
     ObjectNotFoundError,
@@ -66,6 +68,7 @@ __all__ = [
     "FsckReport",
     "GcReport",
     "IntegrityError",
+    "LockLostError",
     "InvalidInputError",
     "InvalidRefNameError",
     "Lineage",
@@ -80,6 +83,7 @@ __all__ = [
     "RepositoryConfig",
     "RepositoryNotFoundError",
     "RepositoryStats",
+    "ResumableSampler",
     "RefLogEntry",
     "RetentionPolicy",
     "RetryingBackend",

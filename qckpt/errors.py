@@ -15,7 +15,8 @@
     ├── ConflictError                            someone else got there first
     │   ├── AlreadyExistsError                   repository, tag, branch or key exists
     │   ├── RefConflictError                     a ref moved under a compare-and-swap
-    │   └── DivergedError                        a restored state would move its branch elsewhere: reset first
+    │   ├── DivergedError                        a restored state would move its branch elsewhere: reset first
+    │   └── LockLostError                        the writer lock lapsed while held; stopped before writing more
     ├── IntegrityError                           stored bytes are damaged
     ├── FormatVersionError                       repository written by a newer qckpt
     ├── CommitAbortedError                       not written: an earlier async commit failed
@@ -43,6 +44,7 @@ __all__ = [
     "AlreadyExistsError",
     "RefConflictError",
     "DivergedError",
+    "LockLostError",
     "IntegrityError",
     "FormatVersionError",
     "CommitAbortedError",
@@ -130,6 +132,11 @@ class DivergedError(ConflictError):
     """A commit of a state restored from one snapshot would move a branch that is now
     elsewhere: ``Repository.reset`` the branch to that snapshot first (an explicit,
     logged move), or commit to another branch."""
+
+
+class LockLostError(ConflictError):
+    """The writer lock lapsed while held (its heartbeat stalled past the lease), so
+    the operation stopped before its next irreversible step."""
 
 
 class IntegrityError(QckptError):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from qckpt.backends._reflock import ref_lock
+from qckpt.backends._reflock import Lease, ref_lock
 from qckpt.errors import InvalidInputError
 
 _KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=-]*")
@@ -78,6 +78,10 @@ class Backend(ABC):
     uri: str
     #: What this backend offers (see ``Capabilities``).
     capabilities: Capabilities = Capabilities()
+    #: Lock refs (see ``lock``): renewed every ``lock_refresh_s``; one not renewed
+    #: for ``lock_stale_s`` is a crashed holder's, ignored and deleted.
+    lock_refresh_s: float = 5.0
+    lock_stale_s: float = 30.0
 
     @abstractmethod
     def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
@@ -127,16 +131,18 @@ class Backend(ABC):
         Raises ``RefConflictError`` (with the actual value) when the ref differs.
         """
 
-    def lock(self, *, exclusive: bool) -> AbstractContextManager[None]:
-        """Hold the repository-wide writer lock until the context exits.
+    def lock(self, *, exclusive: bool) -> AbstractContextManager[Lease]:
+        """Hold the repository-wide writer lock until the context exits; the
+        context's value is a ``Lease`` to ``check()`` before irreversible steps.
 
         Writers that add data (commits) hold it shared, garbage collection holds
         it exclusive, so GC never deletes an object a commit is about to
-        reference. Blocks until granted; a dead holder's lock does not block
-        forever. This default builds the lock from refs (see ``_reflock``);
-        backends with a native lock override it and say so in ``capabilities``.
+        reference. Blocks until granted; a dead holder's lock blocks others for
+        at most ``lock_stale_s``. This default builds the lock from refs (see
+        ``_reflock``); backends with a native lock override it and say so in
+        ``capabilities``.
         """
-        return ref_lock(self, exclusive=exclusive)
+        return ref_lock(self, exclusive=exclusive, refresh_s=self.lock_refresh_s, stale_s=self.lock_stale_s)
 
     def close(self) -> None:
         """Release resources. The backend must not be used afterwards."""

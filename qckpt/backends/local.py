@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from qckpt.backends._base import REFS_NAMESPACE, Backend, Capabilities, check_blob_key, check_key
+from qckpt.backends._reflock import Lease
 from qckpt.errors import (
     AlreadyExistsError,
     BackendError,
@@ -136,7 +137,7 @@ class LocalBackend(Backend):
         return self.root / _REFS / check_key(name)
 
     @contextmanager
-    def _flock(self, name: str, mode: int) -> Iterator[None]:
+    def _flock(self, name: str, mode: int) -> Iterator[Lease]:
         """flock(2) on a dot-file under the root: released on exit and when the process dies."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -145,11 +146,11 @@ class LocalBackend(Backend):
             raise BackendError(f"{self.uri}: cannot open lock file {name}: {e}") from e
         try:
             fcntl.flock(fd, mode)
-            yield
+            yield Lease()
         finally:
             os.close(fd)  # closing releases the flock
 
-    def lock(self, *, exclusive: bool) -> AbstractContextManager[None]:
+    def lock(self, *, exclusive: bool) -> AbstractContextManager[Lease]:
         return self._flock(".writers.lock", fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
 
     def read_ref(self, name: str) -> str | None:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from qckpt.backends._base import Backend, Capabilities, check_blob_key, check_key
+from qckpt.backends._reflock import Lease
 from qckpt.errors import AlreadyExistsError, ObjectNotFoundError, RefConflictError
 
 
@@ -84,7 +85,7 @@ class MemoryBackend(Backend):
                 self._refs[name] = new
 
     @contextmanager
-    def lock(self, *, exclusive: bool) -> Iterator[None]:
+    def lock(self, *, exclusive: bool) -> Iterator[Lease]:
         with self._writers:
             if exclusive:
                 self._writers.wait_for(lambda: not self._exclusive_held and self._shared_holders == 0)
@@ -93,7 +94,7 @@ class MemoryBackend(Backend):
                 self._writers.wait_for(lambda: not self._exclusive_held)
                 self._shared_holders += 1
         try:
-            yield
+            yield Lease()
         finally:
             with self._writers:
                 if exclusive:

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager
 from typing import TypeVar
 
 from qckpt.backends._base import Backend
-from qckpt.backends._reflock import ref_lock
+from qckpt.backends._reflock import Lease
 from qckpt.errors import AlreadyExistsError, ObjectNotFoundError, RefConflictError, TransientBackendError
 
 T = TypeVar("T")
@@ -112,8 +112,17 @@ class RetryingBackend(Backend):
 
         self._retry("swap_ref", attempt)
 
-    def lock(self, *, exclusive: bool) -> AbstractContextManager[None]:
-        return self.inner.lock(exclusive=exclusive) if self.capabilities.native_lock else ref_lock(self, exclusive=exclusive)
+    @property
+    def lock_refresh_s(self) -> float:  # type: ignore[override]
+        return self.inner.lock_refresh_s
+
+    @property
+    def lock_stale_s(self) -> float:  # type: ignore[override]
+        return self.inner.lock_stale_s
+
+    def lock(self, *, exclusive: bool) -> AbstractContextManager[Lease]:
+        # lock refs through this wrapper, so their requests are retried too
+        return self.inner.lock(exclusive=exclusive) if self.capabilities.native_lock else super().lock(exclusive=exclusive)
 
     def close(self) -> None:
         self.inner.close()

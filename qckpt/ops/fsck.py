@@ -100,7 +100,7 @@ def check_repository(store: Store, progress: Callable[[str, int, int], None] | N
 
     def damaged_root(chunk_id: bytes) -> bytes:
         """The damaged object an unreadable one is unreadable because of (itself if none)."""
-        location = store.index.get(chunk_id)
+        location = store.locate(chunk_id)
         broken = next((d for d in (location.deps if location else ()) if d in errors), None)
         return chunk_id if broken is None else damaged_root(broken)
 

@@ -162,7 +162,7 @@ def collect_garbage(
     """
     report = progress or (lambda stage, done, total: None)
     backend = store.backend
-    with backend.lock(exclusive=True):
+    with backend.lock(exclusive=True) as lease:
         store.sync_index()  # the index must reflect earlier collections before we judge liveness
         bytes_before = store.stored_bytes()
         snapshots = {i: store.snapshot(i) for i in store.snapshot_ids()}
@@ -233,11 +233,12 @@ def collect_garbage(
             return GcReport(len(keep), len(expired), len(dead_manifests), len(dead_packs), len(repacks),
                             len(dead_chunks), bytes_before, bytes_before - freed, True, expired_snaps)  # fmt: skip
 
+        lease.check()  # from here on objects are deleted: only under a lock others still honour
         generation = uuid.uuid4().hex  # tells other repositories' index caches to rebuild
         backend.swap_ref(GC_GENERATION_REF, store.index.generation(), generation)
         for n, (pack_id, live) in enumerate(repacks.items()):  # 1. repack
             report("repacking", n + 1, len(repacks))
-            # a reader that never rebuilds the index (that takes the writer lock, which GC holds)
+            # a reader of the index as GC keeps it, never of an earlier scan
             reader = ChunkReader(backend, store.index.get, store.pool)
             damaged = reader.read([c for c, _ in live], lambda chunk_id, raw: None)
             if damaged:  # never copy a damaged object forward
@@ -248,6 +249,7 @@ def collect_garbage(
                 obj = backend.get_range(pack_key(pack_id), location.offset, location.length)
                 builder.add(chunk_id, location.codec, obj, location.depth, location.deps)
             store.index.put_many(store.put_pack(builder))
+        lease.check()
         store.index.remove_many(dead_chunks)  # 2. forget dead chunks
         for name, target in store.tags().items():  # 3. tags of expired snapshots, then records
             if target not in keep:

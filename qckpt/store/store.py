@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qckpt.backends import Backend
+from qckpt.backends import Backend, Lease
 from qckpt.errors import (
     AlreadyExistsError,
     AmbiguousRevisionError,
@@ -145,7 +145,8 @@ class Store:
         self.workers = os.cpu_count() or 2  # encoding parallelism
         # reads mostly wait on storage (network for S3): more threads than cores
         self.pool = ThreadPoolExecutor(max_workers=max(16, self.workers), thread_name_prefix="qckpt")
-        self.reader = ChunkReader(backend, self.index.get, self.pool, refresh=self.rebuild_index)
+        self._seen: dict[bytes, ChunkLocation] = {}  # this process's own footer scan, see ``locate``
+        self.reader = ChunkReader(backend, self.locate, self.pool, refresh=self.rescan_packs)
         self._snapshots: dict[str, Snapshot] = {}
         self._rebuild_lock = threading.Lock()
         self._config_lock = threading.Lock()
@@ -180,10 +181,7 @@ class Store:
             config = RepositoryConfig(**doc)
         except TypeError as e:
             raise IntegrityError(f"repository config at {backend.uri} is damaged: {e}") from e
-        store = cls(backend, config, cache_dir)
-        if len(store.index) == 0 and backend.list(PACK_PREFIX):
-            store.rebuild_index()
-        return store
+        return cls(backend, config, cache_dir)
 
     def close(self) -> None:
         """Finish background reads, release the index and the backend."""
@@ -206,12 +204,12 @@ class Store:
         check_ref_name(branch)
         if on_conflict not in ("retry", "raise"):
             raise InvalidInputError(f"on_conflict must be 'retry' or 'raise', got {on_conflict!r}")
-        with self.backend.lock(exclusive=False):  # GC must not sweep what this transaction dedups against
+        with self.backend.lock(exclusive=False) as lease:  # GC must not sweep what this transaction dedups against
             self._upgrade_config()
             self.sync_index()
             head = self.read_ref(BRANCH_PREFIX + branch)
             snapshot_on = build(Transaction(self, branch, head))
-            return self._publish(branch, head, snapshot_on, cause, retry=on_conflict == "retry")
+            return self._publish(branch, head, snapshot_on, cause, lease, retry=on_conflict == "retry")
 
     def _upgrade_config(self) -> None:
         """Before the first write to a repository of an older format version, record
@@ -222,10 +220,13 @@ class Store:
                 self.backend.put(CONFIG_KEY, upgraded.to_bytes())
                 self.config = upgraded
 
-    def _publish(self, branch: str, head: str | None, snapshot_on: SnapshotFactory, cause: str, *, retry: bool) -> Snapshot:
+    def _publish(
+        self, branch: str, head: str | None, snapshot_on: SnapshotFactory, cause: str, lease: Lease, *, retry: bool
+    ) -> Snapshot:
         for _ in range(_MAX_PUBLISH_ATTEMPTS):
             snapshot = snapshot_on(head)
             self.backend.put(snapshot_key(snapshot.id), snapshot.to_bytes())
+            lease.check()  # a lapsed lock let GC in: what this snapshot dedups against may be gone
             try:
                 rewinds = head is not None and head not in snapshot.parents
                 self.change_ref(BRANCH_PREFIX + branch, head, snapshot.id, cause, rewinds=rewinds)
@@ -246,39 +247,60 @@ class Store:
 
     # -- the chunk index ----------------------------------------------------------------
     def sync_index(self) -> None:
-        """With the writer lock held: rebuild the index if a garbage collection (here or
-        on another machine) ran since it was last brought up to date, so no commit
-        dedups against a chunk that GC deleted."""
+        """With the writer lock held: rebuild the index if it is empty (a fresh cache)
+        or a garbage collection (here or on another machine) ran since it was last
+        brought up to date, so no commit dedups against a chunk that GC deleted.
+        Only writers holding the lock write the index."""
         generation = self.backend.read_ref(GC_GENERATION_REF)
-        if generation != self.index.generation():
+        if generation != self.index.generation() or len(self.index) == 0:
             self.index.clear()
             self.index_packs()
             self.index.set_generation(generation)
 
     def rebuild_index(self) -> int:
-        """Re-read every pack footer into the chunk index; returns the number of packs indexed.
-
-        A pack whose footer is damaged is skipped with a warning on the ``qckpt``
-        logger: its chunks then read as missing, naming the snapshot that needs them.
-        """
+        """Re-read every pack footer into the chunk index (under the writer lock);
+        returns the number of packs indexed."""
         with self.backend.lock(exclusive=False):
             return self.index_packs()
 
     def index_packs(self) -> int:
         """``rebuild_index`` for callers that hold the writer lock already."""
+        with self._rebuild_lock:
+            found = self._scan_footers()
+            for contents in found:
+                self.index.put_many(contents)
+        return len(found)
+
+    def rescan_packs(self) -> None:
+        """Without any lock: re-read every pack footer into this process's own map,
+        which ``locate`` consults before the shared index. Readers call it when a
+        chunk is not found where the index says (a fresh cache, a garbage collection
+        on another machine), so opening and reading never wait for the writer lock;
+        the shared index is left to writers, which sync it under the lock."""
+        seen: dict[bytes, ChunkLocation] = {}
+        for contents in self._scan_footers():
+            seen.update(contents)
+        self._seen = seen
+
+    def locate(self, chunk_id: bytes) -> ChunkLocation | None:
+        """Where ``chunk_id`` is stored: this process's latest footer scan, else the index."""
+        return self._seen.get(chunk_id) or self.index.get(chunk_id)
+
+    def _scan_footers(self) -> list[dict[bytes, ChunkLocation]]:
+        """Every readable pack footer. A pack whose footer is damaged is skipped with a
+        warning on the ``qckpt`` logger (its chunks then read as missing, naming the
+        snapshot that needs them); one deleted since the listing is skipped quietly."""
 
         def footer(pack_id: str) -> dict[bytes, ChunkLocation] | None:
             try:
                 return self.pack_contents(pack_id)
+            except ObjectNotFoundError:
+                return None
             except IntegrityError as e:
-                _log.warning("skipping damaged pack %s while rebuilding the index: %s", pack_id, e)
+                _log.warning("skipping damaged pack %s while reading pack footers: %s", pack_id, e)
                 return None
 
-        with self._rebuild_lock:
-            found = [f for f in self.pool.map(footer, self.pack_ids()) if f is not None]
-            for contents in found:
-                self.index.put_many(contents)
-        return len(found)
+        return [f for f in self.pool.map(footer, self.pack_ids()) if f is not None]
 
     def pack_ids(self) -> list[str]:
         return [pack_id_of(k) for k in self.backend.list(PACK_PREFIX)]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TypeVar
 
-from qckpt.backends import Backend
+from qckpt.backends import Backend, Lease
 from qckpt.errors import TransientBackendError
 
 T = TypeVar("T")
@@ -67,5 +67,5 @@ class FaultyBackend(Backend):
     def swap_ref(self, name, expected, new):  # type: ignore[no-untyped-def]
         return self._maybe("swap_ref", lambda: self.inner.swap_ref(name, expected, new))
 
-    def lock(self, *, exclusive: bool) -> AbstractContextManager[None]:
+    def lock(self, *, exclusive: bool) -> AbstractContextManager[Lease]:
         return self.inner.lock(exclusive=exclusive)
