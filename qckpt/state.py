@@ -7,8 +7,10 @@ them together with the step counter, user extras and the process RNG states
 Anything with ``state_dict()``/``load_state_dict()`` plugs in.
 
 Restoring validates the whole snapshot against the live objects first (keys,
-shapes and dtypes of modules; parameter groups of optimizers; RNG devices) and
-reports every problem at once, before anything is modified.
+shapes and dtypes of modules; class and parameter groups of optimizers; RNG
+devices; any component with a ``state_problems(state) -> list[str]`` method,
+like ``ResumableSampler``) and reports every problem at once, before anything
+is modified.
 """
 
 from __future__ import annotations
@@ -316,6 +318,8 @@ class TrainingState:
                     problems.append(f"{name}: the snapshot holds a {stored_class} state, the live optimizer is a {_class_name(component)}")
                 else:
                     problems += _optimizer_problems(name, component.state_dict(), comps[name])
+            elif callable(getattr(component, "state_problems", None)):  # a component that can judge a state itself
+                problems += [f"{name}: {p}" for p in component.state_problems(comps[name])]
         if self.rng:
             rng = stored.get("rng")
             if rng is None:
