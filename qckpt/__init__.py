@@ -46,6 +46,7 @@ from qckpt.format.records import CommitStats, RefLogEntry, Snapshot, TensorEntry
 from qckpt.ops.diff import TensorDiff
 from qckpt.ops.fsck import FsckProblem, FsckReport
 from qckpt.ops.gc import GcReport, RetentionPolicy
+from qckpt.ops.usage import BranchUsage
 from qckpt.ops.view import SnapshotView
 from qckpt.repository import Repository, RepositoryStats
 from qckpt.state import Lineage, Stateful, TrainingState
@@ -57,6 +58,7 @@ __all__ = [
     "AlreadyExistsError",
     "AmbiguousRevisionError",
     "Backend",
+    "BranchUsage",
     "BackendError",
     "CommitAbortedError",
     "CommitHandle",

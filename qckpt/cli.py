@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from qckpt import __version__
 from qckpt._progress import stage_progress
 from qckpt.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, QckptError
 from qckpt.format.records import Snapshot
+from qckpt.ops.file_export import FORMATS, format_for
 from qckpt.ops.gc import RetentionPolicy
 from qckpt.repository import Repository
 
@@ -73,18 +75,46 @@ def _summary(snap: Snapshot, names: dict[str, list[str]]) -> str:
 
 
 def _graph_lines(snaps: list[Snapshot], names: dict[str, list[str]]) -> list[str]:
-    """One line per snapshot, newest first, with a lane column per line of history."""
-    lanes: list[str] = []
+    """One line per snapshot, newest first, with a lane per line of history: a join
+    (several parents) opens a lane to the right of its own (``|\\``), and a lane whose
+    parent already waits in another lane (a fork point) folds into it (``|/``)."""
+    lanes: list[str] = []  # the snapshot each lane waits for
     lines = []
     for snap in snaps:
         col = lanes.index(snap.id) if snap.id in lanes else len(lanes)
         if col == len(lanes):
             lanes.append(snap.id)
         lines.append(" ".join("*" if i == col else "|" for i in range(len(lanes))) + "  " + _summary(snap, names))
-        parents = [p for p in snap.parents if p not in lanes or p == snap.id]
-        lanes[col : col + 1] = parents[:1] + [p for p in parents[1:] if p not in lanes]
-        lanes = list(dict.fromkeys(lanes))
+        first, *others = snap.parents or [None]
+        opened = [p for p in dict.fromkeys(others) if p not in lanes and p != first]
+        at = col + 1  # where lanes for further parents open
+        if first is not None and first not in lanes[:col] + lanes[col + 1 :]:
+            lanes[col] = first
+        else:  # a root ends its lane; a fork point's lane folds into the one that continues
+            into = lanes.index(first) if first is not None else None
+            width = len(lanes)
+            lanes.pop(col)
+            at = col
+            if into is not None:
+                lines.append(_row(width, col, [(2 * col - 1, "/")] if into < col else
+                                  [(2 * col, "|")], [(2 * k - 1, "/") for k in range(col + 1, width)]))  # fmt: skip
+        if opened:
+            lanes[at:at] = opened
+            width = len(lanes)
+            lines.append(_row(width, at, [(2 * at - 1 + 2 * i, "\\") for i in range(len(opened))],
+                              [(2 * k + 1, "\\") for k in range(at, width - len(opened))]))  # fmt: skip
     return lines
+
+
+def _row(width: int, straight: int, *marks: list[tuple[int, str]]) -> str:
+    """A connector line between two graph lines: ``|`` for the first ``straight``
+    lanes (they go on unchanged), then the ``(column, character)`` marks."""
+    cells = [" "] * (2 * width + 1)
+    for k in range(straight):
+        cells[2 * k] = "|"
+    for column, char in (m for group in marks for m in group):
+        cells[column] = char
+    return "".join(cells).rstrip()
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -109,11 +139,12 @@ def cmd_log(args: argparse.Namespace, repo: Repository) -> int:
 
 
 def cmd_show(args: argparse.Namespace, repo: Repository) -> int:
-    snap = repo.snapshot(args.revision)
-    manifest = repo.manifest(snap)
+    view = repo.load(args.revision)
+    snap, manifest, owner = view.snapshot, repo.manifest(view.snapshot), view.parameter_of()
     if args.json:
         _print_json({"snapshot": snap, "tensors": [{"path": t.path, "dtype": t.dtype, "shape": t.shape,
-                     "bytes": t.nbytes, "chunks": len(t.chunks)} for t in manifest.tensors]})  # fmt: skip
+                     "bytes": t.nbytes, "chunks": len(t.chunks), "parameter": owner.get(t.path)}
+                    for t in manifest.tensors]})  # fmt: skip
         return 0
     print(f"snapshot  {snap.id}\nmanifest  {snap.manifest}\nparents   {' '.join(snap.parents) or '-'}")
     print(f"step      {snap.step}\ntime      {_when(snap.time)}\nmessage   {snap.message}")
@@ -124,7 +155,8 @@ def cmd_show(args: argparse.Namespace, repo: Repository) -> int:
         print(f"notes     {json.dumps(snap.annotations)}")
     print(f"\n{len(manifest.tensors)} tensors:")
     for t in manifest.tensors:
-        print(f"  {t.path:60s} {t.dtype:10s} {str(list(t.shape)):18s} {_size(t.nbytes)}")
+        of = f"  of {owner[t.path]}" if t.path in owner else ""
+        print(f"  {t.path:60s} {t.dtype:10s} {str(list(t.shape)):18s} {_size(t.nbytes):>10s}{of}")
     return 0
 
 
@@ -174,28 +206,18 @@ def cmd_diff(args: argparse.Namespace, repo: Repository) -> int:
 
 def cmd_du(args: argparse.Namespace, repo: Repository) -> int:
     stats = repo.stats()
-    rows = {}
-    for name in sorted(repo.branches()):
-        history = repo.log(name)
-        raw = sum(s.stats.raw_bytes for s in history)
-        new_raw = sum(s.stats.new_raw_bytes for s in history)
-        written = sum(s.stats.new_stored_bytes for s in history)
-        rows[name] = {"snapshots": len(history), "raw_bytes": raw, "written_bytes": written,
-                      "dedup_ratio": raw / new_raw if new_raw else None,
-                      "compression_ratio": raw / written if written else None}  # fmt: skip
+    usage = dict(sorted(repo.usage().items()))
     if args.json:
         _print_json({"repository": {**asdict(stats), "dedup_ratio": stats.dedup_ratio,
-                                    "compression_ratio": stats.compression_ratio}, "branches": rows})  # fmt: skip
+                                    "compression_ratio": stats.compression_ratio}, "branches": usage})  # fmt: skip
         return 0
     print(f"repository: {stats.snapshots} snapshots, {stats.packs} packs, raw {_size(stats.raw_bytes)}, "
           f"stored {_size(stats.stored_bytes)} (dedup {stats.dedup_ratio:.2f}x, overall {stats.compression_ratio:.2f}x)")  # fmt: skip
-    print(f"\n{'branch':24s} {'snapshots':>9s} {'raw':>12s} {'written':>12s} {'dedup':>7s} {'overall':>8s}")
-    for name, r in rows.items():
-        dedup = f"{r['dedup_ratio']:.2f}x" if r["dedup_ratio"] else "-"
-        overall = f"{r['compression_ratio']:.2f}x" if r["compression_ratio"] else "-"
-        print(f"{name:24s} {r['snapshots']:9d} {_size(r['raw_bytes']):>12s} {_size(r['written_bytes']):>12s} "
-              f"{dedup:>7s} {overall:>8s}")  # fmt: skip
-    print("\n'written' counts bytes stored by the commits in a branch's history (shared history counts for each).")
+    print(f"\n{'branch':24s} {'snapshots':>9s} {'raw':>12s} {'exclusive':>12s} {'objects':>8s}")
+    for name, u in usage.items():
+        print(f"{name:24s} {u.snapshots:9d} {_size(u.raw_bytes):>12s} {_size(u.exclusive_bytes):>12s} {u.exclusive_objects:8d}")
+    print("\n'exclusive': stored objects no other branch or tag needs, i.e. what deleting the branch frees\n"
+          "(GC frees it once the ref log's grace period has passed; see qckpt gc --reflog-grace).")
     return 0
 
 
@@ -253,11 +275,18 @@ def cmd_gc(args: argparse.Namespace, repo: Repository) -> int:
     if args.json:
         _print_json(report)
         return 0
-    verb = "would delete" if report.dry_run else "deleted"
-    print(f"kept {report.snapshots_kept} snapshots; {verb} {report.snapshots_deleted} snapshots, "
-          f"{report.manifests_deleted} manifests, {report.packs_deleted} packs, {report.chunks_deleted} chunks; "
-          f"repacked {report.packs_repacked} packs")  # fmt: skip
-    print(f"size {_size(report.bytes_before)} -> {_size(report.bytes_after)}")
+    freed = report.bytes_before - report.bytes_after
+    if report.dry_run:
+        print(f"would keep {report.snapshots_kept} snapshots and delete {report.snapshots_deleted} snapshots, "
+              f"{report.manifests_deleted} manifests, {report.chunks_deleted} chunks and {report.packs_deleted} packs, "
+              f"and would repack {report.packs_repacked} packs")  # fmt: skip
+        print(f"size would go from {_size(report.bytes_before)} to {_size(report.bytes_after)} "
+              f"(would free {_size(freed)}); nothing was deleted (dry run)")  # fmt: skip
+    else:
+        print(f"kept {report.snapshots_kept} snapshots; deleted {report.snapshots_deleted} snapshots, "
+              f"{report.manifests_deleted} manifests, {report.chunks_deleted} chunks and {report.packs_deleted} packs; "
+              f"repacked {report.packs_repacked} packs")  # fmt: skip
+        print(f"size {_size(report.bytes_before)} -> {_size(report.bytes_after)} (freed {_size(freed)})")
     return 0
 
 
@@ -295,8 +324,9 @@ def cmd_fsck(args: argparse.Namespace, repo: Repository) -> int:
 
 
 def cmd_export(args: argparse.Namespace, repo: Repository) -> int:
-    count = repo.export_zarr(args.revision, args.dest, progress=stage_progress())
-    print(f"exported {count} arrays of {args.revision} to {args.dest} (zarr v3)")
+    count = repo.export(args.revision, args.dest, args.format, progress=stage_progress())
+    kind = {"zarr": "a zarr v3 directory", "torch": "a torch.save file", "safetensors": "a safetensors file"}
+    print(f"exported {count} tensors of {args.revision} to {args.dest} ({kind[format_for(Path(args.dest), args.format)]})")
     return 0
 
 
@@ -356,9 +386,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
     p.add_argument("--yes", action="store_true", help=f"do not ask before expiring more than {CONFIRM_SHARE:.0%} of the snapshots")
     command("fsck", cmd_fsck, "verify every reachable object; exit 1 if anything is damaged")
-    p = command("export", cmd_export, "write a snapshot to a zarr v3 directory")
+    p = command("export", cmd_export, "write a snapshot to a zarr v3 directory, a torch.save file or a safetensors file")
     p.add_argument("revision")
-    p.add_argument("dest")
+    p.add_argument("dest", help="where (must not exist); .pt/.pth: torch.save, .safetensors: safetensors, else zarr")
+    p.add_argument("--format", choices=FORMATS, help="override what DEST's suffix says")
     for name in ("log", "show", "branch", "tag", "diff", "du", "gc", "fsck", "reflog"):
         sub.choices[name].add_argument("--json", action="store_true", help="machine-readable output")
     return parser

@@ -38,10 +38,12 @@ from qckpt.errors import AlreadyExistsError, DivergedError, InvalidInputError, R
 from qckpt.format.records import LOSSY_ANNOTATION, Manifest, RefLogEntry, Snapshot
 from qckpt.format.tree import decode_tree, encode_tree
 from qckpt.ops.diff import TensorDiff, diff_snapshots
+from qckpt.ops.file_export import export_file, format_for
 from qckpt.ops.fsck import FsckReport, check_repository
 from qckpt.ops.gc import GcReport, RetentionPolicy, collect_garbage
 from qckpt.ops.join import average, pick_best
 from qckpt.ops.log import history
+from qckpt.ops.usage import BranchUsage, branch_usage
 from qckpt.ops.view import SnapshotView
 from qckpt.ops.zarr_export import export_zarr
 from qckpt.ops.zarr_store import SnapshotStore
@@ -537,6 +539,13 @@ class Repository:
             stored_bytes=self._store.stored_bytes(),
         )
 
+    def usage(self) -> dict[str, BranchUsage]:
+        """Per branch: its history's snapshots and raw bytes, and the stored bytes no
+        other branch or tag needs (what deleting it frees, once the ref log's grace
+        has passed and GC runs)."""
+        self._writer.flush()
+        return branch_usage(self._store)
+
     def rebuild_index(self) -> int:
         """Re-read every pack footer into the chunk index; returns the number of packs indexed.
 
@@ -614,6 +623,24 @@ class Repository:
     ) -> int:
         """Write a snapshot to a new zarr v3 directory readable without qckpt; returns the array count."""
         return export_zarr(self._store, self.snapshot(revision), Path(dest), progress)
+
+    def export(
+        self,
+        revision: str,
+        dest: str | os.PathLike[str],
+        format: str | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> int:
+        """Write a snapshot to ``dest`` (which must not exist) as ``format``: ``"zarr"``
+        (a directory, see ``export_zarr``), ``"torch"`` (one ``torch.save`` file of the
+        whole committed tree) or ``"safetensors"`` (every tensor by state path).
+        Without ``format``, ``dest``'s suffix decides (``.pt``/``.pth``,
+        ``.safetensors``; otherwise zarr). Returns the number of tensors."""
+        path = Path(dest)
+        fmt = format_for(path, format)
+        if fmt == "zarr":
+            return self.export_zarr(revision, path, progress)
+        return export_file(self.load(revision), path, fmt, progress)
 
     def zarr_store(self, revision: str) -> SnapshotStore:
         """The snapshot at ``revision`` as a read-only zarr v3 store (``zarr.open_group(store,

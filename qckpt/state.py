@@ -274,6 +274,8 @@ class TrainingState:
             "rng": capture_rng() if self.rng else None,
             "extras": self.extras,
             "classes": {name: _class_name(c) for name, c in self.components.items()},
+            # which parameter each optimizer's state entries belong to, by tree path (for people reading snapshots)
+            "parameters": {layout.component: list(layout.param_paths) for layout in self.optimizer_layouts()},
         }
 
     def optimizer_layouts(self) -> list[OptimizerLayout]:

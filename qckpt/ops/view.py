@@ -12,7 +12,7 @@ import torch
 from qckpt.errors import InvalidInputError
 from qckpt.format.records import Manifest, Snapshot, TensorEntry
 from qckpt.format.tensors import numpy_dtype, torch_dtype
-from qckpt.format.tree import decode_tree
+from qckpt.format.tree import decode_tree, join_path
 
 Reader = Callable[[Snapshot, list[TensorEntry]], list[torch.Tensor | np.ndarray]]
 ByteReader = Callable[[Snapshot, TensorEntry, int, int], np.ndarray]
@@ -77,6 +77,19 @@ class SnapshotView(Mapping[str, "torch.Tensor | np.ndarray"]):
         """The full committed tree with every tensor read."""
         values = self._read(self.snapshot, list(self._manifest.tensors))
         return decode_tree(self._manifest.tree, values.__getitem__)
+
+    def parameter_of(self) -> dict[str, str]:
+        """Optimizer state tensor path -> the tree path of the parameter it belongs to
+        (``components/optimizer/state/3/exp_avg`` -> ``components/model/fc.weight``),
+        as recorded by ``TrainingState`` commits; reads no tensor."""
+        tree = decode_tree(self._manifest.tree, lambda i: None)
+        recorded = tree.get("parameters") if isinstance(tree, dict) else None
+        owners: dict[str, str] = {}
+        for optimizer, paths in (recorded or {}).items():
+            base = join_path(join_path("components", optimizer), "state")
+            owners.update((join_path(base, i), p) for i, p in enumerate(paths) if p is not None)
+        return {e.path: owners[e.path.rsplit("/", 1)[0]] for e in self._manifest.tensors
+                if e.path.rsplit("/", 1)[0] in owners}  # fmt: skip
 
     def __repr__(self) -> str:
         return f"<SnapshotView {self.snapshot.short_id} step={self.snapshot.step} tensors={len(self)}>"

@@ -56,15 +56,16 @@ class ChunkReader:
         self._refresh = refresh
         self._pool = pool
 
-    def _locator(self) -> Callable[[bytes], ChunkLocation | None]:
-        """An index lookup that refreshes the index on the first miss, once."""
+    def _locator(self) -> Callable[[bytes, ChunkLocation | None], ChunkLocation | None]:
+        """An index lookup that refreshes the index, once, on the first chunk that is
+        unknown or known only at ``not_at`` (where it turned out not to be)."""
         lock = threading.Lock()
         refreshed = self._refresh is None
 
-        def locate(chunk_id: bytes) -> ChunkLocation | None:
+        def locate(chunk_id: bytes, not_at: ChunkLocation | None = None) -> ChunkLocation | None:
             nonlocal refreshed
             location = self._index_get(chunk_id)
-            if location is None and not refreshed:
+            if (location is None or location == not_at) and not refreshed:
                 with lock:
                     if not refreshed and self._refresh is not None:
                         self._refresh()
@@ -87,7 +88,7 @@ class ChunkReader:
             chunk_id = stack.pop()
             if chunk_id in locations or chunk_id in errors:
                 continue
-            location = locate(chunk_id)
+            location = locate(chunk_id, None)
             if location is None:
                 errors[chunk_id] = IntegrityError(f"object {chunk_id.hex()} is missing (in no pack)")
                 continue
@@ -147,7 +148,7 @@ class ChunkReader:
         batch: list[list[bytes]],
         locations: dict[bytes, ChunkLocation],
         errors: dict[bytes, IntegrityError],
-        locate: Callable[[bytes], ChunkLocation | None],
+        locate: Callable[[bytes, ChunkLocation | None], ChunkLocation | None],
     ) -> dict[bytes, memoryview]:
         """The encoded objects of ``batch``; coalesced ranged reads in parallel."""
         by_pack: dict[str, list[tuple[bytes, ChunkLocation]]] = {}
@@ -157,7 +158,7 @@ class ChunkReader:
         data: dict[bytes, memoryview] = {}
 
         def read_one(chunk_id: bytes, location: ChunkLocation) -> None:
-            moved = locate(chunk_id)  # garbage collection may have repacked it meanwhile
+            moved = locate(chunk_id, location)  # garbage collection may have repacked it meanwhile
             if moved is None or moved == location:
                 errors[chunk_id] = IntegrityError(f"{describe(chunk_id, location)}: pack is missing")
                 return

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qckpt
+from bench.compare import differences
 from qckpt.cli import main
 
 
@@ -93,7 +94,7 @@ def test_history_commands(populated: Path, capsys: pytest.CaptureFixture[str]) -
     code, out = _cli(capsys, populated, "log", "alt")
     assert code == 0 and out.splitlines()[0].endswith("(alt) step 2 [lossy: 10 mantissa bits] loss=0.5")
     code, out = _cli(capsys, populated, "log", "--graph")
-    assert code == 0 and len(out.splitlines()) == 5 and out.splitlines()[0].startswith("*") and "| *" in out
+    assert code == 0 and [line.split("  ")[0] for line in out.splitlines()] == ["*", "| *", "| *", "|/", "*", "*"]
     code, out = _cli(capsys, populated, "log", "--json", "-n", "2")
     assert [s["step"] for s in json.loads(out)] == [3, 2]
     code, out = _cli(capsys, populated, "show", "alt", "--json")
@@ -101,6 +102,38 @@ def test_history_commands(populated: Path, capsys: pytest.CaptureFixture[str]) -
     assert shown["snapshot"]["metrics"] == {"loss": 0.5} and {t["path"] for t in shown["tensors"]} == {"w", "b"}
     code, out = _cli(capsys, populated, "show", "main@1")
     assert code == 0 and "step      1" in out and "2 tensors:" in out
+
+
+def test_show_names_optimizer_state_by_parameter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    with qckpt.Repository.init(tmp_path / "repo") as repo:
+        repo.commit(qckpt.TrainingState(model=model, optimizer=opt), step=1)
+    code, out = _cli(capsys, tmp_path / "repo", "show", "main")
+    line = next(x for x in out.splitlines() if "components/optimizer/state/2/exp_avg_sq" in x)
+    assert code == 0 and line.endswith("of components/model/2.weight")
+    code, out = _cli(capsys, tmp_path / "repo", "show", "main", "--json")
+    owners = {t["path"]: t["parameter"] for t in json.loads(out)["tensors"]}
+    assert owners["components/optimizer/state/1/exp_avg"] == "components/model/0.bias"
+    assert owners["components/model/0.bias"] is None
+
+
+def test_graph_draws_forks_and_joins(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with qckpt.Repository.init(tmp_path / "repo") as repo:
+        for i in range(3):
+            repo.commit({"w": torch.full((3,), float(i))}, step=i)
+        for name, losses in (("lower-lr", (1.0, 0.5)), ("skip", (3.0,))):
+            repo.create_branch(name, at="main@1")
+            for n, loss in enumerate(losses):
+                repo.commit({"w": torch.full((3,), 10.0 * len(name) + n)}, branch=name, step=2 + n, metrics={"loss": loss})
+        repo.commit({"w": torch.full((3,), 4.0)}, step=3)
+        repo.join("main", ["lower-lr", "skip"], metric="loss")
+    code, out = _cli(capsys, tmp_path / "repo", "log", "--graph")
+    graph = [line.split("  ")[0] for line in out.splitlines()]
+    assert code == 0 and graph == ["*", "|\\ \\", "* | |", "| | *", "| * |", "| * |", "| |/", "* |", "|/", "*", "*"], out
+    assert "join main: picked lower-lr" in out.splitlines()[0]
 
 
 def test_ref_commands(populated: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -127,10 +160,45 @@ def test_diff_du_gc_export(populated: Path, capsys: pytest.CaptureFixture[str], 
     assert du["repository"]["snapshots"] == 5 and du["branches"]["alt"]["snapshots"] == 3
     code, out = _cli(capsys, populated, "gc", "--keep-last", "1", "--dry-run", "--json")
     assert json.loads(out)["snapshots_deleted"] == 3 and json.loads(out)["dry_run"] is True
+    code, out = _cli(capsys, populated, "gc", "--keep-last", "1", "--dry-run")
+    assert code == 0 and "would keep 2 snapshots and delete 3 snapshots" in out and "nothing was deleted" in out
     code, out = _cli(capsys, populated, "gc", "--keep-best", "loss:1:max")
-    assert code == 0 and "deleted 2 snapshots" in out  # kept: both heads and step 0 (loss 4)
+    assert code == 0 and "deleted 2 snapshots" in out and "freed" in out  # kept: both heads and step 0 (loss 4)
     code, out = _cli(capsys, populated, "export", "main", str(tmp_path / "x.zarr"))
     assert code == 0 and (tmp_path / "x.zarr" / "zarr.json").exists()
+
+
+def test_export_to_torch_and_safetensors(populated: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    with qckpt.Repository.open(populated) as repo:
+        expected = repo.load("alt").tree()
+    code, out = _cli(capsys, populated, "export", "alt", str(tmp_path / "alt.pt"))
+    assert code == 0 and "a torch.save file" in out
+    assert differences(torch.load(tmp_path / "alt.pt", weights_only=True), expected) == []
+    code, out = _cli(capsys, populated, "export", "alt", str(tmp_path / "alt.bin"), "--format", "safetensors")
+    assert code == 0 and "a safetensors file" in out
+    assert differences(dict(sorted(load_file(tmp_path / "alt.bin").items())), dict(sorted(expected.items()))) == []
+    code, _ = _cli(capsys, populated, "export", "alt", str(tmp_path / "alt.pt"))
+    assert code == 4  # exists already: nothing overwritten
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_du_counts_what_only_each_branch_holds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with qckpt.Repository.init(tmp_path / "repo") as repo:
+        repo.commit({"shared": torch.arange(4096.0)}, step=0)
+        repo.create_branch("side", at="main")
+        repo.commit({"shared": torch.arange(4096.0), "own": torch.ones(8192)}, branch="side", step=1)
+        usage = repo.usage()
+        before = repo.stats().stored_bytes
+        assert usage["main"].exclusive_bytes == 0  # its history is side's history too
+        assert usage["side"].exclusive_objects == 1 and usage["side"].exclusive_bytes > 0
+        repo.delete_branch("side")
+        repo.gc(qckpt.RetentionPolicy(reflog_grace=0))
+        freed = before - repo.stats().stored_bytes
+        assert freed >= usage["side"].exclusive_bytes  # plus its snapshot record and manifest
+    code, out = _cli(capsys, tmp_path / "repo", "du")
+    assert code == 0 and "exclusive" in out and "what deleting the branch frees" in out
 
 
 def test_reset_reflog_and_branch_restore(populated: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -52,7 +52,7 @@ def test_golden_repository_reads_and_accepts_commits(version: str, tmp_path: Pat
                 assert snap.lossy is not None and snap.lossy["mantissa_bits"] == LOSSY.mantissa_bits, revision
                 assert _equal(repo.load(snap.id).tree(), _rounded(lossy_state(step), LOSSY)), step
             weights = repo.load("explore").entry("weights").chunks
-            assert any(repo._store.index.get(c).deps for c in weights)  # type: ignore[union-attr]
+            assert any(repo._store.locate(c).deps for c in weights)  # type: ignore[union-attr]
         repo.commit(golden_state(4), step=4)  # a new commit on top of old-format history
         assert _equal(repo.load("main").tree(), golden_state(4))
         assert repo.gc(qckpt.RetentionPolicy(keep_last=2, keep_tagged=False)).snapshots_deleted > 0
