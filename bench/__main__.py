@@ -1,10 +1,10 @@
-"""``python -m bench {demo,train,fork,s3,storage,save_restore}``: the demo, the reference workload runner and benchmarks."""
+"""``python -m bench {demo,train,fork,s3,storage,corruption,save_restore}``: the demo, the reference workload runner and benchmarks."""
 
 from __future__ import annotations
 
 import argparse
 
-from bench import demo, fork, s3, save_restore, storage, train
+from bench import corruption, demo, fork, s3, save_restore, storage, train
 
 
 def main() -> None:
@@ -15,9 +15,11 @@ def main() -> None:
     fork.add_arguments(commands.add_parser("fork", help="benchmark: fork latency and bytes, GC space recovery"))
     s3.add_arguments(commands.add_parser("s3", help="benchmark: commits to S3 vs local vs torch.save + upload"))
     storage.add_arguments(commands.add_parser("storage", help="benchmark: bytes and save/restore time vs torch.save, safetensors, dcp"))
+    corruption.add_arguments(commands.add_parser("corruption", help="damage one file at a time: no silent wrong restore, no loss after GC"))
     save_restore.add_arguments(commands.add_parser("save_restore", help="benchmark: training stall, throughput, restore paths"))
     args = parser.parse_args()
-    {"demo": demo.run, "train": train.run, "fork": fork.run, "s3": s3.run, "storage": storage.run, "save_restore": save_restore.run}[args.command](args)
+    {"demo": demo.run, "train": train.run, "fork": fork.run, "s3": s3.run, "storage": storage.run, "corruption": corruption.run,
+     "save_restore": save_restore.run}[args.command](args)
 
 
 if __name__ == "__main__":

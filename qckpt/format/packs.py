@@ -108,13 +108,17 @@ def footer_span(pack_id: str, trailer: bytes, pack_size: int) -> FooterSpan:
 
 
 def read_pack_footer(pack_id: str, footer: bytes, span: FooterSpan) -> dict[bytes, ChunkLocation]:
-    """Parse the footer bytes located by ``footer_span``."""
+    """Parse the footer bytes located by ``footer_span``. Objects are laid out back to
+    back from offset 0 to the footer, in footer order, each id once: a footer that
+    says otherwise is damaged (``IntegrityError``)."""
     if len(footer) != span.length:
         raise IntegrityError(f"pack {pack_id} has a damaged footer")
     if span.version == 1:
-        entries = (_V1_ENTRY.unpack_from(footer, i) for i in range(0, len(footer), _V1_ENTRY.size))
-        return {cid: ChunkLocation(pack_id, off, n, codec) for cid, off, n, codec in entries}
+        entries = [_V1_ENTRY.unpack_from(footer, i) for i in range(0, len(footer), _V1_ENTRY.size)]
+        return _laid_out(pack_id, span, [ChunkLocation(pack_id, off, n, codec) for _, off, n, codec in entries],
+                         [entry[0] for entry in entries])  # fmt: skip
     locations: dict[bytes, ChunkLocation] = {}
+    ids: list[bytes] = []
     position = 0
     for _ in range(span.count):
         if position + _ENTRY.size > len(footer):
@@ -126,6 +130,19 @@ def read_pack_footer(pack_id: str, footer: bytes, span: FooterSpan) -> dict[byte
         if position > len(footer) or depth == 0 or (depth == 1) != (count == 0):
             raise IntegrityError(f"pack {pack_id} has a damaged footer")
         locations[cid] = ChunkLocation(pack_id, off, n, codec, depth, deps)
+        ids.append(cid)
     if position != len(footer):
         raise IntegrityError(f"pack {pack_id} has a damaged footer")
-    return locations
+    return _laid_out(pack_id, span, list(locations.values()), ids)
+
+
+def _laid_out(pack_id: str, span: FooterSpan, locations: list[ChunkLocation], ids: list[bytes]) -> dict[bytes, ChunkLocation]:
+    """``ids`` -> ``locations`` after checking they tile the pack's body exactly."""
+    end = 0
+    for location in locations:
+        if location.offset != end:
+            raise IntegrityError(f"pack {pack_id} has a damaged footer: an object's place does not follow its predecessor's")
+        end += location.length
+    if end != span.offset or len(set(ids)) != len(ids) or len(ids) != len(locations):
+        raise IntegrityError(f"pack {pack_id} has a damaged footer: its objects do not fill the pack exactly once")
+    return dict(zip(ids, locations))

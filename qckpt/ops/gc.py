@@ -147,6 +147,16 @@ class GcReport:
     expired: tuple[Snapshot, ...] = ()  # the snapshots deleted (or that would be), newest first
 
 
+def _footer_for_gc(store: Store) -> Callable[[str], dict[bytes, ChunkLocation]]:
+    def footer(pack_id: str) -> dict[bytes, ChunkLocation]:
+        try:
+            return store.pack_contents(pack_id)
+        except IntegrityError as e:  # liveness cannot be judged without every footer
+            raise IntegrityError(f"garbage collection stopped before deleting anything: {e}; run fsck") from e
+
+    return footer
+
+
 def collect_garbage(
     store: Store,
     policy: RetentionPolicy,
@@ -178,7 +188,7 @@ def collect_garbage(
         pack_ids = store.pack_ids()
         footers: dict[str, dict[bytes, ChunkLocation]] = {}
         canonical_of: dict[bytes, ChunkLocation] = {}
-        for n, (pack_id, contents) in enumerate(zip(pack_ids, store.pool.map(store.pack_contents, pack_ids))):
+        for n, (pack_id, contents) in enumerate(zip(pack_ids, store.pool.map(_footer_for_gc(store), pack_ids))):
             report("scanning packs", n + 1, len(pack_ids))
             footers[pack_id] = contents
             for chunk_id, location in contents.items():
@@ -196,6 +206,14 @@ def collect_garbage(
                             store.index.put_many({chunk_id: location})
                         canonical = location
                     canonical_of[chunk_id] = canonical
+        for chunk_id in live_chunks:
+            indexed = store.index.get(chunk_id) if chunk_id not in canonical_of else None
+            if indexed is not None:  # a live object the footers do not list: one of them is damaged
+                raise IntegrityError(
+                    f"garbage collection stopped before deleting anything: object {chunk_id.hex()} is needed by a "
+                    f"kept snapshot and the chunk index places it in pack {indexed.pack_id}, but no pack footer "
+                    "lists it; run fsck"
+                )
         stack = list(live_chunks)
         while stack:  # what live chunks are predicted from is live too
             location = canonical_of.get(stack.pop())

@@ -53,6 +53,10 @@ class ChunkIndex(ABC):
         """Forget everything (before a rebuild from the packs)."""
 
     @abstractmethod
+    def entries_in(self, pack_ids: Iterable[str]) -> dict[bytes, ChunkLocation]:
+        """Every entry that places a chunk in one of ``pack_ids`` (reads the whole index)."""
+
+    @abstractmethod
     def generation(self) -> str | None:
         """The garbage-collection generation this index reflects (None: unknown)."""
 
@@ -95,6 +99,11 @@ class MemoryIndex(ChunkIndex):
     def clear(self) -> None:
         with self._lock:
             self._map.clear()
+
+    def entries_in(self, pack_ids: Iterable[str]) -> dict[bytes, ChunkLocation]:
+        wanted = set(pack_ids)
+        with self._lock:
+            return {c: loc for c, loc in self._map.items() if loc.pack_id in wanted}
 
     def generation(self) -> str | None:
         return self._generation
@@ -229,6 +238,12 @@ class LmdbIndex(ChunkIndex):
 
     def clear(self) -> None:
         self._write(lambda txn: txn.drop(self.env.open_db(), delete=False))
+
+    def entries_in(self, pack_ids: Iterable[str]) -> dict[bytes, ChunkLocation]:
+        wanted = set(pack_ids)
+        with self.env.begin() as txn:
+            entries = ((bytes(k), _decode(v)) for k, v in txn.cursor() if k != _GENERATION_KEY)
+            return {c: loc for c, loc in entries if loc.pack_id in wanted}
 
     def generation(self) -> str | None:
         with self.env.begin() as txn:

@@ -253,8 +253,7 @@ class Store:
         Only writers holding the lock write the index."""
         generation = self.backend.read_ref(GC_GENERATION_REF)
         if generation != self.index.generation() or len(self.index) == 0:
-            self.index.clear()
-            self.index_packs()
+            self.index_packs(fresh=True)
             self.index.set_generation(generation)
 
     def rebuild_index(self) -> int:
@@ -263,10 +262,17 @@ class Store:
         with self.backend.lock(exclusive=False):
             return self.index_packs()
 
-    def index_packs(self) -> int:
-        """``rebuild_index`` for callers that hold the writer lock already."""
+    def index_packs(self, *, fresh: bool = False) -> int:
+        """``rebuild_index`` for callers that hold the writer lock already; ``fresh``
+        first forgets every entry, except those in packs whose footer cannot be read
+        now (what the index knew of them may still be right: reads verify it, and no
+        garbage collection completes while a footer is damaged)."""
         with self._rebuild_lock:
-            found = self._scan_footers()
+            found, damaged = self._scan_footers()
+            if fresh:
+                kept = self.index.entries_in(damaged) if damaged else {}
+                self.index.clear()
+                self.index.put_many(kept)
             for contents in found:
                 self.index.put_many(contents)
         return len(found)
@@ -278,7 +284,7 @@ class Store:
         on another machine), so opening and reading never wait for the writer lock;
         the shared index is left to writers, which sync it under the lock."""
         seen: dict[bytes, ChunkLocation] = {}
-        for contents in self._scan_footers():
+        for contents in self._scan_footers()[0]:
             seen.update(contents)
         self._seen = seen
 
@@ -286,10 +292,12 @@ class Store:
         """Where ``chunk_id`` is stored: this process's latest footer scan, else the index."""
         return self._seen.get(chunk_id) or self.index.get(chunk_id)
 
-    def _scan_footers(self) -> list[dict[bytes, ChunkLocation]]:
-        """Every readable pack footer. A pack whose footer is damaged is skipped with a
-        warning on the ``qckpt`` logger (its chunks then read as missing, naming the
-        snapshot that needs them); one deleted since the listing is skipped quietly."""
+    def _scan_footers(self) -> tuple[list[dict[bytes, ChunkLocation]], list[str]]:
+        """Every readable pack footer, and the ids of packs whose footer is damaged
+        (skipped with a warning on the ``qckpt`` logger: their chunks may then read as
+        missing, naming the snapshot that needs them). A pack deleted since the
+        listing is skipped quietly."""
+        damaged: list[str] = []
 
         def footer(pack_id: str) -> dict[bytes, ChunkLocation] | None:
             try:
@@ -298,9 +306,11 @@ class Store:
                 return None
             except IntegrityError as e:
                 _log.warning("skipping damaged pack %s while reading pack footers: %s", pack_id, e)
+                damaged.append(pack_id)
                 return None
 
-        return [f for f in self.pool.map(footer, self.pack_ids()) if f is not None]
+        found = [f for f in self.pool.map(footer, self.pack_ids()) if f is not None]
+        return found, damaged
 
     def pack_ids(self) -> list[str]:
         return [pack_id_of(k) for k in self.backend.list(PACK_PREFIX)]

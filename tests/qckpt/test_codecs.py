@@ -223,9 +223,9 @@ def test_gc_keeps_what_kept_snapshots_depend_on(repo: qckpt.Repository) -> None:
     repo.gc(qckpt.RetentionPolicy(keep_last=1))
     assert [s.step for s in repo.log()] == [5]
     assert torch.equal(repo.load("main")["w"], weights) and repo.fsck().ok
-    repo._store.index.clear()  # forget every location: reads must rebuild the index from the footers
+    repo._store.index.clear()  # forget every location: reads must find them again in the footers
     assert torch.equal(repo.load("main")["w"], weights)
-    assert [repo._store.index.get(c).depth for c in latest] == depths  # type: ignore[union-attr]
+    assert [repo._store.locate(c).depth for c in latest] == depths  # type: ignore[union-attr]
 
 
 def test_restore_makes_the_next_commit_a_delta(tmp_path: Path) -> None:

@@ -169,3 +169,25 @@ def test_gc_never_trusts_a_damaged_footer_over_the_index(tmp_path: Path) -> None
         with pytest.raises(qckpt.IntegrityError):
             repo.gc(qckpt.RetentionPolicy(keep_last=1))
         assert pack.exists() and torch.equal(repo.load(head.id)["w"], torch.arange(640.0))
+
+
+def test_gc_refuses_when_a_footer_no_longer_lists_a_live_object(tmp_path: Path) -> None:
+    """One flipped bit in a footer entry's chunk id: the footer still parses, the object it
+    named looks unlisted and its renamed twin dead. GC used to repack the pack without
+    the live object and delete the only copy; it must refuse instead."""
+    path = tmp_path / "repo"
+    with qckpt.Repository.init(path) as repo:
+        repo.commit({"a": torch.arange(65536.0), "b": -torch.arange(65536.0)}, step=1)  # one pack, two objects
+        head = repo.snapshot("main")
+    (pack,) = (path / "packs").iterdir()
+    data = bytearray(pack.read_bytes())
+    _, footer_offset, _ = struct.unpack("<IQ8s", data[-20:])
+    data[footer_offset + 3] ^= 0x01  # entry 0's chunk id
+    pack.write_bytes(bytes(data))
+    with qckpt.Repository.open(path) as repo:  # the index, built before the damage, names the real ids
+        assert not repo.fsck().ok
+        with pytest.raises(qckpt.IntegrityError, match="stopped before deleting anything.*no pack footer lists it"):
+            repo.gc()
+        assert pack.exists()
+        view = repo.load(head.id)
+        assert torch.equal(view["a"], torch.arange(65536.0)) and torch.equal(view["b"], -torch.arange(65536.0))

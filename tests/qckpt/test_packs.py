@@ -29,3 +29,24 @@ def test_truncated_or_garbage_trailers(cut: int) -> None:
     damaged = data[:-cut]
     with pytest.raises(IntegrityError, match="truncated|damaged"):
         footer_span(pack_id, damaged[-TRAILER_SIZE:], len(damaged))
+
+
+@pytest.mark.parametrize("field", ["offset", "length", "duplicate id"])
+def test_a_footer_whose_objects_do_not_tile_the_pack_is_damaged(field: str) -> None:
+    """Objects are laid out back to back, so any flip in an offset or length (or a
+    repeated id) is caught when the footer is read, before anyone trusts it."""
+    builder = PackBuilder()
+    for name in (b"a", b"b", b"c"):
+        builder.add(name * 16, 0, name * 40)
+    pack_id, data, _ = builder.finish()
+    span = footer_span(pack_id, data[-TRAILER_SIZE:], len(data))
+    footer = bytearray(data[span.offset : span.offset + span.length])
+    entry = 16 + 8 + 4 + 3  # id, offset, length, codec, depth, dependency count
+    if field == "offset":
+        footer[entry + 16] ^= 0x01  # the second object's offset
+    elif field == "length":
+        footer[entry + 24] ^= 0x02  # the second object's length
+    else:
+        footer[entry : entry + 16] = footer[:16]  # the second object named like the first
+    with pytest.raises(IntegrityError, match="damaged footer"):
+        read_pack_footer(pack_id, bytes(footer), span)
