@@ -3,7 +3,8 @@ that nothing ever goes quietly wrong.
 
 A template repository on local disk holds real training states of the
 reference workload (AdamW, so predictive and delta objects are in play) on
-two branches, a tag, a join, a lossy snapshot and a ref log. Each trial copies
+two branches, a tag, a join, and a lossy snapshot that only the ref log
+keeps (its branch was reset away). Each trial copies
 it, damages one file of one kind (pack body, pack footer, pack trailer,
 manifest, snapshot record, branch or tag ref, ref log record, config, GC
 generation ref, chunk index) by flipping one random byte or truncating it at
@@ -71,6 +72,7 @@ def build_template(path: Path) -> dict[str, Any]:
             repo.commit(trainer.state, branch="side", metrics={"loss": loss})
         repo.commit(trainer.state, branch="lossy", lossy=qckpt.LossyTier(10), metrics={"loss": loss})
         repo.join("main", ["side"], metric="loss")
+        repo.reset("lossy", "main@1")  # the lossy snapshot is now kept only by the ref log's grace period
         repo.gc(qckpt.RetentionPolicy())  # a GC generation ref, and the ref log of a real run
         expected = {sid: repo.load(sid).tree() for sid in repo.snapshot_ids()}
         assert repo.fsck().ok
@@ -80,7 +82,7 @@ def build_template(path: Path) -> dict[str, Any]:
 def _files(repo: Path, kind: str) -> list[Path]:
     pattern = {
         "pack-body": "packs/*", "pack-footer": "packs/*", "pack-trailer": "packs/*", "manifest": "manifests/*",
-        "snapshot": "snapshots/*", "branch-ref": "refs/heads/*", "tag-ref": "refs/tags/*", "reflog": "refs/reflog/**/*",
+        "snapshot": "snapshots/*", "branch-ref": "refs/heads/*", "tag-ref": "refs/tags/*", "reflog": "reflog/**/*",
         "config": "config", "gc-generation": "refs/gc/generation", "index": ".index/*.mdb",
     }[kind]  # fmt: skip
     return sorted(p for p in repo.glob(pattern) if p.is_file())
@@ -99,6 +101,13 @@ def _damage(path: Path, kind: str, rng: random.Random) -> str:
         lo, hi = 0, len(data)
     if hi <= lo:
         lo, hi = 0, len(data)
+    hex_at = [i for i in range(lo, hi) if chr(data[i]) in "0123456789abcdef"]
+    if kind in ("branch-ref", "tag-ref", "reflog", "gc-generation") and hex_at and rng.random() < 0.4:
+        at = rng.choice(hex_at)  # still well-formed: only content checks can tell
+        old = chr(data[at])
+        data[at] = ord(rng.choice([c for c in "0123456789abcdef" if c != old]))
+        path.write_bytes(bytes(data))
+        return f"changed hex digit {at} of {path.name} from {old} to {chr(data[at])}"
     if not data or rng.random() < 0.3:
         cut = rng.randrange(0, max(1, len(data)))
         path.write_bytes(bytes(data[:cut]))

@@ -23,6 +23,11 @@ from qckpt.format.tree import Json, decode_plain, encode_plain
 RECORD_VERSION = 1
 
 
+def _record_check(body: dict[str, Any]) -> str:
+    """The digest a ref log record carries of its own fields (its key is not its hash)."""
+    return hex_id(json.dumps(body, sort_keys=True).encode())
+
+
 def _verified_json(kind: str, record_id: str, data: bytes, decompress: bool) -> dict[str, Any]:
     if hex_id(data) != record_id:
         raise IntegrityError(f"{kind} {record_id} is damaged: content does not match its id")
@@ -119,7 +124,8 @@ class RefLogEntry:
     rewinds: bool
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"version": RECORD_VERSION, **asdict(self)}, sort_keys=True).encode()
+        body = {"version": RECORD_VERSION, **asdict(self)}
+        return json.dumps({**body, "check": _record_check(body)}, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, key: str, data: bytes) -> RefLogEntry:
@@ -127,6 +133,9 @@ class RefLogEntry:
             doc = json.loads(data)
             if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION:
                 raise ValueError("unsupported layout or version")
+            check = doc.pop("check", None)  # records written before checks were added have none
+            if check is not None and check != _record_check(doc):
+                raise ValueError("its content does not match its check digest")
             entry = cls(str(doc["ref"]), doc["old"], doc["new"], float(doc["time"]), str(doc["cause"]), bool(doc["rewinds"]))
             if any(v is not None and not (isinstance(v, str) and ID_HEX.fullmatch(v)) for v in (entry.old, entry.new)):
                 raise ValueError("bad snapshot id")

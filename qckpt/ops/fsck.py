@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qckpt.errors import IntegrityError, RevisionNotFoundError
-from qckpt.format.records import Snapshot
+from qckpt.format.records import RefLogEntry, Snapshot
 from qckpt.format.ids import hex_id
-from qckpt.store.layout import BRANCH_PREFIX, TAG_PREFIX, pack_key
+from qckpt.store.layout import BRANCH_PREFIX, REFLOG_PREFIX, TAG_PREFIX, pack_key
 from qckpt.store.store import Store, checked_ref
 
 _MAX_AFFECTED = 20
@@ -41,9 +41,9 @@ class FsckReport:
 
 
 def check_repository(store: Store, progress: Callable[[str, int, int], None] | None = None) -> FsckReport:
-    """Verify refs, every snapshot reachable from them (parents expired by GC end a
-    line of history, they are not damage), their manifests, the digest of every
-    chunk they reference, and every pack footer."""
+    """Verify refs, ref log records, every snapshot reachable from the refs (parents
+    expired by GC end a line of history, they are not damage), their manifests, the
+    digest of every chunk they reference, and every pack against its id and the index."""
     report_progress = progress or (lambda stage, done, total: None)
     report = FsckReport()
     refs: dict[str, str] = {}
@@ -53,6 +53,11 @@ def check_repository(store: Store, progress: Callable[[str, int, int], None] | N
         except IntegrityError as e:
             report.problems.append(FsckProblem(f"ref {ref}", str(e)))
     report.refs = len(refs) + len(report.problems)
+    for key in store.backend.list(REFLOG_PREFIX):  # ref log records protect what mistakes left behind
+        try:
+            RefLogEntry.from_bytes(key, store.backend.get(key))
+        except IntegrityError as e:
+            report.problems.append(FsckProblem(f"ref log record {key}", str(e), ("garbage collection (it refuses until repaired)",)))
 
     snapshots: dict[str, Snapshot] = {}
     visited: set[str] = set()

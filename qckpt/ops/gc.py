@@ -178,7 +178,16 @@ def collect_garbage(
         snapshots = {i: store.snapshot(i) for i in store.snapshot_ids()}
         now = time.time()
         protected = {e.old for e in store.reflog(rewinding_since=now - policy.reflog_grace) if e.old}
-        keep = plan_retention(snapshots, store.branches(), store.tags(), policy, now, protected)
+        branches, tags = store.branches(), store.tags()
+        dangling = [(f"{kind} {name}", target) for kind, refs in (("branch", branches), ("tag", tags))
+                    for name, target in refs.items() if target not in snapshots]  # fmt: skip
+        if dangling:  # a damaged ref: the history it held would look unreferenced
+            where, target = dangling[0]
+            raise IntegrityError(
+                f"garbage collection stopped before deleting anything: {where} points at snapshot {target}, "
+                "which does not exist (a damaged ref?); repair it with reset (qckpt reflog shows where it was)"
+            )
+        keep = plan_retention(snapshots, branches, tags, policy, now, protected)
         live_manifests = {snapshots[i].manifest for i in keep}
         live_chunks: set[bytes] = set()
         for n, manifest_id in enumerate(sorted(live_manifests)):

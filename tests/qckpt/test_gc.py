@@ -191,3 +191,40 @@ def test_gc_refuses_when_a_footer_no_longer_lists_a_live_object(tmp_path: Path) 
         assert pack.exists()
         view = repo.load(head.id)
         assert torch.equal(view["a"], torch.arange(65536.0)) and torch.equal(view["b"], -torch.arange(65536.0))
+
+
+def _flip_hex(text: str, at: int) -> str:
+    return text[:at] + ("b" if text[at] != "b" else "c") + text[at + 1 :]
+
+
+def test_gc_refuses_a_ref_that_points_at_no_snapshot(tmp_path: Path) -> None:
+    """A ref damaged into another well-formed id: the history it held would look unreferenced."""
+    path = tmp_path / "repo"
+    with qckpt.Repository.init(path) as repo:
+        base = repo.commit({"w": torch.ones(4)}, step=0)
+        repo.create_branch("side", base.id)
+        side = repo.commit({"w": torch.zeros(4)}, branch="side", step=1)
+    ref = path / "refs" / "heads" / "side"
+    ref.write_text(_flip_hex(ref.read_text().strip(), 5) + "\n")
+    with qckpt.Repository.open(path) as repo:
+        assert [p.subject for p in repo.fsck().problems] == ["ref heads/side"]
+        with pytest.raises(qckpt.IntegrityError, match="stopped before deleting anything: branch side points at"):
+            repo.gc(qckpt.RetentionPolicy(reflog_grace=0))
+        repo.reset("side", side.id)  # the repair the message names
+        assert torch.equal(repo.load("side")["w"], torch.zeros(4)) and repo.gc().snapshots_deleted == 0
+
+
+def test_a_damaged_ref_log_record_stops_gc_instead_of_dropping_its_protection(tmp_path: Path) -> None:
+    path = tmp_path / "repo"
+    with qckpt.Repository.init(path) as repo:
+        base = repo.commit({"w": torch.ones(4)}, step=0)
+        left_behind = repo.commit({"w": torch.zeros(4)}, step=1)
+        repo.reset("main", base.id)  # left_behind is kept only by the ref log's grace period
+    (record,) = [p for p in (path / "reflog" / "heads" / "main").iterdir() if p.name.endswith("-rewind")]
+    text = record.read_text()
+    record.write_text(_flip_hex(text, text.index(left_behind.id) + 7))  # still a well-formed id
+    with qckpt.Repository.open(path) as repo:
+        assert [p.subject.split("/")[0] for p in repo.fsck().problems] == ["ref log record reflog"]
+        with pytest.raises(qckpt.IntegrityError, match="ref log entry .* does not match its check digest"):
+            repo.gc()
+        assert torch.equal(repo.load(left_behind.id)["w"], torch.zeros(4))
