@@ -53,15 +53,18 @@ def check_repository(store: Store, progress: Callable[[str, int, int], None] | N
         except IntegrityError as e:
             report.problems.append(FsckProblem(f"ref {ref}", str(e)))
     report.refs = len(refs) + len(report.problems)
+    recorded: list[tuple[str, str, bool]] = []  # what the ref log can bring back is checked too, if still stored
     for key in store.backend.list(REFLOG_PREFIX):  # ref log records protect what mistakes left behind
         try:
-            RefLogEntry.from_bytes(key, store.backend.get(key))
+            entry = RefLogEntry.from_bytes(key, store.backend.get(key))
         except IntegrityError as e:
             report.problems.append(FsckProblem(f"ref log record {key}", str(e), ("garbage collection (it refuses until repaired)",)))
+            continue
+        recorded += [(i, f"the ref log of {entry.ref}", False) for i in (entry.old, entry.new) if i and i not in refs.values()]
 
     snapshots: dict[str, Snapshot] = {}
     visited: set[str] = set()
-    pending = [(target, ref, True) for ref, target in refs.items()]  # (id, reached from, is the ref target)
+    pending = recorded + [(target, ref, True) for ref, target in refs.items()]  # (id, reached from, is the ref target)
     while pending:
         snapshot_id, via, direct = pending.pop()
         if snapshot_id in visited:

@@ -59,3 +59,19 @@ def test_fsck_ignores_history_expired_by_gc(repo: qckpt.Repository) -> None:
     repo.gc(qckpt.RetentionPolicy(keep_last=1))
     report = repo.fsck()
     assert report.ok and report.snapshots == 1
+
+
+def test_fsck_checks_what_only_the_ref_log_can_bring_back(tmp_path: Path) -> None:
+    """A snapshot left behind by a reset is recoverable (and kept by GC for the grace
+    period), so damage to it is reported like damage to a branch's history."""
+    path = tmp_path / "repo"
+    with qckpt.Repository.init(path) as repo:
+        base = repo.commit({"w": torch.ones(4)}, step=0)
+        left_behind = repo.commit({"w": torch.zeros(4)}, step=1)
+        repo.reset("main", base.id)
+    manifest = path / "manifests" / left_behind.manifest
+    manifest.write_bytes(manifest.read_bytes()[:-2])
+    with qckpt.Repository.open(path) as repo:
+        report = repo.fsck()
+        assert [p.subject for p in report.problems] == [f"manifest {left_behind.manifest}"]
+        assert report.snapshots == 2
