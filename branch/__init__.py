@@ -1,4 +1,43 @@
-"""The branching engine (fork/join, instability triggers, rollouts, selection).
+"""The branching engine: watch a run, roll back, explore futures, continue along the best.
 
-Builds on qckpt's public API only. Not implemented yet: see the project's issues.
+Built on qckpt's public API only. ``LightCone`` drives (or watches) a training
+loop; triggers (``branch.triggers``) decide when, interventions
+(``branch.interventions``) what to try, ``select`` which future to keep, and
+every event is recorded in the repository (``ConeRecord``) for the report
+(``write_report``; CLI ``qckpt cone report``).
 """
+
+from branch.engine import ConeConfig, Decision, Future, FutureResult, LightCone, RolloutExecutor, SequentialRollouts, StepResult, default_futures
+from branch.interventions import (
+    ClipGrad,
+    Combined,
+    Controls,
+    DampMoments,
+    Intervention,
+    ReseedData,
+    ScaleLR,
+    ScaleWeightDecay,
+    SkipBatches,
+    Target,
+)
+from branch.record import ConeRecord
+from branch.report import write_report
+from branch.selection import Comparison, Selection, select
+from branch.triggers import (
+    ForecastDisagreement,
+    GradNormZ,
+    InstabilityIndex,
+    LossSpike,
+    NonFinite,
+    Observation,
+    Signal,
+    Trigger,
+)
+
+__all__ = [
+    "ClipGrad", "Combined", "Comparison", "ConeConfig", "ConeRecord", "Controls", "DampMoments", "Decision",
+    "ForecastDisagreement", "Future", "FutureResult", "GradNormZ", "InstabilityIndex", "Intervention", "LightCone",
+    "LossSpike", "NonFinite", "Observation", "ReseedData", "RolloutExecutor", "ScaleLR", "ScaleWeightDecay",
+    "Selection", "SequentialRollouts", "Signal", "SkipBatches", "StepResult", "Target", "Trigger", "default_futures",
+    "select", "write_report",
+]  # fmt: skip

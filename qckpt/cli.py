@@ -8,6 +8,7 @@ Exit codes: 0 success; 1 damage found (fsck) or stored data failed verification;
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import re
@@ -27,6 +28,9 @@ from qckpt.ops.gc import RetentionPolicy
 from qckpt.repository import Repository
 
 EXIT_DAMAGED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT = 1, 2, 3, 4
+#: Entry points in this group add commands: each is called with ``command(name, fn,
+#: help) -> ArgumentParser`` and registers its own; ``fn(args, repo)`` returns the exit code.
+PLUGIN_GROUP = "qckpt.cli"
 
 
 def _plain(o: Any) -> Any:
@@ -357,7 +361,8 @@ def _parser() -> argparse.ArgumentParser:
     p = command("show", cmd_show, "show one snapshot and its tensors")
     p.add_argument("revision")
     for kind in ("branch", "tag"):
-        p = command(kind, lambda a, r, k=kind: _refs(a, r, k), f"list, create (NAME [--at REV]) or delete (-d NAME) {kind}es")
+        plural = {"branch": "branches", "tag": "tags"}[kind]
+        p = command(kind, lambda a, r, k=kind: _refs(a, r, k), f"list, create (NAME [--at REV]) or delete (-d NAME) {plural}")
         p.add_argument("name", nargs="?")
         p.add_argument("--at", default="main", help="revision to point at (default: main)")
         p.add_argument("-d", "--delete", metavar="NAME")
@@ -392,6 +397,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, help="override what DEST's suffix says")
     for name in ("log", "show", "branch", "tag", "diff", "du", "gc", "fsck", "reflog"):
         sub.choices[name].add_argument("--json", action="store_true", help="machine-readable output")
+    for plugin in importlib.metadata.entry_points(group=PLUGIN_GROUP):  # e.g. "cone", from the branching engine
+        plugin.load()(command)
     return parser
 
 

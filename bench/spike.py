@@ -1,0 +1,333 @@
+"""``python -m bench spike``: recovering from training instability, five ways, on identical runs.
+
+The reference byte-level transformer (``tiny``) trains with AdamW and warm-up +
+cosine LR on the standard library's sources. Scenarios (each on several seeds):
+
+* ``clean``: nothing injected;
+* ``lr_spike``: the learning rate is multiplied by 30 for 6 steps at 40% of
+  the run (a too-high peak: a schedule or config mistake);
+* ``poison``: 8 consecutive batches at 40% of the data stream are long runs of
+  one repeated byte (corrupt or degenerate data), tied to the data position.
+
+Methods, each on the same seeds and data: ``none`` (global-norm clipping at
+1.0, as most recipes do); ``zclip`` (ZClip: clip at EMA mean + 2.5 std of the
+gradient norm, alpha 0.97); ``skip_step`` (skip the update when the loss or
+the gradient norm is 6 EMA standard deviations above its mean, OLMo-core's
+rule); ``rollback_skip`` (the manual recipe, automated: on the light cone's
+trigger roll back and skip the batches since the rollback point, no
+exploration); ``lightcone`` (the engine with its defaults).
+
+Reported per scenario and method: final held-out loss (a test set the methods
+never see; the light cone selects on a separate validation set) as mean and
+standard deviation over seeds, loss spikes on the realized path (onsets of a
+loss 30% above the median of the previous 50 steps), compute steps (every
+forward+backward step, rollouts included, plus each held-out evaluation batch
+counted as one step: conservative for the light cone), and wall seconds. The
+JSON shape is the issue's; the light-cone report of one ``lightcone`` run is
+written next to it (``<stem>-cone.html``, ``<stem>-cone.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import qckpt
+from bench.workload import SIZES, CharGPT, WarmupCosine, load_corpus
+from branch import ConeConfig, Controls, LightCone, StepResult, write_report
+
+SIZE = SIZES["tiny"]
+SCENARIOS = ("clean", "lr_spike", "poison")
+METHODS = ("none", "zclip", "skip_step", "rollback_skip", "lightcone")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewer steps and seeds")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the results here (and the cone report beside it)")
+
+
+class Batches:
+    """Random windows of the training part of the corpus, drawn by a seeded generator;
+    ``poison`` is a range of draw numbers whose batches are runs of one repeated byte.
+    An iterator with ``state_dict``, ``skip`` and ``reseed``: a qckpt component."""
+
+    def __init__(self, data: torch.Tensor, seed: int, poison: range = range(0)) -> None:
+        self.data, self.poison = data, poison
+        self.generator = torch.Generator().manual_seed(seed)
+        self.drawn = 0
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(self.data) - SIZE.block_size - 1, (SIZE.batch_size,), generator=self.generator)
+        window = torch.stack([self.data[s : s + SIZE.block_size + 1] for s in starts.tolist()]).long()
+        if self.drawn in self.poison:
+            window = window[:, :1].expand(-1, SIZE.block_size + 1).clone()  # one byte, repeated
+        self.drawn += 1
+        return window[:, :-1], window[:, 1:]
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            next(self)
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.drawn = int(state["drawn"])
+
+
+class SpikedSchedule(WarmupCosine):
+    """Warm-up + cosine, multiplied by ``factor`` on steps in ``spike`` (plain numbers
+    only, so ``LambdaLR.state_dict`` stores it)."""
+
+    def __init__(self, total: int, spike: range, factor: float) -> None:
+        super().__init__(max(1, total // 10), total)
+        self.spike_start, self.spike_stop, self.factor = spike.start, spike.stop, factor
+
+    def __call__(self, step: int) -> float:
+        return super().__call__(step) * (self.factor if self.spike_start <= step < self.spike_stop else 1.0)
+
+
+def _held_out(data: torch.Tensor, n: int, offset: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    stride = SIZE.block_size + 1
+    out = []
+    for i in range(n):
+        w = data[offset + i * stride * SIZE.batch_size : offset + (i + 1) * stride * SIZE.batch_size]
+        w = w.view(SIZE.batch_size, stride).long()
+        out.append((w[:, :-1], w[:, 1:]))
+    return out
+
+
+@dataclass
+class Run:
+    """One training run's live objects."""
+
+    state: qckpt.TrainingState
+    model: CharGPT
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    batches: Batches
+
+
+class Workload:
+    def __init__(self, steps: int, spike_factor: float = 30.0) -> None:
+        self.spike_factor = spike_factor
+        corpus = load_corpus(1 << 20)
+        cut = int(len(corpus) * 0.9)
+        self.train_data, held = corpus[:cut], corpus[cut:]
+        self.validation = _held_out(held, 8, 0)  # the light cone selects on these
+        self.test = _held_out(held, 16, len(held) // 2)  # every method is scored on these
+        self.steps = steps
+
+    def new_run(self, scenario: str, seed: int) -> Run:
+        torch.manual_seed(seed)
+        model = CharGPT(SIZE, dropout=0.0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        at = int(self.steps * 0.4)
+        spike = range(at, at + 6) if scenario == "lr_spike" else range(0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SpikedSchedule(self.steps, spike, self.spike_factor))
+        batches = Batches(self.train_data, seed + 1000, range(at, at + 8) if scenario == "poison" else range(0))
+        state = qckpt.TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, data=batches)
+        return Run(state, model, optimizer, scheduler, batches)
+
+    @staticmethod
+    def losses(model: CharGPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        model.eval()
+        with torch.no_grad():
+            out = [float(model(x, y)) for x, y in batches]
+        model.train()
+        return out
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+
+
+class _Ema:
+    """Mean and variance EMAs of a signal, fed only ordinary values (as ZClip does)."""
+
+    def __init__(self, alpha: float = 0.97, warmup: int = 25) -> None:
+        self.alpha, self.warmup, self.mean, self.var, self.n = alpha, warmup, 0.0, 0.0, 0
+
+    def z(self, x: float) -> float:
+        if self.n < self.warmup:
+            return 0.0
+        return (x - self.mean) / math.sqrt(max(self.var, 1e-24))
+
+    def update(self, x: float) -> None:
+        self.n += 1
+        if self.n <= self.warmup:
+            delta = x - self.mean
+            self.mean += delta / self.n
+            self.var += (delta * (x - self.mean) - self.var) / self.n
+        else:
+            self.mean = self.alpha * self.mean + (1 - self.alpha) * x
+            self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
+
+
+def _step(run: Run, batch: Any, clip: float | None) -> tuple[torch.Tensor, float]:
+    """Forward and backward; returns the loss and the gradient norm (clipped at ``clip`` if given)."""
+    x, y = batch
+    loss = run.model(x, y)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in run.model.parameters() if p.grad is not None]
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf")))
+    return loss, norm
+
+
+def train_plain(run: Run, steps: int, method: str) -> list[list[Any]]:
+    """``none``, ``zclip`` and ``skip_step``: one loop, three update rules."""
+    path: list[list[Any]] = []
+    grad_ema, loss_ema = _Ema(), _Ema()
+    while run.state.step < steps:
+        batch = next(run.batches)
+        clip = 1.0 if method == "none" else None
+        loss, norm = _step(run, batch, clip)
+        value = float(loss)
+        skip = False
+        if method == "zclip":
+            z = grad_ema.z(norm)
+            if z > 2.5:  # clip to the EMA mean + 2.5 std, as ZClip does
+                limit = grad_ema.mean + 2.5 * math.sqrt(max(grad_ema.var, 1e-24))
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), limit)
+            else:
+                grad_ema.update(norm)
+        elif method == "skip_step":
+            skip = not math.isfinite(value) or grad_ema.z(norm) > 6 or loss_ema.z(value) > 6
+            if not skip:
+                grad_ema.update(norm)
+                loss_ema.update(value)
+        if not skip and math.isfinite(norm):
+            run.optimizer.step()
+        run.scheduler.step()
+        run.state.step += 1
+        path.append([run.state.step, value, norm])
+    return path
+
+
+def cone_step(state: qckpt.TrainingState, batch: Any, controls: Controls) -> StepResult:
+    """The light cone's step function for a ``Workload`` state: clipping through ``controls``
+    (global norm 1.0 as in ``none`` unless an intervention set another limit)."""
+    model, optimizer, scheduler = (state.components[k] for k in ("model", "optimizer", "scheduler"))
+    x, y = batch
+    loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    limit = controls.clip_grad_norm if controls.clip_grad_norm is not None else 1.0
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
+    if math.isfinite(norm):
+        optimizer.step()
+    scheduler.step()
+    return StepResult(loss.item(), norm)
+
+
+def train_cone(run: Run, steps: int, workload: Workload, repo: qckpt.Repository, explore: bool, name: str) -> tuple[list[list[Any]], int]:
+    """``lightcone`` (explore) or ``rollback_skip`` (one future: skip, no control, no choice)."""
+    def evaluate(state: qckpt.TrainingState) -> list[float]:
+        return workload.losses(state.components["model"], workload.validation)
+
+    horizon = max(10, steps // 10)
+    config = ConeConfig(horizon=horizon, commit_every=5)
+    cone = LightCone(repo, run.state, cone_step, run.batches, evaluate, run=name, config=config)
+    if not explore:
+        return _rollback_skip(cone, steps), cone.record.compute["train_steps"]
+    record = cone.run(steps)
+    return record.main, record.compute["train_steps"] + record.compute["eval_batches"]
+
+
+def _rollback_skip(cone: LightCone, steps: int) -> list[list[Any]]:
+    """The manual recipe with the light cone's trigger: roll back, skip, carry on."""
+    cone.index.total_steps = steps
+    cone._commit_main()  # noqa: SLF001 - the bench drives the engine's own loop parts
+    path: list[list[Any]] = []
+    while cone.state.step < steps:
+        result = cone.train_step(next(cone.batches))
+        path.append([cone.state.step, result.loss, result.grad_norm])
+        trigger = cone.observe(result)
+        if trigger is not None:
+            origin = cone.origin_for(trigger)
+            cone.repo.restore(cone.state, origin.id)
+            cone.controls = Controls.of(cone.state)
+            cone.batches.skip(max(1, trigger.step - (origin.step or 0)))
+            path = [p for p in path if p[0] <= (origin.step or 0)]
+    return path
+
+
+def count_spikes(path: list[list[Any]]) -> int:
+    """Onsets of a loss 30% above the median of the previous 50 steps (or non-finite)."""
+    recent: deque[float] = deque(maxlen=50)
+    spikes, inside = 0, False
+    for _, loss, _ in path:
+        spiking = not math.isfinite(loss) or (len(recent) >= 20 and loss > 1.3 * statistics.median(recent))
+        spikes += spiking and not inside
+        inside = spiking
+        if math.isfinite(loss) and not spiking:
+            recent.append(loss)
+    return spikes
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    steps, seeds = (120, 2) if args.quick else (args.steps, args.seeds)
+    workload = Workload(steps)
+    results: dict[str, Any] = {"steps": steps, "seeds": seeds, "model": "tiny", "scenarios": {}}
+    cone_report: tuple[Path, Path] | None = None
+    with tempfile.TemporaryDirectory(prefix="qckpt-spike-") as tmp:
+        for scenario in SCENARIOS:
+            methods: dict[str, Any] = {}
+            for method in METHODS:
+                finals, spikes, compute, walls = [], [], [], []
+                for seed in range(seeds):
+                    run_ = workload.new_run(scenario, seed)
+                    started = time.perf_counter()
+                    if method in ("lightcone", "rollback_skip"):
+                        repo_path = Path(tmp) / f"{scenario}-{method}-{seed}"
+                        with qckpt.Repository.init(repo_path) as repo:
+                            path, cost = train_cone(run_, steps, workload, repo, method == "lightcone", "main")
+                            if method == "lightcone" and scenario != "clean" and cone_report is None and args.json:
+                                stem = args.json.with_suffix("")
+                                cone_report = write_report(repo, "main", stem.with_name(stem.name + "-cone"))
+                    else:
+                        path = train_plain(run_, steps, method)
+                        cost = steps
+                    walls.append(time.perf_counter() - started)
+                    test = Workload.losses(run_.model, workload.test)
+                    finals.append(statistics.fmean(test))
+                    spikes.append(count_spikes(path))
+                    compute.append(cost)
+                methods[method] = {
+                    "final_loss_mean": statistics.fmean(finals),
+                    "final_loss_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                    "final_losses": finals, "spikes": statistics.fmean(spikes),
+                    "compute_steps": statistics.fmean(compute), "wall_s": statistics.fmean(walls),
+                }  # fmt: skip
+                m = methods[method]
+                print(f"{scenario:9s} {method:14s} final loss {m['final_loss_mean']:.4f} +- {m['final_loss_std']:.4f}  "
+                      f"spikes {m['spikes']:.1f}  compute {m['compute_steps']:.0f} ({m['compute_steps'] / steps:.2f}x)  "
+                      f"wall {m['wall_s']:.1f}s", flush=True)  # fmt: skip
+            results["scenarios"][scenario] = {"methods": methods}
+    if cone_report:
+        results["cone_report"] = [str(p) for p in cone_report]
+        print(f"light-cone report: {cone_report[0]} and {cone_report[1]}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return results

@@ -1,0 +1,346 @@
+"""The light cone: train, commit, watch; on instability roll back, explore futures,
+continue along the best one, and record everything in the repository.
+
+Two ways to use it. ``LightCone.run(steps)`` drives the loop: it draws a batch,
+calls your ``step_fn(state, batch, controls)``, counts the step and watches.
+Or keep your loop and call ``observe(result)`` after each step (with
+``state.step`` counting steps completed); when it returns a ``Trigger``, call
+``explore(trigger)``: the live state is then the chosen future's, at the step
+the futures reached.
+
+What happens on a trigger (see docs/design.md, "Light cone"):
+
+1. the origin is the newest snapshot on the run's branch at least
+   ``rollback`` steps before the anomaly began;
+2. every future (always a control without intervention, plus the
+   interventions) is restored from the origin, changed, trained for
+   ``horizon`` steps on its own branch ``<run>.e<event>.<name>`` and
+   evaluated on the same held-out batches (``RolloutExecutor``; sequential
+   here);
+3. ``select`` picks a future only if it beats the control beyond noise;
+4. the run's branch joins every future with the chosen one's content (the
+   join's parents are the old head and all futures: the DAG is the cone), and
+   the live state continues from it;
+5. the event, with every future's per-step metrics, scores, intervals and
+   forecasts, is written to the run's record (``ConeRecord``).
+
+Not thread-safe: one training loop drives it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import qckpt
+from branch.interventions import ClipGrad, Combined, Controls, DampMoments, Intervention, ScaleLR, SkipBatches, Target
+from branch.record import ConeRecord
+from branch.selection import Selection, select
+from branch.triggers import GradNormZ, InstabilityIndex, Observation, Trigger, forecast
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one training step reports: its loss and, if measured, the gradient norm."""
+
+    loss: float
+    grad_norm: float | None = None
+
+
+StepFn = Callable[[qckpt.TrainingState, Any, Controls], "StepResult | float"]
+Evaluate = Callable[[qckpt.TrainingState], Sequence[float]]
+
+
+@dataclass(frozen=True)
+class ConeConfig:
+    """How the light cone explores. ``None`` means "scaled to the run":
+
+    * ``rollback`` (steps before the anomaly began): 2% of the run, at least
+      ``2 * commit_every`` (PaLM went back about 100 steps in runs of 100k+);
+    * ``skip`` (batches a skip intervention drops): the batches between the
+      origin and the trigger, the ones that led into the trouble;
+    * ``cooldown`` (steps after an event before the next trigger): ``horizon``.
+    """
+
+    horizon: int = 50
+    rollback: int | None = None
+    skip: int | None = None
+    commit_every: int = 10
+    cooldown: int | None = None
+    confidence: float = 0.95
+    resamples: int = 2000
+    max_events: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("horizon", "commit_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise qckpt.InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rollback", "skip", "cooldown", "max_events"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise qckpt.InvalidInputError(f"{name} must be a non-negative integer or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Future:
+    """One alternative to explore: ``intervention`` None is the control."""
+
+    name: str
+    intervention: Intervention | None
+
+
+@dataclass
+class FutureResult:
+    """How a future went: its branch, per-step ``[step, loss, grad_norm]``, held-out
+    losses at the horizon, final snapshot, and whether it diverged (non-finite loss)."""
+
+    future: Future
+    branch: str
+    metrics: list[list[Any]] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    snapshot: str = ""
+    diverged: bool = False
+
+    def as_record(self) -> dict[str, Any]:
+        iv = self.future.intervention
+        finite = [s for s in self.scores if math.isfinite(s)]
+        return {"name": self.future.name, "branch": self.branch, "control": iv is None,
+                "intervention": iv.record() if iv is not None else None, "label": iv.label() if iv else "control",
+                "metrics": self.metrics, "eval": self.scores,
+                "eval_mean": sum(finite) / len(finite) if finite and len(finite) == len(self.scores) else None,
+                "snapshot": self.snapshot, "diverged": self.diverged}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one light-cone event decided."""
+
+    trigger: Trigger
+    origin: qckpt.Snapshot
+    results: tuple[FutureResult, ...]
+    selection: Selection
+    join: qckpt.Snapshot
+
+    @property
+    def chosen(self) -> FutureResult:
+        return next(r for r in self.results if r.future.name == self.selection.chosen)
+
+
+class RolloutExecutor(Protocol):
+    """Runs futures from an origin snapshot. The sequential executor below trains
+    them one after another on the live state; batched and multi-device ones
+    (the rollout scheduler) fill the same interface."""
+
+    def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> list[FutureResult]: ...
+
+
+class SequentialRollouts:
+    """Each future in turn on the live state: restore, intervene, train, evaluate."""
+
+    def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> list[FutureResult]:
+        return [cone.train_future(origin, future, horizon) for future in futures]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "-", text).strip("-.")[:40] or "future"
+
+
+class LightCone:
+    """Watches one training run on ``branch`` of ``repo`` (see the module docstring).
+
+    ``batches`` is an iterator of batches with ``state_dict``/``load_state_dict``
+    that is also a component of ``state`` (so a restore restores the data
+    position); ``skip(n)`` and ``reseed(seed)`` are used when present.
+    ``evaluate(state)`` returns one loss per held-out batch, the same batches
+    every time; without it futures are compared on their last training losses
+    (a weaker, unpaired comparison). ``interventions(skip, grad_norm)`` builds
+    the futures explored besides the control (default: ``default_futures``).
+    """
+
+    def __init__(
+        self,
+        repo: qckpt.Repository,
+        state: qckpt.TrainingState,
+        step_fn: StepFn,
+        batches: Any,
+        evaluate: Evaluate | None = None,
+        *,
+        branch: str = "main",
+        run: str | None = None,
+        config: ConeConfig | None = None,
+        index: InstabilityIndex | None = None,
+        executor: RolloutExecutor | None = None,
+        interventions: Callable[[int, float | None], list[Intervention]] | None = None,
+    ) -> None:
+        if not (callable(getattr(batches, "state_dict", None)) and callable(getattr(batches, "load_state_dict", None))):
+            raise qckpt.InvalidInputError(
+                f"the batch source ({type(batches).__name__}) has no state_dict()/load_state_dict(): a rollback "
+                "could not restore the data position (use qckpt.ResumableSampler or torchdata's StatefulDataLoader)"
+            )
+        if not any(component is batches for component in state.components.values()):
+            raise qckpt.InvalidInputError("the batch source must be a component of the TrainingState, so restoring "
+                                          "a snapshot restores the data position: TrainingState(..., data=batches)")
+        if not callable(getattr(batches, "__next__", None)):
+            raise qckpt.InvalidInputError(f"the batch source ({type(batches).__name__}) is not an iterator (no __next__)")
+        self.repo, self.state, self.step_fn, self.batches, self.evaluate = repo, state, step_fn, batches, evaluate
+        self.branch = branch
+        self.run_name = run or branch
+        self.config = config or ConeConfig()
+        self.index = index or InstabilityIndex(cooldown=self.config.cooldown if self.config.cooldown is not None
+                                               else self.config.horizon)  # fmt: skip
+        self.executor = executor or SequentialRollouts()
+        self.interventions = interventions or default_futures
+        self.controls = Controls.of(state)
+        self.record = ConeRecord(self.run_name, branch, {"cone": asdict(self.config)})
+        self._main: list[tuple[int, str]] = []  # (step, snapshot id) committed on the run's branch, in order
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self, steps: int) -> ConeRecord:
+        """Train until ``state.step == steps``, exploring on every trigger; returns the record."""
+        if steps - self.state.step < self.config.horizon:
+            raise qckpt.InvalidInputError(
+                f"the horizon ({self.config.horizon} steps) is longer than the run ({steps - self.state.step} "
+                "steps left): futures could not be told apart; shorten ConeConfig.horizon"
+            )
+        self.index.total_steps = self.index.total_steps or steps
+        self._commit_main()
+        while self.state.step < steps:
+            trigger = self.observe(self.train_step(next(self.batches)))
+            if trigger is not None and (self.config.max_events is None or len(self.record.events) < self.config.max_events):
+                self.explore(trigger, until=steps)
+        self._commit_main()
+        self.record.save(self.repo, f"run {self.run_name} finished at step {self.state.step}")
+        return self.record
+
+    def train_step(self, batch: Any) -> StepResult:
+        """One step of the user's ``step_fn`` on the live state; counts it."""
+        out = self.step_fn(self.state, batch, self.controls)
+        result = out if isinstance(out, StepResult) else StepResult(float(out))
+        self.state.step += 1
+        self.record.compute["train_steps"] += 1
+        return StepResult(float(result.loss), None if result.grad_norm is None else float(result.grad_norm))
+
+    def observe(self, result: StepResult) -> Trigger | None:
+        """Record a finished step (``state.step`` already counts it), commit on the
+        cadence, and return a ``Trigger`` if the run turned unstable."""
+        self.record.main.append([self.state.step, result.loss, result.grad_norm])
+        if self.state.step % self.config.commit_every == 0:
+            self._commit_main()
+        return self.index.observe(Observation(self.state.step, result.loss, result.grad_norm))
+
+    def _commit_main(self) -> None:
+        """Commit the live state on the run's branch (once per step)."""
+        if self._main and self._main[-1][0] == self.state.step:
+            return
+        last = self.record.main[-1][1] if self.record.main else None
+        metrics = {"loss": last} if last is not None and math.isfinite(last) else {}
+        snap = self.repo.commit(self.state, branch=self.branch, metrics=metrics)
+        self._main.append((self.state.step, snap.id))
+
+    # -- one event ----------------------------------------------------------------------
+    def origin_for(self, trigger: Trigger) -> qckpt.Snapshot:
+        """The newest snapshot on the run's branch at least ``rollback`` steps before the anomaly began."""
+        total = self.index.total_steps or self.state.step
+        rollback = self.config.rollback
+        if rollback is None:
+            rollback = max(2 * self.config.commit_every, round(0.02 * total))
+        target = trigger.began - rollback
+        candidates = [sid for step, sid in self._main if step <= target] or [self._main[0][1]]
+        return self.repo.snapshot(candidates[-1])
+
+    def explore(self, trigger: Trigger, until: int | None = None) -> Decision:
+        """Roll back, run every future, choose, join, continue from the choice (see the
+        module docstring). With ``until`` (the run's last step), futures stop there
+        if the horizon would overshoot it."""
+        self.repo.flush()
+        origin = self.origin_for(trigger)
+        horizon = self.config.horizon if until is None else max(1, min(self.config.horizon, until - (origin.step or 0)))
+        number = len(self.record.events) + 1
+        skip = self.config.skip if self.config.skip is not None else max(1, trigger.step - (origin.step or 0))
+        typical = next((d.typical for d in self.index.detectors if isinstance(d, GradNormZ)), None)
+        chosen_interventions = self.interventions(skip, typical)
+        wrong = [iv for iv in chosen_interventions if not isinstance(iv, Intervention)]
+        if wrong:
+            raise qckpt.InvalidInputError(f"{wrong[0]!r} is not an Intervention (see branch.interventions)")
+        futures = [Future("control", None)] + [
+            Future(f"f{i}-{_slug(iv.label())}", iv) for i, iv in enumerate(chosen_interventions, start=1)
+        ]
+        abandoned = [m for m in self.record.main if m[0] > (origin.step or 0)]
+        results = self.executor.run(self, origin, futures, horizon)
+        selection = select({r.future.name: r.scores for r in results}, "control", confidence=self.config.confidence,
+                           resamples=self.config.resamples, seed=self.config.seed + number)  # fmt: skip
+        chosen = next(r for r in results if r.future.name == selection.chosen)
+        join = self.repo.join(self.branch, [r.branch for r in results],
+                              metric=lambda s: 0.0 if s.id == chosen.snapshot else 1.0,
+                              message=f"light cone event {number}: continue along {chosen.future.name}")  # fmt: skip
+        self.repo.restore(self.state, join.id)
+        self.controls = Controls.of(self.state)
+        self._main.append((self.state.step, join.id))
+        self.record.main = [m for m in self.record.main if m[0] <= (origin.step or 0)] + chosen.metrics
+        history = [m for m in self.record.main if m[1] is not None and math.isfinite(m[1])][-64:]
+        self.record.events.append({
+            "number": number, "trigger": trigger.as_record(), "origin": {"snapshot": origin.id, "step": origin.step},
+            "abandoned": abandoned, "futures": [r.as_record() for r in results],
+            "selection": {"chosen": selection.chosen, "control": selection.control,
+                          "comparisons": [asdict(c) for c in selection.comparisons]},
+            "join": join.id, "horizon": horizon, "skip": skip,
+            "forecast_after": forecast([m[1] for m in history], [m[0] for m in history], self.config.horizon),
+        })  # fmt: skip
+        self.record.save(self.repo, f"light cone event {number} at step {trigger.step}: {selection.chosen}")
+        return Decision(trigger, origin, tuple(results), selection, join)
+
+    def train_future(self, origin: qckpt.Snapshot, future: Future, horizon: int) -> FutureResult:
+        """Restore ``origin``, apply the future's intervention, train ``horizon`` steps on
+        its own branch, evaluate; the live state is left at the future's end."""
+        self.repo.restore(self.state, origin.id)
+        self.controls = Controls.of(self.state)
+        if future.intervention is not None:
+            future.intervention.apply(Target(self.state, self.batches, self.controls))
+        self.controls.save(self.state)
+        result = FutureResult(future, f"{self.run_name}.e{len(self.record.events) + 1}.{future.name}")
+        last = math.nan
+        for _ in range(horizon):
+            step = self.train_step(next(self.batches))
+            last = step.loss
+            result.metrics.append([self.state.step, step.loss, step.grad_norm])
+            if not math.isfinite(step.loss):
+                result.diverged = True
+                break
+            if self.state.step % self.config.commit_every == 0:
+                self.repo.commit(self.state, branch=result.branch, metrics={"loss": step.loss})
+        result.scores = self._scores(result)
+        finite = [s for s in result.scores if math.isfinite(s)]
+        metrics = {"loss": last} if math.isfinite(last) else {}
+        if finite and len(finite) == len(result.scores):
+            metrics["eval_loss"] = sum(finite) / len(finite)
+        result.snapshot = self.repo.commit(self.state, branch=result.branch, metrics=metrics,
+                                           message=f"future {future.name} at the horizon").id  # fmt: skip
+        return result
+
+    def _scores(self, result: FutureResult) -> list[float]:
+        if self.evaluate is not None:
+            scores = [float(x) for x in self.evaluate(self.state)]
+            self.record.compute["eval_batches"] += len(scores)
+            return scores
+        window = min(8, self.config.horizon)  # without an evaluation: the last training losses, padded if it diverged
+        losses = [m[1] for m in result.metrics][-window:]
+        return losses + [math.inf] * (window - len(losses))
+
+
+def default_futures(skip: int, grad_norm: float | None) -> list[Intervention]:
+    """The futures explored besides the control, from published practice: PaLM's and
+    OPT's recipe (roll back, skip the batches that led into the spike); a lower
+    learning rate (OPT and BLOOM lowered it after divergences); both; and reset
+    optimizer moments with clipping at the run's typical gradient norm (the
+    moments carry a spike forward; ZClip clips relative to the running mean)."""
+    futures: list[Intervention] = [SkipBatches(skip), ScaleLR(0.5), Combined((SkipBatches(skip), ScaleLR(0.5)))]
+    if grad_norm is not None and math.isfinite(grad_norm) and grad_norm > 0:
+        futures.append(Combined((DampMoments(0.0), ClipGrad(float(grad_norm)))))
+    else:
+        futures.append(DampMoments(0.0))
+    return futures

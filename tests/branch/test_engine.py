@@ -1,0 +1,118 @@
+"""The light cone end to end on the reference model: rollouts are bit-exact with a
+manual restore + train, an injected spike is recovered from and recorded, the
+record and report come from a repository reopened in a new process, and bad
+input gets typed errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import qckpt
+from bench.compare import differences
+from bench.spike import Batches, Workload, cone_step
+from branch import ConeConfig, ConeRecord, Controls, Future, LightCone, ScaleLR
+
+STEPS = 100
+
+
+def _cone(repo: qckpt.Repository, workload: Workload, scenario: str, **config: Any) -> LightCone:
+    run = workload.new_run(scenario, 0)
+    evaluate = lambda s: workload.losses(s.components["model"], workload.validation[:4])  # noqa: E731
+    return LightCone(repo, run.state, cone_step, run.batches, evaluate,
+                     config=ConeConfig(**{"horizon": 8, "commit_every": 4, "resamples": 300} | config))  # fmt: skip
+
+
+def test_a_rollout_is_bit_exact_with_a_manual_restore_and_train(tmp_path: Path) -> None:
+    workload = Workload(STEPS)
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        cone = _cone(repo, workload, "clean")
+        cone._commit_main()  # noqa: SLF001
+        for _ in range(6):
+            cone.observe(cone.train_step(next(cone.batches)))
+        origin = repo.snapshot("main")
+        result = cone.train_future(origin, Future("lower", ScaleLR(0.5)), 5)
+        rolled = {k: v.clone() for k, v in cone.state.components["model"].state_dict().items()}
+        manual = workload.new_run("clean", 0)
+        repo.restore(manual.state, origin.id)
+        manual.state.scale_lr(0.5)
+        for _ in range(5):
+            cone_step(manual.state, next(manual.batches), Controls.of(manual.state))
+        assert differences(rolled, dict(manual.model.state_dict())) == []
+        assert repo.load(result.snapshot).tree()["extras"] == manual.state.extras | {"lightcone.controls": {"clip_grad_norm": None}}
+        assert [m[0] for m in result.metrics] == [5, 6, 7, 8, 9] and len(result.scores) == 4
+
+
+def test_an_injected_spike_is_recovered_and_recorded(tmp_path: Path) -> None:
+    workload = Workload(STEPS, spike_factor=300.0)  # unmistakable, even this early in training
+    path = tmp_path / "r"
+    with qckpt.Repository.init(path) as repo:
+        cone = _cone(repo, workload, "lr_spike")
+        record = cone.run(STEPS)
+        assert record.events, "the injected learning-rate spike went unnoticed"
+        event = record.events[0]
+        spike_at = int(STEPS * 0.4)
+        assert spike_at <= event["trigger"]["step"] <= spike_at + 8
+        assert event["origin"]["step"] < event["trigger"]["began"]
+        names = [f["name"] for f in event["futures"]]
+        assert names[0] == "control" and len(names) == 5
+        branches = repo.branches()
+        assert all(f["branch"] in branches for f in event["futures"])  # losing futures stay as branches
+        join = repo.snapshot(event["join"])
+        assert set(join.parents[1:]) == {f["snapshot"] for f in event["futures"]}  # the DAG holds the cone
+        chosen = next(f for f in event["futures"] if f["name"] == event["selection"]["chosen"])
+        assert event["selection"]["chosen"] != "control", "the control re-ran into the spike, it should lose"
+        assert repo.load(join.id).tree()["step"] == chosen["metrics"][-1][0]
+        assert cone.state.step == STEPS and repo.snapshot("main").step == STEPS
+    script = textwrap.dedent(f"""
+        import qckpt
+        from branch import ConeRecord, write_report
+        with qckpt.Repository.open({str(path)!r}) as repo:
+            record = ConeRecord.load(repo, "main")
+            print(len(record.events), record.events[0]["selection"]["chosen"])
+            html, png = write_report(repo, "main", {str(tmp_path / "report")!r})
+            print(html.stat().st_size, png.read_bytes()[:4] == b"\\x89PNG")
+    """)  # a new process reads the record and draws the report from the repository alone
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"{len(record.events)} {event['selection']['chosen']}" and lines[1].endswith("True")
+    page = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in page and event["selection"]["chosen"] in page and "Event 1" in page
+    cli = subprocess.run([sys.executable, "-m", "qckpt", "-R", str(path), "cone", "list"], capture_output=True, text=True)
+    assert cli.returncode == 0 and cli.stdout.startswith("main") and "events" in cli.stdout
+
+
+def test_bad_input_is_a_typed_error(tmp_path: Path) -> None:
+    workload = Workload(STEPS)
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        run = workload.new_run("clean", 0)
+        with pytest.raises(qckpt.InvalidInputError, match="no state_dict"):
+            LightCone(repo, run.state, cone_step, iter([1, 2]))
+        loose = Batches(workload.train_data, seed=3)
+        with pytest.raises(qckpt.InvalidInputError, match="component of the TrainingState"):
+            LightCone(repo, run.state, cone_step, loose)
+        with pytest.raises(qckpt.InvalidInputError, match="horizon"):
+            ConeConfig(horizon=0)
+        cone = _cone(repo, workload, "clean", horizon=STEPS + 20)
+        with pytest.raises(qckpt.InvalidInputError, match="longer than the run"):
+            cone.run(STEPS)
+        cone = LightCone(repo, run.state, cone_step, run.batches, interventions=lambda skip, g: ["lower the lr"])  # type: ignore[list-item]
+        with pytest.raises(qckpt.InvalidInputError, match="not an Intervention"):
+            cone.explore(_fake_trigger(cone))
+    with pytest.raises(qckpt.RevisionNotFoundError, match="no light-cone record"):
+        with qckpt.Repository.open(tmp_path / "r") as repo:
+            ConeRecord.load(repo, "nope")
+
+
+def _fake_trigger(cone: LightCone) -> Any:
+    from branch import InstabilityIndex, Observation
+
+    cone._commit_main()  # noqa: SLF001
+    index = InstabilityIndex(total_steps=STEPS)
+    return index.observe(Observation(cone.state.step, float("nan")))
