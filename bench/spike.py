@@ -44,7 +44,7 @@ import torch
 
 import qckpt
 from bench.workload import SIZES, CharGPT, WarmupCosine, load_corpus
-from branch import ConeConfig, Controls, LightCone, StepResult, write_report
+from branch import ConeConfig, ConeRecord, Controls, LightCone, StepResult, write_report
 
 SIZE = SIZES["tiny"]
 SCENARIOS = ("clean", "lr_spike", "poison")
@@ -202,7 +202,7 @@ def train_plain(run: Run, steps: int, method: str) -> list[list[Any]]:
         batch = next(run.batches)
         clip = 1.0 if method == "none" else None
         loss, norm = _step(run, batch, clip)
-        value = float(loss)
+        value = loss.item()
         skip = False
         if method == "zclip":
             z = grad_ema.z(norm)
@@ -257,7 +257,7 @@ def train_cone(run: Run, steps: int, workload: Workload, repo: qckpt.Repository,
 def _rollback_skip(cone: LightCone, steps: int) -> list[list[Any]]:
     """The manual recipe with the light cone's trigger: roll back, skip, carry on."""
     cone.index.total_steps = steps
-    cone._commit_main()  # noqa: SLF001 - the bench drives the engine's own loop parts
+    cone.commit()
     path: list[list[Any]] = []
     while cone.state.step < steps:
         result = cone.train_step(next(cone.batches))
@@ -265,8 +265,7 @@ def _rollback_skip(cone: LightCone, steps: int) -> list[list[Any]]:
         trigger = cone.observe(result)
         if trigger is not None:
             origin = cone.origin_for(trigger)
-            cone.repo.restore(cone.state, origin.id)
-            cone.controls = Controls.of(cone.state)
+            cone.roll_back(origin)
             cone.batches.skip(max(1, trigger.step - (origin.step or 0)))
             path = [p for p in path if p[0] <= (origin.step or 0)]
     return path
@@ -290,6 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workload = Workload(steps)
     results: dict[str, Any] = {"steps": steps, "seeds": seeds, "model": "tiny", "scenarios": {}}
     cone_report: tuple[Path, Path] | None = None
+    report_has_events = False
     with tempfile.TemporaryDirectory(prefix="qckpt-spike-") as tmp:
         for scenario in SCENARIOS:
             methods: dict[str, Any] = {}
@@ -302,9 +302,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         repo_path = Path(tmp) / f"{scenario}-{method}-{seed}"
                         with qckpt.Repository.init(repo_path) as repo:
                             path, cost = train_cone(run_, steps, workload, repo, method == "lightcone", "main")
-                            if method == "lightcone" and scenario != "clean" and cone_report is None and args.json:
-                                stem = args.json.with_suffix("")
+                            if method == "lightcone" and scenario != "clean" and not report_has_events and args.json:
+                                stem = args.json.with_suffix("")  # the first injected run with an event, else the first
                                 cone_report = write_report(repo, "main", stem.with_name(stem.name + "-cone"))
+                                report_has_events = bool(ConeRecord.load(repo, "main").events)
                     else:
                         path = train_plain(run_, steps, method)
                         cost = steps

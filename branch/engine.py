@@ -208,12 +208,12 @@ class LightCone:
                 "steps left): futures could not be told apart; shorten ConeConfig.horizon"
             )
         self.index.total_steps = self.index.total_steps or steps
-        self._commit_main()
+        self.commit()
         while self.state.step < steps:
             trigger = self.observe(self.train_step(next(self.batches)))
             if trigger is not None and (self.config.max_events is None or len(self.record.events) < self.config.max_events):
                 self.explore(trigger, until=steps)
-        self._commit_main()
+        self.commit()
         self.record.save(self.repo, f"run {self.run_name} finished at step {self.state.step}")
         return self.record
 
@@ -229,12 +229,14 @@ class LightCone:
         """Record a finished step (``state.step`` already counts it), commit on the
         cadence, and return a ``Trigger`` if the run turned unstable."""
         self.record.main.append([self.state.step, result.loss, result.grad_norm])
-        if self.state.step % self.config.commit_every == 0:
-            self._commit_main()
+        if not self._main or self.state.step % self.config.commit_every == 0:
+            self.commit()
         return self.index.observe(Observation(self.state.step, result.loss, result.grad_norm))
 
-    def _commit_main(self) -> None:
-        """Commit the live state on the run's branch (once per step)."""
+    def commit(self) -> None:
+        """Commit the live state on the run's branch now (at most once per step).
+        ``run`` and ``observe`` do it every ``commit_every`` steps, and ``observe``
+        on its first call, so a rollback always has an origin."""
         if self._main and self._main[-1][0] == self.state.step:
             return
         last = self.record.main[-1][1] if self.record.main else None
@@ -253,6 +255,17 @@ class LightCone:
         candidates = [sid for step, sid in self._main if step <= target] or [self._main[0][1]]
         return self.repo.snapshot(candidates[-1])
 
+    def roll_back(self, origin: qckpt.Snapshot) -> None:
+        """The manual recipe without exploring: move the run's branch back to ``origin``
+        (``reset``: recorded in the ref log, the abandoned steps stay recoverable) and
+        continue the live state from there."""
+        self.repo.flush()
+        self.repo.reset(self.branch, origin.id)
+        self.repo.restore(self.state, origin.id)
+        self.controls = Controls.of(self.state)
+        self._main = [(step, sid) for step, sid in self._main if step <= (origin.step or 0)]
+        self.record.main = [m for m in self.record.main if m[0] <= (origin.step or 0)]
+
     def explore(self, trigger: Trigger, until: int | None = None) -> Decision:
         """Roll back, run every future, choose, join, continue from the choice (see the
         module docstring). With ``until`` (the run's last step), futures stop there
@@ -268,7 +281,7 @@ class LightCone:
         if wrong:
             raise qckpt.InvalidInputError(f"{wrong[0]!r} is not an Intervention (see branch.interventions)")
         futures = [Future("control", None)] + [
-            Future(f"f{i}-{_slug(iv.label())}", iv) for i, iv in enumerate(chosen_interventions, start=1)
+            Future(f"f{i}-{_slug(iv.slug())}", iv) for i, iv in enumerate(chosen_interventions, start=1)
         ]
         abandoned = [m for m in self.record.main if m[0] > (origin.step or 0)]
         results = self.executor.run(self, origin, futures, horizon)

@@ -68,8 +68,12 @@ class Intervention:
         """What is stored in the light-cone record."""
         return {"kind": self.kind or type(self).__name__, **asdict(self)}  # type: ignore[call-overload]
 
+    def slug(self) -> str:
+        """Its kind, for branch names (``skip_batches``; combined: ``skip_batches+scale_lr``)."""
+        return self.kind or type(self).__name__
+
     def label(self) -> str:
-        """A short name for branches and reports."""
+        """A short description with parameters, for reports."""
         params = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in asdict(self).items())  # type: ignore[call-overload]
         return f"{self.kind or type(self).__name__}({params})"
 
@@ -210,3 +214,6 @@ class Combined(Intervention):
 
     def label(self) -> str:
         return "+".join(p.label() for p in self.parts)
+
+    def slug(self) -> str:
+        return "+".join(p.slug() for p in self.parts)

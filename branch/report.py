@@ -56,7 +56,7 @@ def figure_png(record: ConeRecord, *, width: float = 11.0, height: float = 6.5) 
         ax.plot(xs, ys, color="black", linewidth=0.9, alpha=0.55, label="run (realized path)", zorder=5)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
-        ax.set_title(f"light cone of run {record.run!r}: {len(record.events)} events")
+        ax.set_title(f"light cone of run {record.run!r}: {len(record.events)} event{'s' if len(record.events) != 1 else ''}")
         if ys:  # keep the view on the run; a diverging future should not flatten everything else
             ordered = sorted(ys)
             lo, hi = ordered[0], ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
@@ -106,7 +106,7 @@ def page_html(record: ConeRecord, png: bytes) -> str:
         )
         for future in event["futures"]:
             c = comparisons.get(future["name"])
-            interval = f"[{_fmt(c['low'])}, {_fmt(c['high'])}] at {c['level']:.3g}" if c else "-"
+            interval = f"[{_fmt(c['low'])}, {_fmt(c['high'])}] ({100 * c['level']:.3g}%)" if c else "-"
             verdict = "chosen" if future["name"] == chosen else ("better beyond noise" if c and c["qualifies"] else "")
             verdict += " (diverged)" if future["diverged"] else ""
             rows.append(
@@ -119,7 +119,8 @@ def page_html(record: ConeRecord, png: bytes) -> str:
     image = base64.b64encode(png).decode()
     compute = record.compute
     main_steps = record.main[-1][0] if record.main else 0
-    summary = (f"{len(record.events)} events; {compute['train_steps']} training steps in all (the run's path "
+    events = f"{len(record.events)} event{'s' if len(record.events) != 1 else ''}"
+    summary = (f"{events}; {compute['train_steps']} training steps in all (the run's path "
                f"has {main_steps}), {compute['eval_batches']} held-out evaluation batches.")  # fmt: skip
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>light cone: {html.escape(record.run)}</title>

@@ -32,7 +32,7 @@ def test_a_rollout_is_bit_exact_with_a_manual_restore_and_train(tmp_path: Path) 
     workload = Workload(STEPS)
     with qckpt.Repository.init(tmp_path / "r") as repo:
         cone = _cone(repo, workload, "clean")
-        cone._commit_main()  # noqa: SLF001
+        cone.commit()
         for _ in range(6):
             cone.observe(cone.train_step(next(cone.batches)))
         origin = repo.snapshot("main")
@@ -113,6 +113,6 @@ def test_bad_input_is_a_typed_error(tmp_path: Path) -> None:
 def _fake_trigger(cone: LightCone) -> Any:
     from branch import InstabilityIndex, Observation
 
-    cone._commit_main()  # noqa: SLF001
+    cone.commit()
     index = InstabilityIndex(total_steps=STEPS)
     return index.observe(Observation(cone.state.step, float("nan")))
