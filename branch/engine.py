@@ -109,11 +109,14 @@ class FutureResult:
     def as_record(self) -> dict[str, Any]:
         iv = self.future.intervention
         finite = [s for s in self.scores if math.isfinite(s)]
+        points = [m for m in self.metrics if m[1] is not None and math.isfinite(m[1])]
+        ahead = len(self.metrics)  # where this future's own curve points, one horizon further on
         return {"name": self.future.name, "branch": self.branch, "control": iv is None,
                 "intervention": iv.record() if iv is not None else None, "label": iv.label() if iv else "control",
                 "metrics": self.metrics, "eval": self.scores,
                 "eval_mean": sum(finite) / len(finite) if finite and len(finite) == len(self.scores) else None,
-                "snapshot": self.snapshot, "diverged": self.diverged}  # fmt: skip
+                "snapshot": self.snapshot, "diverged": self.diverged,
+                "forecast": forecast([m[1] for m in points], [m[0] for m in points], ahead) if not self.diverged else {}}  # fmt: skip
 
 
 @dataclass(frozen=True)

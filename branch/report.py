@@ -40,7 +40,8 @@ def figure_png(record: ConeRecord, *, width: float = 11.0, height: float = 6.5) 
             origin = event["origin"]
             xs, ys = _finite(event["abandoned"])
             if xs:
-                ax.plot(xs, ys, color="0.6", linewidth=1.0, label="abandoned (led into the trigger)" if event["number"] == 1 else None)
+                ax.plot(xs, ys, color="tab:red", linewidth=1.0, linestyle=":", alpha=0.8,
+                        label="abandoned (led into the trigger)" if event["number"] == 1 else None)  # fmt: skip
             for future in event["futures"]:
                 chosen = future["name"] == event["selection"]["chosen"]
                 xs, ys = _finite([[origin["step"], None]] + future["metrics"])
@@ -53,7 +54,9 @@ def figure_png(record: ConeRecord, *, width: float = 11.0, height: float = 6.5) 
                         rotation=90, va="top", ha="right", fontsize=8, color="tab:red")  # fmt: skip
             ax.axvline(origin["step"], color="tab:blue", linewidth=0.8, linestyle=":", alpha=0.7)
         xs, ys = _finite(record.main)
-        ax.plot(xs, ys, color="black", linewidth=0.9, alpha=0.55, label="run (realized path)", zorder=5)
+        ax.plot(xs, ys, color="black", linewidth=0.8, alpha=0.3, zorder=5)
+        smooth = [sum(ys[max(0, i - 4) : i + 5]) / len(ys[max(0, i - 4) : i + 5]) for i in range(len(ys))]
+        ax.plot(xs, smooth, color="black", linewidth=1.6, label="run (realized path; raw faint, 9-step mean bold)", zorder=5)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.set_title(f"light cone of run {record.run!r}: {len(record.events)} event{'s' if len(record.events) != 1 else ''}")

@@ -116,3 +116,20 @@ def _fake_trigger(cone: LightCone) -> Any:
     cone.commit()
     index = InstabilityIndex(total_steps=STEPS)
     return index.observe(Observation(cone.state.step, float("nan")))
+
+
+def test_roll_back_is_a_recorded_reset_and_a_restore(tmp_path: Path) -> None:
+    workload = Workload(STEPS)
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        cone = _cone(repo, workload, "clean")
+        for _ in range(9):
+            cone.observe(cone.train_step(next(cone.batches)))
+        origin = repo.snapshot("main@4")
+        expected = repo.load(origin.id).tree()["components"]["model"]
+        cone.roll_back(origin)
+        assert repo.branches()["main"] == origin.id and repo.reflog("main")[0].cause.startswith("reset")
+        assert cone.state.step == 4 and [m[0] for m in cone.record.main] == [1, 2, 3, 4]
+        assert differences(dict(cone.state.components["model"].state_dict()), expected) == []
+        cone.observe(cone.train_step(next(cone.batches)))
+        cone.commit()  # continues on main from the origin (no DivergedError): its parent is the origin
+        assert repo.snapshot("main").parents == (origin.id,) and repo.snapshot("main").step == 5
