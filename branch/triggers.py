@@ -81,11 +81,11 @@ class Detector(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class _Persistence:
-    """Whether at least ``need`` of the last ``window`` steps were elevated."""
+class _Recent:
+    """How many of the last ``window`` steps were elevated."""
 
-    def __init__(self, need: int, window: int) -> None:
-        self.need, self.flags = need, deque[bool](maxlen=window)
+    def __init__(self, window: int) -> None:
+        self.flags = deque[bool](maxlen=window)
 
     def push(self, elevated: bool) -> int:
         self.flags.append(elevated)
@@ -124,7 +124,7 @@ class GradNormZ:
                  persist: int = 3, window: int = 5, warmup: int = 25) -> None:  # fmt: skip
         self.alpha, self.z_elevated, self.z_spike, self.warmup = alpha, z_elevated, z_spike, warmup
         self.persist, self.window = persist, window
-        self._recent = _Persistence(persist, window)
+        self._recent = _Recent(window)
         self.mean, self.var, self.seen = 0.0, 0.0, 0
 
     @property
@@ -173,7 +173,7 @@ class LossSpike:
                  persist: int = 3, window: int = 5, warmup: int = 25) -> None:  # fmt: skip
         self.z_elevated, self.z_spike, self.warmup, self.persist = z_elevated, z_spike, warmup, persist
         self.losses = deque[float](maxlen=history)
-        self._recent = _Persistence(persist, window)
+        self._recent = _Recent(window)
 
     def observe(self, obs: Observation) -> Signal:
         loss = obs.loss
