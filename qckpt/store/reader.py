@@ -75,10 +75,16 @@ class ChunkReader:
 
         return locate
 
-    def read(self, targets: Collection[bytes], deliver: Callable[[bytes, bytes], None]) -> dict[bytes, IntegrityError]:
+    def read(
+        self, targets: Collection[bytes], deliver: Callable[[bytes, bytes], None], *, _again: bool = False
+    ) -> dict[bytes, IntegrityError]:
         """Decode each of ``targets`` and call ``deliver(chunk_id, raw)`` (from pool
         threads, once per target). Returns the targets that could not be read, each
-        with an ``IntegrityError`` naming the object (or the dependency) at fault."""
+        with an ``IntegrityError`` naming the object (or the dependency) at fault.
+
+        An object that fails verification where the index placed it is looked up
+        again (pack footers re-read, once): if the footers place it elsewhere (a
+        damaged index entry), the failed targets are read once more from there."""
         wanted = set(targets)
         locate = self._locator()
         locations: dict[bytes, ChunkLocation] = {}
@@ -99,7 +105,10 @@ class ChunkReader:
             tasks = [self._pool.submit(self._decode_group, g, locations, data, errors, wanted, deliver) for g in batch]
             for task in tasks:
                 task.result()
-        return {c: e for c, e in errors.items() if c in wanted}
+        failed = {c: e for c, e in errors.items() if c in wanted}
+        if failed and not _again and any(locate(c, loc) not in (None, loc) for c, loc in locations.items() if c in errors):
+            return self.read(list(failed), deliver, _again=True)
+        return failed
 
     def _decode_group(
         self,
