@@ -199,7 +199,11 @@ class LightCone:
         self.executor = executor or SequentialRollouts()
         self.interventions = interventions or default_futures
         self.controls = Controls.of(state)
-        self.record = ConeRecord(self.run_name, branch, {"cone": asdict(self.config)})
+        try:  # a run resumed (after a crash, or in a new process) goes on with its record
+            self.record = ConeRecord.load(repo, self.run_name)
+            self.record.main = [m for m in self.record.main if m[0] <= state.step]
+        except qckpt.RevisionNotFoundError:
+            self.record = ConeRecord(self.run_name, branch, {"cone": asdict(self.config)})
         self._main: list[tuple[int, str]] = []  # (step, snapshot id) committed on the run's branch, in order
 
     # -- the loop ---------------------------------------------------------------------
@@ -313,12 +317,14 @@ class LightCone:
     def train_future(self, origin: qckpt.Snapshot, future: Future, horizon: int) -> FutureResult:
         """Restore ``origin``, apply the future's intervention, train ``horizon`` steps on
         its own branch, evaluate; the live state is left at the future's end."""
+        result = FutureResult(future, f"{self.run_name}.e{len(self.record.events) + 1}.{future.name}")
+        if result.branch in self.repo.branches():  # an attempt at this event that did not finish (a crash): start over
+            self.repo.reset(result.branch, origin.id)
         self.repo.restore(self.state, origin.id)
         self.controls = Controls.of(self.state)
         if future.intervention is not None:
             future.intervention.apply(Target(self.state, self.batches, self.controls))
         self.controls.save(self.state)
-        result = FutureResult(future, f"{self.run_name}.e{len(self.record.events) + 1}.{future.name}")
         last = math.nan
         for _ in range(horizon):
             step = self.train_step(next(self.batches))

@@ -21,8 +21,10 @@ from branch import ConeConfig, ConeRecord, Controls, Future, LightCone, ScaleLR
 STEPS = 100
 
 
-def _cone(repo: qckpt.Repository, workload: Workload, scenario: str, **config: Any) -> LightCone:
+def _cone(repo: qckpt.Repository, workload: Workload, scenario: str, resume: str | None = None, **config: Any) -> LightCone:
     run = workload.new_run(scenario, 0)
+    if resume is not None:
+        repo.restore(run.state, resume)
     evaluate = lambda s: workload.losses(s.components["model"], workload.validation[:4])  # noqa: E731
     return LightCone(repo, run.state, cone_step, run.batches, evaluate,
                      config=ConeConfig(**{"horizon": 8, "commit_every": 4, "resamples": 300} | config))  # fmt: skip
@@ -133,3 +135,21 @@ def test_roll_back_is_a_recorded_reset_and_a_restore(tmp_path: Path) -> None:
         cone.observe(cone.train_step(next(cone.batches)))
         cone.commit()  # continues on main from the origin (no DivergedError): its parent is the origin
         assert repo.snapshot("main").parents == (origin.id,) and repo.snapshot("main").step == 5
+
+
+def test_a_resumed_run_continues_its_record_and_redoes_an_unfinished_event(tmp_path: Path) -> None:
+    workload = Workload(STEPS, spike_factor=300.0)
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        first = _cone(repo, workload, "lr_spike")
+        first.run(60)  # the spike at step 40 makes an event (or more)
+        n = len(first.record.events)
+        assert n >= 1
+        again = _cone(repo, workload, "lr_spike", resume="main")  # a new process picks the run up
+        assert len(again.record.events) == n and again.record.main[-1][0] == again.state.step == 60
+        name = f"main.e{n + 1}.control"
+        left_over = repo.create_branch(name, "main@52")  # as if a crash interrupted the next event
+        decision = again.explore(_fake_trigger(again))
+        assert decision.results[0].branch == name and len(again.record.events) == n + 1
+        log = repo.reflog(name)  # the unfinished attempt was reset away, on the record
+        assert any(e.old == left_over.id and e.cause.startswith("reset") for e in log)
+        assert ConeRecord.load(repo, "main").events[n]["number"] == n + 1
