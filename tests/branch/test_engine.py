@@ -88,6 +88,12 @@ def test_an_injected_spike_is_recovered_and_recorded(tmp_path: Path) -> None:
     assert "data:image/png;base64," in page and event["selection"]["chosen"] in page and "Event 1" in page
     cli = subprocess.run([sys.executable, "-m", "qckpt", "-R", str(path), "cone", "list"], capture_output=True, text=True)
     assert cli.returncode == 0 and cli.stdout.startswith("main") and "events" in cli.stdout
+    out_base = tmp_path / "cli-report"
+    cli = subprocess.run([sys.executable, "-m", "qckpt", "-R", str(path), "cone", "report", "-o", str(out_base)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert cli.returncode == 0 and (tmp_path / "cli-report.html").exists() and (tmp_path / "cli-report.png").exists()
+    cli = subprocess.run([sys.executable, "-m", "qckpt", "-R", str(path), "cone", "report", "nope"], capture_output=True, text=True)
+    assert cli.returncode == 3 and "no light-cone record for run 'nope'" in cli.stderr
 
 
 def test_bad_input_is_a_typed_error(tmp_path: Path) -> None:
