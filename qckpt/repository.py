@@ -328,9 +328,9 @@ class Repository:
         if isinstance(state, TrainingState):
             if state.lineage is not None and state.lineage.repository_id == self.config.repository_id:
                 lineage = state.lineage
-            tree: Any = state.capture()
-            step = state.step if step is None else step
             layouts = state.optimizer_layouts()
+            tree: Any = state.capture(layouts)
+            step = state.step if step is None else step
             rules = parameter_rules(tree, layouts)
             notes = tuple(layout.note for layout in layouts if layout.note)
         else:

@@ -262,8 +262,9 @@ class TrainingState:
             elif isinstance(getattr(component, "base_lrs", None), list):  # an LR scheduler
                 component.base_lrs = [lr * factor for lr in component.base_lrs]
 
-    def capture(self) -> dict[str, Any]:
-        """The current state as a plain tree (tensors are shared, not copied)."""
+    def capture(self, layouts: list[OptimizerLayout] | None = None) -> dict[str, Any]:
+        """The current state as a plain tree (tensors are shared, not copied).
+        ``layouts``: this state's ``optimizer_layouts()``, if the caller has them already."""
         return {
             "format": STATE_FORMAT,
             "step": self.step,
@@ -275,7 +276,7 @@ class TrainingState:
             "extras": self.extras,
             "classes": {name: _class_name(c) for name, c in self.components.items()},
             # which parameter each optimizer's state entries belong to, by tree path (for people reading snapshots)
-            "parameters": {layout.component: list(layout.param_paths) for layout in self.optimizer_layouts()},
+            "parameters": {layout.component: list(layout.param_paths) for layout in (layouts if layouts is not None else self.optimizer_layouts())},
         }
 
     def optimizer_layouts(self) -> list[OptimizerLayout]:
