@@ -157,10 +157,6 @@ class Workload:
         return out
 
 
-def _grad_norm(model: torch.nn.Module) -> float:
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
-
-
 class _Ema:
     """Mean and variance EMAs of a signal, fed only ordinary values (as ZClip does)."""
 
