@@ -7,7 +7,18 @@ every event is recorded in the repository (``ConeRecord``) for the report
 (``write_report``; CLI ``qckpt cone report``).
 """
 
-from branch.engine import ConeConfig, Decision, Future, FutureResult, LightCone, RolloutExecutor, SequentialRollouts, StepResult, default_futures
+from branch.engine import (
+    ConeConfig,
+    Decision,
+    Future,
+    FutureResult,
+    LightCone,
+    RolloutExecutor,
+    SequentialRollouts,
+    Situation,
+    StepResult,
+    default_futures,
+)
 from branch.interventions import (
     ClipGrad,
     Combined,
@@ -38,6 +49,6 @@ __all__ = [
     "ClipGrad", "Combined", "Comparison", "ConeConfig", "ConeRecord", "Controls", "DampMoments", "Decision",
     "ForecastDisagreement", "Future", "FutureResult", "GradNormZ", "InstabilityIndex", "Intervention", "LightCone",
     "LossSpike", "NonFinite", "Observation", "ReseedData", "RolloutExecutor", "ScaleLR", "ScaleWeightDecay",
-    "Selection", "SequentialRollouts", "Signal", "SkipBatches", "StepResult", "Target", "Trigger", "default_futures",
+    "Selection", "SequentialRollouts", "Signal", "Situation", "SkipBatches", "StepResult", "Target", "Trigger", "default_futures",
     "select", "write_report",
 ]  # fmt: skip

@@ -87,6 +87,18 @@ class ConeConfig:
 
 
 @dataclass(frozen=True)
+class Situation:
+    """What an event's futures are built from: the trigger's step, the batches
+    between the origin and the trigger (``skip``), the run's typical gradient
+    norm (None if not measured) and the rollout ``horizon``."""
+
+    step: int
+    skip: int
+    grad_norm: float | None
+    horizon: int
+
+
+@dataclass(frozen=True)
 class Future:
     """One alternative to explore: ``intervention`` None is the control."""
 
@@ -161,8 +173,8 @@ class LightCone:
     position); ``skip(n)`` and ``reseed(seed)`` are used when present.
     ``evaluate(state)`` returns one loss per held-out batch, the same batches
     every time; without it futures are compared on their last training losses
-    (a weaker, unpaired comparison). ``interventions(skip, grad_norm)`` builds
-    the futures explored besides the control (default: ``default_futures``).
+    (a weaker, unpaired comparison). ``interventions(situation)`` builds the
+    futures explored besides the control (default: ``default_futures``).
     """
 
     def __init__(
@@ -178,7 +190,7 @@ class LightCone:
         config: ConeConfig | None = None,
         index: InstabilityIndex | None = None,
         executor: RolloutExecutor | None = None,
-        interventions: Callable[[int, float | None], list[Intervention]] | None = None,
+        interventions: Callable[[Situation], list[Intervention]] | None = None,
     ) -> None:
         if not (callable(getattr(batches, "state_dict", None)) and callable(getattr(batches, "load_state_dict", None))):
             raise qckpt.InvalidInputError(
@@ -233,9 +245,11 @@ class LightCone:
         return StepResult(float(result.loss), None if result.grad_norm is None else float(result.grad_norm))
 
     def observe(self, result: StepResult) -> Trigger | None:
-        """Record a finished step (``state.step`` already counts it), commit on the
-        cadence, and return a ``Trigger`` if the run turned unstable."""
+        """Record a finished step (``state.step`` already counts it), advance the
+        controls (``Controls.tick``), commit on the cadence, and return a
+        ``Trigger`` if the run turned unstable."""
         self.record.main.append([self.state.step, result.loss, result.grad_norm])
+        self.controls.tick(self.state)
         if not self._main or self.state.step % self.config.commit_every == 0:
             self.commit()
         return self.index.observe(Observation(self.state.step, result.loss, result.grad_norm))
@@ -283,7 +297,7 @@ class LightCone:
         number = len(self.record.events) + 1
         skip = self.config.skip if self.config.skip is not None else max(1, trigger.step - (origin.step or 0))
         typical = next((d.typical for d in self.index.detectors if isinstance(d, GradNormZ)), None)
-        chosen_interventions = self.interventions(skip, typical)
+        chosen_interventions = self.interventions(Situation(trigger.step, skip, typical, horizon))
         wrong = [iv for iv in chosen_interventions if not isinstance(iv, Intervention)]
         if wrong:
             raise qckpt.InvalidInputError(f"{wrong[0]!r} is not an Intervention (see branch.interventions)")
@@ -328,6 +342,7 @@ class LightCone:
         last = math.nan
         for _ in range(horizon):
             step = self.train_step(next(self.batches))
+            self.controls.tick(self.state)
             last = step.loss
             result.metrics.append([self.state.step, step.loss, step.grad_norm])
             if not math.isfinite(step.loss):
@@ -354,13 +369,20 @@ class LightCone:
         return losses + [math.inf] * (window - len(losses))
 
 
-def default_futures(skip: int, grad_norm: float | None) -> list[Intervention]:
+def default_futures(situation: Situation) -> list[Intervention]:
     """The futures explored besides the control, from published practice: PaLM's and
     OPT's recipe (roll back, skip the batches that led into the spike); a lower
     learning rate (OPT and BLOOM lowered it after divergences); both; and reset
     optimizer moments with clipping at the run's typical gradient norm (the
-    moments carry a spike forward; ZClip clips relative to the running mean)."""
-    futures: list[Intervention] = [SkipBatches(skip), ScaleLR(0.5), Combined((SkipBatches(skip), ScaleLR(0.5)))]
+    moments carry a spike forward; ZClip clips relative to the running mean).
+
+    The lower learning rate is halved and warmed back to the schedule over the
+    first half of the horizon: judged at the horizon, a permanently lower rate
+    wins on its short-term annealing gain (a lower noise floor) and loses later,
+    so the futures are compared after the rate is back."""
+    skip, grad_norm = situation.skip, situation.grad_norm
+    lower = ScaleLR(0.5, warmback=max(1, situation.horizon // 2))
+    futures: list[Intervention] = [SkipBatches(skip), lower, Combined((SkipBatches(skip), lower))]
     if grad_norm is not None and math.isfinite(grad_norm) and grad_norm > 0:
         futures.append(Combined((DampMoments(0.0), ClipGrad(float(grad_norm)))))
     else:

@@ -26,11 +26,18 @@ CONTROLS_KEY = "lightcone.controls"  # where Controls live in TrainingState.extr
 
 @dataclass
 class Controls:
-    """Settings an intervention may change and the step function reads:
-    ``clip_grad_norm`` (None: no clipping). ``clip(parameters)`` applies it and
-    returns the gradient norm before clipping (or computes it, unclipped)."""
+    """Settings interventions change and later steps obey.
+
+    * ``clip_grad_norm`` (None: no clipping): read by the user's step function;
+      ``clip(parameters)`` applies it and returns the gradient norm before clipping;
+    * ``lr_scale``, ``lr_warmback``: a temporary learning-rate multiplier in force
+      and the steps left until it is back at 1. The engine calls ``tick(state)``
+      once after every step; each tick moves the multiplier linearly towards 1.
+    """
 
     clip_grad_norm: float | None = None
+    lr_scale: float = 1.0
+    lr_warmback: int = 0
 
     @classmethod
     def of(cls, state: qckpt.TrainingState) -> Controls:
@@ -40,6 +47,15 @@ class Controls:
 
     def save(self, state: qckpt.TrainingState) -> None:
         state.extras[CONTROLS_KEY] = asdict(self)
+
+    def tick(self, state: qckpt.TrainingState) -> None:
+        """One step done: move a temporary LR multiplier one step back towards 1
+        (reaching exactly 1 after ``lr_warmback`` ticks) and store the controls."""
+        if self.lr_warmback > 0:
+            scale = self.lr_scale + (1.0 - self.lr_scale) / self.lr_warmback
+            state.scale_lr(scale / self.lr_scale)
+            self.lr_scale, self.lr_warmback = scale, self.lr_warmback - 1
+            self.save(state)
 
     def clip(self, parameters: Any) -> float:
         params = [p for p in parameters if p.grad is not None]
@@ -73,8 +89,9 @@ class Intervention:
         return self.kind or type(self).__name__
 
     def label(self) -> str:
-        """A short description with parameters, for reports."""
-        params = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in asdict(self).items())  # type: ignore[call-overload]
+        """A short description with parameters (those set), for reports."""
+        params = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in asdict(self).items() if v is not None)  # type: ignore[call-overload]
         return f"{self.kind or type(self).__name__}({params})"
 
 
@@ -92,17 +109,27 @@ def _positive(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class ScaleLR(Intervention):
-    """Multiply every optimizer's learning rate by ``factor`` (schedulers keep it)."""
+    """Multiply every optimizer's learning rate by ``factor`` (schedulers keep it).
+    With ``warmback`` the change is temporary: the multiplier returns linearly to
+    1 over that many steps (a re-warm-up after a restart), after which the
+    schedule runs as before; without it the change lasts for good."""
 
     factor: float
+    warmback: int | None = None
     kind: ClassVar[str] = "scale_lr"
 
     def __post_init__(self) -> None:
         _positive("factor", self.factor)
+        if self.warmback is not None and (isinstance(self.warmback, bool) or not isinstance(self.warmback, int)
+                                          or self.warmback < 1):  # fmt: skip
+            raise qckpt.InvalidInputError(f"warmback must be a positive integer or None, got {self.warmback!r}")
 
     def apply(self, target: Target) -> None:
         _optimizers(target.state)
         target.state.scale_lr(self.factor)
+        if self.warmback is not None:
+            target.controls.lr_scale *= self.factor
+            target.controls.lr_warmback = self.warmback
 
 
 @dataclass(frozen=True)

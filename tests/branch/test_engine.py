@@ -38,15 +38,27 @@ def test_a_rollout_is_bit_exact_with_a_manual_restore_and_train(tmp_path: Path) 
         for _ in range(6):
             cone.observe(cone.train_step(next(cone.batches)))
         origin = repo.snapshot("main")
-        result = cone.train_future(origin, Future("lower", ScaleLR(0.5)), 5)
+        result = cone.train_future(origin, Future("lower", ScaleLR(0.5, warmback=3)), 5)
         rolled = {k: v.clone() for k, v in cone.state.components["model"].state_dict().items()}
         manual = workload.new_run("clean", 0)
         repo.restore(manual.state, origin.id)
-        manual.state.scale_lr(0.5)
+        manual.state.scale_lr(0.5)  # by hand: halve, then warm back over 3 steps
+        controls = Controls(lr_scale=0.5, lr_warmback=3)
+        lrs = []
         for _ in range(5):
-            cone_step(manual.state, next(manual.batches), Controls.of(manual.state))
+            lrs.append(manual.optimizer.param_groups[0]["lr"])
+            cone_step(manual.state, next(manual.batches), controls)
+            controls.tick(manual.state)
         assert differences(rolled, dict(manual.model.state_dict())) == []
-        assert repo.load(result.snapshot).tree()["extras"] == manual.state.extras | {"lightcone.controls": {"clip_grad_norm": None}}
+        assert repo.load(result.snapshot).tree()["extras"] == manual.state.extras
+        assert manual.state.extras["lightcone.controls"] == {"clip_grad_norm": None, "lr_scale": 1.0, "lr_warmback": 0}
+        schedule = workload.new_run("clean", 0)
+        repo.restore(schedule.state, origin.id)
+        plain = []
+        for _ in range(5):
+            plain.append(schedule.optimizer.param_groups[0]["lr"])
+            schedule.scheduler.step()
+        assert [a / b for a, b in zip(lrs, plain)] == pytest.approx([0.5, 2 / 3, 5 / 6, 1.0, 1.0], rel=1e-12)
         assert [m[0] for m in result.metrics] == [5, 6, 7, 8, 9] and len(result.scores) == 4
 
 
@@ -110,7 +122,7 @@ def test_bad_input_is_a_typed_error(tmp_path: Path) -> None:
         cone = _cone(repo, workload, "clean", horizon=STEPS + 20)
         with pytest.raises(qckpt.InvalidInputError, match="longer than the run"):
             cone.run(STEPS)
-        cone = LightCone(repo, run.state, cone_step, run.batches, interventions=lambda skip, g: ["lower the lr"])  # type: ignore[list-item]
+        cone = LightCone(repo, run.state, cone_step, run.batches, interventions=lambda situation: ["lower the lr"])  # type: ignore[list-item]
         with pytest.raises(qckpt.InvalidInputError, match="not an Intervention"):
             cone.explore(_fake_trigger(cone))
     with pytest.raises(qckpt.RevisionNotFoundError, match="no light-cone record"):

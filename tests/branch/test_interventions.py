@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import pytest
@@ -32,7 +33,7 @@ def _snapshot(t: Target) -> dict[str, Any]:
             "groups": [{k: v for k, v in g.items() if k != "params"} for g in c["optimizer"].param_groups],
             "moments": {i: {k: v.clone() for k, v in s.items()} for i, s in c["optimizer"].state.items()},
             "base_lrs": list(c["scheduler"].base_lrs), "data": t.batches.state_dict()["drawn"],
-            "generator": t.batches.generator.get_state().clone(), "controls": Controls.of(t.state).clip_grad_norm}  # fmt: skip
+            "generator": t.batches.generator.get_state().clone(), "controls": asdict(Controls.of(t.state))}  # fmt: skip
 
 
 def _changed(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
@@ -41,6 +42,7 @@ def _changed(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
 
 @pytest.mark.parametrize(("intervention", "expected"), [
     (ScaleLR(0.5), {"groups", "base_lrs"}),
+    (ScaleLR(0.5, warmback=4), {"groups", "base_lrs", "controls"}),
     (SkipBatches(3), {"data", "generator"}),
     (ScaleWeightDecay(2.0), {"groups"}),
     (ClipGrad(0.25), {"controls"}),
@@ -80,11 +82,27 @@ def test_controls_travel_with_the_state_through_a_commit(tmp_path: Any) -> None:
 
 def test_records_and_labels() -> None:
     combined = Combined((SkipBatches(3), ScaleLR(0.5)))
-    assert combined.record() == {"kind": "combined", "parts": [{"kind": "skip_batches", "n": 3}, {"kind": "scale_lr", "factor": 0.5}]}
+    assert combined.record() == {"kind": "combined", "parts": [{"kind": "skip_batches", "n": 3},
+                                                              {"kind": "scale_lr", "factor": 0.5, "warmback": None}]}
     assert combined.label() == "skip_batches(n=3)+scale_lr(factor=0.5)"
+    assert ScaleLR(0.5, warmback=10).label() == "scale_lr(factor=0.5,warmback=10)"
 
 
-@pytest.mark.parametrize("make", [lambda: ScaleLR(0), lambda: ScaleLR(-1.0), lambda: SkipBatches(0), lambda: DampMoments(2.0),
+def test_a_temporary_lr_change_warms_back_to_the_schedule() -> None:
+    t = _target()
+    opt = t.state.components["optimizer"]
+    ScaleLR(0.25, warmback=3).apply(t)
+    assert (t.controls.lr_scale, t.controls.lr_warmback) == (0.25, 3)
+    seen = [opt.param_groups[0]["lr"]]
+    for _ in range(4):
+        t.controls.tick(t.state)
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2], rel=1e-12)
+    assert t.state.components["scheduler"].base_lrs == [pytest.approx(1e-2, rel=1e-12)]
+    assert Controls.of(t.state) == Controls(None, 1.0, 0)  # stored back at each tick
+
+
+@pytest.mark.parametrize("make", [lambda: ScaleLR(0), lambda: ScaleLR(-1.0), lambda: ScaleLR(0.5, warmback=0), lambda: SkipBatches(0), lambda: DampMoments(2.0),
                                   lambda: ClipGrad(0.0), lambda: Combined(()), lambda: Combined(("lr",))])  # fmt: skip
 def test_bad_parameters_are_typed_errors(make: Any) -> None:
     with pytest.raises(qckpt.InvalidInputError):
