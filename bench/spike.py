@@ -7,7 +7,11 @@ cosine LR on the standard library's sources. Scenarios (each on several seeds):
 * ``lr_spike``: the learning rate is multiplied by 30 for 6 steps at 40% of
   the run (a too-high peak: a schedule or config mistake);
 * ``poison``: 8 consecutive batches at 40% of the data stream are long runs of
-  one repeated byte (corrupt or degenerate data), tied to the data position.
+  one repeated byte (corrupt or degenerate data), tied to the data position;
+* ``noise_shard``: 16 consecutive batches at 40% of the data stream are
+  uniformly random bytes (a binary or encrypted shard mixed into the text).
+  Added after the light cone's defaults were settled, and never used to
+  choose them: a scenario the engine had not seen.
 
 Methods, each on the same seeds and data: ``none`` (global-norm clipping at
 1.0, as most recipes do); ``zclip`` (ZClip: clip at EMA mean + 2.5 std of the
@@ -22,9 +26,12 @@ never see; the light cone selects on a separate validation set) as mean and
 standard deviation over seeds, loss spikes on the realized path (onsets of a
 loss 30% above the median of the previous 50 steps), compute steps (every
 forward+backward step, rollouts included, plus each held-out evaluation batch
-counted as one step: conservative for the light cone), and wall seconds. The
-JSON shape is the issue's; the light-cone report of one ``lightcone`` run is
-written next to it (``<stem>-cone.html``, ``<stem>-cone.png``).
+at ``EVAL_COST`` = 1/3 of a step: a forward pass costs about 2N FLOPs a token
+against 6N for forward and backward; the ratio measured on this machine is
+reported as ``eval_cost_measured``, and the raw ``train_steps`` and
+``eval_batches`` next to it), and wall seconds. The JSON shape is the issue's;
+the light-cone report of one ``lightcone`` run is written next to it
+(``<stem>-cone.html``, ``<stem>-cone.png``).
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ from bench.workload import SIZES, CharGPT, WarmupCosine, load_corpus
 from branch import ConeConfig, ConeRecord, Controls, LightCone, StepResult, write_report
 
 SIZE = SIZES["tiny"]
-SCENARIOS = ("clean", "lr_spike", "poison")
+SCENARIOS = ("clean", "lr_spike", "poison", "noise_shard")
+EVAL_COST = 1 / 3  # an evaluation batch (forward only) in training steps (forward + backward)
 METHODS = ("none", "zclip", "skip_step", "rollback_skip", "lightcone")
 
 
@@ -60,11 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 class Batches:
     """Random windows of the training part of the corpus, drawn by a seeded generator;
-    ``poison`` is a range of draw numbers whose batches are runs of one repeated byte.
+    ``poison`` is a range of draw numbers whose batches are runs of one repeated byte
+    (``noise`` False) or uniformly random bytes (``noise`` True).
     An iterator with ``state_dict``, ``skip`` and ``reseed``: a qckpt component."""
 
-    def __init__(self, data: torch.Tensor, seed: int, poison: range = range(0)) -> None:
-        self.data, self.poison = data, poison
+    def __init__(self, data: torch.Tensor, seed: int, poison: range = range(0), noise: bool = False) -> None:
+        self.data, self.poison, self.noise = data, poison, noise
         self.generator = torch.Generator().manual_seed(seed)
         self.drawn = 0
 
@@ -74,7 +83,9 @@ class Batches:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(len(self.data) - SIZE.block_size - 1, (SIZE.batch_size,), generator=self.generator)
         window = torch.stack([self.data[s : s + SIZE.block_size + 1] for s in starts.tolist()]).long()
-        if self.drawn in self.poison:
+        if self.drawn in self.poison and self.noise:
+            window = torch.randint(256, window.shape, generator=self.generator)  # random bytes
+        elif self.drawn in self.poison:
             window = window[:, :1].expand(-1, SIZE.block_size + 1).clone()  # one byte, repeated
         self.drawn += 1
         return window[:, :-1], window[:, 1:]
@@ -144,7 +155,8 @@ class Workload:
         at = int(self.steps * 0.4)
         spike = range(at, at + 6) if scenario == "lr_spike" else range(0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SpikedSchedule(self.steps, spike, self.spike_factor))
-        batches = Batches(self.train_data, seed + 1000, range(at, at + 8) if scenario == "poison" else range(0))
+        poison = {"poison": range(at, at + 8), "noise_shard": range(at, at + 16)}.get(scenario, range(0))
+        batches = Batches(self.train_data, seed + 1000, poison, noise=scenario == "noise_shard")
         state = qckpt.TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, data=batches)
         return Run(state, model, optimizer, scheduler, batches)
 
@@ -236,8 +248,9 @@ def cone_step(state: qckpt.TrainingState, batch: Any, controls: Controls) -> Ste
     return StepResult(loss.item(), norm)
 
 
-def train_cone(run: Run, steps: int, workload: Workload, repo: qckpt.Repository, explore: bool, name: str) -> tuple[list[list[Any]], int]:
-    """``lightcone`` (explore) or ``rollback_skip`` (one future: skip, no control, no choice)."""
+def train_cone(run: Run, steps: int, workload: Workload, repo: qckpt.Repository, explore: bool, name: str) -> tuple[list[list[Any]], dict[str, int]]:
+    """``lightcone`` (explore) or ``rollback_skip`` (one future: skip, no control, no
+    choice); returns the realized path and the compute counts (``ConeRecord.compute``)."""
     def evaluate(state: qckpt.TrainingState) -> list[float]:
         return workload.losses(state.components["model"], workload.validation)
 
@@ -245,9 +258,9 @@ def train_cone(run: Run, steps: int, workload: Workload, repo: qckpt.Repository,
     config = ConeConfig(horizon=horizon, commit_every=5)
     cone = LightCone(repo, run.state, cone_step, run.batches, evaluate, run=name, config=config)
     if not explore:
-        return _rollback_skip(cone, steps), cone.record.compute["train_steps"]
+        return _rollback_skip(cone, steps), cone.record.compute
     record = cone.run(steps)
-    return record.main, record.compute["train_steps"] + record.compute["eval_batches"]
+    return record.main, record.compute
 
 
 def _rollback_skip(cone: LightCone, steps: int) -> list[list[Any]]:
@@ -280,41 +293,63 @@ def count_spikes(path: list[list[Any]]) -> int:
     return spikes
 
 
+def measure_eval_cost(workload: Workload, repeats: int = 3) -> float:
+    """Wall time of one evaluation batch over one training step, on a fresh run (best of ``repeats``)."""
+    run_ = workload.new_run("clean", 0)
+    n = len(workload.validation)
+    train, evaluate = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(n):
+            cone_step(run_.state, next(run_.batches), Controls())
+        train.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        Workload.losses(run_.model, workload.validation)
+        evaluate.append(time.perf_counter() - started)
+    return min(evaluate) / min(train)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     steps, seeds = (120, 2) if args.quick else (args.steps, args.seeds)
     workload = Workload(steps)
-    results: dict[str, Any] = {"steps": steps, "seeds": seeds, "model": "tiny", "scenarios": {}}
+    results: dict[str, Any] = {"steps": steps, "seeds": seeds, "model": "tiny", "eval_cost": EVAL_COST,
+                               "eval_cost_measured": measure_eval_cost(workload), "scenarios": {}}  # fmt: skip
+    print(f"an evaluation batch costs {results['eval_cost_measured']:.2f} of a training step here "
+          f"(counted as {EVAL_COST:.2f})", flush=True)
     cone_report: tuple[Path, Path] | None = None
     report_has_events = False
     with tempfile.TemporaryDirectory(prefix="qckpt-spike-") as tmp:
         for scenario in SCENARIOS:
             methods: dict[str, Any] = {}
             for method in METHODS:
-                finals, spikes, compute, walls = [], [], [], []
+                finals, spikes, walls = [], [], []
+                counts: list[dict[str, int]] = []
                 for seed in range(seeds):
                     run_ = workload.new_run(scenario, seed)
                     started = time.perf_counter()
                     if method in ("lightcone", "rollback_skip"):
                         repo_path = Path(tmp) / f"{scenario}-{method}-{seed}"
                         with qckpt.Repository.init(repo_path) as repo:
-                            path, cost = train_cone(run_, steps, workload, repo, method == "lightcone", "main")
+                            path, count = train_cone(run_, steps, workload, repo, method == "lightcone", "main")
                             if method == "lightcone" and scenario != "clean" and not report_has_events and args.json:
                                 stem = args.json.with_suffix("")  # the first injected run with an event, else the first
                                 cone_report = write_report(repo, "main", stem.with_name(stem.name + "-cone"))
                                 report_has_events = bool(ConeRecord.load(repo, "main").events)
                     else:
                         path = train_plain(run_, steps, method)
-                        cost = steps
+                        count = {"train_steps": steps, "eval_batches": 0}
                     walls.append(time.perf_counter() - started)
                     test = Workload.losses(run_.model, workload.test)
                     finals.append(statistics.fmean(test))
                     spikes.append(count_spikes(path))
-                    compute.append(cost)
+                    counts.append(dict(count))
                 methods[method] = {
                     "final_loss_mean": statistics.fmean(finals),
                     "final_loss_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                     "final_losses": finals, "spikes": statistics.fmean(spikes),
-                    "compute_steps": statistics.fmean(compute), "wall_s": statistics.fmean(walls),
+                    "compute_steps": statistics.fmean(c["train_steps"] + EVAL_COST * c["eval_batches"] for c in counts),
+                    "train_steps": statistics.fmean(c["train_steps"] for c in counts),
+                    "eval_batches": statistics.fmean(c["eval_batches"] for c in counts), "wall_s": statistics.fmean(walls),
                 }  # fmt: skip
                 m = methods[method]
                 print(f"{scenario:9s} {method:14s} final loss {m['final_loss_mean']:.4f} +- {m['final_loss_std']:.4f}  "
