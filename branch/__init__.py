@@ -14,6 +14,7 @@ from branch.engine import (
     FutureResult,
     LightCone,
     RolloutExecutor,
+    Rollouts,
     SequentialRollouts,
     Situation,
     StepResult,
@@ -32,6 +33,7 @@ from branch.interventions import (
     Target,
 )
 from branch.record import ConeRecord
+from branch.rollouts import BatchedRollouts, BatchedStep, RolloutScheduler
 from branch.report import write_report
 from branch.selection import Comparison, Selection, select
 from branch.triggers import (
@@ -46,9 +48,9 @@ from branch.triggers import (
 )
 
 __all__ = [
-    "ClipGrad", "Combined", "Comparison", "ConeConfig", "ConeRecord", "Controls", "DampMoments", "Decision",
+    "BatchedRollouts", "BatchedStep", "ClipGrad", "Combined", "Comparison", "ConeConfig", "ConeRecord", "Controls", "DampMoments", "Decision",
     "ForecastDisagreement", "Future", "FutureResult", "GradNormZ", "InstabilityIndex", "Intervention", "LightCone",
-    "LossSpike", "NonFinite", "Observation", "ReseedData", "RolloutExecutor", "ScaleLR", "ScaleWeightDecay",
+    "LossSpike", "NonFinite", "Observation", "ReseedData", "RolloutExecutor", "RolloutScheduler", "Rollouts", "ScaleLR", "ScaleWeightDecay",
     "Selection", "SequentialRollouts", "Signal", "Situation", "SkipBatches", "StepResult", "Target", "Trigger", "default_futures",
     "select", "write_report",
 ]  # fmt: skip

@@ -146,19 +146,32 @@ class Decision:
         return next(r for r in self.results if r.future.name == self.selection.chosen)
 
 
-class RolloutExecutor(Protocol):
-    """Runs futures from an origin snapshot. The sequential executor below trains
-    them one after another on the live state; batched and multi-device ones
-    (the rollout scheduler) fill the same interface."""
+@dataclass
+class Rollouts:
+    """What an executor did: every future's result, in the futures' order, the
+    strategy it used and why (both recorded with the event)."""
 
-    def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> list[FutureResult]: ...
+    results: list[FutureResult]
+    strategy: str
+    why: str
+
+
+class RolloutExecutor(Protocol):
+    """Runs futures from an origin snapshot and leaves the live state at the end of
+    one of them. Each future starts with ``cone.start_future`` and ends with
+    ``cone.finish_future`` (evaluate, commit its branch). ``SequentialRollouts``
+    trains them one after another on the live state; the rollout scheduler
+    (``branch.rollouts``) fills the same interface with batched copies."""
+
+    def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> Rollouts: ...
 
 
 class SequentialRollouts:
     """Each future in turn on the live state: restore, intervene, train, evaluate."""
 
-    def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> list[FutureResult]:
-        return [cone.train_future(origin, future, horizon) for future in futures]
+    def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> Rollouts:
+        return Rollouts([cone.train_future(origin, future, horizon) for future in futures], "sequential",
+                        "one future after another on the live state")  # fmt: skip
 
 
 def _slug(text: str) -> str:
@@ -217,6 +230,10 @@ class LightCone:
         except qckpt.RevisionNotFoundError:
             self.record = ConeRecord(self.run_name, branch, {"cone": asdict(self.config)})
         self._main: list[tuple[int, str]] = []  # (step, snapshot id) committed on the run's branch, in order
+
+    def data_component(self) -> str:
+        """The name under which the batch source is a component of the state."""
+        return next(name for name, component in self.state.components.items() if component is self.batches)
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, steps: int) -> ConeRecord:
@@ -305,7 +322,8 @@ class LightCone:
             Future(f"f{i}-{_slug(iv.slug())}", iv) for i, iv in enumerate(chosen_interventions, start=1)
         ]
         abandoned = [m for m in self.record.main if m[0] > (origin.step or 0)]
-        results = self.executor.run(self, origin, futures, horizon)
+        rollouts = self.executor.run(self, origin, futures, horizon)
+        results = rollouts.results
         selection = select({r.future.name: r.scores for r in results}, "control", confidence=self.config.confidence,
                            resamples=self.config.resamples, seed=self.config.seed + number)  # fmt: skip
         chosen = next(r for r in results if r.future.name == selection.chosen)
@@ -323,6 +341,7 @@ class LightCone:
             "selection": {"chosen": selection.chosen, "control": selection.control,
                           "comparisons": [asdict(c) for c in selection.comparisons]},
             "join": join.id, "horizon": horizon, "skip": skip,
+            "rollouts": {"strategy": rollouts.strategy, "why": rollouts.why},
             "forecast_after": forecast([m[1] for m in history], [m[0] for m in history], self.config.horizon),
         })  # fmt: skip
         self.record.save(self.repo, f"light cone event {number} at step {trigger.step}: {selection.chosen}")
@@ -330,7 +349,24 @@ class LightCone:
 
     def train_future(self, origin: qckpt.Snapshot, future: Future, horizon: int) -> FutureResult:
         """Restore ``origin``, apply the future's intervention, train ``horizon`` steps on
-        its own branch, evaluate; the live state is left at the future's end."""
+        its own branch (committed every ``commit_every`` steps), evaluate; the live
+        state is left at the future's end."""
+        result = self.start_future(origin, future)
+        for _ in range(horizon):
+            step = self.train_step(next(self.batches))
+            self.controls.tick(self.state)
+            result.metrics.append([self.state.step, step.loss, step.grad_norm])
+            if not math.isfinite(step.loss):
+                result.diverged = True
+                break
+            if self.state.step % self.config.commit_every == 0:
+                self.repo.commit(self.state, branch=result.branch, metrics={"loss": step.loss})
+        return self.finish_future(result)
+
+    def start_future(self, origin: qckpt.Snapshot, future: Future) -> FutureResult:
+        """The live state restored from ``origin`` with the future's intervention applied
+        (and its controls stored); returns the future's empty result. A branch
+        left by an attempt at this event that did not finish is reset to the origin."""
         result = FutureResult(future, f"{self.run_name}.e{len(self.record.events) + 1}.{future.name}")
         if result.branch in self.repo.branches():  # an attempt at this event that did not finish (a crash): start over
             self.repo.reset(result.branch, origin.id)
@@ -339,24 +375,20 @@ class LightCone:
         if future.intervention is not None:
             future.intervention.apply(Target(self.state, self.batches, self.controls))
         self.controls.save(self.state)
-        last = math.nan
-        for _ in range(horizon):
-            step = self.train_step(next(self.batches))
-            self.controls.tick(self.state)
-            last = step.loss
-            result.metrics.append([self.state.step, step.loss, step.grad_norm])
-            if not math.isfinite(step.loss):
-                result.diverged = True
-                break
-            if self.state.step % self.config.commit_every == 0:
-                self.repo.commit(self.state, branch=result.branch, metrics={"loss": step.loss})
+        return result
+
+    def finish_future(self, result: FutureResult) -> FutureResult:
+        """With the live state at the future's end (and ``result.metrics`` filled):
+        evaluate it and commit it on the future's branch."""
+        self.controls = Controls.of(self.state)
         result.scores = self._scores(result)
+        last = result.metrics[-1][1] if result.metrics else math.nan
         finite = [s for s in result.scores if math.isfinite(s)]
         metrics = {"loss": last} if math.isfinite(last) else {}
         if finite and len(finite) == len(result.scores):
             metrics["eval_loss"] = sum(finite) / len(finite)
         result.snapshot = self.repo.commit(self.state, branch=result.branch, metrics=metrics,
-                                           message=f"future {future.name} at the horizon").id  # fmt: skip
+                                           message=f"future {result.future.name} at the horizon").id  # fmt: skip
         return result
 
     def _scores(self, result: FutureResult) -> list[float]:

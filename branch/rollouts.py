@@ -1,0 +1,261 @@
+"""Rollout strategies beyond one-after-another: K futures as stacked copies in one
+forward and backward (``torch.func``), and a scheduler that picks a strategy
+per event from a short probe.
+
+Batched rollouts cannot call the user's step function (it trains one model);
+they run the step that ``BatchedStep`` describes: ``model(*batch)`` returns the
+loss, gradients are clipped per copy, every optimizer and LR scheduler steps
+once. Each copy keeps its own optimizer (a real ``torch.optim`` object whose
+parameters are views into the stacked tensors), scheduler, batch source,
+controls and step counter, so per-copy learning rates, weight decay, clipping,
+skipped or reseeded batches all hold; the global-norm clip of one copy never
+sees another copy's gradients. Results equal running each copy alone up to
+floating-point reassociation in the batched kernels (measured by ``python -m
+bench rollout``: ``max_abs_diff_vs_sequential``). Dropout draws differ from a
+sequential run's (``randomness="different"``: independent per copy).
+
+Not thread-safe: the training loop's thread runs every strategy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch.func import functional_call, vmap
+
+import qckpt
+from branch.engine import Future, FutureResult, Rollouts, SequentialRollouts
+from branch.interventions import Controls
+
+if TYPE_CHECKING:
+    from branch.engine import LightCone
+
+
+@dataclass(frozen=True)
+class BatchedStep:
+    """The user's step, described so K copies can take it together.
+
+    ``model`` names the module component; ``model(*batch)`` (or ``model(batch)``
+    for a tensor batch) returns the scalar loss. Gradients are clipped at the
+    copy's ``Controls.clip_grad_norm``, else at ``clip_grad_norm`` (the step
+    function's own rule; None: measured, not clipped); an update whose norm is
+    not finite is skipped; then every optimizer and every LR scheduler of the
+    state steps once. A step function that does more (mixed precision,
+    accumulation, several losses) is not described by this: keep it sequential.
+    """
+
+    clip_grad_norm: float | None = None
+    model: str = "model"
+    randomness: Literal["different", "same"] = "different"
+
+
+def _stack(batches: list[Any]) -> Any:
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(batches)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_stack([b[i] for b in batches]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _stack([b[k] for b in batches]) for k in first}
+    raise qckpt.InvalidInputError(f"a batch of {type(first).__name__} cannot be stacked (tensors, tuples, lists, dicts)")
+
+
+def _optimizers(state: qckpt.TrainingState) -> list[torch.optim.Optimizer]:
+    return [c for c in state.components.values() if isinstance(c, torch.optim.Optimizer)]
+
+
+def _schedulers(state: qckpt.TrainingState) -> list[Any]:
+    return [c for c in state.components.values() if isinstance(c, torch.optim.lr_scheduler.LRScheduler)]
+
+
+class BatchedRollouts:
+    """Every future as one copy in a stack: restore and intervene one after another
+    (``LightCone.start_future``), fork, train all copies together for the
+    horizon, then load each copy into the live state to evaluate and commit it
+    (``LightCone.finish_future``). Futures' branches get one commit, at the
+    horizon (the sequential strategy also commits every ``commit_every``)."""
+
+    def __init__(self, step: BatchedStep) -> None:
+        self.step = step
+
+    def unbatchable(self, state: qckpt.TrainingState) -> str | None:
+        """Why ``state`` cannot be trained as stacked copies, or None if it can."""
+        model = state.components.get(self.step.model)
+        if not isinstance(model, torch.nn.Module):
+            return f"BatchedStep.model names {self.step.model!r}, which is not a torch.nn.Module component"
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats:
+                return f"{name or 'the model'} ({type(module).__name__}) updates running statistics in training"
+        if not _optimizers(state):
+            return "the state has no optimizer"
+        for scheduler in _schedulers(state):
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                return "ReduceLROnPlateau steps on a metric the batched step does not have"
+        return None
+
+    def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> Rollouts:
+        reason = self.unbatchable(cone.state)
+        if reason is not None:
+            raise qckpt.InvalidInputError(f"these futures cannot be batched: {reason}")
+        results: list[FutureResult] = []
+        copies: list[qckpt.TrainingState] = []
+        for future in futures:
+            results.append(cone.start_future(origin, future))
+            copies.append(cone.state.fork()[0])
+        data = cone.data_component()
+        trainer = _Stack(self.step, copies)
+        for _ in range(horizon):
+            active = [k for k, r in enumerate(results) if not r.diverged]
+            if not active:
+                break
+            for k, loss, norm in trainer.step([copies[k].components[data] for k in active], active):
+                results[k].metrics.append([copies[k].step, loss, norm])
+                results[k].diverged = not math.isfinite(loss)
+            cone.record.compute["train_steps"] += len(active)
+        trainer.release()
+        for copy_, result in zip(copies, results):
+            cone.state.load(copy_.capture())
+            cone.finish_future(result)
+        return Rollouts(results, "batched", f"{len(futures)} copies stacked in one forward and backward")
+
+
+class _Stack:
+    """K forked states whose trainable parameters live in stacked tensors: each
+    copy's parameters are views into them, so its own optimizer updates its slice."""
+
+    def __init__(self, spec: BatchedStep, copies: list[qckpt.TrainingState]) -> None:
+        self.spec, self.copies = spec, copies
+        self.model: torch.nn.Module = copies[0].components[spec.model]
+        named = [dict(c.components[spec.model].named_parameters()) for c in copies]
+        self.names = [n for n, p in named[0].items() if p.requires_grad]
+        self.fixed = {n: p for n, p in named[0].items() if not p.requires_grad} | dict(self.model.named_buffers())
+        self.stacks = {n: torch.stack([params[n].detach() for params in named]).requires_grad_(True) for n in self.names}
+        self.params = [[params[n] for n in self.names] for params in named]
+        for k, params in enumerate(self.params):
+            for name, p in zip(self.names, params):
+                p.data = self.stacks[name].detach()[k]
+
+        def loss_one(params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+            return functional_call(self.model, (params, self.fixed), tuple(inputs))
+
+        self.losses = vmap(loss_one, randomness=spec.randomness)
+
+    def step(self, sources: list[Any], active: list[int]) -> list[tuple[int, float, float]]:
+        """One step of the ``active`` copies (each drawing from its source); returns
+        ``(copy, loss, gradient norm before clipping)`` for each."""
+        batch = _stack([next(source) for source in sources])
+        index = torch.tensor(active)
+        losses = self.losses({n: s[index] for n, s in self.stacks.items()}, batch)
+        for s in self.stacks.values():
+            s.grad = None
+        losses.sum().backward()
+        out = []
+        for row, k in enumerate(active):
+            state, params = self.copies[k], self.params[k]
+            for name, p in zip(self.names, params):
+                p.grad = self.stacks[name].grad[k]
+            controls = Controls.of(state)
+            limit = controls.clip_grad_norm if controls.clip_grad_norm is not None else self.spec.clip_grad_norm
+            norm = float(torch.nn.utils.clip_grad_norm_(params, limit if limit is not None else math.inf))
+            if math.isfinite(norm):
+                for optimizer in _optimizers(state):
+                    optimizer.step()
+            for scheduler in _schedulers(state):
+                scheduler.step()
+            state.step += 1
+            controls.tick(state)
+            out.append((k, float(losses[row].detach()), norm))
+        return out
+
+    def release(self) -> None:
+        """Give every copy's parameters storage of their own (out of the stack)."""
+        for params in self.params:
+            for p in params:
+                p.data = p.data.clone()
+                p.grad = None
+
+
+Strategy = Literal["auto", "sequential", "batched"]
+
+
+class RolloutScheduler:
+    """A ``RolloutExecutor`` that picks a strategy per event, and records which and why.
+
+    ``strategy="auto"``: batched when a ``BatchedStep`` is given, the state can be
+    batched, and a probe (``probe_steps`` timed steps after one warm-up, on
+    throw-away forks of the live state; counted in the run's compute) shows a
+    batched copy-step at most ``margin`` times a sequential step; otherwise
+    sequential. Near-ties go to sequential: a probe of a few steps is noisy,
+    and batched copies cost memory and commit their branches only at the horizon.
+    The verdict is kept per number of futures. ``"sequential"`` or
+    ``"batched"`` force one (batched still needs a ``BatchedStep``).
+    """
+
+    def __init__(self, batched: BatchedStep | None = None, *, strategy: Strategy = "auto", probe_steps: int = 4,
+                 margin: float = 0.8) -> None:  # fmt: skip
+        if strategy not in ("auto", "sequential", "batched"):
+            raise qckpt.InvalidInputError(f"unknown strategy {strategy!r}: auto, sequential or batched")
+        if strategy == "batched" and batched is None:
+            raise qckpt.InvalidInputError("strategy 'batched' needs a BatchedStep describing the step")
+        if probe_steps < 1:
+            raise qckpt.InvalidInputError(f"probe_steps must be at least 1, got {probe_steps}")
+        if not 0 < margin <= 1:
+            raise qckpt.InvalidInputError(f"margin must be in (0, 1], got {margin}")
+        self.strategy, self.probe_steps, self.margin = strategy, probe_steps, margin
+        self.sequential = SequentialRollouts()
+        self.batched = BatchedRollouts(batched) if batched is not None else None
+        self._verdicts: dict[int, tuple[str, str]] = {}
+
+    def choose(self, cone: LightCone, k: int) -> tuple[str, str]:
+        """The strategy for ``k`` futures and the reason."""
+        if self.strategy == "sequential" or self.batched is None:
+            return "sequential", ("forced" if self.strategy == "sequential" else "no BatchedStep describes the step")
+        reason = self.batched.unbatchable(cone.state)
+        if reason is not None:
+            if self.strategy == "batched":
+                raise qckpt.InvalidInputError(f"these futures cannot be batched: {reason}")
+            return "sequential", f"not batchable: {reason}"
+        if self.strategy == "batched":
+            return "batched", "forced"
+        if k not in self._verdicts:
+            self._verdicts[k] = self._probe(cone, k)
+        return self._verdicts[k]
+
+    def _probe(self, cone: LightCone, k: int) -> tuple[str, str]:
+        assert self.batched is not None
+        data = cone.data_component()
+        single = cone.state.fork()[0]
+        sequential = _timed(self.probe_steps, lambda: cone.step_fn(single, next(single.components[data]), Controls.of(single)))
+        copies = cone.state.fork(k)
+        try:
+            trainer = _Stack(self.batched.step, copies)
+            batched = _timed(self.probe_steps, lambda: trainer.step([c.components[data] for c in copies], list(range(k))))
+        except (RuntimeError, qckpt.InvalidInputError) as e:  # an op without a batching rule, a batch that cannot stack
+            return "sequential", f"the batched probe failed: {type(e).__name__}: {e}"
+        finally:
+            cone.record.compute["train_steps"] += (1 + self.probe_steps) * (k + 1)
+        ratio = batched / k / sequential
+        verdict = "batched" if ratio <= self.margin else "sequential"
+        return verdict, f"probe: a batched copy-step takes {ratio:.2f}x a sequential step (K={k}; batched at <= {self.margin:.2f}x)"
+
+    def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> Rollouts:
+        strategy, why = self.choose(cone, len(futures))
+        executor = self.batched if strategy == "batched" else self.sequential
+        assert executor is not None
+        rollouts = executor.run(cone, origin, futures, horizon)
+        return Rollouts(rollouts.results, strategy, why)
+
+
+def _timed(steps: int, step: Any) -> float:
+    """Seconds per call of ``step`` over ``steps`` calls, after one warm-up call."""
+    step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - started) / steps
