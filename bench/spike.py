@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 import qckpt
-from bench.workload import SIZES, CharGPT, WarmupCosine, load_corpus
+from bench.workload import SIZES, CharGPT, ModelSize, WarmupCosine, load_corpus
 from branch import ConeConfig, ConeRecord, Controls, LightCone, StepResult, write_report
 
 SIZE = SIZES["tiny"]
@@ -72,8 +72,9 @@ class Batches:
     (``noise`` False) or uniformly random bytes (``noise`` True).
     An iterator with ``state_dict``, ``skip`` and ``reseed``: a qckpt component."""
 
-    def __init__(self, data: torch.Tensor, seed: int, poison: range = range(0), noise: bool = False) -> None:
-        self.data, self.poison, self.noise = data, poison, noise
+    def __init__(self, data: torch.Tensor, seed: int, poison: range = range(0), noise: bool = False,
+                 size: ModelSize = SIZE) -> None:  # fmt: skip
+        self.data, self.poison, self.noise, self.size = data, poison, noise, size
         self.generator = torch.Generator().manual_seed(seed)
         self.drawn = 0
 
@@ -81,12 +82,13 @@ class Batches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.data) - SIZE.block_size - 1, (SIZE.batch_size,), generator=self.generator)
-        window = torch.stack([self.data[s : s + SIZE.block_size + 1] for s in starts.tolist()]).long()
+        block = self.size.block_size
+        starts = torch.randint(len(self.data) - block - 1, (self.size.batch_size,), generator=self.generator)
+        window = torch.stack([self.data[s : s + block + 1] for s in starts.tolist()]).long()
         if self.drawn in self.poison and self.noise:
             window = torch.randint(256, window.shape, generator=self.generator)  # random bytes
         elif self.drawn in self.poison:
-            window = window[:, :1].expand(-1, SIZE.block_size + 1).clone()  # one byte, repeated
+            window = window[:, :1].expand(-1, block + 1).clone()  # one byte, repeated
         self.drawn += 1
         return window[:, :-1], window[:, 1:]
 
@@ -117,12 +119,12 @@ class SpikedSchedule(WarmupCosine):
         return super().__call__(step) * (self.factor if self.spike_start <= step < self.spike_stop else 1.0)
 
 
-def _held_out(data: torch.Tensor, n: int, offset: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    stride = SIZE.block_size + 1
+def _held_out(data: torch.Tensor, n: int, offset: int, size: ModelSize) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    stride = size.block_size + 1
     out = []
     for i in range(n):
-        w = data[offset + i * stride * SIZE.batch_size : offset + (i + 1) * stride * SIZE.batch_size]
-        w = w.view(SIZE.batch_size, stride).long()
+        w = data[offset + i * stride * size.batch_size : offset + (i + 1) * stride * size.batch_size]
+        w = w.view(size.batch_size, stride).long()
         out.append((w[:, :-1], w[:, 1:]))
     return out
 
@@ -139,24 +141,26 @@ class Run:
 
 
 class Workload:
-    def __init__(self, steps: int, spike_factor: float = 30.0) -> None:
-        self.spike_factor = spike_factor
+    """The spike benchmark's runs: ``size`` of the model (``tiny`` here), LR spike ``spike_factor``."""
+
+    def __init__(self, steps: int, spike_factor: float = 30.0, size: ModelSize = SIZE) -> None:
+        self.spike_factor, self.size = spike_factor, size
         corpus = load_corpus(1 << 20)
         cut = int(len(corpus) * 0.9)
         self.train_data, held = corpus[:cut], corpus[cut:]
-        self.validation = _held_out(held, 8, 0)  # the light cone selects on these
-        self.test = _held_out(held, 16, len(held) // 2)  # every method is scored on these
+        self.validation = _held_out(held, 8, 0, size)  # the light cone selects on these
+        self.test = _held_out(held, 16, len(held) // 2, size)  # every method is scored on these
         self.steps = steps
 
     def new_run(self, scenario: str, seed: int) -> Run:
         torch.manual_seed(seed)
-        model = CharGPT(SIZE, dropout=0.0)
+        model = CharGPT(self.size, dropout=0.0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
         at = int(self.steps * 0.4)
         spike = range(at, at + 6) if scenario == "lr_spike" else range(0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SpikedSchedule(self.steps, spike, self.spike_factor))
         poison = {"poison": range(at, at + 8), "noise_shard": range(at, at + 16)}.get(scenario, range(0))
-        batches = Batches(self.train_data, seed + 1000, poison, noise=scenario == "noise_shard")
+        batches = Batches(self.train_data, seed + 1000, poison, noise=scenario == "noise_shard", size=self.size)
         state = qckpt.TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, data=batches)
         return Run(state, model, optimizer, scheduler, batches)
 

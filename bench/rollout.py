@@ -1,0 +1,113 @@
+"""``python -m bench rollout``: K futures of the reference model for H steps, each
+rollout strategy that can run here, side by side on the same futures.
+
+Strategies: ``sequential`` (one future after another) and ``batched`` (the K
+copies stacked in one forward and backward). ``devices`` and ``ray`` are not
+built yet; pruning (``"pruning"`` in the JSON) is not built yet either and is
+reported as null. Each strategy runs the same K futures (a control and
+learning-rate variants, half of them also skipping batches) from one origin
+snapshot, end to end through the executor: restore, intervene, train H
+steps, commit each future at the horizon (no held-out evaluation, so the
+figures are training throughput). Reported per strategy and K:
+``steps_per_s`` (future-steps per second, K*H over the wall time),
+``peak_mem_bytes`` (CUDA peak allocation when on a GPU; null on the CPU,
+where no per-strategy peak is measured), ``max_abs_diff_vs_sequential``
+(largest parameter difference at the horizon, over every future and tensor);
+``chosen``: the scheduler's pick per K from its probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import qckpt
+from bench.spike import Workload, cone_step
+from bench.workload import SIZES
+from branch import (
+    BatchedRollouts,
+    BatchedStep,
+    Combined,
+    ConeConfig,
+    Future,
+    LightCone,
+    RolloutScheduler,
+    ScaleLR,
+    SequentialRollouts,
+    SkipBatches,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="K in {2, 4}, 5 steps")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--horizon", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+
+
+def futures(k: int) -> list[Future]:
+    """A control and ``k - 1`` distinct interventions."""
+    out = [Future("control", None)]
+    for i in range(1, k):
+        lower = ScaleLR(1.0 - 0.5 * i / k)
+        out.append(Future(f"f{i}", Combined((SkipBatches(i), lower)) if i % 2 else lower))
+    return out
+
+
+def _cone(repo: qckpt.Repository, workload: Workload, executor: Any) -> LightCone:
+    run = workload.new_run("clean", 0)
+    cone = LightCone(repo, run.state, cone_step, run.batches, config=ConeConfig(horizon=10, commit_every=10**6),
+                     executor=executor)  # fmt: skip
+    cone.commit()
+    for _ in range(5):
+        cone.observe(cone.train_step(next(cone.batches)))
+    cone.commit()
+    return cone
+
+
+def measure(workload: Workload, k: int, horizon: int, executor: Any) -> tuple[float, int | None, list[dict[str, Any]]]:
+    """(future-steps per second, CUDA peak bytes or None, each future's model at the horizon)."""
+    with tempfile.TemporaryDirectory(prefix="qckpt-rollout-") as tmp, qckpt.Repository.init(Path(tmp) / "r") as repo:
+        cone = _cone(repo, workload, executor)
+        origin = repo.snapshot("main")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        rollouts = executor.run(cone, origin, futures(k), horizon)
+        wall = time.perf_counter() - started
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        models = [repo.load(r.snapshot).tree()["components"]["model"] for r in rollouts.results]
+    return k * horizon / wall, peak, models
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    ks, horizon = ((2, 4), 5) if args.quick else ((4, 8, 16), args.horizon)
+    workload = Workload(1000, size=SIZES[args.size])
+    strategies: dict[str, dict[int, Any]] = {"sequential": {}, "batched": {}}
+    chosen: dict[int, str] = {}
+    step = BatchedStep(clip_grad_norm=1.0)
+    for k in ks:
+        speed, peak, reference = measure(workload, k, horizon, SequentialRollouts())
+        strategies["sequential"][k] = {"steps_per_s": speed, "peak_mem_bytes": peak, "max_abs_diff_vs_sequential": 0.0}
+        speed, peak, models = measure(workload, k, horizon, BatchedRollouts(step))
+        diff = max(float((a[n] - b[n]).abs().max()) for a, b in zip(reference, models) for n in a)
+        strategies["batched"][k] = {"steps_per_s": speed, "peak_mem_bytes": peak, "max_abs_diff_vs_sequential": diff}
+        with tempfile.TemporaryDirectory(prefix="qckpt-rollout-") as tmp, qckpt.Repository.init(Path(tmp) / "r") as repo:
+            scheduler = RolloutScheduler(step)
+            chosen[k], why = scheduler.choose(_cone(repo, workload, scheduler), k)
+        seq, bat = strategies["sequential"][k], strategies["batched"][k]
+        print(f"K={k:2d} H={horizon}: sequential {seq['steps_per_s']:.1f} steps/s, batched {bat['steps_per_s']:.1f} steps/s "
+              f"({bat['steps_per_s'] / seq['steps_per_s']:.2f}x), max |diff| {diff:.2e}; chosen {chosen[k]} ({why})",
+              flush=True)  # fmt: skip
+    results = {"model": args.size, "horizon": horizon, "device": "cuda" if torch.cuda.is_available() else "cpu",
+               "strategies": strategies, "chosen": chosen, "pruning": None}  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return results

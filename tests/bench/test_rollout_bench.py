@@ -1,0 +1,24 @@
+"""The rollout benchmark harness runs end to end at a small size and writes the
+issue's JSON shape (speed is the benchmark's to report, not asserted)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench import rollout
+
+
+def test_rollout_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
+    out = tmp_path / "rollout.json"
+    rollout.run(argparse.Namespace(quick=True, size="tiny", horizon=5, json=out))
+    results = json.loads(out.read_text())
+    assert set(results["strategies"]) == {"sequential", "batched"}
+    for per_k in results["strategies"].values():
+        assert set(per_k) == {"2", "4"}
+        for m in per_k.values():
+            assert m["steps_per_s"] > 0 and {"peak_mem_bytes", "max_abs_diff_vs_sequential"} <= set(m)
+    assert all(m["max_abs_diff_vs_sequential"] < 1e-4 for m in results["strategies"]["batched"].values())
+    assert set(results["chosen"]) == {"2", "4"} and set(results["chosen"].values()) <= {"sequential", "batched"}
+    assert results["pruning"] is None  # not built yet: reported as missing, not as zero
