@@ -3,8 +3,7 @@ rollout strategy that can run here, side by side on the same futures.
 
 Strategies: ``sequential`` (one future after another) and ``batched`` (the K
 copies stacked in one forward and backward). ``devices`` and ``ray`` are not
-built yet; pruning (``"pruning"`` in the JSON) is not built yet either and is
-reported as null. Each strategy runs the same K futures (a control and
+built yet. Each strategy runs the same K futures (a control and
 learning-rate variants, half of them also skipping batches) from one origin
 snapshot, end to end through the executor: restore, intervene, train H
 steps, commit each future at the horizon (no held-out evaluation, so the
@@ -14,12 +13,24 @@ figures are training throughput). Reported per strategy and K:
 where no per-strategy peak is measured), ``max_abs_diff_vs_sequential``
 (largest parameter difference at the horizon, over every future and tensor);
 ``chosen``: the scheduler's pick per K from its probe.
+
+``pruning``: the light cone's events in the spike benchmark's injected
+scenarios (``bench.spike``, its seeds, full rollouts), each replayed through
+``branch.pruning`` as a run with ``ConeConfig(pruning=Pruning())`` would cut
+it (a future's first rung steps are the same either way, so its prefix is the
+recorded one): ``compute_saved`` (share of rollout compute, training steps
+plus evaluation batches at ``EVAL_COST``, the cut futures would not have
+spent), ``same_winner_rate`` (events where the futures that go on yield the
+full rollouts' winner), ``forecast_mae`` (mean absolute error of the rung
+forecast against the mean training loss of each future's last steps), and
+``events``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -28,10 +39,12 @@ from typing import Any
 import torch
 
 import qckpt
-from bench.spike import Workload, cone_step
+from bench.spike import EVAL_COST, Workload, cone_step, train_cone
 from bench.workload import SIZES
 from branch import (
     BatchedRollouts,
+    ConeRecord,
+    Pruning,
     BatchedStep,
     Combined,
     ConeConfig,
@@ -41,13 +54,16 @@ from branch import (
     ScaleLR,
     SequentialRollouts,
     SkipBatches,
+    select,
 )
+from branch.pruning import actual
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="K in {2, 4}, 5 steps")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--horizon", type=int, default=20)
+    parser.add_argument("--seeds", type=int, default=3, help="spike-benchmark seeds replayed for the pruning figures")
     parser.add_argument("--json", type=Path, help="also write the results here")
 
 
@@ -105,9 +121,62 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"K={k:2d} H={horizon}: sequential {seq['steps_per_s']:.1f} steps/s, batched {bat['steps_per_s']:.1f} steps/s "
               f"({bat['steps_per_s'] / seq['steps_per_s']:.2f}x), max |diff| {diff:.2e}; chosen {chosen[k]} ({why})",
               flush=True)  # fmt: skip
+    pruning = pruning_figures(120 if args.quick else 300, 1 if args.quick else args.seeds)
+    print(f"pruning over {pruning['events']} spike-benchmark events: saves {pruning['compute_saved']:.0%} of rollout "
+          f"compute, same winner in {pruning['same_winner_rate']:.0%}, forecast MAE {pruning['forecast_mae']:.3f}")
     results = {"model": args.size, "horizon": horizon, "device": "cuda" if torch.cuda.is_available() else "cpu",
-               "strategies": strategies, "chosen": chosen, "pruning": None}  # fmt: skip
+               "strategies": strategies, "chosen": chosen, "pruning": pruning}  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
     return results
+
+
+def pruning_figures(steps: int, seeds: int, rule: Pruning | None = None) -> dict[str, Any]:
+    """Replay every light-cone event of the spike benchmark's injected scenarios
+    through the pruning rule (default ``Pruning()``; see the module docstring)."""
+    rule = rule or Pruning()
+    workload = Workload(steps)
+    saved = spent = 0.0
+    same, events, errors = 0, 0, []
+    for scenario in ("lr_spike", "poison", "noise_shard"):
+        for seed in range(seeds):
+            with tempfile.TemporaryDirectory(prefix="qckpt-prune-") as tmp, qckpt.Repository.init(Path(tmp) / "r") as repo:
+                train_cone(workload.new_run(scenario, seed), steps, workload, repo, True, "main")
+                record = ConeRecord.load(repo, "main")
+            history: list[dict[str, Any]] = []
+            for event in record.events:
+                replay = _replay(event, record.main, rule, history)
+                if replay is None:
+                    continue
+                kept, forecasts, actuals, winner = replay
+                events += 1
+                same += winner == event["selection"]["chosen"]
+                horizon, rung = event["horizon"], rule.rung_steps(event["horizon"])
+                evals = len(event["futures"][0]["eval"])
+                spent += len(event["futures"]) * (horizon + EVAL_COST * evals)
+                saved += (len(event["futures"]) - len(kept)) * (horizon - rung + EVAL_COST * evals)
+                errors += [abs(forecasts[n]["value"] - actuals[n]) for n in forecasts if forecasts[n] and actuals[n] is not None]
+                history.append({"futures": [{"rung_forecast": forecasts[n], "rung_actual": actuals[n]} for n in forecasts]})
+    return {"compute_saved": saved / spent if spent else 0.0, "same_winner_rate": same / events if events else 0.0,
+            "forecast_mae": sum(errors) / len(errors) if errors else None, "events": events}  # fmt: skip
+
+
+def _replay(event: dict[str, Any], main: list[list[Any]], rule: Pruning,
+            history: list[dict[str, Any]]) -> tuple[set[str], dict[str, Any], dict[str, Any], str] | None:  # fmt: skip
+    """(futures going on, rung forecasts, actual values, the winner among those going on),
+    or None if the event's horizon is too short to prune."""
+    rung = rule.rung_steps(event["horizon"])
+    if not rung:
+        return None
+    prefixes = {}
+    for future in event["futures"]:
+        prefix = future["metrics"][:rung]
+        finite = len(prefix) == rung and all(m[1] is not None and math.isfinite(m[1]) for m in prefix)
+        prefixes[future["name"]] = prefix if finite else None
+    kept, forecasts = rule.decide(main, event["origin"]["step"] or 0, event["horizon"], prefixes, history)
+    actuals = {future["name"]: actual(future["metrics"]) for future in event["futures"]}
+    scores = {f["name"]: f["eval"] for f in event["futures"] if f["name"] in kept}
+    winner = select(scores, "control", candidates=len(event["futures"]) - 1,
+                    seed=event["number"]).chosen  # fmt: skip
+    return kept, forecasts, actuals, winner

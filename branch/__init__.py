@@ -32,6 +32,7 @@ from branch.interventions import (
     SkipBatches,
     Target,
 )
+from branch.pruning import Pruning
 from branch.record import ConeRecord
 from branch.rollouts import BatchedRollouts, BatchedStep, RolloutScheduler
 from branch.report import write_report
@@ -50,7 +51,7 @@ from branch.triggers import (
 __all__ = [
     "BatchedRollouts", "BatchedStep", "ClipGrad", "Combined", "Comparison", "ConeConfig", "ConeRecord", "Controls", "DampMoments", "Decision",
     "ForecastDisagreement", "Future", "FutureResult", "GradNormZ", "InstabilityIndex", "Intervention", "LightCone",
-    "LossSpike", "NonFinite", "Observation", "ReseedData", "RolloutExecutor", "RolloutScheduler", "Rollouts", "ScaleLR", "ScaleWeightDecay",
+    "LossSpike", "NonFinite", "Observation", "Pruning", "ReseedData", "RolloutExecutor", "RolloutScheduler", "Rollouts", "ScaleLR", "ScaleWeightDecay",
     "Selection", "SequentialRollouts", "Signal", "Situation", "SkipBatches", "StepResult", "Target", "Trigger", "default_futures",
     "select", "write_report",
 ]  # fmt: skip

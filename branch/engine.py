@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import qckpt
 from branch.interventions import ClipGrad, Combined, Controls, DampMoments, Intervention, ScaleLR, SkipBatches, Target
+from branch.pruning import Pruning, actual
 from branch.record import ConeRecord
 from branch.selection import Selection, select
 from branch.triggers import GradNormZ, InstabilityIndex, Observation, Trigger, forecast
@@ -63,6 +64,9 @@ class ConeConfig:
     * ``skip`` (batches a skip intervention drops): the batches between the
       origin and the trigger, the ones that led into the trouble;
     * ``cooldown`` (steps after an event before the next trigger): ``horizon``.
+
+    ``pruning`` (None: every future runs the whole horizon): successive halving
+    by forecast at a rung of the horizon (``branch.pruning``).
     """
 
     horizon: int = 50
@@ -74,6 +78,7 @@ class ConeConfig:
     resamples: int = 2000
     max_events: int | None = None
     seed: int = 0
+    pruning: Pruning | None = None
 
     def __post_init__(self) -> None:
         for name in ("horizon", "commit_every"):
@@ -117,6 +122,8 @@ class FutureResult:
     scores: list[float] = field(default_factory=list)
     snapshot: str = ""
     diverged: bool = False
+    pruned_at: int | None = None  # the step it stopped at when pruning cut it
+    rung_forecast: dict[str, Any] = field(default_factory=dict)
 
     def as_record(self) -> dict[str, Any]:
         iv = self.future.intervention
@@ -127,7 +134,9 @@ class FutureResult:
                 "intervention": iv.record() if iv is not None else None, "label": iv.label() if iv else "control",
                 "metrics": self.metrics, "eval": self.scores,
                 "eval_mean": sum(finite) / len(finite) if finite and len(finite) == len(self.scores) else None,
-                "snapshot": self.snapshot, "diverged": self.diverged,
+                "snapshot": self.snapshot, "diverged": self.diverged, "pruned_at": self.pruned_at,
+                "rung_forecast": self.rung_forecast,
+                "rung_actual": actual(self.metrics) if self.rung_forecast and self.pruned_at is None else None,
                 "forecast": forecast([m[1] for m in points], [m[0] for m in points], ahead) if not self.diverged else {}}  # fmt: skip
 
 
@@ -167,11 +176,29 @@ class RolloutExecutor(Protocol):
 
 
 class SequentialRollouts:
-    """Each future in turn on the live state: restore, intervene, train, evaluate."""
+    """Each future in turn on the live state: restore, intervene, train, evaluate.
+    With pruning, every future trains to the rung and is committed there, then
+    the survivors are restored from their rung commits and trained on."""
 
     def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> Rollouts:
-        return Rollouts([cone.train_future(origin, future, horizon) for future in futures], "sequential",
-                        "one future after another on the live state")  # fmt: skip
+        why = "one future after another on the live state"
+        rung = cone.rung_steps(horizon)
+        if not rung:
+            return Rollouts([cone.train_future(origin, future, horizon) for future in futures], "sequential", why)
+        results = []
+        for future in futures:
+            result = cone.start_future(origin, future)
+            cone.advance_future(result, rung)
+            cone.pause_future(result)
+            results.append(result)
+        keep = cone.prune(results, origin, horizon)
+        for result in results:
+            if result.future.name in keep:
+                if not result.diverged:
+                    cone.repo.restore(cone.state, result.snapshot)
+                    cone.advance_future(result, horizon - rung)
+                cone.finish_future(result)
+        return Rollouts(results, "sequential", why)
 
 
 def _slug(text: str) -> str:
@@ -324,8 +351,9 @@ class LightCone:
         abandoned = [m for m in self.record.main if m[0] > (origin.step or 0)]
         rollouts = self.executor.run(self, origin, futures, horizon)
         results = rollouts.results
-        selection = select({r.future.name: r.scores for r in results}, "control", confidence=self.config.confidence,
-                           resamples=self.config.resamples, seed=self.config.seed + number)  # fmt: skip
+        selection = select({r.future.name: r.scores for r in results if r.pruned_at is None}, "control",
+                           confidence=self.config.confidence, resamples=self.config.resamples,
+                           seed=self.config.seed + number, candidates=len(results) - 1)  # fmt: skip
         chosen = next(r for r in results if r.future.name == selection.chosen)
         join = self.repo.join(self.branch, [r.branch for r in results],
                               metric=lambda s: 0.0 if s.id == chosen.snapshot else 1.0,
@@ -352,7 +380,13 @@ class LightCone:
         its own branch (committed every ``commit_every`` steps), evaluate; the live
         state is left at the future's end."""
         result = self.start_future(origin, future)
-        for _ in range(horizon):
+        self.advance_future(result, horizon)
+        return self.finish_future(result)
+
+    def advance_future(self, result: FutureResult, steps: int) -> None:
+        """Train the live state (at the future's current step) ``steps`` steps on the
+        future's branch, committing every ``commit_every``; stops if it diverges."""
+        for _ in range(steps):
             step = self.train_step(next(self.batches))
             self.controls.tick(self.state)
             result.metrics.append([self.state.step, step.loss, step.grad_norm])
@@ -361,7 +395,31 @@ class LightCone:
                 break
             if self.state.step % self.config.commit_every == 0:
                 self.repo.commit(self.state, branch=result.branch, metrics={"loss": step.loss})
-        return self.finish_future(result)
+
+    def rung_steps(self, horizon: int) -> int:
+        """Steps every future trains before pruning cuts (0: no pruning at this horizon)."""
+        return self.config.pruning.rung_steps(horizon) if self.config.pruning is not None else 0
+
+    def pause_future(self, result: FutureResult) -> None:
+        """Commit the live state (a future at the rung) on its branch; ``result.snapshot``
+        is where it resumes from, or where its branch ends if pruning cuts it."""
+        last = result.metrics[-1][1] if result.metrics else math.nan
+        result.snapshot = self.repo.commit(self.state, branch=result.branch,
+                                           metrics={"loss": last} if math.isfinite(last) else {},
+                                           message=f"future {result.future.name} at the rung").id  # fmt: skip
+
+    def prune(self, results: Sequence[FutureResult], origin: qckpt.Snapshot, horizon: int) -> set[str]:
+        """Forecast every future's loss at the horizon from its prefix (``branch.pruning``),
+        record the forecasts, mark the cut futures (``pruned_at``); returns the names going on."""
+        assert self.config.pruning is not None
+        start = origin.step or 0
+        prefixes = {r.future.name: None if r.diverged else r.metrics for r in results}
+        keep, forecasts = self.config.pruning.decide(self.record.main, start, horizon, prefixes, self.record.events)
+        for r in results:
+            r.rung_forecast = forecasts[r.future.name]
+            if r.future.name not in keep:
+                r.pruned_at = r.metrics[-1][0] if r.metrics else start
+        return keep
 
     def start_future(self, origin: qckpt.Snapshot, future: Future) -> FutureResult:
         """The live state restored from ``origin`` with the future's intervention applied

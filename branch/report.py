@@ -103,7 +103,9 @@ def page_html(record: ConeRecord, png: bytes) -> str:
             f"<p>Anomaly began at step {event['trigger']['began']}; {_trigger_text(event['trigger'])}. "
             f"Rolled back to step {event['origin']['step']} (snapshot <code>{event['origin']['snapshot'][:12]}</code>), "
             f"horizon {event['horizon']} steps, skip {event['skip']} batches. "
-            f"Continued along <b>{html.escape(chosen)}</b> (join <code>{event['join'][:12]}</code>).</p>"
+            f"Continued along <b>{html.escape(chosen)}</b> (join <code>{event['join'][:12]}</code>)."
+            + (f" Futures ran {html.escape(event['rollouts']['strategy'])}: {html.escape(event['rollouts']['why'])}."
+               if "rollouts" in event else "") + "</p>"
             "<table><tr><th>future</th><th>intervention</th><th>held-out loss</th><th>vs control</th>"
             "<th>interval</th><th>branch</th><th>decision</th></tr>"
         )
@@ -112,10 +114,13 @@ def page_html(record: ConeRecord, png: bytes) -> str:
             interval = f"[{_fmt(c['low'])}, {_fmt(c['high'])}] ({100 * c['level']:.3g}%)" if c else "-"
             verdict = "chosen" if future["name"] == chosen else ("better beyond noise" if c and c["qualifies"] else "")
             verdict += " (diverged)" if future["diverged"] else ""
+            if future.get("pruned_at") is not None:
+                forecast = future.get("rung_forecast", {}).get("value")
+                verdict = f"cut at step {future['pruned_at']} (forecast {_fmt(forecast)})"
             rows.append(
                 f"<tr class='{'chosen' if future['name'] == chosen else ''}'><td>{html.escape(future['name'])}</td>"
                 f"<td>{html.escape(future['label'])}</td><td>{_fmt(future['eval_mean'])}</td>"
-                f"<td>{_fmt(c['mean']) if c else 'control'}</td><td>{interval}</td>"
+                f"<td>{_fmt(c['mean']) if c else ('control' if future['control'] else '-')}</td><td>{interval}</td>"
                 f"<td><code>{html.escape(future['branch'])}</code></td><td>{verdict}</td></tr>"
             )
         rows.append("</table>")

@@ -109,18 +109,31 @@ class BatchedRollouts:
             copies.append(cone.state.fork()[0])
         data = cone.data_component()
         trainer = _Stack(self.step, copies)
-        for _ in range(horizon):
-            active = [k for k, r in enumerate(results) if not r.diverged]
-            if not active:
-                break
-            for k, loss, norm in trainer.step([copies[k].components[data] for k in active], active):
-                results[k].metrics.append([copies[k].step, loss, norm])
-                results[k].diverged = not math.isfinite(loss)
-            cone.record.compute["train_steps"] += len(active)
+
+        def advance(steps: int) -> None:
+            for _ in range(steps):
+                active = [k for k, r in enumerate(results) if not r.diverged and r.pruned_at is None]
+                if not active:
+                    return
+                for k, loss, norm in trainer.step([copies[k].components[data] for k in active], active):
+                    results[k].metrics.append([copies[k].step, loss, norm])
+                    results[k].diverged = not math.isfinite(loss)
+                cone.record.compute["train_steps"] += len(active)
+
+        rung = cone.rung_steps(horizon)
+        advance(rung or horizon)
+        if rung:
+            cone.prune(results, origin, horizon)
+            for copy_, result in zip(copies, results):
+                if result.pruned_at is not None:  # its branch ends at the rung
+                    cone.state.load(copy_.capture())
+                    cone.pause_future(result)
+            advance(horizon - rung)
         trainer.release()
         for copy_, result in zip(copies, results):
-            cone.state.load(copy_.capture())
-            cone.finish_future(result)
+            if result.pruned_at is None:
+                cone.state.load(copy_.capture())
+                cone.finish_future(result)
         return Rollouts(results, "batched", f"{len(futures)} copies stacked in one forward and backward")
 
 

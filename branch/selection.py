@@ -68,14 +68,17 @@ def select(
     confidence: float = 0.95,
     resamples: int = 2000,
     seed: int = 0,
+    candidates: int | None = None,
 ) -> Selection:
-    """Choose among ``scores`` (future name -> per-batch held-out losses, the control's included)."""
+    """Choose among ``scores`` (future name -> per-batch held-out losses, the control's included).
+    ``candidates``: how many futures competed with the control (the Bonferroni
+    count), if more than ``scores`` holds (pruning cut some after looking at them)."""
     if control not in scores:
         raise qckpt.InvalidInputError(f"the control {control!r} has no scores")
     if not 0 < confidence < 1:
         raise qckpt.InvalidInputError(f"confidence must be between 0 and 1, got {confidence}")
     others = [n for n in scores if n != control]
-    level = 1 - (1 - confidence) / max(1, len(others))
+    level = 1 - (1 - confidence) / max(1, len(others), candidates or 0)
     if not np.all(np.isfinite(np.asarray(scores[control], dtype=np.float64))):  # the control diverged
         finite = {n: float(np.mean(scores[n])) for n in others if np.all(np.isfinite(np.asarray(scores[n], dtype=np.float64)))}
         comparisons = tuple(Comparison(n, -math.inf, -math.inf, -math.inf, level, True) if n in finite

@@ -12,7 +12,7 @@ from bench import rollout
 
 def test_rollout_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
     out = tmp_path / "rollout.json"
-    rollout.run(argparse.Namespace(quick=True, size="tiny", horizon=5, json=out))
+    rollout.run(argparse.Namespace(quick=True, size="tiny", horizon=5, seeds=1, json=out))
     results = json.loads(out.read_text())
     assert set(results["strategies"]) == {"sequential", "batched"}
     for per_k in results["strategies"].values():
@@ -21,4 +21,6 @@ def test_rollout_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
             assert m["steps_per_s"] > 0 and {"peak_mem_bytes", "max_abs_diff_vs_sequential"} <= set(m)
     assert all(m["max_abs_diff_vs_sequential"] < 1e-4 for m in results["strategies"]["batched"].values())
     assert set(results["chosen"]) == {"2", "4"} and set(results["chosen"].values()) <= {"sequential", "batched"}
-    assert results["pruning"] is None  # not built yet: reported as missing, not as zero
+    pruning = results["pruning"]
+    assert set(pruning) == {"compute_saved", "same_winner_rate", "forecast_mae", "events"}
+    assert 0 <= pruning["compute_saved"] < 1 and 0 <= pruning["same_winner_rate"] <= 1
