@@ -74,14 +74,32 @@ def _schedulers(state: qckpt.TrainingState) -> list[Any]:
 
 
 class BatchedRollouts:
-    """Every future as one copy in a stack: restore and intervene one after another
-    (``LightCone.start_future``), fork, train all copies together for the
-    horizon, then load each copy into the live state to evaluate and commit it
-    (``LightCone.finish_future``). Futures' branches get one commit, at the
-    horizon (the sequential strategy also commits every ``commit_every``)."""
+    """Futures as copies in stacks, in groups that fit the memory budget.
 
-    def __init__(self, step: BatchedStep) -> None:
-        self.step = step
+    A group's futures are started one after another (``LightCone.start_future``:
+    restore from the hot tier, intervene), each forked (copy-on-write), trained
+    together, then loaded one by one into the live state to be evaluated and
+    committed (``LightCone.finish_future``). With pruning, every group trains to
+    the rung and each future is committed there (``pause_future``); the
+    survivors are restored from those commits, regrouped and trained on.
+    Futures' branches get commits at the rung and the horizon only (the
+    sequential strategy also commits every ``commit_every``).
+
+    Memory: a copy needs its parameters, gradients and optimizer state, plus
+    activations measured by a one-copy probe step on CUDA (on the CPU, where no
+    peak is measured, activations are not counted). Groups hold at most
+    ``memory_fraction`` of the memory free on the model's device when the
+    event starts (``torch.cuda.mem_get_info``; ``MemAvailable`` on the CPU),
+    and at most ``max_copies`` copies; the live run's own memory is already
+    allocated, so it is never squeezed.
+    """
+
+    def __init__(self, step: BatchedStep, *, memory_fraction: float = 0.5, max_copies: int | None = None) -> None:
+        if not 0 < memory_fraction <= 1:
+            raise qckpt.InvalidInputError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        if max_copies is not None and (isinstance(max_copies, bool) or not isinstance(max_copies, int) or max_copies < 1):
+            raise qckpt.InvalidInputError(f"max_copies must be a positive integer or None, got {max_copies!r}")
+        self.step, self.memory_fraction, self.max_copies = step, memory_fraction, max_copies
 
     def unbatchable(self, state: qckpt.TrainingState) -> str | None:
         """Why ``state`` cannot be trained as stacked copies, or None if it can."""
@@ -98,43 +116,103 @@ class BatchedRollouts:
                 return "ReduceLROnPlateau steps on a metric the batched step does not have"
         return None
 
+    def group_size(self, cone: LightCone, k: int) -> tuple[int, str]:
+        """How many of ``k`` copies train together, and the budget behind it."""
+        model: torch.nn.Module = cone.state.components[self.step.model]
+        device = next(model.parameters()).device
+        per_copy = copy_bytes(cone.state, self.step) + (_activation_bytes(self.step, cone) if device.type == "cuda" else 0)
+        free = free_bytes(device)
+        fit = int(free * self.memory_fraction // max(per_copy, 1))
+        size = max(1, min(k, fit, self.max_copies or k))
+        counted = "params, grads, optimizer state" + (", activations" if device.type == "cuda" else "")
+        return size, (f"{k} copies in groups of up to {size}: {per_copy / 2**20:.1f} MiB a copy ({counted}), "
+                      f"{free / 2**20:.0f} MiB free on {device.type}, budget {self.memory_fraction:.0%}")  # fmt: skip
+
     def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> Rollouts:
         reason = self.unbatchable(cone.state)
         if reason is not None:
             raise qckpt.InvalidInputError(f"these futures cannot be batched: {reason}")
-        results: list[FutureResult] = []
-        copies: list[qckpt.TrainingState] = []
-        for future in futures:
-            results.append(cone.start_future(origin, future))
-            copies.append(cone.state.fork()[0])
-        data = cone.data_component()
-        trainer = _Stack(self.step, copies)
-
-        def advance(steps: int) -> None:
-            for _ in range(steps):
-                active = [k for k, r in enumerate(results) if not r.diverged and r.pruned_at is None]
-                if not active:
-                    return
-                for k, loss, norm in trainer.step([copies[k].components[data] for k in active], active):
-                    results[k].metrics.append([copies[k].step, loss, norm])
-                    results[k].diverged = not math.isfinite(loss)
-                cone.record.compute["train_steps"] += len(active)
-
+        size, why = self.group_size(cone, len(futures))
         rung = cone.rung_steps(horizon)
-        advance(rung or horizon)
+        results: list[FutureResult] = []
+        for group in _chunks(list(futures), size):
+            started, copies = [], []
+            for future in group:
+                started.append(cone.start_future(origin, future))
+                copies.append(cone.state.fork()[0])
+            self._train(cone, started, copies, rung or horizon, pause=bool(rung))
+            results += started
         if rung:
             cone.prune(results, origin, horizon)
-            for copy_, result in zip(copies, results):
-                if result.pruned_at is not None:  # its branch ends at the rung
-                    cone.state.load(copy_.capture())
-                    cone.pause_future(result)
-            advance(horizon - rung)
+            for kept in _chunks([r for r in results if r.pruned_at is None], size):
+                copies = []
+                for result in kept:
+                    cone.repo.restore(cone.state, result.snapshot)
+                    copies.append(cone.state.fork()[0])
+                self._train(cone, kept, copies, horizon - rung, pause=False)
+        return Rollouts(results, "batched", why)
+
+    def _train(self, cone: LightCone, group: list[FutureResult], copies: list[qckpt.TrainingState], steps: int,
+               *, pause: bool) -> None:  # fmt: skip
+        """Train the group's ``copies`` ``steps`` steps in one stack, then load each into
+        the live state and pause it (commit at the rung) or finish it."""
+        data = cone.data_component()
+        trainer = _Stack(self.step, copies)
+        for _ in range(steps):
+            active = [k for k, r in enumerate(group) if not r.diverged]
+            if not active:
+                break
+            for k, loss, norm in trainer.step([copies[k].components[data] for k in active], active):
+                group[k].metrics.append([copies[k].step, loss, norm])
+                group[k].diverged = not math.isfinite(loss)
+            cone.record.compute["train_steps"] += len(active)
         trainer.release()
-        for copy_, result in zip(copies, results):
-            if result.pruned_at is None:
-                cone.state.load(copy_.capture())
-                cone.finish_future(result)
-        return Rollouts(results, "batched", f"{len(futures)} copies stacked in one forward and backward")
+        for copy_, result in zip(copies, group):
+            cone.state.load_from(copy_)
+            (cone.pause_future if pause else cone.finish_future)(result)
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def copy_bytes(state: qckpt.TrainingState, step: BatchedStep) -> int:
+    """Bytes one more copy of ``state`` holds: trainable parameters, their gradients,
+    and every tensor in the optimizers' state."""
+    params = sum(p.numel() * p.element_size() for p in state.components[step.model].parameters() if p.requires_grad)
+    moments = sum(t.numel() * t.element_size() for opt in _optimizers(state) for s in opt.state.values()
+                  for t in s.values() if isinstance(t, torch.Tensor))  # fmt: skip
+    return 2 * params + moments
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free on ``device`` now: ``torch.cuda.mem_get_info`` on CUDA, the
+    kernel's ``MemAvailable`` on the CPU (unbounded where it cannot be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _activation_bytes(step: BatchedStep, cone: LightCone) -> int:
+    """Peak CUDA memory of one copy's batched step beyond what it started with (a
+    throw-away fork; counted in the run's compute)."""
+    copy_ = cone.state.fork()[0]
+    data = cone.data_component()
+    trainer = _Stack(step, [copy_])
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    trainer.step([copy_.components[data]], [0])
+    torch.cuda.synchronize()
+    cone.record.compute["train_steps"] += 1
+    return max(0, torch.cuda.max_memory_allocated() - before)
 
 
 class _Stack:
@@ -207,10 +285,11 @@ class RolloutScheduler:
     sequential. Near-ties go to sequential: a probe of a few steps is noisy,
     and batched copies cost memory and commit their branches only at the horizon.
     The verdict is kept per number of futures. ``"sequential"`` or
-    ``"batched"`` force one (batched still needs a ``BatchedStep``).
+    ``"batched"`` force one (batched still needs a ``BatchedStep``). Pass a
+    ``BatchedRollouts`` instead of a ``BatchedStep`` to set its memory budget.
     """
 
-    def __init__(self, batched: BatchedStep | None = None, *, strategy: Strategy = "auto", probe_steps: int = 4,
+    def __init__(self, batched: BatchedStep | BatchedRollouts | None = None, *, strategy: Strategy = "auto", probe_steps: int = 4,
                  margin: float = 0.8) -> None:  # fmt: skip
         if strategy not in ("auto", "sequential", "batched"):
             raise qckpt.InvalidInputError(f"unknown strategy {strategy!r}: auto, sequential or batched")
@@ -222,7 +301,7 @@ class RolloutScheduler:
             raise qckpt.InvalidInputError(f"margin must be in (0, 1], got {margin}")
         self.strategy, self.probe_steps, self.margin = strategy, probe_steps, margin
         self.sequential = SequentialRollouts()
-        self.batched = BatchedRollouts(batched) if batched is not None else None
+        self.batched = BatchedRollouts(batched) if isinstance(batched, BatchedStep) else batched
         self._verdicts: dict[int, tuple[str, str]] = {}
 
     def choose(self, cone: LightCone, k: int) -> tuple[str, str]:
@@ -245,6 +324,7 @@ class RolloutScheduler:
         data = cone.data_component()
         single = cone.state.fork()[0]
         sequential = _timed(self.probe_steps, lambda: cone.step_fn(single, next(single.components[data]), Controls.of(single)))
+        k = self.batched.group_size(cone, k)[0]  # the stack the budget allows
         copies = cone.state.fork(k)
         try:
             trainer = _Stack(self.batched.step, copies)

@@ -246,6 +246,16 @@ class TrainingState:
         fork.lineage = self.lineage  # a fork came from where its original came from
         return fork
 
+    def load_from(self, other: TrainingState) -> None:
+        """Load ``other``'s current contents (a fork trained on its own, say) into this
+        state's live objects and take over its lineage, so the next commit is
+        parented on the snapshot ``other`` came from. Both must have the same
+        components; the process RNG is left as it is (forks share it)."""
+        tree = other.capture()
+        tree["rng"] = None if not self.rng else capture_rng()
+        self.load(tree)
+        self.lineage = other.lineage
+
     def scale_lr(self, factor: float) -> None:
         """Multiply the learning rate of every optimizer in this state by ``factor``, in
         a way LR schedulers keep: their ``base_lrs`` and the groups' ``initial_lr``

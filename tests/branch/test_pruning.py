@@ -94,6 +94,8 @@ def test_cut_futures_end_at_the_rung_and_kept_ones_resume_exactly(tmp_path: Path
                 assert differences(repo.load(r.snapshot).tree()["components"], tree["components"]) == []
             else:
                 assert max(abs(a[1] - b[1]) for a, b in zip(r.metrics, reference.metrics)) < 1e-5
+                rung = repo.snapshot(r.snapshot).parents[0]  # horizon <- rung <- origin
+                assert repo.snapshot(rung).step == origin.step + 5 and repo.snapshot(rung).parents == (origin.id,)
         decision = cone.explore(cone.index.observe(_nan(cone)))
         event = cone.record.events[-1]
         assert decision.selection.chosen in {r.future.name for r in decision.results if r.pruned_at is None}

@@ -25,6 +25,7 @@ from branch import (
     SequentialRollouts,
     SkipBatches,
 )
+from branch.rollouts import copy_bytes, free_bytes
 
 FUTURES = [Future("control", None), Future("skip", SkipBatches(3)), Future("lower", ScaleLR(0.5, warmback=4)),
            Future("clip", ClipGrad(0.05))]  # fmt: skip
@@ -48,13 +49,17 @@ def _rollouts(tmp_path: Path, name: str, executor: Any) -> list[tuple[Any, ...]]
     workload = Workload(100)
     with qckpt.Repository.init(tmp_path / name) as repo:
         cone = _cone(repo, workload, executor)
-        rollouts = executor.run(cone, repo.snapshot("main"), FUTURES, 8)
+        origin = repo.snapshot("main")
+        rollouts = executor.run(cone, origin, FUTURES, 8)
+        if isinstance(executor, BatchedRollouts):  # one commit per future, parented on the origin
+            assert all(repo.snapshot(r.snapshot).parents == (origin.id,) for r in rollouts.results)
         return [(r.metrics, r.scores, repo.load(r.snapshot).tree()) for r in rollouts.results]
 
 
-def test_batched_copies_train_like_sequential_ones(tmp_path: Path) -> None:
+@pytest.mark.parametrize("max_copies", [None, 3], ids=["one-stack", "groups-of-3"])
+def test_batched_copies_train_like_sequential_ones(tmp_path: Path, max_copies: int | None) -> None:
     sequential = _rollouts(tmp_path, "s", SequentialRollouts())
-    batched = _rollouts(tmp_path, "b", BatchedRollouts(BatchedStep(clip_grad_norm=1.0)))
+    batched = _rollouts(tmp_path, "b", BatchedRollouts(BatchedStep(clip_grad_norm=1.0), max_copies=max_copies))
     for (m1, s1, t1), (m2, s2, t2) in zip(sequential, batched):
         assert [m[0] for m in m1] == [m[0] for m in m2] == list(range(13, 21))
         assert max(abs(a[1] - b[1]) for a, b in zip(m1, m2)) < LOSS_BOUND
@@ -68,6 +73,24 @@ def test_batched_copies_train_like_sequential_ones(tmp_path: Path) -> None:
             assert differences(t1["components"][name], t2["components"][name]) == []
     losses = [[m[1] for m in metrics] for metrics, _, _ in batched]
     assert len({tuple(x) for x in losses}) == len(FUTURES), "the copies did not differ: interventions were lost"
+
+
+def test_the_memory_budget_sizes_the_groups(tmp_path: Path) -> None:
+    workload = Workload(100)
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        cone = _cone(repo, workload, None)
+        model, optimizer = cone.state.components["model"], cone.state.components["optimizer"]
+        params = sum(p.numel() * 4 for p in model.parameters())
+        moments = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+        assert copy_bytes(cone.state, BatchedStep()) == 2 * params + moments
+        assert free_bytes(torch.device("cpu")) > 0
+        assert BatchedRollouts(BatchedStep()).group_size(cone, 16)[0] == 16  # a tiny model: all fit
+        size, why = BatchedRollouts(BatchedStep(), memory_fraction=1e-9).group_size(cone, 16)
+        assert size == 1 and "groups of up to 1" in why and "MiB free on cpu" in why  # never zero
+        assert BatchedRollouts(BatchedStep(), max_copies=5).group_size(cone, 16)[0] == 5
+    for bad in ({"memory_fraction": 0.0}, {"max_copies": 0}):
+        with pytest.raises(qckpt.InvalidInputError):
+            BatchedRollouts(BatchedStep(), **bad)
 
 
 class _Normed(torch.nn.Module):

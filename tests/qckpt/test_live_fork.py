@@ -62,3 +62,18 @@ def test_forks_share_memory_until_written() -> None:
 def test_fork_validates_k() -> None:
     with pytest.raises(qckpt.InvalidInputError):
         qckpt.TrainingState().fork(0)
+
+
+def test_load_from_a_fork_takes_its_contents_and_its_lineage(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    trainer = Trainer("tiny", total_steps=20)
+    trainer.train_step()
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        origin = repo.commit(trainer.state, branch="main")
+        fork = trainer.state.fork()[0]
+        train_step(fork)
+        repo.commit(trainer.state, branch="other")  # the original moves on elsewhere...
+        trainer.state.load_from(fork)  # ...then takes the fork's result
+        assert differences(trainer.state.capture()["components"], fork.capture()["components"]) == []
+        assert trainer.state.step == fork.step == 2
+        snap = repo.commit(trainer.state, branch="main")  # parented where the fork came from, not on "other"
+        assert snap.parents == (origin.id,)
