@@ -1,9 +1,12 @@
 """``python -m bench rollout``: K futures of the reference model for H steps, each
 rollout strategy that can run here, side by side on the same futures.
 
-Strategies: ``sequential`` (one future after another) and ``batched`` (the K
-copies stacked in one forward and backward). ``devices`` and ``ray`` are not
-built yet. Each strategy runs the same K futures (a control and
+Strategies: ``sequential`` (one future after another), ``batched`` (the K
+copies stacked in one forward and backward) and, when the ``ray`` package is
+installed, ``ray`` (each future a task on a local Ray instance started here,
+loopback only, as many CPUs as this machine; its entries add
+``overhead_s_per_job``: the extra wall seconds per future against
+sequential). ``devices`` is not built yet. Each strategy runs the same K futures (a control and
 learning-rate variants, half of them also skipping batches) from one origin
 snapshot, end to end through the executor: restore, intervene, train H
 steps, commit each future at the horizon (no held-out evaluation, so the
@@ -29,6 +32,7 @@ forecast against the mean training loss of each future's last steps), and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import tempfile
@@ -39,7 +43,7 @@ from typing import Any
 import torch
 
 import qckpt
-from bench.spike import EVAL_COST, Workload, cone_step, train_cone
+from bench.spike import EVAL_COST, Workload, cone_step, train_cone, worker_run
 from bench.workload import SIZES
 from branch import (
     BatchedRollouts,
@@ -57,6 +61,7 @@ from branch import (
     select,
 )
 from branch.pruning import actual
+from branch.ray_rollouts import RayRollouts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,9 +92,24 @@ def _cone(repo: qckpt.Repository, workload: Workload, executor: Any) -> LightCon
     return cone
 
 
-def measure(workload: Workload, k: int, horizon: int, executor: Any) -> tuple[float, int | None, list[dict[str, Any]]]:
-    """(future-steps per second, CUDA peak bytes or None, each future's model at the horizon)."""
+def _start_ray() -> Any:
+    """A local Ray instance (loopback only), or None without the ray package."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    root = str(Path(__file__).resolve().parents[1])
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": root}})  # fmt: skip
+    return ray
+
+
+def measure(workload: Workload, k: int, horizon: int, executor: Any, size: str) -> tuple[float, int | None, list[dict[str, Any]]]:
+    """(future-steps per second, CUDA peak bytes or None, each future's model at the horizon);
+    ``executor`` "ray" builds a ``RayRollouts`` on the run's repository."""
     with tempfile.TemporaryDirectory(prefix="qckpt-rollout-") as tmp, qckpt.Repository.init(Path(tmp) / "r") as repo:
+        if executor == "ray":
+            executor = RayRollouts(functools.partial(worker_run, 1000, "clean", 0, size, False), Path(tmp) / "r")
         cone = _cone(repo, workload, executor)
         origin = repo.snapshot("main")
         if torch.cuda.is_available():
@@ -107,20 +127,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workload = Workload(1000, size=SIZES[args.size])
     strategies: dict[str, dict[int, Any]] = {"sequential": {}, "batched": {}}
     chosen: dict[int, str] = {}
+    references, walls = {}, {}
     step = BatchedStep(clip_grad_norm=1.0)
+
+    def entry(name: str, k: int, executor: Any) -> dict[str, Any]:
+        started = time.perf_counter()
+        speed, peak, models = measure(workload, k, horizon, executor, args.size)
+        walls[name, k] = time.perf_counter() - started
+        references.setdefault(k, models)  # sequential runs first
+        diff = max(float((a[n] - b[n]).abs().max()) for a, b in zip(references[k], models) for n in a)
+        strategies[name][k] = {"steps_per_s": speed, "peak_mem_bytes": peak, "max_abs_diff_vs_sequential": diff}
+        return strategies[name][k]
+
     for k in ks:
-        speed, peak, reference = measure(workload, k, horizon, SequentialRollouts())
-        strategies["sequential"][k] = {"steps_per_s": speed, "peak_mem_bytes": peak, "max_abs_diff_vs_sequential": 0.0}
-        speed, peak, models = measure(workload, k, horizon, BatchedRollouts(step))
-        diff = max(float((a[n] - b[n]).abs().max()) for a, b in zip(reference, models) for n in a)
-        strategies["batched"][k] = {"steps_per_s": speed, "peak_mem_bytes": peak, "max_abs_diff_vs_sequential": diff}
+        seq, bat = entry("sequential", k, SequentialRollouts()), entry("batched", k, BatchedRollouts(step))
         with tempfile.TemporaryDirectory(prefix="qckpt-rollout-") as tmp, qckpt.Repository.init(Path(tmp) / "r") as repo:
             scheduler = RolloutScheduler(step)
             chosen[k], why = scheduler.choose(_cone(repo, workload, scheduler), k)
-        seq, bat = strategies["sequential"][k], strategies["batched"][k]
         print(f"K={k:2d} H={horizon}: sequential {seq['steps_per_s']:.1f} steps/s, batched {bat['steps_per_s']:.1f} steps/s "
-              f"({bat['steps_per_s'] / seq['steps_per_s']:.2f}x), max |diff| {diff:.2e}; chosen {chosen[k]} ({why})",
-              flush=True)  # fmt: skip
+              f"({bat['steps_per_s'] / seq['steps_per_s']:.2f}x), max |diff| {bat['max_abs_diff_vs_sequential']:.2e}; "
+              f"chosen {chosen[k]} ({why})", flush=True)  # fmt: skip
+    ray = _start_ray()  # after the others: an idle Ray instance still takes some CPU
+    if ray is not None:
+        strategies["ray"] = {}
+        for k in ks:
+            m = entry("ray", k, "ray")
+            m["overhead_s_per_job"] = (walls["ray", k] - walls["sequential", k]) / k
+            print(f"K={k:2d} H={horizon}: ray {m['steps_per_s']:.1f} steps/s, max |diff| {m['max_abs_diff_vs_sequential']:.2e}, "
+                  f"{m['overhead_s_per_job']:.2f} s more per job than sequential", flush=True)  # fmt: skip
+        ray.shutdown()
     pruning = pruning_figures(120 if args.quick else 300, 1 if args.quick else args.seeds)
     print(f"pruning over {pruning['events']} spike-benchmark events: saves {pruning['compute_saved']:.0%} of rollout "
           f"compute, same winner in {pruning['same_winner_rate']:.0%}, forecast MAE {pruning['forecast_mae']:.3f}")

@@ -52,6 +52,7 @@ import torch
 import qckpt
 from bench.workload import SIZES, CharGPT, ModelSize, WarmupCosine, load_corpus
 from branch import ConeConfig, ConeRecord, Controls, LightCone, StepResult, write_report
+from branch.ray_rollouts import RunParts
 
 SIZE = SIZES["tiny"]
 SCENARIOS = ("clean", "lr_spike", "poison", "noise_shard")
@@ -250,6 +251,15 @@ def cone_step(state: qckpt.TrainingState, batch: Any, controls: Controls) -> Ste
         optimizer.step()
     scheduler.step()
     return StepResult(loss.item(), norm)
+
+
+def worker_run(steps: int, scenario: str, seed: int, size: str = "tiny", evaluate: bool = True) -> RunParts:
+    """A fresh run of ``scenario`` for a rollout worker (``RayRollouts(functools.partial(worker_run, ...))``):
+    the same state, step, batches and validation evaluation (if ``evaluate``) as ``train_cone``'s."""
+    workload = Workload(steps, size=SIZES[size])
+    run_ = workload.new_run(scenario, seed)
+    losses = (lambda s: workload.losses(s.components["model"], workload.validation)) if evaluate else None
+    return RunParts(run_.state, cone_step, run_.batches, losses)
 
 
 def train_cone(run: Run, steps: int, workload: Workload, repo: qckpt.Repository, explore: bool, name: str) -> tuple[list[list[Any]], dict[str, int]]:

@@ -421,11 +421,16 @@ class LightCone:
                 r.pruned_at = r.metrics[-1][0] if r.metrics else start
         return keep
 
-    def start_future(self, origin: qckpt.Snapshot, future: Future) -> FutureResult:
+    def future_branch(self, future: Future) -> str:
+        """The branch of ``future`` in the event being explored: ``<run>.e<event>.<name>``."""
+        return f"{self.run_name}.e{len(self.record.events) + 1}.{future.name}"
+
+    def start_future(self, origin: qckpt.Snapshot, future: Future, branch: str | None = None) -> FutureResult:
         """The live state restored from ``origin`` with the future's intervention applied
-        (and its controls stored); returns the future's empty result. A branch
-        left by an attempt at this event that did not finish is reset to the origin."""
-        result = FutureResult(future, f"{self.run_name}.e{len(self.record.events) + 1}.{future.name}")
+        (and its controls stored); returns the future's empty result, on ``branch``
+        (default ``future_branch``). A branch left by an attempt that did not
+        finish (a crash, a retried task) is reset to the origin."""
+        result = FutureResult(future, branch or self.future_branch(future))
         if result.branch in self.repo.branches():  # an attempt at this event that did not finish (a crash): start over
             self.repo.reset(result.branch, origin.id)
         self.repo.restore(self.state, origin.id)

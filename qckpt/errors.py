@@ -152,6 +152,11 @@ class CommitAbortedError(QckptError):
     that no branch moves past a failed commit. The cause is the failure."""
 
 
+class RolloutError(QckptError):
+    """A rollout that ran elsewhere (a Ray task training one future) failed, after
+    its retries; the cause is chained. Nothing was chosen from that event."""
+
+
 class BackendError(QckptError):
     """The storage backend failed to perform an operation."""
 
