@@ -20,6 +20,7 @@ Not thread-safe: the training loop's thread runs every strategy.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -279,9 +280,10 @@ class RolloutScheduler:
     """A ``RolloutExecutor`` that picks a strategy per event, and records which and why.
 
     ``strategy="auto"``: batched when a ``BatchedStep`` is given, the state can be
-    batched, and a probe (``probe_steps`` timed steps after one warm-up, on
-    throw-away forks of the live state; counted in the run's compute) shows a
-    batched copy-step at most ``margin`` times a sequential step; otherwise
+    batched, and a probe (one warm-up, then ``probe_steps`` rounds alternating a
+    sequential and a batched step, medians compared; on throw-away forks of
+    the live state; counted in the run's compute) shows a batched copy-step
+    at most ``margin`` times a sequential step; otherwise
     sequential. Near-ties go to sequential: a probe of a few steps is noisy,
     and batched copies cost memory and commit their branches only at the horizon.
     The verdict is kept per number of futures. ``"sequential"`` or
@@ -289,7 +291,7 @@ class RolloutScheduler:
     ``BatchedRollouts`` instead of a ``BatchedStep`` to set its memory budget.
     """
 
-    def __init__(self, batched: BatchedStep | BatchedRollouts | None = None, *, strategy: Strategy = "auto", probe_steps: int = 4,
+    def __init__(self, batched: BatchedStep | BatchedRollouts | None = None, *, strategy: Strategy = "auto", probe_steps: int = 6,
                  margin: float = 0.8) -> None:  # fmt: skip
         if strategy not in ("auto", "sequential", "batched"):
             raise qckpt.InvalidInputError(f"unknown strategy {strategy!r}: auto, sequential or batched")
@@ -323,16 +325,23 @@ class RolloutScheduler:
         assert self.batched is not None
         data = cone.data_component()
         single = cone.state.fork()[0]
-        sequential = _timed(self.probe_steps, lambda: cone.step_fn(single, next(single.components[data]), Controls.of(single)))
         k = self.batched.group_size(cone, k)[0]  # the stack the budget allows
         copies = cone.state.fork(k)
-        try:
+        cone.record.compute["train_steps"] += (1 + self.probe_steps) * (k + 1)  # a warm-up and the timed rounds
+
+        def sequential_step() -> None:
+            cone.step_fn(single, next(single.components[data]), Controls.of(single))
+
+        def batched_step() -> None:
+            trainer.step([c.components[data] for c in copies], list(range(k)))
+
+        sequential_step()
+        try:  # the batched warm-up: an op without a batching rule, a batch that cannot stack, fail here
             trainer = _Stack(self.batched.step, copies)
-            batched = _timed(self.probe_steps, lambda: trainer.step([c.components[data] for c in copies], list(range(k))))
-        except (RuntimeError, qckpt.InvalidInputError) as e:  # an op without a batching rule, a batch that cannot stack
+            batched_step()
+        except (RuntimeError, qckpt.InvalidInputError) as e:
             return "sequential", f"the batched probe failed: {type(e).__name__}: {e}"
-        finally:
-            cone.record.compute["train_steps"] += (1 + self.probe_steps) * (k + 1)
+        sequential, batched = _timed_pair(self.probe_steps, sequential_step, batched_step)
         ratio = batched / k / sequential
         verdict = "batched" if ratio <= self.margin else "sequential"
         return verdict, f"probe: a batched copy-step takes {ratio:.2f}x a sequential step (K={k}; batched at <= {self.margin:.2f}x)"
@@ -345,10 +354,14 @@ class RolloutScheduler:
         return Rollouts(rollouts.results, strategy, why)
 
 
-def _timed(steps: int, step: Any) -> float:
-    """Seconds per call of ``step`` over ``steps`` calls, after one warm-up call."""
-    step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - started) / steps
+def _timed_pair(rounds: int, first: Any, second: Any) -> tuple[float, float]:
+    """Median seconds per call of ``first`` and of ``second``, called alternately for
+    ``rounds`` rounds (alternating and the median keep a shared machine's slow
+    moments from deciding)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for call, out in ((first, times[0]), (second, times[1])):
+            started = time.perf_counter()
+            call()
+            out.append(time.perf_counter() - started)
+    return statistics.median(times[0]), statistics.median(times[1])
