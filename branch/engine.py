@@ -430,15 +430,28 @@ class LightCone:
         (and its controls stored); returns the future's empty result, on ``branch``
         (default ``future_branch``). A branch left by an attempt that did not
         finish (a crash, a retried task) is reset to the origin."""
-        result = FutureResult(future, branch or self.future_branch(future))
-        if result.branch in self.repo.branches():  # an attempt at this event that did not finish (a crash): start over
-            self.repo.reset(result.branch, origin.id)
+        result = self.new_future(origin, future, branch)
         self.repo.restore(self.state, origin.id)
-        self.controls = Controls.of(self.state)
-        if future.intervention is not None:
-            future.intervention.apply(Target(self.state, self.batches, self.controls))
-        self.controls.save(self.state)
+        self.controls = self.intervene(self.state, future)
         return result
+
+    def new_future(self, origin: qckpt.Snapshot, future: Future, branch: str | None = None) -> FutureResult:
+        """The future's empty result on ``branch`` (default ``future_branch``); a branch
+        left by an attempt that did not finish (a crash, a retried task) is reset
+        to the origin."""
+        result = FutureResult(future, branch or self.future_branch(future))
+        if result.branch in self.repo.branches():
+            self.repo.reset(result.branch, origin.id)
+        return result
+
+    def intervene(self, state: qckpt.TrainingState, future: Future) -> Controls:
+        """Apply the future's intervention to ``state`` (the live state or a fork of it,
+        with its own batch source) and store the controls in it; returns them."""
+        controls = Controls.of(state)
+        if future.intervention is not None:
+            future.intervention.apply(Target(state, state.components[self.data_component()], controls))
+        controls.save(state)
+        return controls
 
     def finish_future(self, result: FutureResult) -> FutureResult:
         """With the live state at the future's end (and ``result.metrics`` filled):

@@ -77,9 +77,10 @@ def _schedulers(state: qckpt.TrainingState) -> list[Any]:
 class BatchedRollouts:
     """Futures as copies in stacks, in groups that fit the memory budget.
 
-    A group's futures are started one after another (``LightCone.start_future``:
-    restore from the hot tier, intervene), each forked (copy-on-write), trained
-    together, then loaded one by one into the live state to be evaluated and
+    A group restores the origin once (from the hot tier: a memory copy), forks it
+    once per future (copy-on-write: a copy costs memory only for what its
+    intervention and training change), applies each future's intervention to
+    its fork (``LightCone.intervene``), trains the copies together, then loads them one by one into the live state to be evaluated and
     committed (``LightCone.finish_future``). With pruning, every group trains to
     the rung and each future is committed there (``pause_future``); the
     survivors are restored from those commits, regrouped and trained on.
@@ -137,10 +138,12 @@ class BatchedRollouts:
         rung = cone.rung_steps(horizon)
         results: list[FutureResult] = []
         for group in _chunks(list(futures), size):
+            cone.repo.restore(cone.state, origin.id)  # once a group (from the hot tier); copies are copy-on-write forks
             started, copies = [], []
             for future in group:
-                started.append(cone.start_future(origin, future))
+                started.append(cone.new_future(origin, future))
                 copies.append(cone.state.fork()[0])
+                cone.intervene(copies[-1], future)
             self._train(cone, started, copies, rung or horizon, pause=bool(rung))
             results += started
         if rung:

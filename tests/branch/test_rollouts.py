@@ -75,6 +75,21 @@ def test_batched_copies_train_like_sequential_ones(tmp_path: Path, max_copies: i
     assert len({tuple(x) for x in losses}) == len(FUTURES), "the copies did not differ: interventions were lost"
 
 
+def test_a_group_restores_the_origin_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    workload = Workload(100)
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        cone = _cone(repo, workload, None)
+        restores: list[str] = []
+        real = repo.restore
+        monkeypatch.setattr(repo, "restore", lambda state, rev, *a, **k: restores.append(rev) or real(state, rev, *a, **k))
+        origin = repo.snapshot("main")
+        BatchedRollouts(BatchedStep(clip_grad_norm=1.0)).run(cone, origin, FUTURES, 3)
+        assert restores == [origin.id]  # K copies forked from one restore, not K round trips
+        restores.clear()
+        BatchedRollouts(BatchedStep(clip_grad_norm=1.0), max_copies=2).run(cone, origin, FUTURES, 3)
+        assert restores == [origin.id, origin.id]  # one per group
+
+
 def test_the_memory_budget_sizes_the_groups(tmp_path: Path) -> None:
     workload = Workload(100)
     with qckpt.Repository.init(tmp_path / "r") as repo:
