@@ -105,6 +105,12 @@ class RayRollouts:
         self.max_retries = max_retries
         self._remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(_train)
 
+    def nodes(self) -> int:
+        """Live nodes in the Ray cluster this process is connected to (0 if none)."""
+        import ray
+
+        return sum(1 for node in ray.nodes() if node.get("Alive")) if ray.is_initialized() else 0
+
     def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> Rollouts:
         cone.repo.flush()  # the workers must see the origin
         rung = cone.rung_steps(horizon)

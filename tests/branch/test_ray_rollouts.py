@@ -15,7 +15,7 @@ import pytest
 import qckpt
 from bench.compare import differences
 from bench.spike import Workload, cone_step, worker_run
-from branch import ConeConfig, Future, LightCone, Pruning, ScaleLR, SequentialRollouts, SkipBatches
+from branch import ConeConfig, Future, LightCone, Pruning, RolloutScheduler, ScaleLR, SequentialRollouts, SkipBatches
 from branch.ray_rollouts import RayRollouts, RunParts
 
 ray = pytest.importorskip("ray")
@@ -87,6 +87,20 @@ def test_pruning_across_tasks(tmp_path: Path) -> None:
     kept = [r for r, _ in futures if r.pruned_at is None]
     assert len(cut) == 2 and all(r.scores == [] and len(r.metrics) == 5 for r in cut)
     assert all(len(r.metrics) == 10 and r.scores for r in kept) and "control" in {r.future.name for r in kept}
+
+
+def test_the_scheduler_keeps_one_machine_local_and_can_be_forced(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    with qckpt.Repository.init(path) as repo:
+        on_ray = RayRollouts(functools.partial(worker_run, STEPS, "clean", 0), path)
+        assert on_ray.nodes() == 1
+        cone = _cone(repo, None)
+        assert RolloutScheduler(ray=on_ray).choose(cone, 4) == ("sequential", "no BatchedStep describes the step")
+        forced = RolloutScheduler(ray=on_ray, strategy="ray")
+        rollouts = forced.run(cone, repo.snapshot("main"), FUTURES[:2], 4)
+        assert rollouts.strategy == "ray" and all(r.scores for r in rollouts.results)
+    with pytest.raises(qckpt.InvalidInputError, match="needs ray="):
+        RolloutScheduler(strategy="ray")
 
 
 def test_bad_settings_are_typed_errors(tmp_path: Path) -> None:
