@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,14 +56,14 @@ class BatchedStep:
     randomness: Literal["different", "same"] = "different"
 
 
-def _stack(batches: list[Any]) -> Any:
+def _stack(batches: list[Any], device: torch.device) -> Any:
     first = batches[0]
     if isinstance(first, torch.Tensor):
-        return torch.stack(batches)
+        return torch.stack(batches).to(device)
     if isinstance(first, (tuple, list)):
-        return type(first)(_stack([b[i] for b in batches]) for i in range(len(first)))
+        return type(first)(_stack([b[i] for b in batches], device) for i in range(len(first)))
     if isinstance(first, dict):
-        return {k: _stack([b[k] for b in batches]) for k in first}
+        return {k: _stack([b[k] for b in batches], device) for k in first}
     raise qckpt.InvalidInputError(f"a batch of {type(first).__name__} cannot be stacked (tensors, tuples, lists, dicts)")
 
 
@@ -96,12 +97,16 @@ class BatchedRollouts:
     allocated, so it is never squeezed.
     """
 
-    def __init__(self, step: BatchedStep, *, memory_fraction: float = 0.5, max_copies: int | None = None) -> None:
+    def __init__(self, step: BatchedStep, *, memory_fraction: float = 0.5, max_copies: int | None = None,
+                 devices: Sequence[str | torch.device] | None = None) -> None:  # fmt: skip
         if not 0 < memory_fraction <= 1:
             raise qckpt.InvalidInputError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         if max_copies is not None and (isinstance(max_copies, bool) or not isinstance(max_copies, int) or max_copies < 1):
             raise qckpt.InvalidInputError(f"max_copies must be a positive integer or None, got {max_copies!r}")
         self.step, self.memory_fraction, self.max_copies = step, memory_fraction, max_copies
+        self.devices = [torch.device(d) for d in devices] if devices is not None else None
+        if self.devices is not None and not self.devices:
+            raise qckpt.InvalidInputError("devices must name at least one device (None: the model's own)")
 
     def unbatchable(self, state: qckpt.TrainingState) -> str | None:
         """Why ``state`` cannot be trained as stacked copies, or None if it can."""
@@ -118,12 +123,18 @@ class BatchedRollouts:
                 return "ReduceLROnPlateau steps on a metric the batched step does not have"
         return None
 
+    def devices_for(self, cone: LightCone) -> list[torch.device]:
+        """Where the groups train: ``devices``, or the model's own device."""
+        model: torch.nn.Module = cone.state.components[self.step.model]
+        return self.devices or [next(model.parameters()).device]
+
     def group_size(self, cone: LightCone, k: int) -> tuple[int, str]:
-        """How many of ``k`` copies train together, and the budget behind it."""
+        """How many of ``k`` copies train together, and the budget behind it (the
+        tightest of the devices)."""
         model: torch.nn.Module = cone.state.components[self.step.model]
         device = next(model.parameters()).device
         per_copy = copy_bytes(cone.state, self.step) + (_activation_bytes(self.step, cone) if device.type == "cuda" else 0)
-        free = free_bytes(device)
+        free = min(free_bytes(d) for d in self.devices_for(cone))
         fit = int(free * self.memory_fraction // max(per_copy, 1))
         size = max(1, min(k, fit, self.max_copies or k))
         counted = "params, grads, optimizer state" + (", activations" if device.type == "cuda" else "")
@@ -135,45 +146,96 @@ class BatchedRollouts:
         if reason is not None:
             raise qckpt.InvalidInputError(f"these futures cannot be batched: {reason}")
         size, why = self.group_size(cone, len(futures))
+        devices = self.devices_for(cone)
+        if len(devices) > 1:
+            why += f"; groups spread over {', '.join(map(str, devices))}"
         rung = cone.rung_steps(horizon)
-        results: list[FutureResult] = []
-        for group in _chunks(list(futures), size):
-            cone.repo.restore(cone.state, origin.id)  # once a group (from the hot tier); copies are copy-on-write forks
-            started, copies = [], []
-            for future in group:
-                started.append(cone.new_future(origin, future))
-                copies.append(cone.state.fork()[0])
-                cone.intervene(copies[-1], future)
-            self._train(cone, started, copies, rung or horizon, pause=bool(rung))
-            results += started
+        results = [cone.new_future(origin, future) for future in futures]
+        cone.repo.restore(cone.state, origin.id)  # once (from the hot tier); the copies are copy-on-write forks
+        copies = []
+        for future in futures:
+            copies.append(cone.state.fork()[0])
+            cone.intervene(copies[-1], future)
+        self._train(cone, results, copies, rung or horizon, size, devices, pause=bool(rung))
         if rung:
             cone.prune(results, origin, horizon)
-            for kept in _chunks([r for r in results if r.pruned_at is None], size):
-                copies = []
-                for result in kept:
-                    cone.repo.restore(cone.state, result.snapshot)
-                    copies.append(cone.state.fork()[0])
-                self._train(cone, kept, copies, horizon - rung, pause=False)
-        return Rollouts(results, "batched", why)
+            kept = [r for r in results if r.pruned_at is None]
+            copies = []
+            for result in kept:
+                cone.repo.restore(cone.state, result.snapshot)
+                copies.append(cone.state.fork()[0])
+            self._train(cone, kept, copies, horizon - rung, size, devices, pause=False)
+        return Rollouts(results, "batched" if len(devices) == 1 else "devices", why)
 
-    def _train(self, cone: LightCone, group: list[FutureResult], copies: list[qckpt.TrainingState], steps: int,
-               *, pause: bool) -> None:  # fmt: skip
-        """Train the group's ``copies`` ``steps`` steps in one stack, then load each into
-        the live state and pause it (commit at the rung) or finish it."""
+    def _train(self, cone: LightCone, results: list[FutureResult], copies: list[qckpt.TrainingState], steps: int,
+               size: int, devices: list[torch.device], *, pause: bool) -> None:  # fmt: skip
+        """Train ``copies`` ``steps`` steps in groups of ``size``, the groups dealt round
+        robin to ``devices`` (a thread per device, its groups one after another),
+        then load each copy into the live state and pause it (commit at the
+        rung) or finish it. A failure in a device's thread is raised here, after
+        every thread has stopped."""
+        groups = _chunks(list(range(len(results))), size)
+        home = next(cone.state.components[self.step.model].parameters()).device
         data = cone.data_component()
+        counts = [0] * len(devices)
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def work(slot: int) -> None:
+            try:
+                for group in groups[slot :: len(devices)]:
+                    if stop.is_set():
+                        return
+                    counts[slot] += self._fit([results[k] for k in group], [copies[k] for k in group], steps, data,
+                                              devices[slot], home, stop)  # fmt: skip
+            except BaseException as e:  # surfaced to the caller below, never swallowed
+                errors.append(e)
+                stop.set()
+
+        threads = [threading.Thread(target=work, args=(slot,), name=f"rollouts-{d}") for slot, d in enumerate(devices)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        cone.record.compute["train_steps"] += sum(counts)
+        if errors:
+            raise errors[0]
+        for copy_, result in zip(copies, results):
+            cone.state.load_from(copy_)
+            (cone.pause_future if pause else cone.finish_future)(result)
+
+    def _fit(self, group: list[FutureResult], copies: list[qckpt.TrainingState], steps: int, data: str,
+             device: torch.device, home: torch.device, stop: threading.Event) -> int:  # fmt: skip
+        """Train one group on ``device`` and bring it back to ``home``; returns the
+        copy-steps taken. Touches only its own copies and results."""
+        for copy_ in copies:
+            _move(copy_, self.step.model, device)
         trainer = _Stack(self.step, copies)
+        taken = 0
         for _ in range(steps):
             active = [k for k, r in enumerate(group) if not r.diverged]
-            if not active:
+            if not active or stop.is_set():
                 break
             for k, loss, norm in trainer.step([copies[k].components[data] for k in active], active):
                 group[k].metrics.append([copies[k].step, loss, norm])
                 group[k].diverged = not math.isfinite(loss)
-            cone.record.compute["train_steps"] += len(active)
+            taken += len(active)
         trainer.release()
-        for copy_, result in zip(copies, group):
-            cone.state.load_from(copy_)
-            (cone.pause_future if pause else cone.finish_future)(result)
+        for copy_ in copies:
+            _move(copy_, self.step.model, home)
+        return taken
+
+
+def _move(state: qckpt.TrainingState, model: str, device: torch.device) -> None:
+    """Put a copy's model and its optimizers' state on ``device`` (optimizer state
+    follows its parameters through ``load_state_dict``, which keeps step counts
+    where the optimizer wants them)."""
+    module: torch.nn.Module = state.components[model]
+    if next(module.parameters()).device == device:
+        return
+    module.to(device)
+    for optimizer in _optimizers(state):
+        optimizer.load_state_dict(optimizer.state_dict())
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
@@ -244,8 +306,9 @@ class _Stack:
     def step(self, sources: list[Any], active: list[int]) -> list[tuple[int, float, float]]:
         """One step of the ``active`` copies (each drawing from its source); returns
         ``(copy, loss, gradient norm before clipping)`` for each."""
-        batch = _stack([next(source) for source in sources])
-        index = torch.tensor(active)
+        device = next(iter(self.stacks.values())).device
+        batch = _stack([next(source) for source in sources], device)
+        index = torch.tensor(active, device=device)
         losses = self.losses({n: s[index] for n, s in self.stacks.items()}, batch)
         for s in self.stacks.values():
             s.grad = None
@@ -276,7 +339,7 @@ class _Stack:
                 p.grad = None
 
 
-Strategy = Literal["auto", "sequential", "batched", "ray"]
+Strategy = Literal["auto", "sequential", "batched", "devices", "ray"]
 
 
 class RolloutScheduler:
@@ -293,16 +356,18 @@ class RolloutScheduler:
     ``branch.ray_rollouts.RayRollouts``), "auto" sends the futures to Ray when
     its cluster has more than one node (on one machine a task only adds
     worker start-up, repository open and restore: measured 0.5-1.2 s a job in
-    ``bench rollout``). ``"sequential"``, ``"batched"`` or ``"ray"`` force one
-    (batched still needs a ``BatchedStep``, ray a ``RayRollouts``). Pass a
+    ``bench rollout``). With two or more CUDA devices, "auto" spreads batched
+    groups over all of them (``"devices"``). ``"sequential"``, ``"batched"``,
+    ``"devices"`` or ``"ray"`` force one (batched and devices need a
+    ``BatchedStep``, ray a ``RayRollouts``). Pass a
     ``BatchedRollouts`` instead of a ``BatchedStep`` to set its memory budget.
     """
 
     def __init__(self, batched: BatchedStep | BatchedRollouts | None = None, *, ray: Any = None,
                  strategy: Strategy = "auto", probe_steps: int = 6, margin: float = 0.8) -> None:  # fmt: skip
-        if strategy not in ("auto", "sequential", "batched", "ray"):
-            raise qckpt.InvalidInputError(f"unknown strategy {strategy!r}: auto, sequential, batched or ray")
-        if strategy == "batched" and batched is None:
+        if strategy not in ("auto", "sequential", "batched", "devices", "ray"):
+            raise qckpt.InvalidInputError(f"unknown strategy {strategy!r}: auto, sequential, batched, devices or ray")
+        if strategy in ("batched", "devices") and batched is None:
             raise qckpt.InvalidInputError("strategy 'batched' needs a BatchedStep describing the step")
         if strategy == "ray" and ray is None:
             raise qckpt.InvalidInputError("strategy 'ray' needs ray=RayRollouts(...)")
@@ -329,8 +394,13 @@ class RolloutScheduler:
             if self.strategy == "batched":
                 raise qckpt.InvalidInputError(f"these futures cannot be batched: {reason}")
             return "sequential", f"not batchable: {reason}"
-        if self.strategy == "batched":
-            return "batched", "forced"
+        gpus = torch.cuda.device_count()
+        if self.strategy == "devices" and gpus < 2:
+            raise qckpt.InvalidInputError(f"strategy 'devices' needs two or more CUDA devices, this machine has {gpus}")
+        if self.strategy in ("batched", "devices"):
+            return self.strategy, "forced"
+        if gpus > 1:
+            return "devices", f"{gpus} CUDA devices: the futures' groups spread over them"
         if k not in self._verdicts:
             self._verdicts[k] = self._probe(cone, k)
         return self._verdicts[k]
@@ -363,6 +433,11 @@ class RolloutScheduler:
     def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> Rollouts:
         strategy, why = self.choose(cone, len(futures))
         executor = {"batched": self.batched, "ray": self.ray}.get(strategy) or self.sequential
+        if strategy == "devices":
+            assert self.batched is not None
+            gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+            executor = BatchedRollouts(self.batched.step, memory_fraction=self.batched.memory_fraction,
+                                       max_copies=self.batched.max_copies, devices=gpus)  # fmt: skip
         rollouts = executor.run(cone, origin, futures, horizon)
         return Rollouts(rollouts.results, strategy, why)
 

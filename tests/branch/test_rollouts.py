@@ -56,10 +56,16 @@ def _rollouts(tmp_path: Path, name: str, executor: Any) -> list[tuple[Any, ...]]
         return [(r.metrics, r.scores, repo.load(r.snapshot).tree()) for r in rollouts.results]
 
 
-@pytest.mark.parametrize("max_copies", [None, 3], ids=["one-stack", "groups-of-3"])
-def test_batched_copies_train_like_sequential_ones(tmp_path: Path, max_copies: int | None) -> None:
+CUDA = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+@pytest.mark.parametrize(("max_copies", "devices"), [
+    (None, None), (3, None), (1, ["cpu", "cpu"]),
+    pytest.param(2, CUDA, marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),
+], ids=["one-stack", "groups-of-3", "two-threads", "cuda-devices"])  # fmt: skip
+def test_batched_copies_train_like_sequential_ones(tmp_path: Path, max_copies: int | None, devices: Any) -> None:
     sequential = _rollouts(tmp_path, "s", SequentialRollouts())
-    batched = _rollouts(tmp_path, "b", BatchedRollouts(BatchedStep(clip_grad_norm=1.0), max_copies=max_copies))
+    batched = _rollouts(tmp_path, "b", BatchedRollouts(BatchedStep(clip_grad_norm=1.0), max_copies=max_copies, devices=devices))
     for (m1, s1, t1), (m2, s2, t2) in zip(sequential, batched):
         assert [m[0] for m in m1] == [m[0] for m in m2] == list(range(13, 21))
         assert max(abs(a[1] - b[1]) for a, b in zip(m1, m2)) < LOSS_BOUND
@@ -75,7 +81,25 @@ def test_batched_copies_train_like_sequential_ones(tmp_path: Path, max_copies: i
     assert len({tuple(x) for x in losses}) == len(FUTURES), "the copies did not differ: interventions were lost"
 
 
-def test_a_group_restores_the_origin_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failure_in_a_device_thread_is_raised_after_every_thread_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from branch import rollouts
+
+    def broken(self: Any, sources: Any, active: Any) -> Any:
+        raise RuntimeError("a kernel failed on this device")
+
+    workload = Workload(100)
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        cone = _cone(repo, workload, None)
+        before = threading.active_count()
+        monkeypatch.setattr(rollouts._Stack, "step", broken)
+        with pytest.raises(RuntimeError, match="a kernel failed"):
+            BatchedRollouts(BatchedStep(), max_copies=1, devices=["cpu", "cpu"]).run(cone, repo.snapshot("main"), FUTURES, 3)
+        assert threading.active_count() == before
+
+
+def test_the_origin_is_restored_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     workload = Workload(100)
     with qckpt.Repository.init(tmp_path / "r") as repo:
         cone = _cone(repo, workload, None)
@@ -87,7 +111,7 @@ def test_a_group_restores_the_origin_once(tmp_path: Path, monkeypatch: pytest.Mo
         assert restores == [origin.id]  # K copies forked from one restore, not K round trips
         restores.clear()
         BatchedRollouts(BatchedStep(clip_grad_norm=1.0), max_copies=2).run(cone, origin, FUTURES, 3)
-        assert restores == [origin.id, origin.id]  # one per group
+        assert restores == [origin.id]  # also in groups: every copy is a fork of that one restore
 
 
 def test_the_memory_budget_sizes_the_groups(tmp_path: Path) -> None:
@@ -136,6 +160,9 @@ def test_the_scheduler_says_what_it_chose_and_why(tmp_path: Path) -> None:
         assert len(decision.results) == 5
         assert RolloutScheduler().choose(cone, 4) == ("sequential", "no BatchedStep describes the step")
         assert RolloutScheduler(BatchedStep(), strategy="sequential").choose(cone, 4) == ("sequential", "forced")
+        if torch.cuda.device_count() < 2:
+            with pytest.raises(qckpt.InvalidInputError, match="two or more CUDA devices"):
+                RolloutScheduler(BatchedStep(), strategy="devices").choose(cone, 4)
 
         normed = workload.new_run("clean", 0)
         normed.state.components["model"] = _Normed()
@@ -157,7 +184,8 @@ def _nan(cone: LightCone) -> Any:
 @pytest.mark.parametrize("make", [lambda: RolloutScheduler(strategy="fastest"),  # type: ignore[arg-type]
                                   lambda: RolloutScheduler(strategy="batched"),
                                   lambda: RolloutScheduler(BatchedStep(), probe_steps=0),
-                                  lambda: RolloutScheduler(BatchedStep(), margin=1.5)])  # fmt: skip
+                                  lambda: RolloutScheduler(BatchedStep(), margin=1.5),
+                                  lambda: RolloutScheduler(strategy="devices")])  # fmt: skip
 def test_bad_scheduler_settings_are_typed_errors(make: Any) -> None:
     with pytest.raises(qckpt.InvalidInputError):
         make()
