@@ -6,7 +6,9 @@ copies stacked in one forward and backward) and, when the ``ray`` package is
 installed, ``ray`` (each future a task on a local Ray instance started here,
 loopback only, as many CPUs as this machine; its entries add
 ``overhead_s_per_job``: the extra wall seconds per future against
-sequential). ``devices`` is not built yet. Each strategy runs the same K futures (a control and
+sequential), and ``devices`` (batched groups spread over every CUDA device)
+where there are two or more. The live run stays on the CPU here: GPU figures
+need a GPU workload, not built yet. Each strategy runs the same K futures (a control and
 learning-rate variants, half of them also skipping batches) from one origin
 snapshot, end to end through the executor: restore, intervene, train H
 steps, commit each future at the horizon (no held-out evaluation, so the
@@ -139,8 +141,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         strategies[name][k] = {"steps_per_s": speed, "peak_mem_bytes": peak, "max_abs_diff_vs_sequential": diff}
         return strategies[name][k]
 
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for k in ks:
         seq, bat = entry("sequential", k, SequentialRollouts()), entry("batched", k, BatchedRollouts(step))
+        if len(gpus) > 1:
+            strategies.setdefault("devices", {})
+            entry("devices", k, BatchedRollouts(step, devices=gpus))
         with tempfile.TemporaryDirectory(prefix="qckpt-rollout-") as tmp, qckpt.Repository.init(Path(tmp) / "r") as repo:
             scheduler = RolloutScheduler(step)
             chosen[k], why = scheduler.choose(_cone(repo, workload, scheduler), k)
