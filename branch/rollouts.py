@@ -169,14 +169,29 @@ class BatchedRollouts:
 
     def _train(self, cone: LightCone, results: list[FutureResult], copies: list[qckpt.TrainingState], steps: int,
                size: int, devices: list[torch.device], *, pause: bool) -> None:  # fmt: skip
-        """Train ``copies`` ``steps`` steps in groups of ``size``, the groups dealt round
-        robin to ``devices`` (a thread per device, its groups one after another),
-        then load each copy into the live state and pause it (commit at the
-        rung) or finish it. A failure in a device's thread is raised here, after
-        every thread has stopped."""
+        """Train ``copies`` ``steps`` steps in groups of ``size`` and load each copy into
+        the live state to pause it (commit at the rung) or finish it. On one
+        device the groups run in turn, each collected before the next starts
+        (one group's memory at a time). On several, the groups are dealt round
+        robin to them (a thread per device, its groups one after another), each
+        group offloaded to host memory when done and all collected after every
+        thread has stopped; a failure in a thread is raised then."""
         groups = _chunks(list(range(len(results))), size)
-        home = next(cone.state.components[self.step.model].parameters()).device
         data = cone.data_component()
+
+        def collect(group: list[int]) -> None:
+            for k in group:
+                cone.state.load_from(copies[k])
+                (cone.pause_future if pause else cone.finish_future)(results[k])
+
+        never = threading.Event()
+        if len(devices) == 1:
+            for group in groups:
+                cone.record.compute["train_steps"] += self._fit([results[k] for k in group], [copies[k] for k in group],
+                                                                steps, data, devices[0], devices[0], never)  # fmt: skip
+                collect(group)
+            return
+        home = torch.device("cpu")
         counts = [0] * len(devices)
         errors: list[BaseException] = []
         stop = threading.Event()
@@ -200,9 +215,8 @@ class BatchedRollouts:
         cone.record.compute["train_steps"] += sum(counts)
         if errors:
             raise errors[0]
-        for copy_, result in zip(copies, results):
-            cone.state.load_from(copy_)
-            (cone.pause_future if pause else cone.finish_future)(result)
+        for group in groups:
+            collect(group)
 
     def _fit(self, group: list[FutureResult], copies: list[qckpt.TrainingState], steps: int, data: str,
              device: torch.device, home: torch.device, stop: threading.Event) -> int:  # fmt: skip
