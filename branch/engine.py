@@ -169,8 +169,9 @@ class RolloutExecutor(Protocol):
     """Runs futures from an origin snapshot and leaves the live state at the end of
     one of them. Each future starts with ``cone.start_future`` and ends with
     ``cone.finish_future`` (evaluate, commit its branch). ``SequentialRollouts``
-    trains them one after another on the live state; the rollout scheduler
-    (``branch.rollouts``) fills the same interface with batched copies."""
+    trains them one after another on the live state; ``branch.rollouts`` fills
+    the same interface with batched copies (one or several devices) and a
+    scheduler, ``branch.ray_rollouts`` with Ray tasks."""
 
     def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> Rollouts: ...
 
