@@ -7,8 +7,9 @@ installed, ``ray`` (each future a task on a local Ray instance started here,
 loopback only, as many CPUs as this machine; its entries add
 ``overhead_s_per_job``: the extra wall seconds per future against
 sequential), and ``devices`` (batched groups spread over every CUDA device)
-where there are two or more. The live run stays on the CPU here: GPU figures
-need a GPU workload, not built yet. Each strategy runs the same K futures (a control and
+where there are two or more. ``--device cuda`` trains the live run, and so
+the sequential and batched strategies, on a GPU; Ray tasks build CPU runs,
+so ``ray`` is measured only with ``--device cpu``. Each strategy runs the same K futures (a control and
 learning-rate variants, half of them also skipping batches) from one origin
 snapshot, end to end through the executor: restore, intervene, train H
 steps, commit each future at the horizon (no held-out evaluation, so the
@@ -70,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="K in {2, 4}, 5 steps")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--horizon", type=int, default=20)
+    parser.add_argument("--device", default="cpu", help="where the live run trains: cpu, cuda, cuda:1 ...")
     parser.add_argument("--seeds", type=int, default=3, help="spike-benchmark seeds replayed for the pruning figures")
     parser.add_argument("--json", type=Path, help="also write the results here")
 
@@ -126,7 +128,10 @@ def measure(workload: Workload, k: int, horizon: int, executor: Any, size: str) 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ks, horizon = ((2, 4), 5) if args.quick else ((4, 8, 16), args.horizon)
-    workload = Workload(1000, size=SIZES[args.size])
+    device = getattr(args, "device", "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: this machine has no CUDA device")
+    workload = Workload(1000, size=SIZES[args.size], device=device)
     strategies: dict[str, dict[int, Any]] = {"sequential": {}, "batched": {}}
     chosen: dict[int, str] = {}
     references, walls = {}, {}
@@ -153,8 +158,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"K={k:2d} H={horizon}: sequential {seq['steps_per_s']:.1f} steps/s, batched {bat['steps_per_s']:.1f} steps/s "
               f"({bat['steps_per_s'] / seq['steps_per_s']:.2f}x), max |diff| {bat['max_abs_diff_vs_sequential']:.2e}; "
               f"chosen {chosen[k]} ({why})", flush=True)  # fmt: skip
-    ray = _start_ray()  # after the others: an idle Ray instance still takes some CPU
-    if ray is not None:
+    ray = _start_ray() if workload.device.type == "cpu" else None  # Ray workers build CPU runs
+    if ray is not None:  # after the others: an idle Ray instance still takes some CPU
         strategies["ray"] = {}
         for k in ks:
             m = entry("ray", k, "ray")
@@ -165,7 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pruning = pruning_figures(120 if args.quick else 300, 1 if args.quick else args.seeds)
     print(f"pruning over {pruning['events']} spike-benchmark events: saves {pruning['compute_saved']:.0%} of rollout "
           f"compute, same winner in {pruning['same_winner_rate']:.0%}, forecast MAE {pruning['forecast_mae']:.3f}")
-    results = {"model": args.size, "horizon": horizon, "device": "cuda" if torch.cuda.is_available() else "cpu",
+    results = {"model": args.size, "horizon": horizon, "device": str(workload.device),
                "strategies": strategies, "chosen": chosen, "pruning": pruning}  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -142,10 +142,12 @@ class Run:
 
 
 class Workload:
-    """The spike benchmark's runs: ``size`` of the model (``tiny`` here), LR spike ``spike_factor``."""
+    """The spike benchmark's runs: ``size`` of the model (``tiny`` here), LR spike
+    ``spike_factor``, the model on ``device`` (batches are drawn on the CPU and
+    moved there by the step functions)."""
 
-    def __init__(self, steps: int, spike_factor: float = 30.0, size: ModelSize = SIZE) -> None:
-        self.spike_factor, self.size = spike_factor, size
+    def __init__(self, steps: int, spike_factor: float = 30.0, size: ModelSize = SIZE, device: str = "cpu") -> None:
+        self.spike_factor, self.size, self.device = spike_factor, size, torch.device(device)
         corpus = load_corpus(1 << 20)
         cut = int(len(corpus) * 0.9)
         self.train_data, held = corpus[:cut], corpus[cut:]
@@ -155,7 +157,7 @@ class Workload:
 
     def new_run(self, scenario: str, seed: int) -> Run:
         torch.manual_seed(seed)
-        model = CharGPT(self.size, dropout=0.0)
+        model = CharGPT(self.size, dropout=0.0).to(self.device)  # initialised on the CPU: the same weights anywhere
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
         at = int(self.steps * 0.4)
         spike = range(at, at + 6) if scenario == "lr_spike" else range(0)
@@ -169,9 +171,15 @@ class Workload:
     def losses(model: CharGPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
         model.eval()
         with torch.no_grad():
-            out = [float(model(x, y)) for x, y in batches]
+            out = [float(model(*_on(model, (x, y)))) for x, y in batches]
         model.train()
         return out
+
+
+def _on(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``batch`` on ``model``'s device."""
+    device = next(model.parameters()).device
+    return tuple(t.to(device) for t in batch)
 
 
 class _Ema:
@@ -198,7 +206,7 @@ class _Ema:
 
 def _step(run: Run, batch: Any, clip: float | None) -> tuple[torch.Tensor, float]:
     """Forward and backward; returns the loss and the gradient norm (clipped at ``clip`` if given)."""
-    x, y = batch
+    x, y = _on(run.model, batch)
     loss = run.model(x, y)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -241,7 +249,7 @@ def cone_step(state: qckpt.TrainingState, batch: Any, controls: Controls) -> Ste
     """The light cone's step function for a ``Workload`` state: clipping through ``controls``
     (global norm 1.0 as in ``none`` unless an intervention set another limit)."""
     model, optimizer, scheduler = (state.components[k] for k in ("model", "optimizer", "scheduler"))
-    x, y = batch
+    x, y = _on(model, batch)
     loss = model(x, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

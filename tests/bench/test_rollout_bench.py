@@ -7,12 +7,15 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 from bench import rollout
 
 
 def test_rollout_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
     out = tmp_path / "rollout.json"
-    rollout.run(argparse.Namespace(quick=True, size="tiny", horizon=5, seeds=1, json=out))
+    rollout.run(argparse.Namespace(quick=True, size="tiny", horizon=5, seeds=1, device="cpu", json=out))
     results = json.loads(out.read_text())
     assert set(results["strategies"]) in ({"sequential", "batched"}, {"sequential", "batched", "ray"})
     for per_k in results["strategies"].values():
@@ -25,3 +28,13 @@ def test_rollout_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
     pruning = results["pruning"]
     assert set(pruning) == {"compute_saved", "same_winner_rate", "forecast_mae", "events"}
     assert 0 <= pruning["compute_saved"] < 1 and 0 <= pruning["same_winner_rate"] <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rollout_benchmark_on_a_gpu(tmp_path: Path) -> None:
+    out = tmp_path / "rollout.json"
+    rollout.run(argparse.Namespace(quick=True, size="tiny", horizon=5, seeds=1, device="cuda", json=out))
+    results = json.loads(out.read_text())
+    assert results["device"].startswith("cuda")
+    assert all(m["peak_mem_bytes"] > 0 for m in results["strategies"]["batched"].values())
+    assert all(m["max_abs_diff_vs_sequential"] < 1e-3 for m in results["strategies"]["batched"].values())
