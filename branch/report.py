@@ -47,7 +47,8 @@ def figure_png(record: ConeRecord, *, width: float = 11.0, height: float = 6.5) 
                 xs, ys = _finite([[origin["step"], None]] + future["metrics"])
                 style = {"linewidth": 2.4 if chosen else 1.0, "alpha": 1.0 if chosen else 0.75,
                          "linestyle": "--" if future["control"] else "-", "zorder": 7 if chosen else 6}  # fmt: skip
-                ax.plot(xs, ys, **style, label=f"e{event['number']} {future['label']}" + (" (chosen)" if chosen else ""))
+                note = " (chosen)" if chosen else (" (cut at the rung)" if future.get("pruned_at") is not None else "")
+                ax.plot(xs, ys, **style, label=f"e{event['number']} {future['label']}{note}")
             trigger = event["trigger"]
             ax.axvline(trigger["step"], color="tab:red", linewidth=0.8, alpha=0.7)
             ax.annotate(f"trigger {event['number']}", (trigger["step"], 1.0), xycoords=("data", "axes fraction"),
