@@ -46,17 +46,17 @@ from typing import Any
 import torch
 
 import qckpt
-from bench.spike import EVAL_COST, Workload, cone_step, train_cone, worker_run
+from bench.spike import EVAL_COST, Workload, train_cone, warm_cone, worker_run
 from bench.workload import SIZES
 from branch import (
     BatchedRollouts,
-    ConeRecord,
-    Pruning,
     BatchedStep,
     Combined,
     ConeConfig,
+    ConeRecord,
     Future,
     LightCone,
+    Pruning,
     RolloutScheduler,
     ScaleLR,
     SequentialRollouts,
@@ -86,14 +86,7 @@ def futures(k: int) -> list[Future]:
 
 
 def _cone(repo: qckpt.Repository, workload: Workload, executor: Any) -> LightCone:
-    run = workload.new_run("clean", 0)
-    cone = LightCone(repo, run.state, cone_step, run.batches, config=ConeConfig(horizon=10, commit_every=10**6),
-                     executor=executor)  # fmt: skip
-    cone.commit()
-    for _ in range(5):
-        cone.observe(cone.train_step(next(cone.batches)))
-    cone.commit()
-    return cone
+    return warm_cone(repo, workload, ConeConfig(horizon=10, commit_every=10**6), executor=executor, warm=5)
 
 
 def _start_ray() -> Any:

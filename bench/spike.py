@@ -270,6 +270,25 @@ def worker_run(steps: int, scenario: str, seed: int, size: str = "tiny", evaluat
     return RunParts(run_.state, cone_step, run_.batches, losses)
 
 
+def warm_cone(repo: qckpt.Repository, workload: Workload, config: ConeConfig, *, executor: Any = None,
+              validation: int | None = None, warm: int = 12) -> LightCone:  # fmt: skip
+    """A ``LightCone`` on a fresh clean run (seed 0), committed, trained and observed
+    for ``warm`` steps and committed there: the starting point of rollout tests
+    and benchmarks. ``validation``: how many of the workload's validation
+    batches it evaluates futures on (None: no evaluation)."""
+    run_ = workload.new_run("clean", 0)
+    evaluate = None
+    if validation is not None:
+        batches = workload.validation[:validation]
+        evaluate = lambda s: workload.losses(s.components["model"], batches)  # noqa: E731
+    cone = LightCone(repo, run_.state, cone_step, run_.batches, evaluate, config=config, executor=executor)
+    cone.commit()
+    for _ in range(warm):
+        cone.observe(cone.train_step(next(cone.batches)))
+    cone.commit()
+    return cone
+
+
 def train_cone(run: Run, steps: int, workload: Workload, repo: qckpt.Repository, explore: bool, name: str) -> tuple[list[list[Any]], dict[str, int]]:
     """``lightcone`` (explore) or ``rollback_skip`` (one future: skip, no control, no
     choice); returns the realized path and the compute counts (``ConeRecord.compute``)."""

@@ -11,7 +11,7 @@ import pytest
 
 import qckpt
 from bench.compare import differences
-from bench.spike import Workload, cone_step
+from bench.spike import Workload, warm_cone
 from branch import BatchedRollouts, BatchedStep, ConeConfig, Future, LightCone, Pruning, ScaleLR, SequentialRollouts, SkipBatches, select
 from branch.pruning import family_weights, predict, survivors
 
@@ -56,15 +56,8 @@ FUTURES = [Future("control", None), Future("skip", SkipBatches(2)), Future("lowe
 
 
 def _cone(repo: qckpt.Repository, executor: Any, pruning: Pruning | None) -> LightCone:
-    workload = Workload(100)
-    run = workload.new_run("clean", 0)
-    evaluate = lambda s: workload.losses(s.components["model"], workload.validation[:4])  # noqa: E731
-    cone = LightCone(repo, run.state, cone_step, run.batches, evaluate, executor=executor,
-                     config=ConeConfig(horizon=10, commit_every=4, resamples=200, pruning=pruning))  # fmt: skip
-    cone.commit()
-    for _ in range(12):
-        cone.observe(cone.train_step(next(cone.batches)))
-    return cone
+    config = ConeConfig(horizon=10, commit_every=4, resamples=200, pruning=pruning)
+    return warm_cone(repo, Workload(100), config, executor=executor, validation=4)
 
 
 @pytest.mark.parametrize("executor", [SequentialRollouts(), BatchedRollouts(BatchedStep(clip_grad_norm=1.0))],

@@ -14,7 +14,7 @@ import pytest
 
 import qckpt
 from bench.compare import differences
-from bench.spike import Workload, cone_step, worker_run
+from bench.spike import Workload, warm_cone, worker_run
 from branch import ConeConfig, Future, LightCone, Pruning, RolloutScheduler, ScaleLR, SequentialRollouts, SkipBatches
 from branch.ray_rollouts import RayRollouts, RunParts
 
@@ -33,15 +33,9 @@ def local_ray() -> Iterator[None]:
 
 
 def _cone(repo: qckpt.Repository, executor: Any, pruning: Pruning | None = None) -> LightCone:
-    workload = Workload(STEPS)
-    run = workload.new_run("clean", 0)
-    evaluate = lambda s: workload.losses(s.components["model"], workload.validation)  # noqa: E731
-    cone = LightCone(repo, run.state, cone_step, run.batches, evaluate, executor=executor,
-                     config=ConeConfig(horizon=10, commit_every=4, resamples=200, pruning=pruning))  # fmt: skip
-    cone.commit()
-    for _ in range(12):
-        cone.observe(cone.train_step(next(cone.batches)))
-    return cone
+    config = ConeConfig(horizon=10, commit_every=4, resamples=200, pruning=pruning)
+    workload = Workload(STEPS)  # evaluated on all its validation batches, as worker_run's runs are
+    return warm_cone(repo, workload, config, executor=executor, validation=len(workload.validation))
 
 
 def _futures(tmp_path: Path, name: str, make: Any, pruning: Pruning | None = None) -> list[Any]:

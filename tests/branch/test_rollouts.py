@@ -12,7 +12,7 @@ import torch
 
 import qckpt
 from bench.compare import differences
-from bench.spike import Workload, cone_step
+from bench.spike import Workload, cone_step, warm_cone
 from branch import (
     BatchedRollouts,
     BatchedStep,
@@ -34,15 +34,8 @@ FUTURES = [Future("control", None), Future("skip", SkipBatches(3)), Future("lowe
 LOSS_BOUND, PARAM_BOUND = 1e-5, 2e-4
 
 
-def _cone(repo: qckpt.Repository, workload: Workload, executor: Any, warm: int = 12) -> LightCone:
-    run = workload.new_run("clean", 0)
-    evaluate = lambda s: workload.losses(s.components["model"], workload.validation[:4])  # noqa: E731
-    cone = LightCone(repo, run.state, cone_step, run.batches, evaluate,
-                     config=ConeConfig(horizon=8, commit_every=4, resamples=200), executor=executor)  # fmt: skip
-    cone.commit()
-    for _ in range(warm):
-        cone.observe(cone.train_step(next(cone.batches)))
-    return cone
+def _cone(repo: qckpt.Repository, workload: Workload, executor: Any) -> LightCone:
+    return warm_cone(repo, workload, ConeConfig(horizon=8, commit_every=4, resamples=200), executor=executor, validation=4)
 
 
 def _rollouts(tmp_path: Path, name: str, executor: Any) -> list[tuple[Any, ...]]:
