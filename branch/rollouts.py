@@ -104,7 +104,10 @@ class BatchedRollouts:
         if max_copies is not None and (isinstance(max_copies, bool) or not isinstance(max_copies, int) or max_copies < 1):
             raise qckpt.InvalidInputError(f"max_copies must be a positive integer or None, got {max_copies!r}")
         self.step, self.memory_fraction, self.max_copies = step, memory_fraction, max_copies
-        self.devices = [torch.device(d) for d in devices] if devices is not None else None
+        try:
+            self.devices = [torch.device(d) for d in devices] if devices is not None else None
+        except (RuntimeError, TypeError) as e:
+            raise qckpt.InvalidInputError(f"devices must be device names such as 'cuda:0': {e}") from e
         if self.devices is not None and not self.devices:
             raise qckpt.InvalidInputError("devices must name at least one device (None: the model's own)")
 

@@ -120,7 +120,7 @@ def test_the_memory_budget_sizes_the_groups(tmp_path: Path) -> None:
         size, why = BatchedRollouts(BatchedStep(), memory_fraction=1e-9).group_size(cone, 16)
         assert size == 1 and "groups of up to 1" in why and "MiB free on cpu" in why  # never zero
         assert BatchedRollouts(BatchedStep(), max_copies=5).group_size(cone, 16)[0] == 5
-    for bad in ({"memory_fraction": 0.0}, {"max_copies": 0}):
+    for bad in ({"memory_fraction": 0.0}, {"max_copies": 0}, {"devices": []}, {"devices": ["gpu7"]}):
         with pytest.raises(qckpt.InvalidInputError):
             BatchedRollouts(BatchedStep(), **bad)
 
