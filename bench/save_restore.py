@@ -11,10 +11,19 @@ For each reference model size (``10m`` and ``100m``; ``--quick``: ``tiny`` and
   training throughput with asynchronous commits (the final flush included);
 * ``restore_hot_s``: ``Repository.restore`` of the latest snapshot in the writing
   process (from the hot tier);
-* ``restore_latest_s``: the same restore from storage (a repository opened with
-  ``hot_snapshots=0``), into the live model and optimizer;
+* in a fresh process (``bench.fresh``: a new Python process that builds the
+  training state, trains one step untimed, then alternates the methods, best
+  of 3): ``restore_latest_s``, ``restore_middle_s``, ``restore_oldest_s``:
+  ``Repository.restore`` from storage into the live model and optimizer (the
+  latest from its warm copy, older ones from their delta chains);
+  ``torch_resume_s``: ``torch.load`` of the latest state plus loading it into
+  the same live objects; ``first_step_after_restore_s`` /
+  ``first_step_after_torch_resume_s``: the training step that follows each
+  (it pays for copy-on-write pages a mapped restore left to it);
 * ``full_restore_s`` / ``lazy_one_tensor_s``: ``load(latest).tree()`` versus
-  reading one tensor (the largest weight) of it, from storage.
+  reading one tensor (the largest weight) of it, from storage;
+* ``warm_bytes_per_commit`` / ``history_bytes_per_commit``: what each commit
+  wrote to the warm tier and to the history, next to ``state_bytes``.
 
 Each time is the best of a few repetitions. On a CPU-only machine the
 background writer competes with training for the same cores; that cost is
@@ -25,9 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import multiprocessing
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +69,57 @@ def _clone(tree: Any) -> Any:
     return tree
 
 
-def _throughput(trainer: Trainer, repo: qckpt.Repository | None, steps: int, every: int, stalls: list[float]) -> float:
+def _throughput(
+    trainer: Trainer, repo: qckpt.Repository | None, steps: int, every: int, stalls: list[float], ids: list[str]
+) -> float:
     start = time.perf_counter()
+    handles = []
     for step in range(1, steps + 1):
         train_step(trainer.state)
         if repo is not None and step % every == 0:
             before = time.perf_counter()
-            repo.commit_async(trainer.state)
+            handles.append(repo.commit_async(trainer.state))
             stalls.append(time.perf_counter() - before)
     if repo is not None:
         repo.flush()
-    return steps / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    ids += [h.wait().id for h in handles]
+    return steps / elapsed
+
+
+@dataclass
+class _Restart:
+    """Restarts timed in a fresh process: the training state is built there (its
+    initial values are then replaced by every restore)."""
+
+    size: str
+    location: str
+    ids: list[str]
+    torch_path: str
+
+    def times(self, positions: dict[str, int], repeats: int = 3) -> dict[str, float]:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(self._times, (positions, repeats))
+
+    def _times(self, positions: dict[str, int], repeats: int) -> dict[str, float]:
+        state = Trainer(self.size, total_steps=1000).state
+        train_step(state)  # first-step costs (allocator, autograd) are nobody's restore cost
+        best: dict[str, float] = {}
+
+        def timed(name: str, fn: Callable[[], Any]) -> None:
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
+
+        for _ in range(repeats):  # alternating, so drift on a shared machine hits every method alike
+            for name, index in positions.items():
+                with qckpt.Repository.open(self.location, hot_snapshots=0) as repo:
+                    timed(f"restore_{name}_s", partial(repo.restore, state, self.ids[index]))
+                    if name == "latest":
+                        timed("first_step_after_restore_s", lambda: train_step(state))
+            timed("torch_resume_s", lambda: state.load(torch.load(self.torch_path, weights_only=False)))
+            timed("first_step_after_torch_resume_s", lambda: train_step(state))
+        return best
 
 
 def measure(size: str, steps: int, root: Path) -> dict[str, float]:
@@ -83,16 +137,22 @@ def measure(size: str, steps: int, root: Path) -> dict[str, float]:
     location = root / f"{size}-repo"
     repo = qckpt.Repository.init(location)
     stalls: list[float] = []
-    out["train_steps_per_s_no_ckpt"] = _throughput(trainer, None, steps, 1, [])
-    out["train_steps_per_s_ckpt_every_step"] = _throughput(trainer, repo, steps, 1, stalls)
+    ids: list[str] = []
+    out["train_steps_per_s_no_ckpt"] = _throughput(trainer, None, steps, 1, [], [])
+    out["train_steps_per_s_ckpt_every_step"] = _throughput(trainer, repo, steps, 1, stalls, ids)
     out["stall_s"] = statistics.mean(stalls)
-    out["train_steps_per_s_ckpt_every_10"] = _throughput(trainer, repo, 2 * steps, 10, [])
-    latest = repo.snapshot("main").id
+    out["train_steps_per_s_ckpt_every_10"] = _throughput(trainer, repo, 2 * steps, 10, [], ids)
+    history = [repo.snapshot(i) for i in ids]
+    out["history_bytes_per_commit"] = statistics.mean(s.stats.new_stored_bytes for s in history)
+    warm = repo._warm  # the writer's own count (internal: no public API needs it)
+    out["warm_bytes_per_commit"] = (warm.bytes_written if warm is not None else 0) / len(ids)
+    latest = ids[-1]
+    torch.save(trainer.state.capture(), path)  # the same state as the latest snapshot, for torch's resume
     out["restore_hot_s"] = best_time(lambda: repo.restore(trainer.state, latest))
     repo.close()
+    out.update(_Restart(size, str(location), ids, str(path)).times({"latest": len(ids) - 1, "middle": steps // 2, "oldest": 0}))
 
     with qckpt.Repository.open(location, hot_snapshots=0) as fresh:
-        out["restore_latest_s"] = best_time(lambda: fresh.restore(trainer.state, latest))
         view = fresh.load(latest)
         largest = max(view, key=lambda p: view.entry(p).nbytes)
         out["full_restore_s"] = best_time(lambda: fresh.load(latest).tree())
@@ -110,6 +170,13 @@ def _ratios(m: dict[str, float]) -> dict[str, float]:
         "every_10/no_ckpt": m["train_steps_per_s_ckpt_every_10"] / m["train_steps_per_s_no_ckpt"],
         "every_step/no_ckpt": m["train_steps_per_s_ckpt_every_step"] / m["train_steps_per_s_no_ckpt"],
         "restore_latest/torch_load": m["restore_latest_s"] / m["torch_load_s"],
+        "restore_latest/torch_resume": m["restore_latest_s"] / m["torch_resume_s"],
+        "restore_middle/torch_load": m["restore_middle_s"] / m["torch_load_s"],
+        "restore_oldest/torch_load": m["restore_oldest_s"] / m["torch_load_s"],
+        "restore_latest+step/torch_resume+step": (m["restore_latest_s"] + m["first_step_after_restore_s"])
+        / (m["torch_resume_s"] + m["first_step_after_torch_resume_s"]),
+        "warm_bytes_per_commit/state": m["warm_bytes_per_commit"] / m["state_bytes"],
+        "history_bytes_per_commit/state": m["history_bytes_per_commit"] / m["state_bytes"],
         "restore_hot/clone": m["restore_hot_s"] / m["clone_s"],
         "lazy_one_tensor/full_restore": m["lazy_one_tensor_s"] / m["full_restore_s"],
     }

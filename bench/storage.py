@@ -18,10 +18,13 @@ side by side in one process:
 Scenarios: ``every_step`` (a checkpoint after every optimizer step),
 ``every_10`` (after every tenth step) and ``frozen_90`` (fine-tuning with 90%
 of the parameters frozen, every step). For each method: total bytes stored,
-mean save time, and the time to restore the latest and the oldest checkpoint
-in a fresh reader (qckpt: a newly opened repository, so nothing comes from the
-hot tier; ``restore_latest_hot_s`` is the same restore in the writing process,
-from the hot tier). With ``--chains``, ``every_step`` is also run with other
+everything written (``bytes_written``: for qckpt the history plus every warm
+copy written, most of them replaced since), mean save time, and the time to
+restore the latest, a middle and the oldest checkpoint in a fresh process
+(``bench.fresh``; best of 3, each opening its reader anew, every tensor's
+pages touched; qckpt reads the latest from its warm copy, older ones from
+their delta chains); ``restore_latest_hot_s`` is the restore of the latest in
+the writing process, from the hot tier. With ``--chains``, ``every_step`` is also run with other
 ``max_chain`` values (methods ``qckpt-k<K>``), the size/restore trade-off that
 chose the default. Ratios are ours / theirs, both measured in this run.
 """
@@ -39,7 +42,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ import zstandard
 
 import qckpt
 from bench.s3server import CREDENTIALS, moto_server, new_bucket
-from bench.timing import best_time
+from bench.fresh import restore_times, touch
 from bench.workload import Trainer, WarmupCosine
 from qckpt.format.tree import decode_tree, encode_tree
 
@@ -86,6 +88,10 @@ class Method:
 
     def bytes(self) -> int: ...
 
+    def bytes_written(self) -> int:
+        """Everything ever written (more than ``bytes`` where something is replaced)."""
+        return self.bytes()
+
     def restore(self, index: int, template: Any) -> None: ...
 
     def close(self) -> None: ...
@@ -119,7 +125,7 @@ class TorchSave(FileMethod):
         torch.save(tree, self._next())
 
     def restore(self, index: int, template: Any) -> None:
-        torch.load(self.paths[index], weights_only=False)
+        touch(torch.load(self.paths[index], weights_only=False))
 
 
 class TorchSaveZstd(FileMethod):
@@ -130,7 +136,7 @@ class TorchSaveZstd(FileMethod):
 
     def restore(self, index: int, template: Any) -> None:
         data = zstandard.ZstdDecompressor().decompress(self.paths[index].read_bytes())
-        torch.load(io.BytesIO(data), weights_only=False)
+        touch(torch.load(io.BytesIO(data), weights_only=False))
 
 
 class Safetensors(FileMethod):
@@ -146,7 +152,7 @@ class Safetensors(FileMethod):
         with safe_open(str(self.paths[index]), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             encoded = json.loads(f.metadata()["tree"])
-        decode_tree(encoded, lambda i: tensors[f"t{i}"])
+        touch(decode_tree(encoded, lambda i: tensors[f"t{i}"]))
 
 
 class Dcp(FileMethod):
@@ -176,11 +182,24 @@ class Qckpt(Method):
         self.new_raw_bytes += snapshot.stats.new_raw_bytes
 
     def bytes(self) -> int:
-        return self.repo.stats().stored_bytes
+        """At rest: the history and the warm copies."""
+        stats = self.repo.stats()
+        return stats.stored_bytes + stats.warm_bytes
 
     def restore(self, index: int, template: Any) -> None:
         with qckpt.Repository.open(self.location, hot_snapshots=0) as fresh:
-            fresh.load(self.ids[index]).tree()
+            touch(fresh.load(self.ids[index]).tree())
+
+    def __getstate__(self) -> dict[str, Any]:  # for a fresh process: everything but the open repository
+        return {k: v for k, v in self.__dict__.items() if k != "repo"}
+
+    def warm_bytes(self) -> int:
+        return self.repo.stats().warm_bytes
+
+    def bytes_written(self) -> int:
+        """History bytes (only ever added to) plus every warm copy written, replaced or not."""
+        warm = self.repo._warm  # the writer's own count (internal: no public API needs it)
+        return self.repo.stats().stored_bytes + (warm.bytes_written if warm is not None else 0)
 
     def max_relative_error(self, original: dict[str, torch.Tensor]) -> float:
         """Largest |stored - original| / |original| over the latest snapshot's nonzero
@@ -265,19 +284,21 @@ def run_scenario(scenario: str, size: str, commits: int, chains: list[int], back
                 method.save(trainer.state)
                 results[method.name].save_times.append(time.perf_counter() - start)
                 results[method.name].cpu_times.append(time.process_time() - cpu)
-        template = trainer.state.capture()
-        # a copy: some methods restore into ``template`` in place (dcp), i.e. into the live state
+        template = trainer.state.capture()  # restores run in another process: dcp's loads in place into its own copy
         last_saved = {key: value.clone() for key, value in _tensor_table(template)[1].items()}
+        positions = {"latest": commits - 1, "middle": commits // 2, "oldest": 0}
         out: dict[str, Any] = {}
         for method in methods:
             result = results[method.name]
+            times = restore_times(method, list(positions.values()), template)
             entry = {
                 "bytes": method.bytes(),
+                "bytes_written": method.bytes_written(),
                 "save_s": statistics.mean(result.save_times),
-                "restore_latest_s": best_time(partial(method.restore, len(result.save_times) - 1, template)),
-                "restore_oldest_s": best_time(partial(method.restore, 0, template)),
+                **{f"restore_{name}_s": times[index] for name, index in positions.items()},
             }
             if isinstance(method, Qckpt):
+                entry["warm_bytes"] = method.warm_bytes()
                 if method.lossy:
                     entry["max_relative_error"] = method.max_relative_error(last_saved)
                     entry["relative_error_bound"] = method.lossy.relative_error
@@ -295,13 +316,19 @@ def _report(results: dict[str, Any]) -> None:
     for name, scenario in results["scenarios"].items():
         base = scenario["methods"]["torch.save"]
         print(f"\n{name}: {scenario['checkpoints']} checkpoints over {scenario['steps']} steps, {scenario['params']:,} params")
-        print(f"  {'method':16s} {'MB stored':>10s} {'bytes/ts':>9s} {'save ms':>8s} {'latest ms':>10s} {'oldest ms':>10s} {'latest/ts':>10s}")
+        print(f"  {'method':16s} {'MB stored':>10s} {'bytes/ts':>9s} {'written/ts':>10s} {'save ms':>8s} "
+              f"{'latest/ts':>10s} {'middle/ts':>10s} {'oldest/ts':>10s}")  # fmt: skip
         for method, m in scenario["methods"].items():
-            print(f"  {method:16s} {m['bytes'] / 1e6:10.1f} {m['bytes'] / base['bytes']:9.3f} {m['save_s'] * 1e3:8.1f} "
-                  f"{m['restore_latest_s'] * 1e3:10.1f} {m['restore_oldest_s'] * 1e3:10.1f} "
-                  f"{m['restore_latest_s'] / base['restore_latest_s']:10.2f}")  # fmt: skip
+            ratios = " ".join(f"{m[f'restore_{p}_s'] / base[f'restore_{p}_s']:10.2f}" for p in ("latest", "middle", "oldest"))
+            print(f"  {method:16s} {m['bytes'] / 1e6:10.1f} {m['bytes'] / base['bytes']:9.3f} "
+                  f"{m['bytes_written'] / base['bytes']:10.3f} {m['save_s'] * 1e3:8.1f} {ratios}")  # fmt: skip
+        print("  restores from storage in a fresh process (ms): "
+              + ", ".join(f"{p} {base[f'restore_{p}_s'] * 1e3:.0f}" for p in ("latest", "middle", "oldest")) + " for torch.save; "
+              + ", ".join(f"{p} {scenario['methods']['qckpt'][f'restore_{p}_s'] * 1e3:.0f}" for p in ("latest", "middle", "oldest"))
+              + " for qckpt")  # fmt: skip
         q = scenario["methods"]["qckpt"]
-        print(f"  qckpt restore of the latest from the hot tier: {q['restore_latest_hot_s'] * 1e3:.1f} ms; "
+        print(f"  qckpt: warm copies at rest {q['warm_bytes'] / base['bytes']:.3f} of torch.save's bytes; "
+              f"restore of the latest from the hot tier {q['restore_latest_hot_s'] * 1e3:.1f} ms; "
               f"commit throughput {q['encode_mb_per_cpu_s']:.0f} MB per CPU-second")  # fmt: skip
         for method, m in scenario["methods"].items():
             if "max_relative_error" in m:

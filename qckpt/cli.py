@@ -216,7 +216,8 @@ def cmd_du(args: argparse.Namespace, repo: Repository) -> int:
                                     "compression_ratio": stats.compression_ratio}, "branches": usage})  # fmt: skip
         return 0
     print(f"repository: {stats.snapshots} snapshots, {stats.packs} packs, raw {_size(stats.raw_bytes)}, "
-          f"stored {_size(stats.stored_bytes)} (dedup {stats.dedup_ratio:.2f}x, overall {stats.compression_ratio:.2f}x)")  # fmt: skip
+          f"stored {_size(stats.stored_bytes)} (dedup {stats.dedup_ratio:.2f}x, overall {stats.compression_ratio:.2f}x), "
+          f"warm copies of branch heads {_size(stats.warm_bytes)}")  # fmt: skip
     print(f"\n{'branch':24s} {'snapshots':>9s} {'raw':>12s} {'exclusive':>12s} {'objects':>8s}")
     for name, u in usage.items():
         print(f"{name:24s} {u.snapshots:9d} {_size(u.raw_bytes):>12s} {_size(u.exclusive_bytes):>12s} {u.exclusive_objects:8d}")
@@ -282,14 +283,14 @@ def cmd_gc(args: argparse.Namespace, repo: Repository) -> int:
     freed = report.bytes_before - report.bytes_after
     if report.dry_run:
         print(f"would keep {report.snapshots_kept} snapshots and delete {report.snapshots_deleted} snapshots, "
-              f"{report.manifests_deleted} manifests, {report.chunks_deleted} chunks and {report.packs_deleted} packs, "
-              f"and would repack {report.packs_repacked} packs")  # fmt: skip
+              f"{report.manifests_deleted} manifests, {report.chunks_deleted} chunks, {report.packs_deleted} packs and "
+              f"{report.warm_copies_deleted} stale warm copies, and would repack {report.packs_repacked} packs")  # fmt: skip
         print(f"size would go from {_size(report.bytes_before)} to {_size(report.bytes_after)} "
               f"(would free {_size(freed)}); nothing was deleted (dry run)")  # fmt: skip
     else:
         print(f"kept {report.snapshots_kept} snapshots; deleted {report.snapshots_deleted} snapshots, "
-              f"{report.manifests_deleted} manifests, {report.chunks_deleted} chunks and {report.packs_deleted} packs; "
-              f"repacked {report.packs_repacked} packs")  # fmt: skip
+              f"{report.manifests_deleted} manifests, {report.chunks_deleted} chunks, {report.packs_deleted} packs and "
+              f"{report.warm_copies_deleted} stale warm copies; repacked {report.packs_repacked} packs")  # fmt: skip
         print(f"size {_size(report.bytes_before)} -> {_size(report.bytes_after)} (freed {_size(freed)})")
     return 0
 
@@ -318,7 +319,8 @@ def cmd_fsck(args: argparse.Namespace, repo: Repository) -> int:
     if args.json:
         _print_json({**asdict(report), "ok": report.ok})
     else:
-        print(f"checked {report.refs} refs, {report.snapshots} snapshots, {report.chunks} chunks, {report.packs} packs")
+        print(f"checked {report.refs} refs, {report.snapshots} snapshots, {report.chunks} chunks, {report.packs} packs, "
+              f"{report.warm_copies} warm copies")
         for p in report.problems:
             print(f"DAMAGED {p.subject}: {p.error}")
             for a in p.affects:

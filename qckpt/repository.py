@@ -33,6 +33,7 @@ from qckpt.commit.hot import HotSnapshot, HotTier
 from qckpt.commit.lossy import LossyTier, check_main_line, quantize
 from qckpt.commit.predict import ParamRule, parameter_rules
 from qckpt.commit.staging import StagedArray, stage
+from qckpt.commit.warm import WarmCadence
 from qckpt.commit.writer import CommitHandle, CommitWriter
 from qckpt.errors import AlreadyExistsError, DivergedError, InvalidInputError, RevisionNotFoundError, StateMismatchError
 from qckpt.format.records import LOSSY_ANNOTATION, Manifest, RefLogEntry, Snapshot
@@ -63,6 +64,7 @@ from qckpt.store.store import (
 
 DEFAULT_HOT_SNAPSHOTS = 2
 DEFAULT_MAX_PENDING = 2
+DEFAULT_WARM_INTERVAL_REMOTE = 60.0  # seconds between a branch's warm copies on remote storage (local: every commit)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ class RepositoryStats:
     packs: int
     raw_bytes: int  # tensor bytes summed over all snapshots, as if each were saved in full
     unique_raw_bytes: int  # raw bytes of distinct chunks (after dedup)
-    stored_bytes: int  # bytes in packs, manifests and snapshots
+    stored_bytes: int  # bytes in packs, manifests and snapshots: the history
+    warm_bytes: int = 0  # bytes in warm copies of branch heads (a cache, replaced as heads move)
 
     @property
     def dedup_ratio(self) -> float:
@@ -156,11 +159,16 @@ class Repository:
         hot_snapshots: int = DEFAULT_HOT_SNAPSHOTS,
         hot_bytes: int | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        warm: bool = True,
+        warm_interval: float | None = None,
     ) -> None:
         """Use ``init`` or ``open``."""
         self._store = store
         self._hot = HotTier(hot_snapshots, hot_bytes)
         self._writer = CommitWriter(max_pending, f"qckpt-writer {store.backend.uri}")
+        if warm_interval is None:
+            warm_interval = DEFAULT_WARM_INTERVAL_REMOTE if store.backend.capabilities.index == "cache" else 0.0
+        self._warm = WarmCadence(store, self._hot, warm_interval) if warm else None
 
     # -- lifecycle -----------------------------------------------------------
     @classmethod
@@ -176,6 +184,8 @@ class Repository:
         hot_snapshots: int = DEFAULT_HOT_SNAPSHOTS,
         hot_bytes: int | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        warm: bool = True,
+        warm_interval: float | None = None,
         exist_ok: bool = False,
     ) -> Repository:
         """Create an empty repository at ``location``: a path, ``file://`` or
@@ -192,7 +202,7 @@ class Repository:
         and ``hot_bytes`` size the hot tier, ``max_pending`` bounds asynchronous
         commits in flight (see the class and ``commit_async``).
         """
-        _check_tiers(hot_snapshots, hot_bytes, max_pending)
+        _check_tiers(hot_snapshots, hot_bytes, max_pending, warm_interval)
         config = new_config(chunk_size, compression_level, max_chain)
         backend = _backend_for(location, endpoint_url)
         local_dir = backend.capabilities.local_dir
@@ -204,7 +214,7 @@ class Repository:
             if not exist_ok:
                 raise
             store = Store.open(backend, cache_dir)
-        return cls(store, hot_snapshots=hot_snapshots, hot_bytes=hot_bytes, max_pending=max_pending)
+        return cls(store, hot_snapshots=hot_snapshots, hot_bytes=hot_bytes, max_pending=max_pending, warm=warm, warm_interval=warm_interval)
 
     @classmethod
     def open(
@@ -216,18 +226,23 @@ class Repository:
         hot_snapshots: int = DEFAULT_HOT_SNAPSHOTS,
         hot_bytes: int | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        warm: bool = True,
+        warm_interval: float | None = None,
     ) -> Repository:
         """Open an existing repository (see ``init`` for the arguments);
         ``RepositoryNotFoundError`` if there is none."""
-        _check_tiers(hot_snapshots, hot_bytes, max_pending)
+        _check_tiers(hot_snapshots, hot_bytes, max_pending, warm_interval)
         store = Store.open(_backend_for(location, endpoint_url), cache_dir)
-        return cls(store, hot_snapshots=hot_snapshots, hot_bytes=hot_bytes, max_pending=max_pending)
+        return cls(store, hot_snapshots=hot_snapshots, hot_bytes=hot_bytes, max_pending=max_pending, warm=warm, warm_interval=warm_interval)
 
     def close(self) -> None:
         """Write every pending commit, finish background work, release the index and
         backend. Raises a background commit failure not reported yet."""
         try:
-            self._writer.close()
+            try:
+                self.flush()
+            finally:
+                self._writer.close()
         finally:
             self._store.close()
 
@@ -348,8 +363,11 @@ class Repository:
         return handle
 
     def flush(self) -> None:
-        """Wait until every commit submitted so far is durable (raises a background failure not reported yet)."""
+        """Wait until every commit submitted so far is durable (raises a background
+        failure not reported yet), and write the warm copies still due (see ``init``)."""
         self._writer.flush()
+        if self._warm is not None and self._warm.pending and not self._writer.closed:
+            self._writer.submit(self._warm.catch_up).wait()
 
     def _write_commit(self, job: _CommitJob) -> Snapshot:
         """The background half of a commit (runs on the writer thread)."""
@@ -374,6 +392,11 @@ class Repository:
         snapshot = self._store.transaction(job.branch, build, cause="commit", on_conflict=job.on_conflict)
         arrays = {a.path: a for a in staged}
         self._hot.put(HotSnapshot(snapshot.id, arrays, {t.path: t for t in written["tensors"]}, job.rules, job.step))
+        if self._warm is not None:
+            try:
+                self._warm.committed(job.branch, snapshot, written["tensors"], {a.path: a.data for a in staged})
+            except Exception as e:  # the commit is durable: its handle succeeds; the next operation raises this
+                self._writer.report_later(e)
         return snapshot
 
     # -- read ----------------------------------------------------------------
@@ -398,16 +421,15 @@ class Repository:
             )
         entries = list(manifest.tensors)
         copies = self._hot.copy_out(snap.id, [e.path for e in entries])
-        from_storage = copies is None
-        if copies is None:
-            buffers = self._store.read_buffers(snap, entries)
-            # the buffers become hot; load_state_dict may keep what it is given, so it gets copies
-            copies = [b.copy() for b in buffers] if self._hot.max_snapshots else buffers
+        pristine = None
+        if copies is None:  # from storage: load_state_dict may keep what it is given, the hot tier gets pristine copies
+            read = self._store.read_buffers(snap, entries, pristine=self._hot.max_snapshots > 0)
+            copies, pristine = read.writable, read.pristine
         tree = decode_tree(manifest.tree, lambda i: as_value(copies[i], entries[i]))
         state.load(tree)
         state.lineage = Lineage(self.config.repository_id, snap.id, restored=True)
-        if from_storage and self._hot.max_snapshots:
-            staged = {e.path: StagedArray(e.path, e.kind, e.dtype, e.shape, e.itemsize, b) for e, b in zip(entries, buffers)}
+        if pristine is not None:
+            staged = {e.path: StagedArray(e.path, e.kind, e.dtype, e.shape, e.itemsize, b) for e, b in zip(entries, pristine)}
             hot = HotSnapshot(snap.id, staged, {e.path: e for e in entries}, parameter_rules(tree, state.optimizer_layouts()), snap.step)
             self._writer.submit(lambda: self._hot.put(hot) or snap).wait()  # the hot tier changes on the writer thread only
         return snap
@@ -537,6 +559,7 @@ class Repository:
             raw_bytes=sum(s.stats.raw_bytes for s in snaps),
             unique_raw_bytes=sum(s.stats.new_raw_bytes for s in snaps),
             stored_bytes=self._store.stored_bytes(),
+            warm_bytes=self._store.warm.stored_bytes(),
         )
 
     def usage(self) -> dict[str, BranchUsage]:
@@ -657,9 +680,11 @@ class Repository:
         return check_repository(self._store, progress)
 
 
-def _check_tiers(hot_snapshots: int, hot_bytes: int | None, max_pending: int) -> None:
+def _check_tiers(hot_snapshots: int, hot_bytes: int | None, max_pending: int, warm_interval: float | None) -> None:
     if hot_snapshots < 0 or (hot_bytes is not None and hot_bytes < 0) or max_pending < 1:
         raise InvalidInputError("hot_snapshots and hot_bytes must not be negative, max_pending at least 1")
+    if warm_interval is not None and not warm_interval >= 0:
+        raise InvalidInputError(f"warm_interval must be a number of seconds >= 0 (math.inf: only at flush and close), got {warm_interval}")
 
 
 def _number(value: Any) -> Any:

@@ -111,8 +111,20 @@ class BackendConformance:
         assert backend.get_range("k", 95, 10) == bytes(range(95, 100))  # short at the end
 
 
+    def test_map_reads_the_whole_value_and_private_copies_stay_private(self, backend: Backend) -> None:
+        backend.put("k", bytes(range(200)))
+        blob = backend.map("k")
+        assert blob.view.readonly and bytes(blob.view) == bytes(range(200))
+        first, second = blob.private(), blob.private()
+        first[0:3] = b"abc"
+        assert not first.readonly and bytes(second[:3]) == bytes(range(3))
+        assert bytes(blob.view[:3]) == bytes(range(3)) and backend.get("k") == bytes(range(200))
+        backend.put("k", b"replaced")  # a new value under the key never changes a mapping already made
+        assert bytes(blob.view) == bytes(range(200)) and bytes(blob.private()) == bytes(range(200))
+
+
     def test_missing_keys_raise_not_found(self, backend: Backend) -> None:
-        for call in (lambda: backend.get("nope"), lambda: backend.get_range("nope", 0, 1),
+        for call in (lambda: backend.get("nope"), lambda: backend.map("nope"), lambda: backend.get_range("nope", 0, 1),
                      lambda: backend.size("nope"), lambda: backend.delete("nope")):  # fmt: skip
             with pytest.raises(ObjectNotFoundError) as info:
                 call()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,17 @@ class Capabilities:
     def __post_init__(self) -> None:
         if (self.index == "local") != (self.local_dir is not None):
             raise ValueError("local_dir is required for, and only for, index='local'")
+
+
+@dataclass(frozen=True)
+class MappedBlob:
+    """A whole stored value in memory: ``view`` is read-only; ``private()`` returns a
+    writable view of the same bytes whose writes reach neither storage nor ``view``
+    (a copy-on-write mapping where the backend maps files, else a copy; each call
+    returns a new one)."""
+
+    view: memoryview
+    private: Callable[[], memoryview]
 
 
 def check_key(key: str) -> str:
@@ -97,6 +109,12 @@ class Backend(ABC):
 
         A range reaching past the end of the value returns fewer bytes (callers verify).
         """
+
+    def map(self, key: str) -> MappedBlob:
+        """The whole value under ``key`` in memory (see ``MappedBlob``). This default
+        reads it with ``get``; backends on local files map them instead."""
+        data = self.get(key)
+        return MappedBlob(memoryview(data), lambda: memoryview(bytearray(data)))
 
     @abstractmethod
     def exists(self, key: str) -> bool:

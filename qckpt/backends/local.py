@@ -9,13 +9,14 @@ repository layer may keep caches there (the chunk index uses ``.index/``).
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from qckpt.backends._base import REFS_NAMESPACE, Backend, Capabilities, check_blob_key, check_key
+from qckpt.backends._base import REFS_NAMESPACE, Backend, Capabilities, MappedBlob, check_blob_key, check_key
 from qckpt.backends._reflock import Lease
 from qckpt.errors import (
     AlreadyExistsError,
@@ -102,6 +103,26 @@ class LocalBackend(Backend):
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         with self._reading(key) as fd:
             return os.pread(fd, length, offset)
+
+    def map(self, key: str) -> MappedBlob:
+        """Memory maps of the file, made from one descriptor (so both show the same
+        file even if the key is replaced meanwhile): a shared read-only one, and on
+        request a private copy-on-write one. Pages come from the page cache: nothing
+        is copied until a private page is written. Files are never written in place
+        (``put`` renames a new one over), so a mapping never changes under a reader."""
+        with self._reading(key) as fd:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return MappedBlob(memoryview(b""), lambda: memoryview(bytearray()))
+            populate = getattr(mmap, "MAP_POPULATE", 0)
+            shared = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
+            unused = [mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)]
+        view = memoryview(shared)
+
+        def private() -> memoryview:  # the private mapping once, then copies of the pristine shared one
+            return memoryview(unused.pop() if unused else bytearray(view))
+
+        return MappedBlob(view, private)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TypeVar
 
-from qckpt.backends._base import Backend
+from qckpt.backends._base import Backend, MappedBlob
 from qckpt.backends._reflock import Lease
 from qckpt.errors import AlreadyExistsError, ObjectNotFoundError, RefConflictError, TransientBackendError
 
@@ -76,6 +76,9 @@ class RetryingBackend(Backend):
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         return self._retry("get_range", lambda retried: self.inner.get_range(key, offset, length))
+
+    def map(self, key: str) -> MappedBlob:
+        return self._retry("map", lambda retried: self.inner.map(key))
 
     def exists(self, key: str) -> bool:
         return self._retry("exists", lambda retried: self.inner.exists(key))

@@ -89,8 +89,8 @@ class HotTier:
 
     def _recycle(self, evicted: HotSnapshot) -> None:
         limit = max((h.nbytes for h in self._items.values()), default=0)
-        for array in evicted.arrays.values():
-            if self._free_bytes + array.data.nbytes <= limit:
+        for array in evicted.arrays.values():  # read-only ones (a mapped warm copy) cannot be staged into
+            if array.data.flags.writeable and self._free_bytes + array.data.nbytes <= limit:
                 self._free.setdefault((array.data.nbytes, array.pinned), []).append(array.data)
                 self._free_bytes += array.data.nbytes
 

@@ -63,7 +63,7 @@ class CommitHandle:
         return f"CommitHandle({state})"
 
 
-Job = Callable[[], Snapshot]
+Job = Callable[[], Snapshot | None]  # None: a step that is not a commit (the handle then gives None)
 
 
 class CommitWriter:
@@ -88,6 +88,17 @@ class CommitWriter:
             failure, self._failure = self._failure, None
         if failure is not None:
             raise failure
+
+    def report_later(self, error: BaseException) -> None:
+        """From a job, for a failure after its commit became durable (so its handle
+        succeeds): raised by the next ``submit``, ``flush`` or ``close``; queued
+        commits are still written."""
+        with self._lock:
+            self._failure = error
+
+    @property
+    def closed(self) -> bool:
+        return not self._thread.is_alive()
 
     def submit(self, job: Job) -> CommitHandle:
         """Queue ``job``; first raises a background failure not reported yet."""

@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qckpt.errors import IntegrityError, RevisionNotFoundError
+from qckpt.errors import IntegrityError, ObjectNotFoundError, RevisionNotFoundError
 from qckpt.format.records import RefLogEntry, Snapshot
 from qckpt.format.ids import hex_id
 from qckpt.store.layout import BRANCH_PREFIX, REFLOG_PREFIX, TAG_PREFIX, pack_key
@@ -33,6 +33,7 @@ class FsckReport:
     snapshots: int = 0
     chunks: int = 0
     packs: int = 0
+    warm_copies: int = 0
     problems: list[FsckProblem] = field(default_factory=list)
 
     @property
@@ -43,7 +44,8 @@ class FsckReport:
 def check_repository(store: Store, progress: Callable[[str, int, int], None] | None = None) -> FsckReport:
     """Verify refs, ref log records, every snapshot reachable from the refs (parents
     expired by GC end a line of history, they are not damage), their manifests, the
-    digest of every chunk they reference, and every pack against its id and the index."""
+    digest of every chunk they reference, every pack against its id and the index,
+    and every warm copy against its snapshot's manifest."""
     report_progress = progress or (lambda stage, done, total: None)
     report = FsckReport()
     refs: dict[str, str] = {}
@@ -123,6 +125,25 @@ def check_repository(store: Store, progress: Callable[[str, int, int], None] | N
         report.problems.append(
             FsckProblem(f"object {chunk_id.hex()}", str(errors[chunk_id]), tuple(affected[:_MAX_AFFECTED] + more))
         )
+
+    for snapshot_id in store.warm.snapshot_ids():  # a cache: damage costs speed (restores read the packs), never data
+        report.warm_copies += 1
+        snap = snapshots.get(snapshot_id)
+        if snap is None:
+            continue  # a stale copy (its snapshot is unreachable, expired or damaged): garbage, which GC removes
+        try:
+            manifest = store.manifest(snap)
+        except IntegrityError:
+            continue  # reported above
+        try:
+            store.warm.verify(snap, manifest)
+        except ObjectNotFoundError:
+            continue  # replaced meanwhile
+        except IntegrityError as e:
+            report.problems.append(FsckProblem(
+                f"warm copy of snapshot {snap.short_id}", str(e),
+                (f"restores of snapshot {snap.short_id} read its packs instead (slower); the next commit on its branch replaces it",),
+            ))  # fmt: skip
 
     pack_ids = store.pack_ids()
     report.packs = len(pack_ids)

@@ -8,7 +8,8 @@ what nothing kept needs, in an order that is safe to interrupt:
 1. repack partly dead packs: copy live objects verbatim into new packs, point
    the index at them;
 2. remove index entries of dead chunks (so no later commit dedups against them);
-3. delete expired snapshot records and unreferenced manifests;
+3. delete warm copies of snapshots that are no branch's head, expired
+   snapshot records and unreferenced manifests;
 4. delete dead and repacked packs.
 
 A crash at any point leaves at worst extra garbage for the next run, never an
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from qckpt.errors import IntegrityError, InvalidInputError
 from qckpt.format.packs import ChunkLocation, PackBuilder
 from qckpt.format.records import Snapshot
-from qckpt.store.layout import GC_GENERATION_REF, TAG_PREFIX, manifest_key, pack_key, snapshot_key
+from qckpt.store.layout import BRANCH_PREFIX, GC_GENERATION_REF, TAG_PREFIX, manifest_key, pack_key, snapshot_key
 from qckpt.store.reader import ChunkReader
 from qckpt.store.store import Store
 
@@ -145,6 +146,7 @@ class GcReport:
     bytes_after: int
     dry_run: bool
     expired: tuple[Snapshot, ...] = ()  # the snapshots deleted (or that would be), newest first
+    warm_copies_deleted: int = 0  # warm copies of snapshots that are no branch's head (left by crashes, moved heads)
 
 
 def _footer_for_gc(store: Store) -> Callable[[str], dict[bytes, ChunkLocation]]:
@@ -253,12 +255,16 @@ def collect_garbage(
         expired = [i for i in snapshots if i not in keep]
         expired_snaps = tuple(sorted((snapshots[i] for i in expired), key=lambda s: -s.time))
         dead_manifests = [manifest_key(m) for m in store.manifest_ids() if m not in live_manifests]
+        # heads read after listing: a copy is written after its head's ref, so a current head's copy is never judged stale
+        warm = store.warm.snapshot_ids()
+        heads = set(backend.list_refs(BRANCH_PREFIX).values())
+        stale_warm = [i for i in warm if i not in heads]
         if dry_run:
             freed = sum(backend.size(pack_key(p)) for p in dead_packs)
             freed += sum(backend.size(snapshot_key(i)) for i in expired) + sum(backend.size(k) for k in dead_manifests)
             freed += sum(backend.size(pack_key(p)) - sum(loc.length for _, loc in live) for p, live in repacks.items())
             return GcReport(len(keep), len(expired), len(dead_manifests), len(dead_packs), len(repacks),
-                            len(dead_chunks), bytes_before, bytes_before - freed, True, expired_snaps)  # fmt: skip
+                            len(dead_chunks), bytes_before, bytes_before - freed, True, expired_snaps, len(stale_warm))  # fmt: skip
 
         lease.check()  # from here on objects are deleted: only under a lock others still honour
         generation = uuid.uuid4().hex  # tells other repositories' index caches to rebuild
@@ -278,7 +284,9 @@ def collect_garbage(
             store.index.put_many(store.put_pack(builder))
         lease.check()
         store.index.remove_many(dead_chunks)  # 2. forget dead chunks
-        for name, target in store.tags().items():  # 3. tags of expired snapshots, then records
+        for snapshot_id in stale_warm:  # 3. stale warm copies, tags of expired snapshots, then records
+            store.warm.delete(snapshot_id)
+        for name, target in store.tags().items():
             if target not in keep:
                 store.delete_ref(TAG_PREFIX, name, "tag", cause="gc: its snapshot expired")
         for snapshot_id in expired:
@@ -290,6 +298,6 @@ def collect_garbage(
             backend.delete(pack_key(pack_id))
         store.index.set_generation(generation)
         return GcReport(len(keep), len(expired), len(dead_manifests), len(dead_packs), len(repacks),
-                        len(dead_chunks), bytes_before, store.stored_bytes(), False, expired_snaps)  # fmt: skip
+                        len(dead_chunks), bytes_before, store.stored_bytes(), False, expired_snaps, len(stale_warm))  # fmt: skip
 
 

@@ -7,6 +7,8 @@ Blobs (immutable, content-addressed):
 * ``packs/<id>.pack``        objects, with a footer indexing them
 * ``manifests/<id>``         snapshot trees (zstd JSON)
 * ``snapshots/<id>``         snapshot records (JSON)
+* ``warm/<snapshot id>``     the warm copy of a branch head: every tensor's raw bytes
+                             (``qckpt.format.warm``); a cache, replaced as the head moves
 * ``reflog/<ref>/<time>-<n>[-rewind]`` one record per change of a branch or tag
                              (JSON; ``<time>``: 20-digit nanoseconds, so keys sort by
                              time; ``-rewind`` marks changes that left a snapshot behind,
@@ -30,6 +32,7 @@ PACK_PREFIX = "packs/"
 MANIFEST_PREFIX = "manifests/"
 SNAPSHOT_PREFIX = "snapshots/"
 REFLOG_PREFIX = "reflog/"
+WARM_PREFIX = "warm/"
 RECORD_PREFIXES = (PACK_PREFIX, MANIFEST_PREFIX, SNAPSHOT_PREFIX)  # everything stored, for accounting
 
 BRANCH_PREFIX = "heads/"
@@ -37,8 +40,8 @@ TAG_PREFIX = "tags/"
 GC_GENERATION_REF = "gc/generation"
 __all__ = [
     "BRANCH_PREFIX", "CONFIG_KEY", "GC_GENERATION_REF", "LOCK_PREFIX", "MANIFEST_PREFIX", "PACK_PREFIX",
-    "RECORD_PREFIXES", "REFLOG_PREFIX", "REWIND_SUFFIX", "SNAPSHOT_PREFIX", "TAG_PREFIX", "manifest_key", "pack_id_of", "pack_key",
-    "reflog_key", "reflog_key_time", "snapshot_key",
+    "RECORD_PREFIXES", "REFLOG_PREFIX", "REWIND_SUFFIX", "SNAPSHOT_PREFIX", "TAG_PREFIX", "WARM_PREFIX", "manifest_key",
+    "pack_id_of", "pack_key", "reflog_key", "reflog_key_time", "snapshot_key", "warm_key",
 ]  # fmt: skip
 
 
@@ -57,6 +60,10 @@ def manifest_key(manifest_id: str) -> str:
 
 def snapshot_key(snapshot_id: str) -> str:
     return f"{SNAPSHOT_PREFIX}{snapshot_id}"
+
+
+def warm_key(snapshot_id: str) -> str:
+    return f"{WARM_PREFIX}{snapshot_id}"
 
 
 REWIND_SUFFIX = "-rewind"

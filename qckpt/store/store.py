@@ -30,6 +30,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -75,8 +76,10 @@ from qckpt.store.layout import (
 )
 from qckpt.store.reader import ChunkReader
 from qckpt.store.refs import check_ref_name
+from qckpt.store.warm import WarmCopies, WarmRead
 
-REPOSITORY_VERSION = 3  # 2: delta and predictive codecs, pack footers with dependencies; 3: lossy-tier payloads
+# 2: delta and predictive codecs, pack footers with dependencies; 3: lossy-tier payloads; 4: warm copies
+REPOSITORY_VERSION = 4
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_COMPRESSION_LEVEL = 1
 DEFAULT_MAX_CHAIN = 16
@@ -100,6 +103,18 @@ class RepositoryConfig:
 
 
 SnapshotFactory = Callable[[str | None], Snapshot]  # parent head -> the snapshot to publish on it
+
+
+@dataclass(frozen=True)
+class ReadBuffers:
+    """Verified bytes of some tensors of a snapshot, one flat uint8 array per entry.
+    ``writable`` belong to the caller. ``pristine`` (when asked for) hold the same
+    bytes and are never written by anyone, so they can serve as a delta base; they
+    may be read-only (a mapped warm copy). ``warm``: read from the warm copy."""
+
+    writable: list[np.ndarray]
+    pristine: list[np.ndarray] | None
+    warm: bool
 
 
 @dataclass(frozen=True)
@@ -147,7 +162,9 @@ class Store:
         self.pool = ThreadPoolExecutor(max_workers=max(16, self.workers), thread_name_prefix="qckpt")
         self._seen: dict[bytes, ChunkLocation] = {}  # this process's own footer scan, see ``locate``
         self.reader = ChunkReader(backend, self.locate, self.pool, refresh=self.rescan_packs)
+        self.warm = WarmCopies(backend, self.pool)
         self._snapshots: dict[str, Snapshot] = {}
+        self._warm_manifests: OrderedDict[str, Manifest] = OrderedDict()  # for warm reads of tensor subsets
         self._rebuild_lock = threading.Lock()
         self._config_lock = threading.Lock()
 
@@ -498,16 +515,40 @@ class Store:
 
     # -- reads ------------------------------------------------------------------------
     def read_arrays(self, snapshot: Snapshot, entries: list[TensorEntry]) -> list[torch.Tensor | np.ndarray]:
-        """Read and verify the given tensors of ``snapshot`` as CPU values.
+        """Read and verify the given tensors of ``snapshot`` as CPU values (the caller's
+        to modify).
 
         Raises ``IntegrityError`` naming the snapshot, the state key and the
         object at fault if any chunk (or a chunk it depends on) cannot be read.
         """
-        return [as_value(b, e) for b, e in zip(self.read_buffers(snapshot, entries), entries)]
+        return [as_value(b, e) for b, e in zip(self.read_buffers(snapshot, entries).writable, entries)]
 
-    def read_buffers(self, snapshot: Snapshot, entries: list[TensorEntry]) -> list[np.ndarray]:
-        """``read_arrays``, as one flat uint8 buffer per entry."""
-        return self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries])
+    def read_buffers(self, snapshot: Snapshot, entries: list[TensorEntry], *, pristine: bool = False) -> ReadBuffers:
+        """``read_arrays``, as flat uint8 buffers (``pristine`` copies too, see
+        ``ReadBuffers``). From the snapshot's warm copy when it has a sound one and
+        it pays (a local backend maps it; a remote one downloads it whole, so only
+        when at least half its bytes are wanted); else from the packs."""
+        warm = self._read_warm(snapshot, entries)
+        if warm is not None:
+            return ReadBuffers(warm.private(), warm.arrays if pristine else None, True)
+        buffers = self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries])
+        return ReadBuffers([b.copy() for b in buffers] if pristine else buffers, buffers if pristine else None, False)
+
+    def _read_warm(self, snapshot: Snapshot, entries: list[TensorEntry]) -> WarmRead | None:
+        if not entries:
+            return None
+        with self._config_lock:
+            manifest = self._warm_manifests.get(snapshot.manifest)
+        if manifest is None:
+            manifest = self.manifest(snapshot)
+            with self._config_lock:
+                self._warm_manifests[snapshot.manifest] = manifest
+                while len(self._warm_manifests) > 8:
+                    self._warm_manifests.popitem(last=False)
+        wanted = sum(e.nbytes for e in entries)
+        if self.backend.capabilities.local_dir is None and 2 * wanted < sum(e.nbytes for e in manifest.tensors):
+            return None
+        return self.warm.read(snapshot, manifest, entries)
 
     def read_bytes(self, snapshot: Snapshot, entry: TensorEntry, start: int, end: int) -> np.ndarray:
         """Bytes ``[start, end)`` of one tensor of ``snapshot``, reading (and verifying)
@@ -569,4 +610,4 @@ def new_config(chunk_size: int, compression_level: int, max_chain: int) -> Repos
     return RepositoryConfig(uuid.uuid4().hex, chunk_size, compression_level, max_chain=max_chain)
 
 
-__all__ = ["REPOSITORY_VERSION", "RepositoryConfig", "Store", "Transaction", "as_value", "new_config"]
+__all__ = ["REPOSITORY_VERSION", "ReadBuffers", "RepositoryConfig", "Store", "Transaction", "as_value", "new_config"]

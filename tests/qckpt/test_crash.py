@@ -16,7 +16,8 @@ import torch
 import qckpt
 
 # The child commits snapshot 1 cleanly, then dies (os._exit, no cleanup) just
-# before the Nth write of snapshot 2's commit: pack, manifest, snapshot, ref log, ref.
+# before the Nth write of snapshot 2's commit: pack, manifest, snapshot, ref log, ref,
+# then (after the commit is durable) its warm copy.
 CHILD = textwrap.dedent(
     """
     import os, sys, torch, qckpt
@@ -48,19 +49,21 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("writes_before_crash", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("writes_before_crash", [0, 1, 2, 3, 4, 5, 6])
 def test_crash_between_writes(tmp_path: Path, writes_before_crash: int) -> None:
     path = tmp_path / "repo"
     result = subprocess.run([sys.executable, "-c", CHILD, str(path), str(writes_before_crash)], capture_output=True, text=True)
     completed = writes_before_crash >= 5  # pack, manifest, snapshot, ref log record, ref
-    assert result.returncode == (0 if completed else 17), result.stderr
+    assert result.returncode == (0 if writes_before_crash >= 6 else 17), result.stderr  # 6: and the warm copy
     with qckpt.Repository.open(path) as repo:
         head = repo.snapshot("main")
         assert head.step == (2 if completed else 1)
         expected = torch.arange(4096, dtype=torch.float32) * (2 if completed else 1)
-        assert torch.equal(repo.load("main")["w"], expected)
+        assert torch.equal(repo.load("main")["w"], expected) and repo.fsck().ok
         next_snap = repo.commit({"w": torch.ones(3)}, step=3)  # the repository is usable
         assert next_snap.parents == (head.id,)
+        repo.gc()
+        assert repo._store.warm.snapshot_ids() == [next_snap.id]  # a copy the crash left behind is gone
 
 
 KILLED_CHILD = textwrap.dedent(

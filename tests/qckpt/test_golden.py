@@ -12,6 +12,7 @@ import torch
 
 import qckpt
 from qckpt.format.codecs import FLOAT32, round_bits
+from qckpt.store.store import REPOSITORY_VERSION
 from tests.golden.make_golden import LOSSY, LOSSY_STEPS, golden_state, lossy_state
 
 GOLDEN = Path(__file__).parents[1] / "golden"
@@ -35,7 +36,7 @@ def _rounded(state: dict, tier: qckpt.LossyTier) -> dict:
     return out
 
 
-@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+@pytest.mark.parametrize("version", ["v1", "v2", "v3", "v4"])
 def test_golden_repository_reads_and_accepts_commits(version: str, tmp_path: Path) -> None:
     path = tmp_path / version
     shutil.copytree(GOLDEN / version, path)  # the index is not committed: opening rebuilds it from old footers
@@ -53,8 +54,16 @@ def test_golden_repository_reads_and_accepts_commits(version: str, tmp_path: Pat
                 assert _equal(repo.load(snap.id).tree(), _rounded(lossy_state(step), LOSSY)), step
             weights = repo.load("explore").entry("weights").chunks
             assert any(repo._store.locate(c).deps for c in weights)  # type: ignore[union-attr]
-        repo.commit(golden_state(4), step=4)  # a new commit on top of old-format history
+        if version >= "v4":  # pins the warm copy format: every head reads from its warm copy
+            assert sorted(repo._store.warm.snapshot_ids()) == sorted(repo.branches().values())
+            for branch in repo.branches():
+                snap = repo.snapshot(branch)
+                assert repo._store.read_buffers(snap, list(repo.manifest(snap).tensors)).warm, branch
+        else:
+            assert repo._store.warm.snapshot_ids() == []
+        snap = repo.commit(golden_state(4), step=4)  # a new commit on top of old-format history
         assert _equal(repo.load("main").tree(), golden_state(4))
+        assert snap.id in repo._store.warm.snapshot_ids()  # ... gains the warm tier
         assert repo.gc(qckpt.RetentionPolicy(keep_last=2, keep_tagged=False)).snapshots_deleted > 0
         assert repo.fsck().ok and _equal(repo.load("main@3").tree(), golden_state(3))
 
@@ -68,6 +77,6 @@ def test_average_on_an_older_repository_records_the_new_version(version: str, tm
         assert repo.config.version < 3
         snap = repo.average(["main", "main@2"], branch="avg")
         written = json.loads((path / "config").read_text())["version"]
-        assert written == repo.config.version == 3
+        assert written == repo.config.version == REPOSITORY_VERSION
         expected = (golden_state(3)["weights"].double() + golden_state(2)["weights"].double()) / 2
         assert torch.equal(repo.load(snap.id)["weights"], expected.float())

@@ -22,8 +22,8 @@ def _flip(path: Path, offset: int) -> None:
 
 @pytest.fixture
 def two_snapshots(local_repo_path: Path) -> tuple[Path, qckpt.Snapshot, qckpt.Snapshot]:
-    """Two snapshots whose tensors live in two different packs."""
-    with qckpt.Repository.open(local_repo_path) as repo:
+    """Two snapshots whose tensors live in two different packs (and nowhere else: no warm copy)."""
+    with qckpt.Repository.open(local_repo_path, warm=False) as repo:
         first = repo.commit({"w": torch.arange(64, dtype=torch.float32)}, step=1)
         second = repo.commit({"w": torch.full((64,), 7.0)}, step=2)
     return local_repo_path, first, second
@@ -56,7 +56,7 @@ def test_flipped_byte_in_object_is_an_integrity_error(two_snapshots: tuple) -> N
 def test_restore_from_damaged_snapshot_leaves_live_state_untouched(local_repo_path: Path) -> None:
     model = torch.nn.Linear(32, 32)
     state = qckpt.TrainingState(model=model, rng=False)
-    with qckpt.Repository.open(local_repo_path) as repo:
+    with qckpt.Repository.open(local_repo_path, warm=False) as repo:  # the packs are all there is
         snap = repo.commit(state)
     pack = next((local_repo_path / "packs").iterdir())
     _flip(pack, pack.stat().st_size // 3)

@@ -35,8 +35,8 @@ def test_two_tensors_at_one_path_are_refused(repo: qckpt.Repository) -> None:
 
 def test_a_missing_pack_costs_one_index_rebuild_per_operation() -> None:
     backend = CountingBackend()
-    with qckpt.Repository.init(backend, chunk_size=64) as repo:
-        repo.commit({"w": torch.randn(16 * 16)})  # 16 chunks in one pack
+    with qckpt.Repository.init(backend, chunk_size=64, warm=False) as repo:
+        repo.commit({"w": torch.randn(16 * 16)})  # 16 chunks in one pack, and nowhere else
         (pack,) = backend.list("packs/")
         backend.delete(pack)
     with qckpt.Repository.open(backend, hot_snapshots=0) as repo:

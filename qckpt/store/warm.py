@@ -1,0 +1,109 @@
+"""Warm copies: a branch head's tensors stored raw, so restoring it decodes nothing.
+
+The warm copy of snapshot S lives at ``warm/<S>`` (format in
+``qckpt.format.warm``). It is a cache in every sense: every snapshot restores
+from its packs without it, so deleting one is always safe, and one that fails
+verification is skipped (with a warning) for the packs. Every read checks
+the trailer against the snapshot's manifest and hashes every chunk against
+the id the manifest lists before a byte is used (invariant 4), so a warm
+copy can make a restore fast but never wrong.
+
+Thread-safe; knows nothing of branches or cadence (the layers above decide
+when to write and replace copies).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from qckpt.backends import Backend
+from qckpt.errors import IntegrityError, ObjectNotFoundError
+from qckpt.format.records import Manifest, Snapshot, TensorEntry
+from qckpt.format.warm import WARM_TRAILER_SIZE, build_warm, check_warm_trailer, verify_warm
+from qckpt.store.layout import WARM_PREFIX, warm_key
+
+_log = logging.getLogger("qckpt")
+
+
+@dataclass(frozen=True)
+class WarmRead:
+    """Verified bytes of some tensors of a snapshot, from its warm copy: ``arrays``
+    (flat uint8, one per entry asked for, read-only: never written by anyone) and
+    ``private()``, writable arrays with the same bytes (copy-on-write mappings on
+    local disk, so nothing is copied until a page is written)."""
+
+    arrays: list[np.ndarray]
+    private: Callable[[], list[np.ndarray]]
+
+
+def _arrays(buffer: memoryview, offsets: Sequence[int], entries: Sequence[TensorEntry]) -> list[np.ndarray]:
+    return [
+        np.frombuffer(buffer, dtype=np.uint8, count=e.nbytes, offset=o) if e.nbytes else np.empty(0, dtype=np.uint8)
+        for e, o in zip(entries, offsets)
+    ]
+
+
+class WarmCopies:
+    """Reads, writes, lists and deletes the warm copies on ``backend``; ``pool``
+    hashes chunks in parallel."""
+
+    def __init__(self, backend: Backend, pool: Executor) -> None:
+        self._backend = backend
+        self._pool = pool
+
+    def write(self, snapshot: Snapshot, entries: Sequence[TensorEntry], arrays: Mapping[str, np.ndarray]) -> int:
+        """Store the warm copy of ``snapshot`` (whose manifest lists ``entries``; ``arrays``
+        holds their raw bytes by path, as committed). Returns the bytes written."""
+        blob = build_warm(snapshot.manifest, entries, arrays)
+        self._backend.put(warm_key(snapshot.id), blob)
+        return len(blob)
+
+    def read(self, snapshot: Snapshot, manifest: Manifest, wanted: Sequence[TensorEntry]) -> WarmRead | None:
+        """The ``wanted`` tensors of ``snapshot`` from its warm copy, verified; None if it
+        has none, or if the copy is damaged (logged: the caller reads the packs)."""
+        try:
+            blob = self._backend.map(warm_key(snapshot.id))
+        except ObjectNotFoundError:
+            return None
+        try:
+            offsets = self._check(blob.view, snapshot, manifest, wanted)
+        except IntegrityError as e:
+            _log.warning("the warm copy of snapshot %s is damaged, reading its packs instead: %s", snapshot.short_id, e)
+            return None
+        return WarmRead(_arrays(blob.view, offsets, wanted), lambda: _arrays(blob.private(), offsets, wanted))
+
+    def verify(self, snapshot: Snapshot, manifest: Manifest) -> None:
+        """Check the whole warm copy of ``snapshot`` (``IntegrityError`` if damaged;
+        ``ObjectNotFoundError`` if there is none)."""
+        self._check(self._backend.map(warm_key(snapshot.id)).view, snapshot, manifest, manifest.tensors)
+
+    def _check(self, view: memoryview, snapshot: Snapshot, manifest: Manifest, wanted: Sequence[TensorEntry]) -> list[int]:
+        """Offsets of ``wanted`` in a warm copy of ``snapshot``, after checking its
+        trailer and hashing every chunk of ``wanted``."""
+        all_offsets = check_warm_trailer(view[-WARM_TRAILER_SIZE:], len(view), snapshot.manifest, manifest.tensors)
+        where = {e.path: o for e, o in zip(manifest.tensors, all_offsets)}
+        offsets = [where[e.path] for e in wanted]
+        verify_warm(view, offsets, wanted, self._pool)
+        return offsets
+
+    def snapshot_ids(self) -> list[str]:
+        """Snapshots that have a warm copy."""
+        return [k.removeprefix(WARM_PREFIX) for k in self._backend.list(WARM_PREFIX)]
+
+    def delete(self, snapshot_id: str) -> None:
+        """Remove the warm copy of ``snapshot_id`` if there is one."""
+        try:
+            self._backend.delete(warm_key(snapshot_id))
+        except ObjectNotFoundError:
+            pass
+
+    def stored_bytes(self) -> int:
+        return sum(self._backend.size(k) for k in self._backend.list(WARM_PREFIX))
+
+
+__all__ = ["WarmCopies", "WarmRead"]

@@ -1,0 +1,287 @@
+"""The warm tier: each branch head stored raw, replaced as the head moves, a cache that is never wrong."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import qckpt
+from bench.workload import Trainer, train_step
+from qckpt.format.warm import WARM_TRAILER_SIZE
+from qckpt.store.store import REPOSITORY_VERSION
+
+STEPS = 4
+
+
+def _train_and_commit(repo: qckpt.Repository, trainer: Trainer, steps: int = STEPS, branch: str = "main") -> None:
+    for _ in range(steps):
+        train_step(trainer.state)
+        repo.commit(trainer.state, branch=branch)
+
+
+def _tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every tensor of the live state (model and optimizer), by path."""
+    out = {f"model/{k}": v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    for i, s in trainer.optimizer.state_dict()["state"].items():
+        out.update({f"optimizer/{i}/{k}": v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def _warm_ids(path: Path) -> list[str]:
+    return sorted(os.listdir(path / "warm")) if (path / "warm").exists() else []
+
+
+def _restored(path: Path, revision: str = "main", **options: object) -> Trainer:
+    fresh = Trainer("tiny", total_steps=50, seed=99)  # other initial values: everything must come from the repository
+    with qckpt.Repository.open(path, **options) as repo:  # type: ignore[arg-type]
+        repo.restore(fresh.state, revision)
+    return fresh
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "repo"
+
+
+@pytest.fixture
+def trained(path: Path) -> tuple[Path, Trainer]:
+    """A local repository with STEPS commits of real training on main, closed."""
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(path) as repo:
+        _train_and_commit(repo, trainer)
+    return path, trainer
+
+
+def test_the_head_restores_from_its_warm_copy_alone(trained: tuple[Path, Trainer], tmp_path: Path) -> None:
+    path, trainer = trained
+    with qckpt.Repository.open(path) as repo:
+        head = repo.snapshot("main")
+        parent = head.parents[0]
+    assert _warm_ids(path) == [head.id]  # one copy: the predecessor's was replaced
+    shutil.move(path / "packs", tmp_path / "packs")  # no pack can be read: only the warm copy can serve
+    fresh = _restored(path)
+    assert _same(_tensors(fresh), _tensors(trainer)) and fresh.state.step == trainer.state.step
+    with qckpt.Repository.open(path) as repo, pytest.raises(qckpt.IntegrityError):
+        repo.load(parent).tree()  # older snapshots have no warm copy
+    shutil.move(tmp_path / "packs", path / "packs")
+
+
+def test_resume_from_the_warm_copy_is_bit_exact(trained: tuple[Path, Trainer]) -> None:
+    """Training on from a warm restore (in place, hot tier mapped read-only) matches
+    training on without interruption, and its commits predict from the mapped base."""
+    path, trainer = trained
+    fresh = Trainer("tiny", total_steps=50, seed=99)
+    with qckpt.Repository.open(path, hot_snapshots=1) as repo:
+        repo.restore(fresh.state, "main")  # sets the process's RNG states to the head's too
+        expected = [train_step(trainer.state) for _ in range(3)]  # the uninterrupted run
+        repo.restore(fresh.state, "main")  # from the hot tier now, whose buffers map the warm copy
+        for loss in expected:  # the mapped hot snapshot is evicted (hot_snapshots=1): never recycled for staging
+            assert train_step(fresh.state) == loss
+            snap = repo.commit(fresh.state)
+            assert snap.stats.new_stored_bytes < snap.stats.new_raw_bytes / 2  # predicted from the previous head
+        assert _same(_tensors(fresh), _tensors(trainer))
+    assert _same(_tensors(_restored(path, warm=False)), _tensors(trainer))
+    assert _warm_ids(path) == [snap.id]
+
+
+def test_a_lazy_load_of_one_tensor_maps_the_warm_copy_and_reads_no_pack(tmp_path: Path) -> None:
+    class CountingBackend(qckpt.LocalBackend):
+        pack_reads = 0
+
+        def get_range(self, key: str, offset: int, length: int) -> bytes:
+            self.pack_reads += key.startswith("packs/")
+            return super().get_range(key, offset, length)
+
+    backend = CountingBackend(tmp_path / "r")
+    with qckpt.Repository.init(backend, chunk_size=256) as repo:
+        repo.commit({"small": torch.arange(4.0), "big": torch.randn(100, 100)})
+    with qckpt.Repository.open(backend) as repo:
+        assert torch.equal(repo.load("main")["small"], torch.arange(4.0)) and backend.pack_reads == 0
+
+
+def test_a_damaged_warm_copy_falls_back_to_the_packs(trained: tuple[Path, Trainer], caplog: pytest.LogCaptureFixture) -> None:
+    path, trainer = trained
+    (copy,) = (path / "warm").iterdir()
+    pristine = copy.read_bytes()
+    for damage in (lambda b: b[:1000] + bytes([b[1000] ^ 1]) + b[1001:],  # a flipped bit in a tensor
+                   lambda b: b[:-WARM_TRAILER_SIZE - 7],  # truncated
+                   lambda b: b"",
+                   lambda b: b[:-8] + b"QCKWARM9"):  # fmt: skip
+        copy.write_bytes(damage(pristine))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qckpt"):
+            assert _same(_tensors(_restored(path)), _tensors(trainer))
+        assert "warm copy" in caplog.text and "damaged" in caplog.text
+        with qckpt.Repository.open(path) as repo:
+            report = repo.fsck()
+            assert not report.ok and "warm copy" in report.problems[0].subject
+    os.remove(path / "packs" / sorted(os.listdir(path / "packs"))[-1])  # and the packs cannot serve either
+    with pytest.raises(qckpt.IntegrityError):
+        _restored(path)
+
+
+def test_a_warm_copy_of_another_snapshot_is_refused(trained: tuple[Path, Trainer]) -> None:
+    path, trainer = trained
+    with qckpt.Repository.open(path) as repo:
+        repo.create_branch("old", "main@2")
+        old = repo.snapshot("old")
+        head = repo.snapshot("main")
+    shutil.copy(path / "warm" / head.id, path / "warm" / old.id)  # right format, wrong manifest
+    with qckpt.Repository.open(path) as repo:
+        assert repo._store.read_buffers(old, list(repo.manifest(old).tensors)).warm is False
+        assert not repo.fsck().ok
+
+
+def test_interval_cadence_and_catch_up(path: Path) -> None:
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(path, warm_interval=math.inf) as repo:
+        _train_and_commit(repo, trainer, 2)
+        assert _warm_ids(path) == []
+        repo.flush()  # writes what is due
+        assert _warm_ids(path) == [repo.snapshot("main").id]
+        _train_and_commit(repo, trainer, 1)
+        with qckpt.Repository.open(path) as other:  # someone else moves the branch: theirs to warm
+            other.commit({"w": torch.ones(3)}, branch="main")
+        repo.flush()
+        assert repo.snapshot("main").id in _warm_ids(path)
+    with qckpt.Repository.open(path, warm_interval=math.inf) as repo:
+        _train_and_commit(repo, trainer, 1, branch="side")
+        side = repo.snapshot("side").id
+    assert side in _warm_ids(path)  # close writes it
+
+
+def test_no_warm_copies_when_disabled(path: Path) -> None:
+    with qckpt.Repository.init(path, warm=False) as repo:
+        _train_and_commit(repo, Trainer("tiny", total_steps=50), 2)
+        assert repo.stats().warm_bytes == 0
+    assert _warm_ids(path) == []
+    with pytest.raises(qckpt.InvalidInputError):
+        qckpt.Repository.open(path, warm_interval=-1)
+
+
+def test_branches_keep_their_own_warm_copies_and_gc_removes_stale_ones(trained: tuple[Path, Trainer]) -> None:
+    path, trainer = trained
+    with qckpt.Repository.open(path) as repo:
+        repo.create_branch("fork", "main")
+        fork_head = repo.snapshot("fork").id
+        _train_and_commit(repo, trainer, 1)  # main moves on; the old head is still fork's head: its copy stays
+        main_head = repo.snapshot("main").id
+        assert set(_warm_ids(path)) == {fork_head, main_head}
+        stats = repo.stats()
+        assert stats.warm_bytes == sum((path / "warm" / i).stat().st_size for i in _warm_ids(path)) > 0
+        repo.delete_branch("fork")
+        shutil.copy(path / "warm" / main_head, path / "warm" / repo.snapshot("main@2").id)  # as a crash leaves them
+        assert repo.gc(dry_run=True).warm_copies_deleted == 2 and len(_warm_ids(path)) == 3
+        assert repo.gc().warm_copies_deleted == 2  # a deleted branch's copy and one left by a crash
+        assert _warm_ids(path) == [main_head] and repo.fsck().ok
+
+
+def test_s3_restore_downloads_the_warm_copy(s3_uri: str, tmp_path: Path) -> None:
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(s3_uri, warm_interval=math.inf) as repo:
+        _train_and_commit(repo, trainer, 2)
+        assert repo.stats().warm_bytes == 0  # remote: copies wait for their interval (here: for close)
+    fresh = Trainer("tiny", total_steps=50, seed=99)
+    with qckpt.Repository.open(s3_uri, cache_dir=tmp_path / "fresh-cache") as repo:
+        assert repo.stats().warm_bytes > 0
+        s3 = repo.backend.inner  # type: ignore[attr-defined]
+        snap = repo.snapshot("main")
+        assert repo._store.read_buffers(snap, list(repo.manifest(snap).tensors)).warm
+        before = s3.requests.get("get_object", 0)
+        repo.restore(fresh.state)
+        assert s3.requests.get("get_object", 0) - before == 3  # the ref, the manifest, the warm copy: no pack
+    assert _same(_tensors(fresh), _tensors(trainer))
+
+
+def test_old_repositories_gain_the_warm_tier_on_their_next_commit(tmp_path: Path) -> None:
+    golden = Path(__file__).parents[1] / "golden" / "v3"
+    shutil.copytree(golden, tmp_path / "v3")
+    with qckpt.Repository.open(tmp_path / "v3") as repo:
+        assert repo.config.version == 3 and repo.stats().warm_bytes == 0
+        snap = repo.commit({"w": torch.arange(10.0)})
+        assert repo.config.version == REPOSITORY_VERSION == 4
+        assert _warm_ids(tmp_path / "v3") == [snap.id]
+
+
+GC_RACE_CHILD = textwrap.dedent(
+    """
+    import sys, qckpt
+    from bench.workload import Trainer, train_step
+    trainer = Trainer("tiny", total_steps=500)
+    repo = qckpt.Repository.open(sys.argv[1])
+    print("ready", flush=True)
+    while True:
+        train_step(trainer.state)
+        repo.commit(trainer.state)
+    """
+)
+
+
+def _check_after_crash(path: Path) -> None:
+    """The head restores (from its warm copy or its packs, bit for bit the same), fsck is
+    clean, and GC leaves exactly the heads' copies."""
+    with qckpt.Repository.open(path) as repo:
+        head = repo.snapshot("main")
+        manifest = repo.manifest(head)
+        read = repo._store.read_buffers(head, list(manifest.tensors))
+        chain = repo._store._read_byte_ranges(head, [(e, 0, e.nbytes) for e in manifest.tensors])
+        assert all(bytes(a) == bytes(b) for a, b in zip(read.writable, chain))
+        assert repo.fsck().ok
+        repo.gc()
+        assert set(_warm_ids(path)) <= set(repo.branches().values())
+
+
+def test_sigkill_while_warm_copies_are_replaced(path: Path) -> None:
+    qckpt.Repository.init(path).close()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    for delay in (1.5, 2.2, 2.9):
+        child = subprocess.Popen([sys.executable, "-c", GC_RACE_CHILD, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        _check_after_crash(path)
+
+
+def test_gc_racing_head_replacement(path: Path) -> None:
+    trainer = Trainer("tiny", total_steps=500)
+    errors: list[BaseException] = []
+    with qckpt.Repository.init(path) as repo:
+        _train_and_commit(repo, trainer, 1)
+        stop = threading.Event()
+
+        def collect() -> None:
+            with qckpt.Repository.open(path) as other:
+                while not stop.is_set():
+                    try:
+                        other.gc(qckpt.RetentionPolicy(keep_last=2))
+                    except Exception as e:  # reported below
+                        errors.append(e)
+                        return
+
+        collector = threading.Thread(target=collect)
+        collector.start()
+        try:
+            _train_and_commit(repo, trainer, 12)
+        finally:
+            stop.set()
+            collector.join()
+    assert not errors, errors
+    _check_after_crash(path)
+    assert _same(_tensors(_restored(path)), _tensors(trainer))
