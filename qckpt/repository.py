@@ -18,6 +18,8 @@ restore of one ``TrainingState`` belong to its training thread.
 
 from __future__ import annotations
 
+import bisect
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -62,6 +64,7 @@ from qckpt.store.store import (
     new_config,
 )
 
+_log = logging.getLogger("qckpt")
 DEFAULT_HOT_SNAPSHOTS = 2
 DEFAULT_MAX_PENDING = 2
 DEFAULT_WARM_INTERVAL_REMOTE = 60.0  # seconds between a branch's warm copies on remote storage (local: every commit)
@@ -412,7 +415,7 @@ class Repository:
         parent (see ``commit``). Returns the restored snapshot.
         """
         snap = self.snapshot(revision)  # waits for pending commits: the revision may name them
-        manifest = self._store.manifest(snap)
+        manifest = self._store.cached_manifest(snap)
         problems = state.problems(decode_tree(manifest.tree, lambda i: manifest.tensors[i]))
         if problems:
             raise StateMismatchError(
@@ -420,14 +423,25 @@ class Repository:
                 problems,
             )
         entries = list(manifest.tensors)
-        copies = self._hot.copy_out(snap.id, [e.path for e in entries])
+        # modules copy what they load into their own tensors: theirs need no copy of their own (see _kept_by_modules)
+        module_paths = tuple(f"components/{n}/" for n, c in state.components.items() if isinstance(c, torch.nn.Module))
+        only_read = [e.path.startswith(module_paths) for e in entries]
+        copies = self._hot.copy_out(snap.id, [e.path for e in entries], only_read)
+        from_hot = copies is not None
         pristine = None
-        if copies is None:  # from storage: load_state_dict may keep what it is given, the hot tier gets pristine copies
-            read = self._store.read_buffers(snap, entries, pristine=self._hot.max_snapshots > 0)
+        if copies is None:  # from storage; the hot tier gets pristine buffers nobody writes
+            read = self._store.read_buffers(snap, entries, pristine=self._hot.max_snapshots > 0, only_read=only_read)
             copies, pristine = read.writable, read.pristine
         tree = decode_tree(manifest.tree, lambda i: as_value(copies[i], entries[i]))
         state.load(tree)
         state.lineage = Lineage(self.config.repository_id, snap.id, restored=True)
+        lent = [c for c, r in zip(copies, only_read) if r]
+        if _kept_by_modules(state, lent):  # a module kept a buffer it may write: never a delta base
+            _log.warning("a module of the restored state kept the tensors it was loaded from; snapshot %s is not "
+                         "used as a delta base", snap.short_id)  # fmt: skip
+            if from_hot:
+                self._writer.submit(lambda: self._hot.discard(snap.id) or snap).wait()
+            pristine = None
         if pristine is not None:
             staged = {e.path: StagedArray(e.path, e.kind, e.dtype, e.shape, e.itemsize, b) for e, b in zip(entries, pristine)}
             hot = HotSnapshot(snap.id, staged, {e.path: e for e in entries}, parameter_rules(tree, state.optimizer_layouts()), snap.step)
@@ -678,6 +692,23 @@ class Repository:
         """
         self._writer.flush()
         return check_repository(self._store, progress)
+
+
+def _kept_by_modules(state: TrainingState, buffers: list[np.ndarray]) -> bool:
+    """Whether a module component of ``state`` now holds a tensor inside one of
+    ``buffers``: ``Module.load_state_dict`` copies into the module's own tensors,
+    but a module that overrides loading could keep what it was given."""
+    spans = sorted((b.ctypes.data, b.ctypes.data + b.nbytes) for b in buffers if b.nbytes)
+    if not spans:
+        return False
+    starts = [lo for lo, _ in spans]
+    for component in state.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in component.state_dict().values():
+                i = bisect.bisect_right(starts, tensor.data_ptr()) - 1
+                if i >= 0 and tensor.data_ptr() < spans[i][1]:
+                    return True
+    return False
 
 
 def _check_tiers(hot_snapshots: int, hot_bytes: int | None, max_pending: int, warm_interval: float | None) -> None:

@@ -52,6 +52,7 @@ class HotTier:
         self._items: OrderedDict[str, HotSnapshot] = OrderedDict()
         self._free: dict[tuple[int, bool], list[np.ndarray]] = {}
         self._free_bytes = 0
+        self._lent: set[str] = set()  # snapshots whose buffers a restore handed out: never recycled
         self._lock = threading.Lock()
 
     def take(self, nbytes: int, pinned: bool) -> np.ndarray:
@@ -63,13 +64,27 @@ class HotTier:
                 return free.pop()
         return new_buffer(nbytes, pinned)
 
-    def copy_out(self, snapshot_id: str, paths: Sequence[str]) -> list[np.ndarray] | None:
-        """Copies of a hot snapshot's buffers for ``paths``, or None if it is not (fully) hot."""
+    def copy_out(self, snapshot_id: str, paths: Sequence[str], only_read: Sequence[bool]) -> list[np.ndarray] | None:
+        """A hot snapshot's buffers for ``paths`` (None if it is not fully hot): copies,
+        except where ``only_read`` says the caller only reads it and the buffer is
+        writable: then the buffer itself, and the snapshot's buffers are never
+        recycled for staging (they may still be read)."""
         with self._lock:
             hot = self._items.get(snapshot_id)
             if hot is None or any(p not in hot.arrays for p in paths):
                 return None
-            return [hot.arrays[p].data.copy() for p in paths]
+            # read-only buffers (a mapped warm copy) are copied all the same: a tensor must be writable
+            out = [hot.arrays[p].data if r and hot.arrays[p].data.flags.writeable else hot.arrays[p].data.copy()
+                   for p, r in zip(paths, only_read)]  # fmt: skip
+            if any(o is hot.arrays[p].data for o, p in zip(out, paths)):
+                self._lent.add(snapshot_id)
+            return out
+
+    def discard(self, snapshot_id: str) -> None:
+        """Forget a snapshot whose buffers may have been written by someone it lent them to."""
+        with self._lock:
+            self._items.pop(snapshot_id, None)
+            self._lent.discard(snapshot_id)
 
     def get(self, snapshot_id: str | None) -> HotSnapshot | None:
         with self._lock:
@@ -88,6 +103,9 @@ class HotTier:
                 self._recycle(evicted)
 
     def _recycle(self, evicted: HotSnapshot) -> None:
+        if evicted.snapshot_id in self._lent:
+            self._lent.discard(evicted.snapshot_id)
+            return
         limit = max((h.nbytes for h in self._items.values()), default=0)
         for array in evicted.arrays.values():  # read-only ones (a mapped warm copy) cannot be staged into
             if array.data.flags.writeable and self._free_bytes + array.data.nbytes <= limit:

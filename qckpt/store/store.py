@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -164,7 +164,7 @@ class Store:
         self.reader = ChunkReader(backend, self.locate, self.pool, refresh=self.rescan_packs)
         self.warm = WarmCopies(backend, self.pool)
         self._snapshots: dict[str, Snapshot] = {}
-        self._warm_manifests: OrderedDict[str, Manifest] = OrderedDict()  # for warm reads of tensor subsets
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()  # see ``cached_manifest``
         self._rebuild_lock = threading.Lock()
         self._config_lock = threading.Lock()
 
@@ -376,8 +376,21 @@ class Store:
             raise IntegrityError(f"manifest {manifest_id} is missing") from None
         return Manifest.from_bytes(manifest_id, data)
 
+    def cached_manifest(self, snapshot: Snapshot) -> Manifest:
+        """``manifest``, kept for reads that repeat (restores, warm reads): manifests
+        are immutable and were verified when read. Checks (fsck, GC) use ``manifest``."""
+        with self._config_lock:
+            manifest = self._manifests.get(snapshot.manifest)
+        if manifest is None:
+            manifest = self.manifest(snapshot)
+            with self._config_lock:
+                self._manifests[snapshot.manifest] = manifest
+                while len(self._manifests) > 8:
+                    self._manifests.popitem(last=False)
+        return manifest
+
     def manifest(self, snapshot: Snapshot) -> Manifest:
-        """The (verified) manifest of ``snapshot``."""
+        """The (verified) manifest of ``snapshot``, read now."""
         try:
             return self.manifest_by_id(snapshot.manifest)
         except IntegrityError as e:
@@ -523,28 +536,37 @@ class Store:
         """
         return [as_value(b, e) for b, e in zip(self.read_buffers(snapshot, entries).writable, entries)]
 
-    def read_buffers(self, snapshot: Snapshot, entries: list[TensorEntry], *, pristine: bool = False) -> ReadBuffers:
-        """``read_arrays``, as flat uint8 buffers (``pristine`` copies too, see
+    def read_buffers(
+        self, snapshot: Snapshot, entries: list[TensorEntry], *, pristine: bool = False, only_read: Sequence[bool] | None = None
+    ) -> ReadBuffers:
+        """``read_arrays``, as flat uint8 buffers (``pristine`` ones too, see
         ``ReadBuffers``). From the snapshot's warm copy when it has a sound one and
         it pays (a local backend maps it; a remote one downloads it whole, so only
-        when at least half its bytes are wanted); else from the packs."""
+        when at least half its bytes are wanted); else from the packs.
+
+        ``only_read[i]`` says the caller will only read entry i's writable buffer
+        (e.g. copy it into a module's parameters): it may then be the pristine
+        buffer itself, or a copy-on-write mapping. Without ``only_read`` every
+        writable buffer may be a copy-on-write mapping (pages copied when first
+        written); with it, the others are copied now, so their first writes do
+        not pay page by page."""
         warm = self._read_warm(snapshot, entries)
         if warm is not None:
-            return ReadBuffers(warm.private(), warm.arrays if pristine else None, True)
+            if only_read is None:
+                return ReadBuffers(warm.private(), warm.arrays if pristine else None, True)
+            mapped = warm.private() if any(only_read) else warm.arrays
+            writable = [m if r else np.array(s) for m, s, r in zip(mapped, warm.arrays, only_read)]
+            return ReadBuffers(writable, warm.arrays if pristine else None, True)
         buffers = self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries])
-        return ReadBuffers([b.copy() for b in buffers] if pristine else buffers, buffers if pristine else None, False)
+        if not pristine:
+            return ReadBuffers(buffers, None, False)
+        shared = only_read or [False] * len(buffers)
+        return ReadBuffers([b if r else b.copy() for b, r in zip(buffers, shared)], buffers, False)
 
     def _read_warm(self, snapshot: Snapshot, entries: list[TensorEntry]) -> WarmRead | None:
         if not entries:
             return None
-        with self._config_lock:
-            manifest = self._warm_manifests.get(snapshot.manifest)
-        if manifest is None:
-            manifest = self.manifest(snapshot)
-            with self._config_lock:
-                self._warm_manifests[snapshot.manifest] = manifest
-                while len(self._warm_manifests) > 8:
-                    self._warm_manifests.popitem(last=False)
+        manifest = self.cached_manifest(snapshot)
         wanted = sum(e.nbytes for e in entries)
         if self.backend.capabilities.local_dir is None and 2 * wanted < sum(e.nbytes for e in manifest.tensors):
             return None

@@ -285,3 +285,38 @@ def test_gc_racing_head_replacement(path: Path) -> None:
     assert not errors, errors
     _check_after_crash(path)
     assert _same(_tensors(_restored(path)), _tensors(trainer))
+
+
+def test_a_module_that_keeps_what_it_loads_never_corrupts_a_delta_base(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Restores hand modules the hot tier's (or the read's) own buffers, since
+    ``load_state_dict`` copies; a module that keeps them instead is detected and
+    the snapshot is not used as a delta base, so training on cannot corrupt one."""
+
+    class Keeper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(4096))
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[no-untyped-def, override]
+            self.w = torch.nn.Parameter(state_dict["w"])  # keeps the given tensor
+
+    for warm in (True, False):
+        keeper = Keeper()
+        state = qckpt.TrainingState(model=keeper, rng=False)
+        with qckpt.Repository.init(tmp_path / f"repo-{warm}", chunk_size=1024, warm=warm) as repo:
+            with torch.no_grad():
+                keeper.w.copy_(torch.arange(4096.0))
+            first = repo.commit(state)
+            for source in ("hot", "storage"):
+                if source == "storage":
+                    repo._hot.discard(first.id)
+                caplog.clear()
+                with caplog.at_level(logging.WARNING, logger="qckpt"):
+                    repo.restore(state, first.id)
+                assert "kept the tensors" in caplog.text  # detected, whatever the source
+                with torch.no_grad():
+                    keeper.w.mul_(2)  # writes where the module keeps it
+                repo.create_branch(f"from-{source}", first.id)  # so the next commit's base is the restored snapshot
+                second = repo.commit(state, branch=f"from-{source}")
+                assert torch.equal(repo.load(second.id)["components/model/w"], torch.arange(4096.0) * 2)
+                assert torch.equal(repo.load(first.id)["components/model/w"], torch.arange(4096.0))
