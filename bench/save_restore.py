@@ -4,7 +4,7 @@ For each reference model size (``10m`` and ``100m``; ``--quick``: ``tiny`` and
 ``3m``), in one process:
 
 * ``clone_s``: copying the captured training state in memory (``tensor.clone()``);
-* ``torch_save_s`` / ``torch_load_s``: ``torch.save`` to a local file and ``torch.load`` of it;
+* ``torch_save_s``: ``torch.save`` of the state to a local file;
 * ``stall_s``: mean time the training thread spends in ``Repository.commit_async``
   (capture + staging into host memory) when committing every step;
 * ``train_steps_per_s_no_ckpt``, ``..._ckpt_every_step``, ``..._ckpt_every_10``:
@@ -16,8 +16,9 @@ For each reference model size (``10m`` and ``100m``; ``--quick``: ``tiny`` and
   of 3): ``restore_latest_s``, ``restore_middle_s``, ``restore_oldest_s``:
   ``Repository.restore`` from storage into the live model and optimizer (the
   latest from its warm copy, older ones from their delta chains);
-  ``torch_resume_s``: ``torch.load`` of the latest state plus loading it into
-  the same live objects; ``first_step_after_restore_s`` /
+  ``torch_load_s``: ``torch.load`` of the latest state (there, not in the
+  writing process); ``torch_resume_s``: the same plus loading it into the
+  same live objects; ``first_step_after_restore_s`` /
   ``first_step_after_torch_resume_s``: the training step that follows each
   (it pays for copy-on-write pages a mapped restore left to it);
 * ``full_restore_s`` / ``lazy_one_tensor_s``: ``load(latest).tree()`` versus
@@ -117,6 +118,7 @@ class _Restart:
                     timed(f"restore_{name}_s", partial(repo.restore, state, self.ids[index]))
                     if name == "latest":
                         timed("first_step_after_restore_s", lambda: train_step(state))
+            timed("torch_load_s", lambda: torch.load(self.torch_path, weights_only=False))
             timed("torch_resume_s", lambda: state.load(torch.load(self.torch_path, weights_only=False)))
             timed("first_step_after_torch_resume_s", lambda: train_step(state))
         return best
@@ -131,7 +133,6 @@ def measure(size: str, steps: int, root: Path) -> dict[str, float]:
     out["clone_s"] = best_time(lambda: _clone(tree))
     path = root / f"{size}.pt"
     out["torch_save_s"] = best_time(lambda: torch.save(tree, path))
-    out["torch_load_s"] = best_time(lambda: torch.load(path, weights_only=False))
     out["state_bytes"] = path.stat().st_size
 
     location = root / f"{size}-repo"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,6 +372,25 @@ class Repository:
         self._writer.flush()
         if self._warm is not None and self._warm.pending and not self._writer.closed:
             self._writer.submit(self._warm.catch_up).wait()
+
+    def flush_on_signal(self, signum: int = signal.SIGTERM) -> None:
+        """On ``signum`` (SIGTERM: what schedulers send before preempting a job), write
+        every submitted commit and the warm copies still due, then hand the signal
+        to the handler that was there before (by default: the process ends, with
+        the signal as its exit status). Call from the main thread."""
+        previous = signal.getsignal(signum)
+
+        def handler(received: int, frame: Any) -> None:
+            try:
+                self.flush()
+            finally:
+                signal.signal(received, previous if previous is not None else signal.SIG_DFL)
+                if callable(previous):
+                    previous(received, frame)
+                elif previous == signal.SIG_DFL:
+                    os.kill(os.getpid(), received)
+
+        signal.signal(signum, handler)
 
     def _write_commit(self, job: _CommitJob) -> Snapshot:
         """The background half of a commit (runs on the writer thread)."""

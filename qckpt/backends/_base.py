@@ -110,6 +110,13 @@ class Backend(ABC):
         A range reaching past the end of the value returns fewer bytes (callers verify).
         """
 
+    def put_cache(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """``put`` for data that is a cache (verified when read, rebuilt or done without
+        when missing): readers still see all of it or nothing, but it need not
+        survive a power loss. This default is ``put``; the local backend skips the
+        fsyncs."""
+        self.put(key, data)
+
     def map(self, key: str) -> MappedBlob:
         """The whole value under ``key`` in memory (see ``MappedBlob``). This default
         reads it with ``get``; backends on local files map them instead."""

@@ -52,7 +52,7 @@ class LocalBackend(Backend):
     def _path(self, key: str) -> Path:
         return self.root / check_blob_key(key)
 
-    def _write_atomic(self, path: Path, data: bytes | bytearray | memoryview, *, exclusive: bool) -> None:
+    def _write_atomic(self, path: Path, data: bytes | bytearray | memoryview, *, exclusive: bool, durable: bool = True) -> None:
         tmp_dir = self.root / ".tmp"
         try:
             tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,8 @@ class LocalBackend(Backend):
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             try:
                 if exclusive:
                     try:
@@ -72,12 +73,16 @@ class LocalBackend(Backend):
                     os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
-            _fsync_dir(path.parent)
+            if durable:
+                _fsync_dir(path.parent)
         except OSError as e:
             raise BackendError(f"{self.uri}: cannot write {path.relative_to(self.root)}: {e}") from e
 
     def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
         self._write_atomic(self._path(key), data, exclusive=exclusive)
+
+    def put_cache(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        self._write_atomic(self._path(key), data, exclusive=False, durable=False)
 
     @contextmanager
     def _reading(self, key: str) -> Iterator[int]:

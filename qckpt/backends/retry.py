@@ -71,6 +71,9 @@ class RetryingBackend(Backend):
 
         self._retry("put", attempt)
 
+    def put_cache(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        self._retry("put_cache", lambda retried: self.inner.put_cache(key, data))
+
     def get(self, key: str) -> bytes:
         return self._retry("get", lambda retried: self.inner.get(key))
 

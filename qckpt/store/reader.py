@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Executor
 from typing import Protocol
 
@@ -76,23 +76,34 @@ class ChunkReader:
         return locate
 
     def read(
-        self, targets: Collection[bytes], deliver: Callable[[bytes, bytes], None], *, _again: bool = False
+        self,
+        targets: Collection[bytes],
+        deliver: Callable[[bytes, bytes | memoryview], None],
+        *,
+        known: Mapping[bytes, memoryview] | None = None,
+        _again: bool = False,
     ) -> dict[bytes, IntegrityError]:
         """Decode each of ``targets`` and call ``deliver(chunk_id, raw)`` (from pool
         threads, once per target). Returns the targets that could not be read, each
         with an ``IntegrityError`` naming the object (or the dependency) at fault.
 
+        ``known``: chunks whose raw bytes the caller has already verified (a warm
+        copy): delivered as they are, and where a chain reaches one it stops there.
+
         An object that fails verification where the index placed it is looked up
         again (pack footers re-read, once): if the footers place it elsewhere (a
         damaged index entry), the failed targets are read once more from there."""
+        known = known or {}
         wanted = set(targets)
+        for chunk_id in wanted & known.keys():
+            deliver(chunk_id, known[chunk_id])
         locate = self._locator()
         locations: dict[bytes, ChunkLocation] = {}
         errors: dict[bytes, IntegrityError] = {}
-        stack = list(wanted)
+        stack = list(wanted - known.keys())
         while stack:
             chunk_id = stack.pop()
-            if chunk_id in locations or chunk_id in errors:
+            if chunk_id in locations or chunk_id in errors or chunk_id in known:
                 continue
             location = locate(chunk_id, None)
             if location is None:
@@ -102,12 +113,12 @@ class ChunkReader:
             stack.extend(location.deps)
         for batch in _batches(_components(locations), locations):
             data = self._fetch(batch, locations, errors, locate)
-            tasks = [self._pool.submit(self._decode_group, g, locations, data, errors, wanted, deliver) for g in batch]
+            tasks = [self._pool.submit(self._decode_group, g, locations, data, errors, wanted, deliver, known) for g in batch]
             for task in tasks:
                 task.result()
         failed = {c: e for c, e in errors.items() if c in wanted}
         if failed and not _again and any(locate(c, loc) not in (None, loc) for c, loc in locations.items() if c in errors):
-            return self.read(list(failed), deliver, _again=True)
+            return self.read(list(failed), deliver, known=known, _again=True)
         return failed
 
     def _decode_group(
@@ -117,15 +128,18 @@ class ChunkReader:
         data: dict[bytes, memoryview],
         errors: dict[bytes, IntegrityError],
         wanted: set[bytes],
-        deliver: Callable[[bytes, bytes], None],
+        deliver: Callable[[bytes, bytes | memoryview], None],
+        known: Mapping[bytes, memoryview],
     ) -> None:
         uses = Counter(d for c in group for d in locations[c].deps)
-        decoded: dict[bytes, bytes] = {}
+        decoded: dict[bytes, bytes | memoryview] = {}
 
-        def resolve(dep: bytes) -> bytes:
-            if dep not in decoded:
-                raise IntegrityError(f"its dependency {dep.hex()} is not listed in the pack footer before it")
-            return decoded[dep]
+        def resolve(dep: bytes) -> bytes | memoryview:
+            if dep in decoded:
+                return decoded[dep]
+            if dep in known:
+                return known[dep]
+            raise IntegrityError(f"its dependency {dep.hex()} is not listed in the pack footer before it")
 
         for chunk_id in sorted(group, key=lambda c: locations[c].depth):
             location = locations[chunk_id]

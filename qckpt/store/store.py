@@ -23,6 +23,7 @@ facade.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -541,8 +542,8 @@ class Store:
     ) -> ReadBuffers:
         """``read_arrays``, as flat uint8 buffers (``pristine`` ones too, see
         ``ReadBuffers``). From the snapshot's warm copy when it has a sound one and
-        it pays (a local backend maps it; a remote one downloads it whole, so only
-        when at least half its bytes are wanted); else from the packs.
+        it pays (``_warm_pays``); else from the packs, with chains stopping at the
+        nearest ancestor that has a sound warm copy (``_warm_base``).
 
         ``only_read[i]`` says the caller will only read entry i's writable buffer
         (e.g. copy it into a module's parameters): it may then be the pristine
@@ -557,20 +558,44 @@ class Store:
             mapped = warm.private() if any(only_read) else warm.arrays
             writable = [m if r else np.array(s) for m, s, r in zip(mapped, warm.arrays, only_read)]
             return ReadBuffers(writable, warm.arrays if pristine else None, True)
-        buffers = self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries])
+        known = self._warm_base(snapshot, entries)
+        buffers = self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries], known)
         if not pristine:
             return ReadBuffers(buffers, None, False)
         shared = only_read or [False] * len(buffers)
         return ReadBuffers([b if r else b.copy() for b, r in zip(buffers, shared)], buffers, False)
 
-    def _read_warm(self, snapshot: Snapshot, entries: list[TensorEntry]) -> WarmRead | None:
+    def _warm_pays(self, snapshot: Snapshot, entries: list[TensorEntry]) -> bool:
+        """Whether reading ``entries`` of ``snapshot`` may use warm copies: a local
+        backend maps them; a remote one downloads them whole, so only for at least
+        half of the snapshot's bytes."""
         if not entries:
+            return False
+        if self.backend.capabilities.local_dir is not None:
+            return True
+        return 2 * sum(e.nbytes for e in entries) >= sum(e.nbytes for e in self.cached_manifest(snapshot).tensors)
+
+    def _read_warm(self, snapshot: Snapshot, entries: list[TensorEntry]) -> WarmRead | None:
+        if not self._warm_pays(snapshot, entries):
             return None
-        manifest = self.cached_manifest(snapshot)
-        wanted = sum(e.nbytes for e in entries)
-        if self.backend.capabilities.local_dir is None and 2 * wanted < sum(e.nbytes for e in manifest.tensors):
-            return None
-        return self.warm.read(snapshot, manifest, entries)
+        return self.warm.read(snapshot, self.cached_manifest(snapshot), entries)
+
+    def _warm_base(self, snapshot: Snapshot, entries: list[TensorEntry]) -> dict[bytes, memoryview]:
+        """Verified chunks of the nearest first-parent ancestor that has a warm copy
+        (within ``max_chain`` commits: no chain reaches further), for reading
+        ``snapshot``'s chains only back to it (a head committed since its branch's
+        last warm copy, e.g. after a crash under an interval cadence)."""
+        if not self._warm_pays(snapshot, entries):
+            return {}
+        warm = set(self.warm.snapshot_ids())
+        ancestors = itertools.islice(self.first_parents(snapshot.id), 1, self.config.max_chain + 1)
+        for ancestor in (a for a in ancestors if a.id in warm) if warm else ():
+            manifest = self.cached_manifest(ancestor)
+            read = self.warm.read(ancestor, manifest, manifest.tensors)
+            if read is not None:
+                return {chunk_id: memoryview(array[at : at + length]) for entry, array in zip(manifest.tensors, read.arrays)
+                        for chunk_id, at, length in entry.spans()}  # fmt: skip
+        return {}
 
     def read_bytes(self, snapshot: Snapshot, entry: TensorEntry, start: int, end: int) -> np.ndarray:
         """Bytes ``[start, end)`` of one tensor of ``snapshot``, reading (and verifying)
@@ -579,7 +604,9 @@ class Store:
             raise InvalidInputError(f"byte range [{start}, {end}) is outside {entry.path!r} ({entry.nbytes} bytes)")
         return self._read_byte_ranges(snapshot, [(entry, start, end)])[0]
 
-    def _read_byte_ranges(self, snapshot: Snapshot, ranges: list[tuple[TensorEntry, int, int]]) -> list[np.ndarray]:
+    def _read_byte_ranges(
+        self, snapshot: Snapshot, ranges: list[tuple[TensorEntry, int, int]], known: dict[bytes, memoryview] | None = None
+    ) -> list[np.ndarray]:
         buffers = [np.empty(end - start, dtype=np.uint8) for _, start, end in ranges]
         targets: dict[bytes, list[tuple[np.ndarray, TensorEntry, int, int, int]]] = {}
         for buffer, (entry, start, end) in zip(buffers, ranges):
@@ -587,7 +614,7 @@ class Store:
                 if offset < end and offset + length > start:
                     targets.setdefault(chunk_id, []).append((buffer, entry, offset - start, length, end - start))
 
-        def place(chunk_id: bytes, raw: bytes) -> None:
+        def place(chunk_id: bytes, raw: bytes | memoryview) -> None:
             data = np.frombuffer(raw, dtype=np.uint8)
             for buffer, entry, at, length, size in targets[chunk_id]:
                 if len(raw) != length:
@@ -598,7 +625,7 @@ class Store:
                 lo, hi = max(at, 0), min(at + length, size)  # the part of the chunk inside the range
                 buffer[lo:hi] = data[lo - at : hi - at]
 
-        errors = self.reader.read(targets, place)
+        errors = self.reader.read(targets, place, known=known)
         if errors:
             chunk_id, error = next(iter(errors.items()))
             raise IntegrityError(f"snapshot {snapshot.short_id}, state key {targets[chunk_id][0][1].path!r}: {error}") from error

@@ -60,7 +60,7 @@ class WarmCopies:
         """Store the warm copy of ``snapshot`` (whose manifest lists ``entries``; ``arrays``
         holds their raw bytes by path, as committed). Returns the bytes written."""
         blob = build_warm(snapshot.manifest, entries, arrays)
-        self._backend.put(warm_key(snapshot.id), blob)
+        self._backend.put_cache(warm_key(snapshot.id), blob)  # a cache: no fsync (a torn copy fails verification)
         return len(blob)
 
     def read(self, snapshot: Snapshot, manifest: Manifest, wanted: Sequence[TensorEntry]) -> WarmRead | None:

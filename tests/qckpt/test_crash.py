@@ -35,6 +35,10 @@ CHILD = textwrap.dedent(
             self._tick()
             super().put(key, data, exclusive=exclusive)
 
+        def put_cache(self, key, data):
+            self._tick()
+            super().put_cache(key, data)
+
         def swap_ref(self, name, expected, new):
             self._tick()
             super().swap_ref(name, expected, new)

@@ -320,3 +320,59 @@ def test_a_module_that_keeps_what_it_loads_never_corrupts_a_delta_base(tmp_path:
                 second = repo.commit(state, branch=f"from-{source}")
                 assert torch.equal(repo.load(second.id)["components/model/w"], torch.arange(4096.0) * 2)
                 assert torch.equal(repo.load(first.id)["components/model/w"], torch.arange(4096.0))
+
+
+INTERVAL_CHILD = textwrap.dedent(
+    """
+    import math, os, sys, qckpt
+    from bench.workload import Trainer, train_step
+    trainer = Trainer("tiny", total_steps=50)
+    repo = qckpt.Repository.init(sys.argv[1], warm_interval=math.inf)
+    train_step(trainer.state)
+    repo.commit(trainer.state)
+    repo.flush()  # the first snapshot's warm copy
+    print(os.listdir(os.path.join(sys.argv[1], "packs"))[0], flush=True)
+    for _ in range(3):  # predicted from it, chunk by chunk, with no copies of their own
+        train_step(trainer.state)
+        repo.commit(trainer.state)
+    os._exit(0)  # dies before close would write the head's copy
+    """
+)
+
+
+def test_a_head_without_a_warm_copy_decodes_only_back_to_the_nearest_one(path: Path, tmp_path: Path) -> None:
+    """After a crash under an interval cadence, the head's chains stop at the nearest
+    ancestor's warm copy: the packs older than it are not needed."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    child = subprocess.run([sys.executable, "-c", INTERVAL_CHILD, str(path)], capture_output=True, text=True, env=env)
+    assert child.returncode == 0, child.stderr
+    first_pack = child.stdout.strip()
+    expected = _tensors(_restored(path))
+    (copy,) = os.listdir(path / "warm")
+    shutil.move(path / "packs" / first_pack, tmp_path / first_pack)  # the keyframes the chains start from
+    assert _same(_tensors(_restored(path)), expected)
+    os.remove(path / "warm" / copy)  # without the ancestor's copy the chains need the missing keyframes
+    with pytest.raises(qckpt.IntegrityError, match="missing"):
+        _restored(path)
+
+
+PREEMPTED_CHILD = textwrap.dedent(
+    """
+    import math, sys, time, torch, qckpt
+    repo = qckpt.Repository.init(sys.argv[1], warm_interval=math.inf)
+    repo.flush_on_signal()
+    repo.commit({"w": torch.arange(1000.0)})
+    print(repo.snapshot("main").id, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_sigterm_writes_the_warm_copy_still_due_then_ends_the_process(path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", PREEMPTED_CHILD, str(path)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    head = child.stdout.readline().strip()
+    assert _warm_ids(path) == []  # the cadence has not written it yet
+    os.kill(child.pid, signal.SIGTERM)
+    assert child.wait(timeout=30) == -signal.SIGTERM  # the default action still ends the process
+    assert _warm_ids(path) == [head]
