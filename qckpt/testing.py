@@ -111,6 +111,13 @@ class BackendConformance:
         assert backend.get_range("k", 95, 10) == bytes(range(95, 100))  # short at the end
 
 
+    def test_put_cache_stores_and_replaces_whole_values(self, backend: Backend) -> None:
+        backend.put_cache("warm/a", b"first")
+        assert self.raw_get(backend, "warm/a") == b"first"
+        backend.put_cache("warm/a", bytearray(b"second value"))
+        assert backend.get("warm/a") == b"second value" and backend.list("warm/") == ["warm/a"]
+
+
     def test_map_reads_the_whole_value_and_private_copies_stay_private(self, backend: Backend) -> None:
         backend.put("k", bytes(range(200)))
         blob = backend.map("k")
