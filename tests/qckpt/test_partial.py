@@ -53,7 +53,7 @@ def test_partial_read_touches_only_covering_chunks() -> None:
     view = repo.load(repo.commit({"w": weights}).id)
     requested: list[int] = []
     read = repo._store.reader.read
-    repo._store.reader.read = lambda targets, deliver: (requested.append(len(targets)), read(targets, deliver))[1]  # type: ignore[method-assign]
+    repo._store.reader.read = lambda targets, deliver, **kw: (requested.append(len(targets)), read(targets, deliver, **kw))[1]  # type: ignore[method-assign]
     assert torch.equal(view.read("w", slice(100, 108)), weights[100:108])
     assert torch.equal(view.read("w", (500, slice(3, 9))), weights[500, 3:9])
     assert requested == [2, 1]
