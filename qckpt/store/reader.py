@@ -204,13 +204,14 @@ class ChunkReader:
         for pack_id, located in by_pack.items():
             located.sort(key=lambda item: item[1].offset)
             span = [located[0]]
+            span_end = located[0][1].offset + located[0][1].length
             for item in located[1:]:
-                span_end = max(loc.offset + loc.length for _, loc in span)
                 if item[1].offset - span_end <= READ_GAP and item[1].offset + item[1].length - span[0][1].offset <= READ_SPAN:
                     span.append(item)
                 else:
                     tasks.append(self._pool.submit(read_span, pack_id, span))
-                    span = [item]
+                    span, span_end = [item], 0
+                span_end = max(span_end, item[1].offset + item[1].length)
             tasks.append(self._pool.submit(read_span, pack_id, span))
         for task in tasks:
             task.result()
