@@ -223,12 +223,17 @@ def _zigzag_difference(raw: Raw, prediction: np.ndarray, itemsize: int, dropped:
 
 
 def _undo_zigzag_difference(residual: np.ndarray, prediction: np.ndarray, itemsize: int, dropped: int) -> np.ndarray:
+    """The raw bytes back from a residual (which this overwrites: it is scratch) and the prediction."""
     unsigned = _UNSIGNED[itemsize]
     zigzag = residual.view(unsigned)
-    diff = (zigzag >> unsigned(1)) ^ (unsigned(0) - (zigzag & unsigned(1)))
+    diff = zigzag >> unsigned(1)
+    np.bitwise_and(zigzag, unsigned(1), out=zigzag)
+    np.negative(zigzag, out=zigzag)  # 0 or all ones: unsigned negation wraps
+    diff ^= zigzag
     if dropped:
         diff <<= unsigned(dropped)
-    return (prediction.view(unsigned) + diff).view(np.uint8)
+    diff += prediction.view(unsigned)
+    return diff.view(np.uint8)
 
 
 class PredictiveCodec(ABC):
@@ -264,7 +269,8 @@ class PredictiveCodec(ABC):
         residual = _zigzag_difference(raw, prediction, itemsize, dropped)
         return head + _shuffle_compress(residual, itemsize, level)
 
-    def decode(self, payload: memoryview, raw_length: int, itemsize: int, inputs: Sequence[Raw]) -> bytes:
+    def decode(self, payload: memoryview, raw_length: int, itemsize: int, inputs: Sequence[Raw]) -> np.ndarray:
+        """The raw bytes (a uint8 array); ``IntegrityError`` if the payload is malformed."""
         if len(payload) < _PREDICTIVE_HEAD.size:
             raise IntegrityError("predictive payload is truncated")
         fmt, count = _PREDICTIVE_HEAD.unpack_from(payload)
@@ -289,7 +295,7 @@ class PredictiveCodec(ABC):
             prediction = self.predict(inputs, fmt, scalars)
         if dropped:
             prediction = round_bits(prediction, fmt, dropped)
-        return _undo_zigzag_difference(residual, prediction, itemsize, dropped).tobytes()
+        return _undo_zigzag_difference(residual, prediction, itemsize, dropped)
 
 
 class DeltaCodec(PredictiveCodec):

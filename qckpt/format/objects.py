@@ -126,7 +126,7 @@ def _parse(data: bytes | memoryview) -> tuple[int, int, int, int, int, tuple[byt
     return version, codec_id, itemsize, flags, raw_length, deps, start
 
 
-def decode_object(data: bytes | memoryview, chunk_id: bytes, resolve: Callable[[bytes], Raw] | None = None) -> bytes:
+def decode_object(data: bytes | memoryview, chunk_id: bytes, resolve: Callable[[bytes], Raw] | None = None) -> Raw:
     """Decode an object and verify that its raw bytes hash to ``chunk_id``.
 
     ``resolve(dep_id)`` must return the (verified) raw bytes of a dependency;

@@ -20,6 +20,7 @@ from concurrent.futures import Executor
 from typing import Protocol
 
 from qckpt.errors import IntegrityError, ObjectNotFoundError
+from qckpt.format.codecs import Raw
 from qckpt.format.objects import decode_object
 from qckpt.format.packs import ChunkLocation
 from qckpt.store.layout import pack_key
@@ -78,7 +79,7 @@ class ChunkReader:
     def read(
         self,
         targets: Collection[bytes],
-        deliver: Callable[[bytes, bytes | memoryview], None],
+        deliver: Callable[[bytes, Raw], None],
         *,
         known: Mapping[bytes, memoryview] | None = None,
         _again: bool = False,
@@ -128,13 +129,13 @@ class ChunkReader:
         data: dict[bytes, memoryview],
         errors: dict[bytes, IntegrityError],
         wanted: set[bytes],
-        deliver: Callable[[bytes, bytes | memoryview], None],
+        deliver: Callable[[bytes, Raw], None],
         known: Mapping[bytes, memoryview],
     ) -> None:
         uses = Counter(d for c in group for d in locations[c].deps)
-        decoded: dict[bytes, bytes | memoryview] = {}
+        decoded: dict[bytes, Raw] = {}
 
-        def resolve(dep: bytes) -> bytes | memoryview:
+        def resolve(dep: bytes) -> Raw:
             if dep in decoded:
                 return decoded[dep]
             if dep in known:

@@ -52,6 +52,7 @@ from qckpt.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from qckpt.format.codecs import Raw
 from qckpt.format.ids import ID_HEX, hex_id
 from qckpt.format.packs import TRAILER_SIZE, ChunkLocation, PackBuilder, footer_span, read_pack_footer
 from qckpt.format.records import Manifest, RefLogEntry, Snapshot, TensorEntry
@@ -614,7 +615,7 @@ class Store:
                 if offset < end and offset + length > start:
                     targets.setdefault(chunk_id, []).append((buffer, entry, offset - start, length, end - start))
 
-        def place(chunk_id: bytes, raw: bytes | memoryview) -> None:
+        def place(chunk_id: bytes, raw: Raw) -> None:
             data = np.frombuffer(raw, dtype=np.uint8)
             for buffer, entry, at, length, size in targets[chunk_id]:
                 if len(raw) != length:
