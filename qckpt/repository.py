@@ -377,8 +377,12 @@ class Repository:
         """On ``signum`` (SIGTERM: what schedulers send before preempting a job), write
         every submitted commit and the warm copies still due, then hand the signal
         to the handler that was there before (by default: the process ends, with
-        the signal as its exit status). Call from the main thread."""
-        previous = signal.getsignal(signum)
+        the signal as its exit status). Call from the main thread
+        (``InvalidInputError`` otherwise, or for a signal that cannot be handled)."""
+        try:
+            previous = signal.getsignal(signum)
+        except ValueError as e:
+            raise InvalidInputError(f"cannot handle signal {signum!r}: {e}") from None
 
         def handler(received: int, frame: Any) -> None:
             try:
@@ -390,7 +394,10 @@ class Repository:
                 elif previous == signal.SIG_DFL:
                     os.kill(os.getpid(), received)
 
-        signal.signal(signum, handler)
+        try:
+            signal.signal(signum, handler)
+        except (ValueError, OSError) as e:  # not the main thread, or a signal that cannot be caught (SIGKILL)
+            raise InvalidInputError(f"cannot handle signal {signum!r}: {e}") from None
 
     def _write_commit(self, job: _CommitJob) -> Snapshot:
         """The background half of a commit (runs on the writer thread)."""

@@ -31,8 +31,6 @@ class WarmCadence:
     Writer thread only."""
 
     def __init__(self, store: Store, hot: HotTier, interval_s: float) -> None:
-        if not interval_s >= 0:
-            raise ValueError(f"interval_s must be >= 0, got {interval_s}")
         self._store = store
         self._hot = hot
         self.interval_s = interval_s
@@ -58,8 +56,7 @@ class WarmCadence:
             if self._store.read_ref(BRANCH_PREFIX + branch) != snapshot.id:
                 del self.pending[branch]  # moved by someone else: that head is theirs to warm
                 continue
-            manifest = self._store.manifest(snapshot)
-            entries = list(manifest.tensors)
+            entries = list(self._store.cached_manifest(snapshot).tensors)
             hot = self._hot.get(snapshot.id)
             if hot is not None and all(e.path in hot.arrays for e in entries):
                 arrays = {e.path: hot.arrays[e.path].data for e in entries}

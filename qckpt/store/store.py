@@ -169,6 +169,7 @@ class Store:
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()  # see ``cached_manifest``
         self._rebuild_lock = threading.Lock()
         self._config_lock = threading.Lock()
+        self._manifests_lock = threading.Lock()
 
     @classmethod
     def create(cls, backend: Backend, config: RepositoryConfig, cache_dir: str | os.PathLike[str] | None = None) -> Store:
@@ -381,11 +382,11 @@ class Store:
     def cached_manifest(self, snapshot: Snapshot) -> Manifest:
         """``manifest``, kept for reads that repeat (restores, warm reads): manifests
         are immutable and were verified when read. Checks (fsck, GC) use ``manifest``."""
-        with self._config_lock:
+        with self._manifests_lock:
             manifest = self._manifests.get(snapshot.manifest)
         if manifest is None:
             manifest = self.manifest(snapshot)
-            with self._config_lock:
+            with self._manifests_lock:
                 self._manifests[snapshot.manifest] = manifest
                 while len(self._manifests) > 8:
                     self._manifests.popitem(last=False)
@@ -585,16 +586,20 @@ class Store:
         """Verified chunks of the nearest first-parent ancestor that has a warm copy
         (within ``max_chain`` commits: no chain reaches further), for reading
         ``snapshot``'s chains only back to it (a head committed since its branch's
-        last warm copy, e.g. after a crash under an interval cadence)."""
+        last warm copy, e.g. after a crash under an interval cadence). Only the
+        tensors at the paths of ``entries`` are verified and offered: what their
+        chains need elsewhere (an optimizer moment) is read from the packs, so a
+        read of one tensor does not hash the whole copy."""
         if not self._warm_pays(snapshot, entries):
             return {}
         warm = set(self.warm.snapshot_ids())
+        paths = {e.path for e in entries}
         ancestors = itertools.islice(self.first_parents(snapshot.id), 1, self.config.max_chain + 1)
         for ancestor in (a for a in ancestors if a.id in warm) if warm else ():
-            manifest = self.cached_manifest(ancestor)
-            read = self.warm.read(ancestor, manifest, manifest.tensors)
+            same_paths = [e for e in self.cached_manifest(ancestor).tensors if e.path in paths]
+            read = self.warm.read(ancestor, self.cached_manifest(ancestor), same_paths)
             if read is not None:
-                return {chunk_id: memoryview(array[at : at + length]) for entry, array in zip(manifest.tensors, read.arrays)
+                return {chunk_id: memoryview(array[at : at + length]) for entry, array in zip(same_paths, read.arrays)
                         for chunk_id, at, length in entry.spans()}  # fmt: skip
         return {}
 

@@ -376,3 +376,21 @@ def test_sigterm_writes_the_warm_copy_still_due_then_ends_the_process(path: Path
     os.kill(child.pid, signal.SIGTERM)
     assert child.wait(timeout=30) == -signal.SIGTERM  # the default action still ends the process
     assert _warm_ids(path) == [head]
+
+
+def test_flush_on_signal_refuses_what_it_cannot_handle(path: Path) -> None:
+    with qckpt.Repository.init(path) as repo:
+        with pytest.raises(qckpt.InvalidInputError):
+            repo.flush_on_signal(signal.SIGKILL)
+        refused: list[qckpt.InvalidInputError] = []
+
+        def from_another_thread() -> None:
+            try:
+                repo.flush_on_signal()
+            except qckpt.InvalidInputError as e:
+                refused.append(e)
+
+        thread = threading.Thread(target=from_another_thread)
+        thread.start()
+        thread.join()
+        assert len(refused) == 1  # only the main thread may install handlers
