@@ -10,11 +10,14 @@ every method alike.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bench.timing import best_time
+
+
+T = TypeVar("T")
 
 
 class Restorable(Protocol):
@@ -25,10 +28,15 @@ def _times(method: Restorable, indices: Sequence[int], template: Any, repeats: i
     return {i: best_time(partial(method.restore, i, template), repeats) for i in indices}
 
 
+def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a newly spawned Python process (both pickled there, the result back)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def restore_times(method: Restorable, indices: Sequence[int], template: Any, repeats: int = 3) -> dict[int, float]:
     """Seconds to ``method.restore(i, template)`` for each index, in one fresh process."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_times, (method, list(indices), template, repeats))
+    return in_fresh_process(_times, method, list(indices), template, repeats)
 
 
 def touch(tree: Any) -> None:

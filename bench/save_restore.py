@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import statistics
 import tempfile
 import time
@@ -49,6 +48,7 @@ from typing import Any
 import torch
 
 import qckpt
+from bench.fresh import in_fresh_process
 from bench.timing import best_time
 from bench.workload import Trainer, train_step
 
@@ -99,8 +99,7 @@ class _Restart:
     torch_path: str
 
     def times(self, positions: dict[str, int], repeats: int = 3) -> dict[str, float]:
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(self._times, (positions, repeats))
+        return in_fresh_process(self._times, positions, repeats)
 
     def _times(self, positions: dict[str, int], repeats: int) -> dict[str, float]:
         state = Trainer(self.size, total_steps=1000).state
