@@ -3,7 +3,10 @@
 Layout under ``s3://bucket/prefix/``: blob keys as objects (``packs/<id>.pack``
 ...), refs under ``refs/``. Whole-object writes are atomic in S3; refs change
 by conditional writes (``If-None-Match: *`` to create, ``If-Match: <etag>`` to
-replace or delete). Retries are not done here (botocore's are disabled): every
+replace or delete). Each ref's last seen value and ETag are remembered, so a
+compare-and-swap on a value this process read or wrote needs no read first and
+listing refs fetches only those whose ETag changed (the condition on the write,
+not the memory, is what makes the swap safe). Retries are not done here (botocore's are disabled): every
 failure is classified as ``TransientBackendError`` (throttling, 5xx, timeouts,
 dropped connections; wrap in ``RetryingBackend``) or a permanent
 ``BackendError`` (no such bucket, access denied) that fails fast.
@@ -13,6 +16,7 @@ Credentials come from boto3's standard chain and never appear in messages.
 from __future__ import annotations
 
 import io
+import threading
 from typing import Any
 
 import boto3
@@ -34,6 +38,7 @@ _REFS = REFS_NAMESPACE + "/"
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                     "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}  # fmt: skip
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+_SWAP_ATTEMPTS = 8
 _TRANSFER = TransferConfig(multipart_threshold=32 << 20, multipart_chunksize=16 << 20, max_concurrency=8)
 
 
@@ -77,6 +82,8 @@ class S3Backend(Backend):
         self.client = client or boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url, region_name=region, config=config
         )
+        self._seen_refs: dict[str, tuple[str, str]] = {}  # ref -> (value, ETag) last read or written here
+        self._seen_lock = threading.Lock()
         self.requests: dict[str, int] = {}  # operation -> count, for request-economy reports
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -164,56 +171,87 @@ class S3Backend(Backend):
     def size(self, key: str) -> int:
         return int(self._head(key)["ContentLength"])
 
-    def _list(self, prefix: str) -> list[str]:
-        keys, token = [], None
+    def _list(self, prefix: str) -> dict[str, str]:
+        """Key -> ETag of every object under ``prefix``."""
+        found, token = {}, None
         while True:
             extra = {"ContinuationToken": token} if token else {}
             page = self._call("list_objects_v2", prefix, Prefix=self.prefix + prefix, **extra)
-            keys += [o["Key"].removeprefix(self.prefix) for o in page.get("Contents", [])]
+            found.update((o["Key"].removeprefix(self.prefix), o.get("ETag", "")) for o in page.get("Contents", []))
             if not page.get("IsTruncated"):
-                return sorted(keys)
+                return found
             token = page["NextContinuationToken"]
 
     def list(self, prefix: str) -> list[str]:
-        return [k for k in self._list(prefix) if not k.startswith(_REFS)]
+        return sorted(k for k in self._list(prefix) if not k.startswith(_REFS))
 
     def delete(self, key: str) -> None:
         self._head(key)  # S3 deletes missing keys silently; the contract says ObjectNotFoundError
         self._call("delete_object", key, Key=self._key(key))
 
     # -- refs ----------------------------------------------------------------------------
+    def _remember(self, name: str, value: str | None, etag: str | None) -> None:
+        with self._seen_lock:
+            if value is None or etag is None:
+                self._seen_refs.pop(name, None)
+            else:
+                self._seen_refs[name] = (value, etag)
+
     def _read_ref(self, name: str) -> tuple[str | None, str | None]:
-        """(value, etag) of a ref, or (None, None) when absent."""
+        """(value, etag) of a ref, or (None, None) when absent; always a fresh read."""
         try:
             response = self._call("get_object", name, Key=self.prefix + _REFS + check_key(name))
         except ObjectNotFoundError:
+            self._remember(name, None, None)
             return None, None
-        return response["Body"].read().decode("utf-8", errors="replace").strip(), response["ETag"]
+        value = response["Body"].read().decode("utf-8", errors="replace").strip()
+        self._remember(name, value, response["ETag"])
+        return value, response["ETag"]
 
     def read_ref(self, name: str) -> str | None:
         return self._read_ref(name)[0]
 
     def list_refs(self, prefix: str) -> dict[str, str]:
-        names = [k.removeprefix(_REFS) for k in self._list(_REFS + prefix)]
-        found = {n: self.read_ref(n) for n in names}
-        return {n: v for n, v in found.items() if v is not None}
+        found = {}
+        for key, etag in self._list(_REFS + prefix).items():
+            name = key.removeprefix(_REFS)
+            with self._seen_lock:
+                seen = self._seen_refs.get(name)
+            value = seen[0] if seen is not None and seen[1] == etag else self.read_ref(name)
+            if value is not None:
+                found[name] = value
+        return found
 
     def swap_ref(self, name: str, expected: str | None, new: str | None) -> None:
-        """Compare-and-swap with S3 conditional writes (``If-None-Match``/``If-Match``)."""
+        """Compare-and-swap with S3 conditional writes (``If-None-Match``/``If-Match``),
+        conditioned on the ETag this process last saw holding ``expected`` (read
+        first only when it saw none); a lost condition is re-read, and retried when
+        the ref still holds ``expected`` (rewritten with the same value meanwhile)."""
         key = self.prefix + _REFS + check_key(name)
-        actual, etag = self._read_ref(name)
-        if actual != expected:
-            raise RefConflictError(name, expected, actual)
-        try:
-            if new is None:
-                if etag is not None:
+        with self._seen_lock:
+            seen = self._seen_refs.get(name)
+        etag = seen[1] if seen is not None and seen[0] == expected else None
+        if (expected is not None and etag is None) or (expected is None and new is None):
+            actual, etag = self._read_ref(name)
+            if actual != expected:
+                raise RefConflictError(name, expected, actual)
+            if actual is None and new is None:
+                return  # absent, as asked
+        for _ in range(_SWAP_ATTEMPTS):
+            try:
+                if new is None:
                     self._call("delete_object", name, Key=key, IfMatch=etag)
-            elif etag is None:
-                self._call("put_object", name, Key=key, Body=(new + "\n").encode(), IfNoneMatch="*")
-            else:
-                self._call("put_object", name, Key=key, Body=(new + "\n").encode(), IfMatch=etag)
-        except _PreconditionFailed:
-            raise RefConflictError(name, expected, self.read_ref(name)) from None
+                    self._remember(name, None, None)
+                else:
+                    condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+                    response = self._call("put_object", name, Key=key, Body=(new + "\n").encode(), **condition)
+                    self._remember(name, new, response.get("ETag"))
+                return
+            except (_PreconditionFailed, ObjectNotFoundError):  # changed (or deleted) since we saw it
+                actual, etag = self._read_ref(name)
+                if actual != expected:
+                    raise RefConflictError(name, expected, actual) from None
+        raise RefConflictError(name, expected, self.read_ref(name))  # rewritten with equal values, again and again
 
 
 class _PreconditionFailed(BackendError):

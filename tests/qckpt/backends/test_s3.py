@@ -53,8 +53,34 @@ def test_request_economy(s3_uri: str) -> None:
             repo.commit(_tree(tensors, tensors=tensors))
             counts.append({op: n - before.get(op, 0) for op, n in s3.requests.items() if n - before.get(op, 0)})
         puts = [c.get("put_object", 0) for c in counts]
-        assert puts[0] == puts[1] <= 6  # lock, pack, manifest, snapshot, ref (+ lock refresh margin)
-        assert sum(counts[1].values()) <= 14, counts[1]
+        assert puts[0] == puts[1] <= 6  # lock, pack, manifest, snapshot, ref log, ref
+        # + LIST locks, GET gc generation, GET head, DELETE lock: no read before a swap of a ref seen here
+        assert sum(counts[1].values()) <= 10, counts[1]
+
+
+def test_remembered_etags_never_make_a_swap_succeed_against_a_change_elsewhere(s3_uri: str) -> None:
+    """Two processes on one bucket: what one remembers of a ref the other changed
+    only saves requests; the conditional write still decides."""
+    bucket, prefix = parse_s3_uri(s3_uri)
+    here, there = S3Backend(bucket, prefix), S3Backend(bucket, prefix)
+    here.swap_ref("heads/x", None, "a")
+    assert there.read_ref("heads/x") == "a"
+    there.swap_ref("heads/x", "a", "b")
+    with pytest.raises(qckpt.RefConflictError) as info:  # here still remembers "a"
+        here.swap_ref("heads/x", "a", "c")
+    assert info.value.actual == "b"
+    assert here.list_refs("heads/") == {"heads/x": "b"} == there.list_refs("heads/")
+    there.swap_ref("heads/x", "b", "a")  # back to a value here once saw, under a new write
+    here.swap_ref("heads/x", "a", "d")
+    assert there.read_ref("heads/x") == "d"
+    there.swap_ref("heads/x", "d", None)
+    with pytest.raises(qckpt.RefConflictError):  # deleted elsewhere: here remembers "d"
+        here.swap_ref("heads/x", "d", "e")
+    here.swap_ref("heads/x", None, None)  # absent, as asked
+    assert here.read_ref("heads/x") is None
+    there.swap_ref("heads/y", None, "v")
+    with pytest.raises(qckpt.RefConflictError):  # "must be absent" against a ref made elsewhere
+        here.swap_ref("heads/y", None, None)
 
 
 def test_missing_bucket_fails_fast(s3_endpoint: str) -> None:
