@@ -66,18 +66,34 @@ def _endpoint(url: str | None) -> Iterator[str]:
 _HOLD_LOCK = textwrap.dedent(
     """
     import sys, time, qckpt
+    from qckpt.backends import LOCK_PREFIX, S3Backend
+    if sys.argv[5]:
+        S3Backend.lock_refresh_s, S3Backend.lock_stale_s = map(float, sys.argv[5].split(","))
     repo = qckpt.Repository.open(sys.argv[1], cache_dir=sys.argv[2], endpoint_url=sys.argv[4] or None)
     with repo.backend.lock(exclusive=sys.argv[3] == "exclusive"):
+        while sys.argv[6] and not repo.backend.list_refs(LOCK_PREFIX):
+            time.sleep(0.05)  # a shared holder announces itself after half its lease
         print("held", flush=True)
         time.sleep(3600)
     """
 )
 
 
-def kill_lock_holder(uri: str, cache_dir: Path, *, exclusive: bool, endpoint_url: str | None = None) -> None:
-    """Start a process that takes the writer lock of ``uri``, and SIGKILL it while it holds it."""
+def kill_lock_holder(
+    uri: str,
+    cache_dir: Path,
+    *,
+    exclusive: bool,
+    endpoint_url: str | None = None,
+    leases: tuple[float, float] | None = None,
+    announced: bool = False,
+) -> None:
+    """Start a process that takes the writer lock of ``uri`` (with ``leases`` =
+    (refresh_s, stale_s) if given), and SIGKILL it while it holds it; ``announced``:
+    once its lock ref exists (a shared holder creates one only after half its lease)."""
     mode = "exclusive" if exclusive else "shared"
-    args = [sys.executable, "-c", _HOLD_LOCK, uri, str(cache_dir), mode, endpoint_url or ""]
+    lease_arg = ",".join(map(str, leases)) if leases else ""
+    args = [sys.executable, "-c", _HOLD_LOCK, uri, str(cache_dir), mode, endpoint_url or "", lease_arg, "1" if announced else ""]
     holder = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None
     if holder.stdout.readline().strip() != "held":
@@ -89,7 +105,7 @@ def kill_lock_holder(uri: str, cache_dir: Path, *, exclusive: bool, endpoint_url
 
 def _stalls_after_kill(repo: qckpt.Repository, uri: str, endpoint: str, tmp: Path) -> dict[str, float]:
     """Seconds the next GC waits behind a killed committer, and the next commit behind a killed GC."""
-    kill_lock_holder(uri, tmp / "killed", exclusive=False, endpoint_url=endpoint)
+    kill_lock_holder(uri, tmp / "killed", exclusive=False, endpoint_url=endpoint, announced=True)
     t0 = time.perf_counter()
     repo.gc(qckpt.RetentionPolicy(keep_last=1000))
     gc_behind_killed_commit = time.perf_counter() - t0

@@ -507,6 +507,7 @@ class Repository:
     def log(self, *revisions: str, limit: int | None = None) -> list[Snapshot]:
         """Snapshots reachable from the revisions (default ``main``; all parents), newest
         first. Snapshots expired by garbage collection end their line of history."""
+        self._store.forget_expired()
         heads = [self.snapshot(r) for r in revisions or ("main",)]
         return history(self._store, heads, limit)
 

@@ -10,6 +10,7 @@ import pytest
 
 import qckpt
 from bench.s3server import CREDENTIALS, moto_server, new_bucket
+from qckpt.backends import S3Backend
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,10 +26,15 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server on loopback for the whole session; also exported as AWS_ENDPOINT_URL."""
+    """A moto S3 server on loopback for the whole session; also exported as AWS_ENDPOINT_URL.
+    S3 writer-lock leases in this process are shortened (every S3 garbage collection
+    waits out a lease, see ``qckpt.backends._reflock``); child processes keep the defaults."""
+    saved = S3Backend.lock_refresh_s, S3Backend.lock_stale_s
+    S3Backend.lock_refresh_s, S3Backend.lock_stale_s = 0.5, 3.0
     with moto_server() as url:
         os.environ["AWS_ENDPOINT_URL"] = url
         yield url
+    S3Backend.lock_refresh_s, S3Backend.lock_stale_s = saved
 
 
 @pytest.fixture

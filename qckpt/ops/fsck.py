@@ -48,6 +48,7 @@ def check_repository(store: Store, progress: Callable[[str, int, int], None] | N
     and every warm copy against its snapshot's manifest."""
     report_progress = progress or (lambda stage, done, total: None)
     report = FsckReport()
+    store.forget_expired()
     refs: dict[str, str] = {}
     for ref, value in {**store.backend.list_refs(BRANCH_PREFIX), **store.backend.list_refs(TAG_PREFIX)}.items():
         try:

@@ -81,7 +81,7 @@ from qckpt.store.refs import check_ref_name
 from qckpt.store.warm import WarmCopies, WarmRead
 
 # 2: delta and predictive codecs, pack footers with dependencies; 3: lossy-tier payloads; 4: warm copies
-REPOSITORY_VERSION = 4
+REPOSITORY_VERSION = 5
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_COMPRESSION_LEVEL = 1
 DEFAULT_MAX_CHAIN = 16
@@ -166,6 +166,7 @@ class Store:
         self.reader = ChunkReader(backend, self.locate, self.pool, refresh=self.rescan_packs)
         self.warm = WarmCopies(backend, self.pool)
         self._snapshots: dict[str, Snapshot] = {}
+        self._snapshots_generation: str | None = None  # the GC generation ``forget_expired`` last saw
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()  # see ``cached_manifest``
         self._rebuild_lock = threading.Lock()
         self._config_lock = threading.Lock()
@@ -364,6 +365,15 @@ class Store:
     def forget_snapshot(self, snapshot_id: str) -> None:
         """Drop a deleted snapshot from the cache (garbage collection)."""
         self._snapshots.pop(snapshot_id, None)
+
+    def forget_expired(self) -> None:
+        """Before walking history: drop the cached snapshot records if a garbage
+        collection ran (in this process or another) since they were read, so a
+        snapshot it expired is not taken for a stored one. One ref read."""
+        generation = self.backend.read_ref(GC_GENERATION_REF)
+        if generation != self._snapshots_generation:
+            self._snapshots = {}
+            self._snapshots_generation = generation
 
     def snapshot_ids(self) -> list[str]:
         """Ids of every snapshot stored, reachable or not."""
