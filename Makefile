@@ -1,5 +1,6 @@
 # `make demo` and `make test` each work on a fresh machine: they create .venv
-# and install everything first. torch is pinned so pip takes the CPU wheel.
+# and install everything first. torch is pinned so pip takes the CPU wheel, and
+# held there (constraints.txt) while packages that depend on it are installed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,ray]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray,hf]'
 	touch $(STAMP)
 
 demo: $(STAMP)
