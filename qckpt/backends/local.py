@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -26,6 +27,27 @@ from qckpt.errors import (
 )
 
 _REFS = REFS_NAMESPACE
+
+# Descriptors this process holds flocks through. A child made by fork (a DataLoader
+# worker, say) inherits them, and with them the locks, which would then last until
+# the child exits: it closes its copies at once (the parent's holders keep theirs).
+# Opening and registering a descriptor is atomic with respect to fork.
+_lock_fds: set[int] = set()
+_lock_fds_guard = threading.Lock()
+
+
+def _close_inherited_lock_fds() -> None:
+    for fd in _lock_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _lock_fds.clear()
+    _lock_fds_guard.release()  # taken by the forking thread before the fork
+
+
+os.register_at_fork(before=_lock_fds_guard.acquire, after_in_parent=_lock_fds_guard.release,
+                    after_in_child=_close_inherited_lock_fds)  # fmt: skip
 
 
 def _fsync_dir(path: Path) -> None:
@@ -167,14 +189,18 @@ class LocalBackend(Backend):
         """flock(2) on a dot-file under the root: released on exit and when the process dies."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT, 0o644)
+            with _lock_fds_guard:
+                fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                _lock_fds.add(fd)
         except OSError as e:
             raise BackendError(f"{self.uri}: cannot open lock file {name}: {e}") from e
         try:
             fcntl.flock(fd, mode)
             yield Lease()
         finally:
-            os.close(fd)  # closing releases the flock
+            with _lock_fds_guard:
+                _lock_fds.discard(fd)
+                os.close(fd)  # closing releases the flock (forked children closed their copies)
 
     def lock(self, *, exclusive: bool) -> AbstractContextManager[Lease]:
         return self._flock(".writers.lock", fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures.thread  # noqa: F401  (its exit hook must be registered before ours)
 import logging
+import os
 import queue
 import threading
 import weakref
@@ -159,3 +160,6 @@ def _flush_at_exit() -> None:
 # before ``atexit`` ones; commits need the pool, so flush from such a hook, registered
 # after concurrent.futures' (hooks run last-registered first). Private API, hence the fallback.
 getattr(threading, "_register_atexit", atexit.register)(_flush_at_exit)
+# A child made by fork (a DataLoader worker, say) has no writer threads: the writers,
+# and their queued commits, are the parent's, so the child's exit must not wait for them.
+os.register_at_fork(after_in_child=_open_writers.clear)

@@ -3,6 +3,7 @@ move a branch past them, bounded memory, flush on close, CUDA staging."""
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
 import threading
@@ -165,3 +166,24 @@ def test_interpreter_exit_flushes_pending_commits(tmp_path: Path) -> None:
     with qckpt.Repository.open(tmp_path / "repo") as repo:
         assert [s.step for s in repo.log()] == [4, 3, 2, 1, 0]
         assert torch.equal(repo.load("main")["w"], torch.full((100_000,), 4.0)) and repo.fsck().ok
+
+
+def _exit_quietly() -> None:
+    pass
+
+
+def test_a_forked_child_exits_without_waiting_for_the_parents_commits(tmp_path: Path) -> None:
+    """DataLoader workers are forked from the training process: at exit they must not
+    wait for commits queued in the parent, whose writer thread they do not have."""
+    with qckpt.Repository.init(tmp_path / "repo") as repo:
+        writing = threading.Event()
+        repo._writer.submit(writing.wait)  # the parent's writer is busy: a commit is queued
+        try:
+            child = multiprocessing.get_context("fork").Process(target=_exit_quietly)
+            child.start()
+            child.join(20)
+            assert child.exitcode == 0, "the forked child waited for the parent's commits at exit"
+        finally:
+            writing.set()
+            if child.is_alive():
+                child.kill()
