@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray,hf]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray,hf,lightning]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -86,7 +86,9 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def _module_problems(name: str, live: dict[str, Any], stored: Any) -> list[str]:
+def module_problems(name: str, live: dict[str, Any], stored: Any) -> list[str]:
+    """Every way ``stored`` (a state dict as committed, tensors as ``TensorEntry``) does
+    not fit a module whose ``state_dict()`` is ``live``, one line per key."""
     if not isinstance(stored, dict):
         return [f"{name}: snapshot holds {_describe(stored)}, live object is a module"]
     problems = [f"{name}/{k}: missing from the snapshot" for k in live if k not in stored]
@@ -324,7 +326,7 @@ class TrainingState:
             if name not in comps:
                 continue
             if isinstance(component, torch.nn.Module):
-                problems += _module_problems(name, component.state_dict(), comps[name])
+                problems += module_problems(name, component.state_dict(), comps[name])
             elif isinstance(component, torch.optim.Optimizer):
                 stored_class = stored.get("classes", {}).get(name)  # snapshots before classes were recorded: None
                 if stored_class is not None and stored_class != _class_name(component):

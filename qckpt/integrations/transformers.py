@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from qckpt.errors import InvalidInputError, RepositoryNotFoundError, RevisionNotFoundError, StateMismatchError
-from qckpt.format.tree import decode_tree
+from qckpt.errors import InvalidInputError, RevisionNotFoundError, StateMismatchError
+from qckpt.integrations import check_module, open_or_init
 from qckpt.repository import Repository
 from qckpt.state import Lineage, Stateful, TrainingState
 from qckpt.store.refs import check_ref_name
@@ -76,7 +76,7 @@ class QckptCallback(TrainerCallback):
         check_ref_name(branch)
         if scaler is not None and not isinstance(scaler, Stateful):
             raise InvalidInputError(f"scaler must have state_dict()/load_state_dict(), got {type(scaler).__qualname__}")
-        self.repo = repository if isinstance(repository, Repository) else _open_or_init(repository)
+        self.repo = open_or_init(repository)
         self.branch, self.every, self.scaler = branch, every, scaler
         self._model: torch.nn.Module | None = None
         self._live: TrainingState | None = None
@@ -99,21 +99,14 @@ class QckptCallback(TrainerCallback):
             if missing_ok:
                 return None
             raise
-        manifest = self.repo.manifest(snap)
-        stored = decode_tree(manifest.tree, lambda i: manifest.tensors[i])
-        extras = stored.get("extras") if isinstance(stored, dict) else None
-        if not isinstance(extras, dict) or _TRAINER_STATE not in extras or "model" not in stored.get("components", {}):
+        tree = self.repo.load(snap.id).tree()
+        extras = tree.get("extras") if isinstance(tree, dict) else None
+        if not isinstance(extras, dict) or _TRAINER_STATE not in extras or "model" not in tree.get("components", {}):
             raise StateMismatchError(
                 f"snapshot {snap.short_id} cannot resume a Trainer:", ["it was not committed by QckptCallback"]
             )
         if self._model is not None:
-            model_only = {**stored, "components": {"model": stored["components"]["model"]}}
-            problems = TrainingState(model=self._model, rng=False).problems(model_only)
-            if problems:
-                raise StateMismatchError(
-                    f"snapshot {snap.short_id} does not fit the Trainer's model; nothing was written:", problems
-                )
-        tree = self.repo.load(snap.id).tree()
+            check_module(self.repo, snap, ("components", "model"), self._model, "Trainer's model", "model")
         folder = tempfile.mkdtemp(prefix=f"qckpt-{snap.short_id}-")
         self._folders.append(folder)
         components = tree["components"]
@@ -175,13 +168,6 @@ class QckptCallback(TrainerCallback):
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}  # fmt: skip
         self.repo.commit_async(self._live, branch=self.branch, metrics=numbers, message=_summary(state))
         self._committed_step = state.global_step
-
-
-def _open_or_init(location: str | os.PathLike[str]) -> Repository:
-    try:
-        return Repository.open(location)
-    except RepositoryNotFoundError:
-        return Repository.init(location)
 
 
 def _trainer_rng(rng: dict[str, Any]) -> dict[str, Any]:

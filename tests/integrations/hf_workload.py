@@ -1,6 +1,6 @@
 """A small Hugging Face Trainer run for the integration tests: a GPT-2 built from a
 config (random init, dropout 0.1), trained on bytes of the standard library's own
-source, shuffled, evaluated every 3 steps. Run as a script, one mode per process:
+source, shuffled, evaluated every 6 steps. Run as a script, one mode per process:
 
     python -m tests.integrations.hf_workload MODE WORKERS DIR
 
@@ -54,7 +54,7 @@ def trainer(out: Path, workers: int, callbacks: list[TrainerCallback], *, hf_sav
     model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=n_embd, n_layer=2, n_head=2))
     args = TrainingArguments(
         str(out / "hf"), max_steps=MAX_STEPS, per_device_train_batch_size=4, learning_rate=1e-3, seed=1,
-        eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=8, logging_steps=2,
+        eval_strategy="steps", eval_steps=6, per_device_eval_batch_size=8, logging_steps=2,
         save_strategy="steps" if hf_saves else "no", save_steps=1, dataloader_num_workers=workers,
         use_cpu=True, report_to=[], disable_tqdm=True,
     )  # fmt: skip
