@@ -4,9 +4,6 @@ checkpoint files are not; ckpt_path names revisions or saved paths; typed errors
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,21 +15,11 @@ pytest.importorskip("torchdata")
 import qckpt  # noqa: E402
 from qckpt.integrations.lightning import QckptCheckpointIO  # noqa: E402
 from tests.integrations.lightning_workload import MAX_STEPS, fit  # noqa: E402
-
-ROOT = Path(__file__).parents[2]
+from tests.integrations.workloads import max_difference, run_workload  # noqa: E402
 
 
 def _run(mode: str, workers: int, out: Path) -> dict[str, torch.Tensor]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "tests.integrations.lightning_workload", mode, str(workers), str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out / f"{mode}.pt")
-
-
-def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    return run_workload("lightning_workload", mode, workers, out)
 
 
 @pytest.mark.slow
@@ -41,7 +28,7 @@ def test_resume_in_a_new_process_equals_the_uninterrupted_run(tmp_path: Path, wo
     uninterrupted = _run("full", workers, tmp_path)
     _run("stop", workers, tmp_path)  # ends after step 6 of 16 in the epoch
     resumed = _run("resume", workers, tmp_path)
-    assert _max_difference(uninterrupted, resumed) == 0.0
+    assert max_difference(uninterrupted, resumed) == 0.0
     with qckpt.Repository.open(tmp_path / "repo") as repo:
         history = repo.log()
         assert [s.step for s in history] == list(range(MAX_STEPS, 0, -1))  # one line: the resume continued it
@@ -49,7 +36,7 @@ def test_resume_in_a_new_process_equals_the_uninterrupted_run(tmp_path: Path, wo
         assert repo.fsck().ok
     if workers == 0:  # the baseline, same run: Lightning's own files restore no RNG stream
         _run("pl-stop", workers, tmp_path)
-        assert _max_difference(uninterrupted, _run("pl-resume", workers, tmp_path)) > 0
+        assert max_difference(uninterrupted, _run("pl-resume", workers, tmp_path)) > 0
 
 
 def test_ckpt_path_names_revisions_and_saved_paths(tmp_path: Path) -> None:

@@ -5,8 +5,6 @@ run; wrong revisions and mismatched models get qckpt's typed errors."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,21 +15,11 @@ pytest.importorskip("transformers", reason="the qckpt[hf] extra is not installed
 import qckpt  # noqa: E402
 from qckpt.integrations.transformers import QckptCallback  # noqa: E402
 from tests.integrations.hf_workload import MAX_STEPS, STOP_AT, trainer  # noqa: E402
-
-ROOT = Path(__file__).parents[2]
+from tests.integrations.workloads import max_difference, run_workload  # noqa: E402
 
 
 def _run(mode: str, workers: int, out: Path) -> dict[str, torch.Tensor]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "tests.integrations.hf_workload", mode, str(workers), str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out / f"{mode}.pt")
-
-
-def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    return run_workload("hf_workload", mode, workers, out)
 
 
 @pytest.mark.slow
@@ -42,7 +30,7 @@ def test_resume_in_a_new_process_equals_the_uninterrupted_run(tmp_path: Path, wo
     with qckpt.Repository.open(tmp_path / "repo") as repo:
         assert [s.step for s in repo.log()] == list(range(STOP_AT, 0, -1))
     resumed = _run("resume", workers, tmp_path)
-    assert _max_difference(uninterrupted, resumed) == 0.0
+    assert max_difference(uninterrupted, resumed) == 0.0
     with qckpt.Repository.open(tmp_path / "repo") as repo:
         history = repo.log()
         assert [s.step for s in history] == list(range(MAX_STEPS, 0, -1))  # one line: the resume continued it
@@ -61,7 +49,7 @@ def test_resuming_without_the_rng_diverges(tmp_path: Path) -> None:
     assert folder is not None
     os.remove(os.path.join(folder, "rng_state.pth"))
     run.train(resume_from_checkpoint=folder)
-    assert _max_difference(uninterrupted, run.model.state_dict()) > 0
+    assert max_difference(uninterrupted, run.model.state_dict()) > 0
     assert not os.path.exists(folder)  # removed when training ended
 
 
