@@ -46,6 +46,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from qckpt.errors import InvalidInputError, RevisionNotFoundError, StateMismatchError
+from qckpt.format.tree import decode_tree
 from qckpt.integrations import check_module, open_or_init
 from qckpt.repository import Repository
 from qckpt.state import Lineage, Stateful, TrainingState
@@ -99,14 +100,16 @@ class QckptCallback(TrainerCallback):
             if missing_ok:
                 return None
             raise
-        tree = self.repo.load(snap.id).tree()
-        extras = tree.get("extras") if isinstance(tree, dict) else None
-        if not isinstance(extras, dict) or _TRAINER_STATE not in extras or "model" not in tree.get("components", {}):
+        manifest = self.repo.manifest(snap)
+        stored = decode_tree(manifest.tree, lambda i: manifest.tensors[i])  # the structure, no tensor read yet
+        extras = stored.get("extras") if isinstance(stored, dict) else None
+        if not isinstance(extras, dict) or _TRAINER_STATE not in extras or "model" not in stored.get("components", {}):
             raise StateMismatchError(
                 f"snapshot {snap.short_id} cannot resume a Trainer:", ["it was not committed by QckptCallback"]
             )
         if self._model is not None:
             check_module(self.repo, snap, ("components", "model"), self._model, "Trainer's model", "model")
+        tree = self.repo.load(snap.id).tree()
         folder = tempfile.mkdtemp(prefix=f"qckpt-{snap.short_id}-")
         self._folders.append(folder)
         components = tree["components"]
