@@ -30,7 +30,7 @@ def s3_endpoint() -> Iterator[str]:
     S3 writer-lock leases in this process are shortened (every S3 garbage collection
     waits out a lease, see ``qckpt.backends._reflock``); child processes keep the defaults."""
     saved = S3Backend.lock_refresh_s, S3Backend.lock_stale_s
-    S3Backend.lock_refresh_s, S3Backend.lock_stale_s = 0.5, 3.0
+    S3Backend.lock_refresh_s, S3Backend.lock_stale_s = 0.5, 4.0  # leases of 3 s, robust on a busy machine
     with moto_server() as url:
         os.environ["AWS_ENDPOINT_URL"] = url
         yield url
