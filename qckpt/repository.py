@@ -441,7 +441,9 @@ class Repository:
         commit's deltas). The state's next commit has the restored snapshot as
         parent (see ``commit``). Returns the restored snapshot.
         """
-        snap = self.snapshot(revision)  # waits for pending commits: the revision may name them
+        snapshot_id = self.resolve(revision)  # waits for pending commits: the revision may name them
+        fetched = None if self._hot.get(snapshot_id) is not None else self._store.prefetch_warm(snapshot_id)
+        snap = self._store.snapshot(snapshot_id)
         manifest = self._store.cached_manifest(snap)
         problems = state.problems(decode_tree(manifest.tree, lambda i: manifest.tensors[i]))
         if problems:
@@ -457,7 +459,9 @@ class Repository:
         from_hot = copies is not None
         pristine = None
         if copies is None:  # from storage; the hot tier gets pristine buffers nobody writes
-            read = self._store.read_buffers(snap, entries, pristine=self._hot.max_snapshots > 0, only_read=only_read)
+            read = self._store.read_buffers(
+                snap, entries, pristine=self._hot.max_snapshots > 0, only_read=only_read, fetched=fetched
+            )
             copies, pristine = read.writable, read.pristine
         tree = decode_tree(manifest.tree, lambda i: as_value(copies[i], entries[i]))
         state.load(tree)

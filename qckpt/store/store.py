@@ -33,14 +33,14 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qckpt.backends import Backend, Lease
+from qckpt.backends import Backend, Lease, MappedBlob
 from qckpt.errors import (
     AlreadyExistsError,
     AmbiguousRevisionError,
@@ -550,7 +550,13 @@ class Store:
         return [as_value(b, e) for b, e in zip(self.read_buffers(snapshot, entries).writable, entries)]
 
     def read_buffers(
-        self, snapshot: Snapshot, entries: list[TensorEntry], *, pristine: bool = False, only_read: Sequence[bool] | None = None
+        self,
+        snapshot: Snapshot,
+        entries: list[TensorEntry],
+        *,
+        pristine: bool = False,
+        only_read: Sequence[bool] | None = None,
+        fetched: Future[MappedBlob] | None = None,
     ) -> ReadBuffers:
         """``read_arrays``, as flat uint8 buffers (``pristine`` ones too, see
         ``ReadBuffers``). From the snapshot's warm copy when it has a sound one and
@@ -562,8 +568,9 @@ class Store:
         buffer itself, or a copy-on-write mapping. Without ``only_read`` every
         writable buffer may be a copy-on-write mapping (pages copied when first
         written); with it, the others are copied now, so their first writes do
-        not pay page by page."""
-        warm = self._read_warm(snapshot, entries)
+        not pay page by page. ``fetched``: the snapshot's warm copy, already being got
+        (``prefetch_warm``)."""
+        warm = self._read_warm(snapshot, entries, fetched)
         if warm is not None:
             if only_read is None:
                 return ReadBuffers(warm.private(), warm.arrays if pristine else None, True)
@@ -587,10 +594,16 @@ class Store:
             return True
         return 2 * sum(e.nbytes for e in entries) >= sum(e.nbytes for e in self.cached_manifest(snapshot).tensors)
 
-    def _read_warm(self, snapshot: Snapshot, entries: list[TensorEntry]) -> WarmRead | None:
+    def prefetch_warm(self, snapshot_id: str) -> Future[MappedBlob] | None:
+        """For a caller about to read every tensor of ``snapshot_id``: start downloading
+        its warm copy now, overlapping the record reads, where the backend is remote
+        (a local one maps the file when read). None where there is nothing to gain."""
+        return self.warm.fetch(snapshot_id) if self.backend.capabilities.local_dir is None else None
+
+    def _read_warm(self, snapshot: Snapshot, entries: list[TensorEntry], fetched: Future[MappedBlob] | None = None) -> WarmRead | None:
         if not self._warm_pays(snapshot, entries):
             return None
-        return self.warm.read(snapshot, self.cached_manifest(snapshot), entries)
+        return self.warm.read(snapshot, self.cached_manifest(snapshot), entries, fetched)
 
     def _warm_base(self, snapshot: Snapshot, entries: list[TensorEntry]) -> dict[bytes, memoryview]:
         """Verified chunks of the nearest first-parent ancestor that has a warm copy

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import numpy as np
 
-from qckpt.backends import Backend
+from qckpt.backends import Backend, MappedBlob
 from qckpt.errors import IntegrityError, ObjectNotFoundError
 from qckpt.format.records import Manifest, Snapshot, TensorEntry
 from qckpt.format.warm import WARM_TRAILER_SIZE, build_warm, check_warm_trailer, verify_warm
@@ -63,11 +63,14 @@ class WarmCopies:
         self._backend.put_cache(warm_key(snapshot.id), blob)  # a cache: no fsync (a torn copy fails verification)
         return len(blob)
 
-    def read(self, snapshot: Snapshot, manifest: Manifest, wanted: Sequence[TensorEntry]) -> WarmRead | None:
-        """The ``wanted`` tensors of ``snapshot`` from its warm copy, verified; None if it
-        has none, or if the copy is damaged (logged: the caller reads the packs)."""
+    def read(
+        self, snapshot: Snapshot, manifest: Manifest, wanted: Sequence[TensorEntry], fetched: Future[MappedBlob] | None = None
+    ) -> WarmRead | None:
+        """The ``wanted`` tensors of ``snapshot`` from its warm copy (``fetched``, if
+        ``fetch`` started getting it), verified; None if it has none, or if the copy is
+        damaged (logged: the caller reads the packs)."""
         try:
-            blob = self._backend.map(warm_key(snapshot.id))
+            blob = fetched.result() if fetched is not None else self._backend.map(warm_key(snapshot.id))
         except ObjectNotFoundError:
             return None
         try:
@@ -76,6 +79,11 @@ class WarmCopies:
             _log.warning("the warm copy of snapshot %s is damaged, reading its packs instead: %s", snapshot.short_id, e)
             return None
         return WarmRead(_arrays(blob.view, offsets, wanted), lambda: _arrays(blob.private(), offsets, wanted))
+
+    def fetch(self, snapshot_id: str) -> Future[MappedBlob]:
+        """Start getting the warm copy of ``snapshot_id`` in the background (for ``read``),
+        so a remote download overlaps reading the snapshot's records."""
+        return self._pool.submit(self._backend.map, warm_key(snapshot_id))
 
     def verify(self, snapshot: Snapshot, manifest: Manifest) -> None:
         """Check the whole warm copy of ``snapshot`` (``IntegrityError`` if damaged;

@@ -207,6 +207,15 @@ def test_s3_restore_downloads_the_warm_copy(s3_uri: str, tmp_path: Path) -> None
         repo.restore(fresh.state)
         assert s3.requests.get("get_object", 0) - before == 2  # the ref and the warm copy (manifest cached): no pack
     assert _same(_tensors(fresh), _tensors(trainer))
+    with qckpt.Repository.open(s3_uri, cache_dir=tmp_path / "second") as repo:  # the download overlaps the records'
+        s3 = repo.backend.inner  # type: ignore[attr-defined]
+        repo.restore(fresh.state)
+        assert s3.requests.get("get_object", 0) == 5  # config, ref, snapshot, manifest, warm copy: fetched once
+        repo.backend.delete(f"warm/{repo.resolve('main')}")
+    third = Trainer("tiny", total_steps=50, seed=7)
+    with qckpt.Repository.open(s3_uri, cache_dir=tmp_path / "third") as repo:
+        repo.restore(third.state)  # the prefetch finds no copy: the packs serve
+    assert _same(_tensors(third), _tensors(trainer))
 
 
 def test_old_repositories_gain_the_warm_tier_on_their_next_commit(tmp_path: Path) -> None:
