@@ -116,6 +116,8 @@ class BackendConformance:
         assert self.raw_get(backend, "warm/a") == b"first"
         backend.put_cache("warm/a", bytearray(b"second value"))
         assert backend.get("warm/a") == b"second value" and backend.list("warm/") == ["warm/a"]
+        backend.put_cache("warm/a", [b"in ", bytearray(b"three "), memoryview(b"parts")])  # stored back to back
+        assert self.raw_get(backend, "warm/a") == b"in three parts"
 
 
     def test_map_reads_the_whole_value_and_private_copies_stay_private(self, backend: Backend) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
 from qckpt.backends._reflock import Lease, ref_lock
 from qckpt.errors import InvalidInputError
@@ -36,6 +36,9 @@ class Capabilities:
     def __post_init__(self) -> None:
         if (self.index == "local") != (self.local_dir is not None):
             raise ValueError("local_dir is required for, and only for, index='local'")
+
+
+Buffer = Union[bytes, bytearray, memoryview]
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,13 @@ class Backend(ABC):
         A range reaching past the end of the value returns fewer bytes (callers verify).
         """
 
-    def put_cache(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def put_cache(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
         """``put`` for data that is a cache (verified when read, rebuilt or done without
         when missing): readers still see all of it or nothing, but it need not
-        survive a power loss. This default is ``put``; the local backend skips the
-        fsyncs."""
-        self.put(key, data)
+        survive a power loss. ``data`` may be a sequence of buffers, stored back to
+        back. This default joins them and calls ``put``; the local backend writes
+        them one after another and skips the fsyncs."""
+        self.put(key, data if isinstance(data, (bytes, bytearray, memoryview)) else b"".join(data))
 
     def map(self, key: str) -> MappedBlob:
         """The whole value under ``key`` in memory (see ``MappedBlob``). This default

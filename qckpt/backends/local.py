@@ -13,11 +13,11 @@ import mmap
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from qckpt.backends._base import REFS_NAMESPACE, Backend, Capabilities, MappedBlob, check_blob_key, check_key
+from qckpt.backends._base import REFS_NAMESPACE, Backend, Buffer, Capabilities, MappedBlob, check_blob_key, check_key
 from qckpt.backends._reflock import Lease
 from qckpt.errors import (
     AlreadyExistsError,
@@ -74,14 +74,17 @@ class LocalBackend(Backend):
     def _path(self, key: str) -> Path:
         return self.root / check_blob_key(key)
 
-    def _write_atomic(self, path: Path, data: bytes | bytearray | memoryview, *, exclusive: bool, durable: bool = True) -> None:
+    def _write_atomic(self, path: Path, data: Buffer | Sequence[Buffer], *, exclusive: bool, durable: bool = True) -> None:
+        """Write ``data`` (one buffer, or several back to back) to a temporary file, then
+        rename (or link, ``exclusive``) it into place; ``durable``: fsync file and directory."""
         tmp_dir = self.root / ".tmp"
         try:
             tmp_dir.mkdir(parents=True, exist_ok=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = tmp_dir / uuid.uuid4().hex
             with open(tmp, "wb") as f:
-                f.write(data)
+                for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                    f.write(part)
                 f.flush()
                 if durable:
                     os.fsync(f.fileno())
@@ -103,7 +106,7 @@ class LocalBackend(Backend):
     def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
         self._write_atomic(self._path(key), data, exclusive=exclusive)
 
-    def put_cache(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def put_cache(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
         self._write_atomic(self._path(key), data, exclusive=False, durable=False)
 
     @contextmanager

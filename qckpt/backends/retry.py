@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import TypeVar
 
-from qckpt.backends._base import Backend, MappedBlob
+from qckpt.backends._base import Backend, Buffer, MappedBlob
 from qckpt.backends._reflock import Lease
 from qckpt.errors import AlreadyExistsError, ObjectNotFoundError, RefConflictError, TransientBackendError
 
@@ -71,7 +71,7 @@ class RetryingBackend(Backend):
 
         self._retry("put", attempt)
 
-    def put_cache(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def put_cache(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
         self._retry("put_cache", lambda retried: self.inner.put_cache(key, data))
 
     def get(self, key: str) -> bytes:

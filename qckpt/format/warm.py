@@ -43,19 +43,23 @@ def warm_layout(entries: Sequence[TensorEntry]) -> tuple[list[int], int]:
     return offsets, end
 
 
-def build_warm(manifest_id: str, entries: Sequence[TensorEntry], arrays: Mapping[str, np.ndarray]) -> bytearray:
-    """The warm copy of a snapshot whose manifest (``manifest_id``) lists ``entries``;
-    ``arrays`` holds each entry's raw bytes (flat uint8) by path."""
+def build_warm(manifest_id: str, entries: Sequence[TensorEntry], arrays: Mapping[str, np.ndarray]) -> list[memoryview]:
+    """The warm copy of a snapshot whose manifest (``manifest_id``) lists ``entries``, as
+    parts to store back to back (the tensors' own buffers, zero padding, the trailer:
+    nothing is copied); ``arrays`` holds each entry's raw bytes (flat uint8) by path."""
     offsets, body = warm_layout(entries)
-    blob = bytearray(body + WARM_TRAILER_SIZE)
-    view = np.frombuffer(blob, dtype=np.uint8)
+    parts, end = [], 0
     for entry, offset in zip(entries, offsets):
         data = arrays[entry.path]
         if data.nbytes != entry.nbytes:
             raise ValueError(f"{entry.path}: {data.nbytes} bytes staged, the manifest lists {entry.nbytes}")
-        view[offset : offset + entry.nbytes] = data.reshape(-1).view(np.uint8)
-    blob[body:] = bytes.fromhex(manifest_id) + _LENGTH.pack(body) + WARM_MAGIC
-    return blob
+        if offset > end:
+            parts.append(memoryview(bytes(offset - end)))
+        if entry.nbytes:
+            parts.append(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+        end = offset + entry.nbytes
+    parts.append(memoryview(bytes.fromhex(manifest_id) + _LENGTH.pack(body) + WARM_MAGIC))
+    return parts
 
 
 def check_warm_trailer(trailer: bytes | memoryview, size: int, manifest_id: str, entries: Sequence[TensorEntry]) -> list[int]:

@@ -59,9 +59,9 @@ class WarmCopies:
     def write(self, snapshot: Snapshot, entries: Sequence[TensorEntry], arrays: Mapping[str, np.ndarray]) -> int:
         """Store the warm copy of ``snapshot`` (whose manifest lists ``entries``; ``arrays``
         holds their raw bytes by path, as committed). Returns the bytes written."""
-        blob = build_warm(snapshot.manifest, entries, arrays)
-        self._backend.put_cache(warm_key(snapshot.id), blob)  # a cache: no fsync (a torn copy fails verification)
-        return len(blob)
+        parts = build_warm(snapshot.manifest, entries, arrays)
+        self._backend.put_cache(warm_key(snapshot.id), parts)  # a cache: no fsync (a torn copy fails verification)
+        return sum(p.nbytes for p in parts)
 
     def read(
         self, snapshot: Snapshot, manifest: Manifest, wanted: Sequence[TensorEntry], fetched: Future[MappedBlob] | None = None

@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -403,3 +405,21 @@ def test_flush_on_signal_refuses_what_it_cannot_handle(path: Path) -> None:
         thread.start()
         thread.join()
         assert len(refused) == 1  # only the main thread may install handlers
+
+
+def test_writing_a_warm_copy_does_not_assemble_it_in_memory(tmp_path: Path) -> None:
+    """The copy is written from the staged tensors' own buffers: no state-sized buffer
+    is allocated on the writer thread."""
+    with qckpt.Repository.init(tmp_path / "repo", warm=False) as repo:
+        snap = repo.commit({"w": torch.arange(1 << 20, dtype=torch.float32), "b": torch.ones(3)})
+        entries = list(repo.manifest(snap).tensors)
+        view = repo.load(snap.id)
+        arrays = {e.path: view[e.path].numpy().reshape(-1).view(np.uint8) for e in entries}
+        tracemalloc.start()
+        try:
+            written = repo._store.warm.write(snap, entries, arrays)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert written > 4 << 20 and peak < 1 << 20, peak
+        assert repo._store.read_buffers(snap, entries).warm  # and it is a sound copy
