@@ -109,8 +109,8 @@ def ref_lock(backend: Backend, *, exclusive: bool, refresh_s: float, stale_s: fl
 
 class _RefLock:
     """One holder's side of the protocol in the module docstring. Not thread-safe:
-    ``acquire`` and ``release`` on the holder's thread, ``announce``/``renew`` on
-    its heartbeat thread, never concurrently with each other."""
+    ``acquire`` and ``release`` on the holder's thread, ``renew`` (which also
+    announces an unannounced holder) on its heartbeat thread, never concurrently."""
 
     def __init__(self, backend: Backend, exclusive: bool, refresh_s: float, stale_s: float, max_poll_s: float) -> None:
         self.backend, self.exclusive = backend, exclusive
