@@ -20,7 +20,7 @@ where no per-strategy peak is measured), ``max_abs_diff_vs_sequential``
 (largest parameter difference at the horizon, over every future and tensor);
 ``chosen``: the scheduler's pick per K from its probe.
 
-``pruning``: the light cone's events in the spike benchmark's injected
+``pruning`` (null with ``--seeds 0``): the light cone's events in the spike benchmark's injected
 scenarios (``bench.spike``, its seeds, full rollouts), each replayed through
 ``branch.pruning`` as a run with ``ConeConfig(pruning=Pruning())`` would cut
 it (a future's first rung steps are the same either way, so its prefix is the
@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--horizon", type=int, default=20)
     parser.add_argument("--device", default="cpu", help="where the live run trains: cpu, cuda, cuda:1 ...")
-    parser.add_argument("--seeds", type=int, default=3, help="spike-benchmark seeds replayed for the pruning figures")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="spike-benchmark seeds replayed for the pruning figures (0: skip them; they train on the CPU)")
     parser.add_argument("--json", type=Path, help="also write the results here")
 
 
@@ -160,9 +161,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"K={k:2d} H={horizon}: ray {m['steps_per_s']:.1f} steps/s, max |diff| {m['max_abs_diff_vs_sequential']:.2e}, "
                   f"{m['overhead_s_per_job']:.2f} s more per job than sequential", flush=True)  # fmt: skip
         ray.shutdown()
-    pruning = pruning_figures(120 if args.quick else 300, 1 if args.quick else args.seeds)
-    print(f"pruning over {pruning['events']} spike-benchmark events: saves {pruning['compute_saved']:.0%} of rollout "
-          f"compute, same winner in {pruning['same_winner_rate']:.0%}, forecast MAE {pruning['forecast_mae']:.3f}")
+    pruning = pruning_figures(120 if args.quick else 300, 1 if args.quick else args.seeds) if args.seeds else None
+    if pruning is None:
+        print("pruning figures skipped (--seeds 0)")
+    else:
+        print(f"pruning over {pruning['events']} spike-benchmark events: saves {pruning['compute_saved']:.0%} of rollout "
+              f"compute, same winner in {pruning['same_winner_rate']:.0%}, forecast MAE {pruning['forecast_mae']:.3f}")
     results = {"model": args.size, "horizon": horizon, "device": str(workload.device),
                "strategies": strategies, "chosen": chosen, "pruning": pruning}  # fmt: skip
     if args.json:
