@@ -17,7 +17,14 @@ figures are training throughput). Reported per strategy and K:
 ``steps_per_s`` (future-steps per second, K*H over the wall time),
 ``peak_mem_bytes`` (CUDA peak allocation when on a GPU; null on the CPU,
 where no per-strategy peak is measured), ``max_abs_diff_vs_sequential``
-(largest parameter difference at the horizon, over every future and tensor);
+(largest parameter difference at the horizon, over every future and tensor),
+``max_rel_diff_vs_sequential`` (largest over the futures of ``‖a − b‖ / ‖a‖``
+over all of a future's parameters); ``sequential`` entries add
+``kernel_swap_abs_diff`` and ``kernel_swap_rel_diff``: the same differences
+between the sequential futures and the same futures trained again with
+attention on SDPA's math kernel, the floor a change of kernels alone (a
+floating-point reassociation, nothing else) reaches at this horizon: a
+batched difference of that order is reassociation, one far above it a bug;
 ``chosen``: the scheduler's pick per K from its probe.
 
 ``pruning`` (null with ``--seeds 0``): the light cone's events in the spike benchmark's injected
@@ -44,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import qckpt
 from bench.spike import EVAL_COST, Workload, train_cone, warm_cone, worker_run
@@ -136,8 +144,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         speed, peak, models = measure(workload, k, horizon, executor, args.size)
         walls[name, k] = time.perf_counter() - started
         references.setdefault(k, models)  # sequential runs first
-        diff = max(float((a[n] - b[n]).abs().max()) for a, b in zip(references[k], models) for n in a)
-        strategies[name][k] = {"steps_per_s": speed, "peak_mem_bytes": peak, "max_abs_diff_vs_sequential": diff}
+        diff, relative = differences(references[k], models)
+        strategies[name][k] = {"steps_per_s": speed, "peak_mem_bytes": peak, "max_abs_diff_vs_sequential": diff,
+                               "max_rel_diff_vs_sequential": relative}  # fmt: skip
+        if name == "sequential":  # the same futures, attention on SDPA's math kernel: what a kernel swap alone moves
+            with sdpa_kernel([SDPBackend.MATH]):
+                swapped = measure(workload, k, horizon, SequentialRollouts(), args.size)[2]
+            strategies[name][k]["kernel_swap_abs_diff"], strategies[name][k]["kernel_swap_rel_diff"] = differences(models, swapped)
         return strategies[name][k]
 
     gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -150,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             scheduler = RolloutScheduler(step)
             chosen[k], why = scheduler.choose(_cone(repo, workload, scheduler), k)
         print(f"K={k:2d} H={horizon}: sequential {seq['steps_per_s']:.1f} steps/s, batched {bat['steps_per_s']:.1f} steps/s "
-              f"({bat['steps_per_s'] / seq['steps_per_s']:.2f}x), max |diff| {bat['max_abs_diff_vs_sequential']:.2e}; "
+              f"({bat['steps_per_s'] / seq['steps_per_s']:.2f}x), max |diff| {bat['max_abs_diff_vs_sequential']:.2e} (relative {bat['max_rel_diff_vs_sequential']:.1e}, a kernel swap alone {seq['kernel_swap_rel_diff']:.1e}); "
               f"chosen {chosen[k]} ({why})", flush=True)  # fmt: skip
     ray = _start_ray() if workload.device.type == "cpu" else None  # Ray workers build CPU runs
     if ray is not None:  # after the others: an idle Ray instance still takes some CPU
@@ -173,6 +186,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
     return results
+
+
+def differences(reference: list[dict[str, Any]], models: list[dict[str, Any]]) -> tuple[float, float]:
+    """(largest absolute parameter difference, largest relative one ``‖a − b‖ / ‖a‖``)
+    over the futures of two runs."""
+    biggest = max(float((a[n] - b[n]).abs().max()) for a, b in zip(reference, models) for n in a)
+    relative = max(math.sqrt(sum(float((a[n].double() - b[n].double()).square().sum()) for n in a)
+                             / sum(float(a[n].double().square().sum()) for n in a))
+                   for a, b in zip(reference, models))  # fmt: skip
+    return biggest, relative
 
 
 def pruning_figures(steps: int, seeds: int, rule: Pruning | None = None) -> dict[str, Any]:

@@ -9,7 +9,11 @@ once. Each copy keeps its own optimizer (a real ``torch.optim`` object whose
 parameters are views into the stacked tensors), scheduler, batch source,
 controls and step counter, so per-copy learning rates, weight decay, clipping,
 skipped or reseeded batches all hold; the global-norm clip of one copy never
-sees another copy's gradients. Results equal running each copy alone up to
+sees another copy's gradients. On CUDA the batched forward never uses the
+memory-efficient attention kernel, whose backward rejects the copy-stacked
+inputs (``RuntimeError: LSE is not correctly aligned``, torch 2.11 on an
+H200); attention there runs on the flash or math kernels instead. Results
+equal running each copy alone up to
 floating-point reassociation in the batched kernels (measured by ``python -m
 bench rollout``: ``max_abs_diff_vs_sequential``). Dropout draws differ from a
 sequential run's (``randomness="different"``: independent per copy).
@@ -23,7 +27,8 @@ import math
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -319,34 +324,57 @@ class _Stack:
             return functional_call(self.model, (params, self.fixed), tuple(inputs))
 
         self.losses = vmap(loss_one, randomness=spec.randomness)
+        self.cuda = next(iter(self.stacks.values())).is_cuda
 
     def step(self, sources: list[Any], active: list[int]) -> list[tuple[int, float, float]]:
         """One step of the ``active`` copies (each drawing from its source); returns
         ``(copy, loss, gradient norm before clipping)`` for each."""
         device = next(iter(self.stacks.values())).device
         batch = _stack([next(source) for source in sources], device)
-        index = torch.tensor(active, device=device)
-        losses = self.losses({n: s[index] for n, s in self.stacks.items()}, batch)
+        every = len(active) == len(self.copies)  # the stacks as they are: no gather, no scatter-add back
+        rows: Any = slice(None) if every else torch.tensor(active, device=device)
+        with _batchable_attention(self.cuda):
+            losses = self.losses(self.stacks if every else {n: s[rows] for n, s in self.stacks.items()}, batch)
         for s in self.stacks.values():
             s.grad = None
         losses.sum().backward()
+        norms = self._clip()[rows]
+        measured = torch.stack([losses.detach().float(), norms.float()]).tolist()  # the step's one host sync
+        for i, name in enumerate(self.names):
+            grad = self.stacks[name].grad  # None for a parameter the loss does not use
+            views = grad.unbind() if grad is not None else [None] * len(self.copies)
+            for k in active:
+                self.params[k][i].grad = views[k]
         out = []
-        for row, k in enumerate(active):
-            state, params = self.copies[k], self.params[k]
-            for name, p in zip(self.names, params):
-                p.grad = self.stacks[name].grad[k]
-            controls = Controls.of(state)
-            limit = controls.clip_grad_norm if controls.clip_grad_norm is not None else self.spec.clip_grad_norm
-            norm = float(torch.nn.utils.clip_grad_norm_(params, limit if limit is not None else math.inf))
+        for k, loss, norm in zip(active, *measured):
+            state = self.copies[k]
             if math.isfinite(norm):
                 for optimizer in _optimizers(state):
                     optimizer.step()
             for scheduler in _schedulers(state):
                 scheduler.step()
             state.step += 1
-            controls.tick(state)
-            out.append((k, float(losses[row].detach()), norm))
+            Controls.of(state).tick(state)
+            out.append((k, loss, norm))
         return out
+
+    def _clip(self) -> torch.Tensor:
+        """Every copy's gradient norm before clipping, its gradients scaled in place to
+        its own limit: ``clip_grad_norm_`` per copy (the 2-norm of its tensors'
+        2-norms, coefficient ``limit / (norm + 1e-6)`` capped at 1), computed over
+        the stacks in one pass; a copy's norm sums over its own rows only."""
+        grads = [g for g in (self.stacks[n].grad for n in self.names) if g is not None]
+        k = len(self.copies)
+        norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.reshape(k, -1), dim=1) for g in grads]), dim=0)
+        limits = []
+        for state in self.copies:
+            limit = Controls.of(state).clip_grad_norm
+            limit = limit if limit is not None else self.spec.clip_grad_norm
+            limits.append(limit if limit is not None else math.inf)
+        coef = (torch.tensor(limits, dtype=norms.dtype, device=norms.device) / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(k, *[1] * (g.dim() - 1)))
+        return norms
 
     def release(self) -> None:
         """Give every copy's parameters storage of their own (out of the stack)."""
@@ -354,6 +382,34 @@ class _Stack:
             for p in params:
                 p.data = p.data.clone()
                 p.grad = None
+
+
+_attention_lock = threading.Lock()
+_attention_users = 0
+_attention_saved = True
+
+
+@contextmanager
+def _batchable_attention(cuda: bool) -> Iterator[None]:
+    """Disable CUDA's memory-efficient SDPA kernel while any batched forward runs
+    (the switch is process-wide; the ``devices`` strategy runs one thread per
+    device, so the first to enter saves it and the last to leave restores it)."""
+    global _attention_users, _attention_saved
+    if not cuda:
+        yield
+        return
+    with _attention_lock:
+        if _attention_users == 0:
+            _attention_saved = torch.backends.cuda.mem_efficient_sdp_enabled()
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+        _attention_users += 1
+    try:
+        yield
+    finally:
+        with _attention_lock:
+            _attention_users -= 1
+            if _attention_users == 0:
+                torch.backends.cuda.enable_mem_efficient_sdp(_attention_saved)
 
 
 Strategy = Literal["auto", "sequential", "batched", "devices", "ray"]

@@ -65,12 +65,17 @@ def restore_rng(rng: dict[str, Any]) -> None:
 def lazy_clone(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` that shares its memory until either side is written (copy-on-write).
 
-    Uses PyTorch's copy-on-write storage (``torch._lazy_clone``, private API) and
-    falls back to a plain ``clone`` where it is unavailable or refuses the tensor:
-    always a correct independent copy, shared memory where the platform allows.
+    Uses PyTorch's copy-on-write storage (``torch._lazy_clone``, private API) for
+    CPU tensors and falls back to a plain ``clone`` where it is unavailable or
+    refuses the tensor: always a correct independent copy, shared memory where
+    the platform allows. Other devices always get a plain (device-to-device)
+    ``clone``: on CUDA, PyTorch's multi-tensor kernels, which the optimizers use
+    by default there, write through a lazy clone into the memory it shares
+    (torch 2.11 on an H200: ``torch._foreach_add_`` on a clone changed the
+    original), so a fork's optimizer step would change the original's state.
     """
     clone = getattr(torch, "_lazy_clone", None)
-    if clone is not None:
+    if clone is not None and t.device.type == "cpu":
         try:
             return clone(t)
         except RuntimeError:
@@ -222,8 +227,8 @@ class TrainingState:
         Components are deep-copied together, so each fork's optimizer updates that
         fork's parameters and its scheduler drives that fork's optimizer.
         Parameters, buffers, optimizer state and tensor attributes of other
-        components are copy-on-write (``lazy_clone``); gradients are not carried
-        over. The process RNG is shared by all (reseed rollouts as needed).
+        components are copy-on-write on the CPU and device-to-device copies on
+        other devices (``lazy_clone``); gradients are not carried over. The process RNG is shared by all (reseed rollouts as needed).
         """
         if k < 1:
             raise InvalidInputError(f"k must be at least 1, got {k}")

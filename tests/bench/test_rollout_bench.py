@@ -21,7 +21,7 @@ def test_rollout_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
     for per_k in results["strategies"].values():
         assert set(per_k) == {"2", "4"}
         for m in per_k.values():
-            assert m["steps_per_s"] > 0 and {"peak_mem_bytes", "max_abs_diff_vs_sequential"} <= set(m)
+            assert m["steps_per_s"] > 0 and {"peak_mem_bytes", "max_abs_diff_vs_sequential", "max_rel_diff_vs_sequential"} <= set(m)
     assert all(m["max_abs_diff_vs_sequential"] < 1e-4 for m in results["strategies"]["batched"].values())
     assert all(m["max_abs_diff_vs_sequential"] == 0.0 for m in results["strategies"].get("ray", {}).values())
     assert set(results["chosen"]) == {"2", "4"} and set(results["chosen"].values()) <= {"sequential", "batched"}
@@ -37,4 +37,6 @@ def test_rollout_benchmark_on_a_gpu(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert results["device"].startswith("cuda")
     assert all(m["peak_mem_bytes"] > 0 for m in results["strategies"]["batched"].values())
-    assert all(m["max_abs_diff_vs_sequential"] < 1e-3 for m in results["strategies"]["batched"].values())
+    # a kernel swap alone moved the sequential futures ~3e-7 (10M model, H=20, H200); forks that
+    # shared optimizer state through CUDA copy-on-write clones moved the batched ones 1.3e-2
+    assert all(m["max_rel_diff_vs_sequential"] < 1e-4 for m in results["strategies"]["batched"].values())

@@ -59,6 +59,36 @@ def test_forks_share_memory_until_written() -> None:
     assert _shares(b_net[1].weight, net[1].weight)  # the sibling never wrote
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+OPTIMIZERS = {
+    "adamw-foreach": lambda p: torch.optim.AdamW(p, lr=0.1, foreach=True),
+    "adamw-fused": lambda p: torch.optim.AdamW(p, lr=0.1, fused=True),
+    "adamw-single": lambda p: torch.optim.AdamW(p, lr=0.1, foreach=False),
+    "sgd-momentum-foreach": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=True),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_a_forks_optimizer_step_never_writes_the_original(device: str, optimizer: str) -> None:
+    """Regression: on CUDA, multi-tensor kernels wrote through lazy clones into the
+    original's parameters and optimizer state (random data: zeros would hide it)."""
+    model = torch.nn.Linear(32, 32).to(device)
+    opt = OPTIMIZERS[optimizer](model.parameters())
+    for _ in range(2):  # optimizer state exists before the fork
+        opt.zero_grad()
+        model(torch.randn(8, 32, device=device)).square().mean().backward()
+        opt.step()
+    state = qckpt.TrainingState(model=model, optimizer=opt)
+    before = state.capture()
+    fork = state.fork()[0]
+    fork_model = fork.components["model"]
+    fork_model(torch.randn(8, 32, device=device)).square().mean().backward()
+    fork.components["optimizer"].step()
+    assert differences(fork.capture()["components"]["model"], before["components"]["model"])  # the fork moved
+    assert differences(state.capture()["components"], before["components"]) == []  # the original did not
+
+
 def test_fork_validates_k() -> None:
     with pytest.raises(qckpt.InvalidInputError):
         qckpt.TrainingState().fork(0)
