@@ -354,7 +354,7 @@ class Repository:
             notes = tuple(layout.note for layout in layouts if layout.note)
         else:
             tree = state
-        metrics = _check_metrics(metrics)
+        metrics = check_metrics(metrics)
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise InvalidInputError(f"step must be an int, got {step!r}")
         encoded, leaves = encode_tree(tree)
@@ -760,7 +760,7 @@ def _number(value: Any) -> Any:
     return value
 
 
-def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+def check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
     metrics = {k: _number(v) for k, v in (metrics or {}).items()}
     bad = [k for k, v in metrics.items() if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float))]
     if bad:

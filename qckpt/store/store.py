@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -105,6 +106,7 @@ class RepositoryConfig:
 
 
 SnapshotFactory = Callable[[str | None], Snapshot]  # parent head -> the snapshot to publish on it
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,19 @@ class Store:
             head = self.read_ref(BRANCH_PREFIX + branch)
             snapshot_on = build(Transaction(self, branch, head))
             return self._publish(branch, head, snapshot_on, cause, lease, retry=on_conflict == "retry")
+
+    def write_unpublished(self, write: Callable[[Transaction], T]) -> T:
+        """Steps 1-3 and 5 of a transaction without the publication: ``write(txn)``
+        writes objects (packs, index entries) that a manifest written elsewhere
+        will list (a rank of a ``torch.distributed.checkpoint`` save; its
+        coordinator publishes). Nothing references them when this returns, so the
+        caller must keep garbage collection away until they are published (the
+        coordinator holds the lock shared from before any rank writes until it
+        has published); a publication that never comes leaves garbage only."""
+        with self.backend.lock(exclusive=False):
+            self._upgrade_config()
+            self.sync_index()
+            return write(Transaction(self, "", None))
 
     def _upgrade_config(self) -> None:
         """Before the first write to a repository of an older format version, record

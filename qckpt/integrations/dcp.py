@@ -1,0 +1,308 @@
+"""``torch.distributed.checkpoint`` (DCP) on a qckpt repository::
+
+    writer = QckptWriter("ckpts", branch="main")        # on every rank; keep it across saves
+    writer.step = step                                   # optional: recorded with the snapshot
+    dcp.save(state_dict, storage_writer=writer)          # one snapshot on "main"
+    dcp.load(state_dict, storage_reader=QckptReader("ckpts", "main"))
+
+DCP plans: which rank writes which shard, one copy of a replicated tensor,
+resharding on load (N ranks saved, M ranks or one process without
+``torch.distributed`` load). qckpt stores, in two phases:
+
+1. every rank (``write_data``) stages the items DCP gives it, writes their
+   chunks into packs, durably, and indexes them (``Store.write_unpublished``):
+   chunks already stored are not written again, and a changed tensor is
+   delta-encoded against the same item at this writer's previous save (hence
+   keep the writer); it hands DCP each item's manifest entry;
+2. the coordinator (``finish``) gets every rank's entries from DCP, writes one
+   manifest and one snapshot record and moves the branch by compare-and-swap,
+   in the same transaction as ``Repository.commit``.
+
+The coordinator holds the repository's writer lock shared from its set-up
+(before any rank can write) until it has published, so garbage collection
+never sweeps a rank's packs in between. A rank that dies mid-save fails DCP's
+collective steps: nothing is published, the branch stays where it was, and
+what was written meanwhile is garbage for the next GC. A coordinator whose
+save failed keeps the lock until the writer's next save or ``close``.
+
+The snapshot is an ordinary one (log, diff, fsck, gc and the CLI see it). Its
+tree: ``{"dcp": {"format": 1, "metadata": bytes, "tensors": {key: tensor},
+"objects": {key: bytes}}}``: DCP's ``Metadata`` pickled (as DCP itself stores
+it: load only repositories you trust, as with DCP's own files), each tensor
+item under its key (the fully qualified name; for a shard, ``@`` and its
+offsets: ``layers.0.w@512,0``), and DCP's own serialisation of non-tensor
+values. ``QckptReader`` reads only the chunks that cover what its rank asks for.
+
+Not thread-safe: one save or load at a time per writer or reader.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import Metadata, StorageReader, StorageWriter
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from qckpt.commit.arrays import write_arrays
+from qckpt.commit.hot import HotSnapshot
+from qckpt.commit.staging import stage
+from qckpt.errors import IntegrityError, InvalidInputError
+from qckpt.format.records import CommitStats, Manifest, Snapshot, TensorEntry
+from qckpt.format.tree import ArrayLeaf, decode_tree, encode_tree, join_path
+from qckpt.repository import Repository, check_metrics
+from qckpt.store.refs import check_ref_name
+
+FORMAT = 1
+_TENSORS = join_path(join_path("", "dcp"), "tensors")
+
+
+def _key(index: MetadataIndex, shard: bool) -> str:
+    return f"{index.fqn}@{','.join(map(str, index.offset or ()))}" if shard else index.fqn
+
+
+def _open(repo: Repository | str | os.PathLike[str]) -> tuple[Repository, bool]:
+    """The repository, and whether this object opened it (and so closes it)."""
+    return (repo, False) if isinstance(repo, Repository) else (Repository.open(repo), True)
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What one rank hands DCP for one item (``WriteResult.storage_data``): the
+    item's key, its manifest entry (tensors) or bytes (objects), and, with the
+    rank's first item, the rank's commit sizes."""
+
+    key: str
+    value: TensorEntry | bytes
+    stats: CommitStats | None = None
+
+
+def _done(value: Any) -> Future[Any]:
+    future: Future[Any] = Future()
+    future.set_result(value)
+    return future
+
+
+class QckptWriter(StorageWriter):
+    """A DCP storage writer that commits each ``dcp.save`` as one snapshot on ``branch``.
+
+    ``repo``: a ``Repository`` or its location (each rank opens it; ``close``
+    closes what it opened). ``step``, ``metrics`` and ``message`` are recorded
+    with the next snapshot (set them on the coordinator before ``dcp.save``);
+    ``snapshot`` is the last snapshot this writer published (coordinator only).
+    ``dcp.save(..., checkpoint_id=NAME)`` commits on branch ``NAME`` instead.
+    """
+
+    def __init__(self, repo: Repository | str | os.PathLike[str], branch: str = "main", *, message: str = "dcp.save") -> None:
+        check_ref_name(branch)
+        self.repo, self._owned = _open(repo)
+        self.branch = self._default_branch = branch
+        self.message = message
+        self.step: int | None = None
+        self.metrics: dict[str, float] = {}
+        self.snapshot: Snapshot | None = None
+        self._coordinator = False
+        self._hold = ExitStack()
+        self._previous: HotSnapshot | None = None  # this rank's items at its previous save: delta bases
+
+    # -- StorageWriter ---------------------------------------------------------
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self._hold.close()  # a lock left by a save that failed on this coordinator
+        branch = self._default_branch if checkpoint_id is None else str(checkpoint_id)
+        check_ref_name(branch)
+        self.branch = branch
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("use_collectives") is False and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:  # fmt: skip
+            raise InvalidInputError("QckptWriter needs DCP's collectives: every rank's items go into one snapshot "
+                                    "(use_collectives=False would publish one snapshot per rank)")  # fmt: skip
+        self._coordinator = is_coordinator
+        if is_coordinator:  # before any rank can write: they write only after the coordinator's global plan
+            self._hold.enter_context(self.repo._store.backend.lock(exclusive=False))
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return plans
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        """Phase one on this rank: every item's chunks durable and indexed; each
+        result carries the item's manifest entry (tensors) or bytes (objects),
+        the rank's first result also its ``CommitStats``."""
+        objects, leaves, tensor_items = [], [], []
+        for item in plan.items:
+            data = planner.resolve_data(item)
+            key = _key(item.index, item.type == WriteItemType.SHARD)
+            if item.type == WriteItemType.BYTE_IO:
+                assert isinstance(data, io.BytesIO)
+                objects.append(WriteResult(item.index, data.getbuffer().nbytes, _Written(key, data.getvalue())))
+            else:
+                assert isinstance(data, torch.Tensor)
+                leaves.append(ArrayLeaf(join_path(_TENSORS, key), data.detach()))
+                tensor_items.append((item.index, key))
+        staged = stage(leaves)
+        previous = self._previous
+        entries, stats = self.repo._store.write_unpublished(lambda txn: write_arrays(txn, staged, previous, {}, None))
+        self._previous = HotSnapshot("", {a.path: a for a in staged}, {e.path: e for e in entries}, {}, None)
+        results = [WriteResult(i, e.nbytes, _Written(k, e)) for (i, k), e in zip(tensor_items, entries)] + objects
+        if results:
+            first = results[0]
+            results[0] = WriteResult(first.index, first.size_in_bytes, _Written(first.storage_data.key, first.storage_data.value, stats))
+        return _done(results)
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Phase two, on the coordinator: one manifest of every rank's items, one
+        snapshot on the branch; then the lock taken at set-up is released."""
+        try:
+            self.snapshot = self._publish(metadata, [r for rank in results for r in rank])
+        finally:
+            self._hold.close()
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return False  # never picked by DCP from a bare id: pass a QckptWriter
+
+    # -- the snapshot -----------------------------------------------------------
+    def _publish(self, metadata: Metadata, results: Sequence[WriteResult]) -> Snapshot:
+        tensors: dict[str, TensorEntry] = {}
+        objects: dict[str, bytes] = {}
+        keys: dict[MetadataIndex, str] = {}
+        total = CommitStats()
+        for result in results:
+            written: _Written = result.storage_data
+            if written.stats is not None:
+                total = _add(total, written.stats)
+            if isinstance(written.value, TensorEntry):
+                tensors[written.key] = written.value
+            else:
+                objects[written.key] = written.value
+            keys[result.index] = written.key
+        metadata.storage_data = keys
+        placeholders = {k: torch.empty(0) for k in tensors}  # encode_tree lays out the tree; entries fill it
+        tree = {"dcp": {"format": FORMAT, "metadata": pickle.dumps(metadata), "tensors": placeholders, "objects": objects}}
+        encoded, leaves = encode_tree(tree)
+        by_path = {e.path: e for e in tensors.values()}
+        entries = tuple(by_path[leaf.path] for leaf in leaves)
+        store = self.repo._store
+        metrics = check_metrics(self.metrics)
+
+        def build(txn: Any) -> Any:
+            manifest_id = txn.put_manifest(Manifest(encoded, entries))
+            return lambda head: Snapshot.new(manifest=manifest_id, parents=(head,) if head else (), step=self.step,
+                                             message=self.message, metrics=metrics, stats=total,
+                                             annotations={})  # fmt: skip
+
+        return store.transaction(self.branch, build, cause="dcp.save")
+
+    def close(self) -> None:
+        """Release a lock a failed save left, and close the repository if this writer opened it."""
+        self._hold.close()
+        if self._owned:
+            self.repo.close()
+
+
+def _add(a: CommitStats, b: CommitStats) -> CommitStats:
+    return CommitStats(a.raw_bytes + b.raw_bytes, a.chunks + b.chunks, a.new_chunks + b.new_chunks,
+                       a.new_raw_bytes + b.new_raw_bytes, a.new_stored_bytes + b.new_stored_bytes,
+                       tuple(dict.fromkeys(a.notes + b.notes)))  # fmt: skip
+
+
+class QckptReader(StorageReader):
+    """A DCP storage reader for the snapshot ``revision`` names (resolved once, here:
+    an unknown revision raises ``RevisionNotFoundError`` before DCP starts).
+    ``dcp.load(..., checkpoint_id=REVISION)`` reads that revision instead."""
+
+    def __init__(self, repo: Repository | str | os.PathLike[str], revision: str = "main") -> None:
+        self.repo, self._owned = _open(repo)
+        self._resolve(revision)
+        self._keys: dict[MetadataIndex, str] = {}
+
+    def _resolve(self, revision: str) -> None:
+        self.snapshot = self.repo.snapshot(revision)
+        self._view = self.repo.load(self.snapshot.id)
+        tree = decode_tree(self.repo.manifest(self.snapshot).tree, lambda i: None)
+        dcp = tree.get("dcp") if isinstance(tree, dict) else None
+        if not isinstance(dcp, dict) or dcp.get("format") != FORMAT:
+            raise InvalidInputError(f"snapshot {self.snapshot.short_id} ({revision}) was not written by dcp.save "
+                                    "through QckptWriter (use Repository.restore or Repository.load)")  # fmt: skip
+        self._tree = dcp
+
+    # -- StorageReader ---------------------------------------------------------
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self._resolve(str(checkpoint_id))
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        try:
+            metadata = pickle.loads(self._tree["metadata"])
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as e:
+            raise IntegrityError(f"snapshot {self.snapshot.short_id}: unreadable DCP metadata: {e}") from e
+        if not isinstance(metadata, Metadata):
+            raise IntegrityError(f"snapshot {self.snapshot.short_id}: DCP metadata is a {type(metadata).__name__}")
+        return metadata
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self._keys = dict(metadata.storage_data or {})
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Read what this rank's plan asks for: whole tensors together (in parallel),
+        parts of tensors by the chunks that cover them; everything digest-checked."""
+        whole: list[tuple[ReadItem, TensorEntry]] = []
+        for item in plan.items:
+            key = self._keys[item.storage_index]
+            if item.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(item, io.BytesIO(self._tree["objects"][key]))
+                continue
+            entry = self._view.entry(join_path(_TENSORS, key))
+            if all(o == 0 for o in item.storage_offsets) and tuple(item.lengths) == entry.shape:
+                whole.append((item, entry))
+            else:
+                index = tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
+                self._copy(planner, item, self._view.read(entry.path, index))
+        values = self.repo.read_arrays(self.snapshot, [e for _, e in whole]) if whole else []
+        for (item, _), value in zip(whole, values):
+            self._copy(planner, item, value)
+        return _done(None)
+
+    @staticmethod
+    def _copy(planner: LoadPlanner, item: ReadItem, value: Any) -> None:
+        target = planner.resolve_tensor(item).detach()
+        if tuple(target.shape) != tuple(value.shape):
+            raise InvalidInputError(f"{item.dest_index.fqn}: the stored part has shape {tuple(value.shape)}, "
+                                    f"the destination {tuple(target.shape)}")  # fmt: skip
+        target.copy_(value)
+        planner.commit_tensor(item, target)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return False
+
+    def close(self) -> None:
+        """Close the repository if this reader opened it."""
+        if self._owned:
+            self.repo.close()

@@ -1,0 +1,86 @@
+"""Ranks for the DCP tests: a small sharded state (DTensors over a CPU device mesh,
+a replicated tensor, plain values) saved and loaded through ``QckptWriter`` /
+``QckptReader`` on the gloo backend. Spawned by ``test_dcp.py``; each rank
+writes what it saw to ``<out>/rank<N>.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from qckpt.integrations.dcp import QckptReader, QckptWriter
+
+
+def full_state(step: int) -> dict[str, Any]:
+    """The whole state at ``step`` (the same on every rank and in the test)."""
+    g = torch.Generator().manual_seed(step)
+    return {
+        "w": torch.randn(8, 6, generator=g),
+        "emb": torch.randn(4, 6, generator=g).to(torch.bfloat16),
+        "bias": torch.randn(6, generator=g),
+        "meta": {"step": step, "name": "tiny"},
+    }
+
+
+def sharded(state: dict[str, Any], mesh: Any, dim: int = 0) -> dict[str, Any]:
+    """``w`` and ``emb`` sharded along ``dim`` over ``mesh``; ``bias`` replicated as a plain tensor."""
+    return {"w": distribute_tensor(state["w"], mesh, [Shard(dim)]), "emb": distribute_tensor(state["emb"], mesh, [Shard(dim)]),
+            "bias": state["bias"].clone(), "meta": dict(state["meta"])}  # fmt: skip
+
+
+def _zeros_like(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else {"step": -1, "name": ""}) for k, v in state.items()}
+
+
+def rank_main(rank: int, world: int, rendezvous: str, location: str, task: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=20))  # fmt: skip
+    mesh = init_device_mesh("cpu", (world,))
+    seen: dict[str, Any] = {}
+    try:
+        if task in ("save", "save-other-branch"):
+            branch = "main" if task == "save" else "other"
+            writer = QckptWriter(location, branch)
+            for step in (1, 2, 3):
+                writer.step = step
+                dcp.save(sharded(full_state(step), mesh), storage_writer=writer)
+            seen["snapshot"] = writer.snapshot.id if writer.snapshot else None
+            writer.close()
+        elif task.startswith("load"):  # load or load-dim1 (another sharding than the one saved)
+            dim = 1 if task == "load-dim1" else 0
+            state = sharded(_zeros_like(full_state(0)), mesh, dim)
+            dcp.load(state, storage_reader=QckptReader(location, "main"))
+            expected = sharded(full_state(3), mesh, dim)
+            seen["equal"] = {k: bool(torch.equal(_local(state[k]), _local(expected[k]))) if isinstance(state[k], torch.Tensor)
+                             else state[k] == expected[k] for k in state}  # fmt: skip
+        elif task == "die":
+            writer = QckptWriter(location, "main")
+            if rank == 1:
+                def die(*args: Any, **kwargs: Any) -> Any:
+                    os._exit(3)  # killed mid-save: after planning, before its data is written
+                writer.write_data = die  # type: ignore[method-assign]
+            writer.step = 4
+            try:
+                dcp.save(sharded(full_state(4), mesh), storage_writer=writer)
+                seen["error"] = None
+            except (Exception, CheckpointException) as e:  # reported to the test, which asserts on it
+                seen["error"] = f"{type(e).__name__}: {e}"[:500]
+            writer.close()
+    finally:
+        Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+        if task != "die":
+            dist.destroy_process_group()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t

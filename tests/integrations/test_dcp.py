@@ -1,0 +1,154 @@
+"""torch.distributed.checkpoint on a qckpt repository: 2 gloo ranks on the CPU save a
+sharded state as ordinary snapshots and load it back on 2 ranks (same or other
+sharding) and in one process; a rank killed mid-save publishes nothing."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+import qckpt
+from qckpt.integrations.dcp import QckptReader, QckptWriter
+from tests.integrations.dcp_workload import full_state, rank_main
+
+pytestmark = pytest.mark.slow
+
+
+def _ranks(tmp_path: Path, location: str, task: str, world: int = 2) -> tuple[list[int | None], list[dict[str, Any]]]:
+    """Run ``task`` on ``world`` spawned gloo ranks; (exit codes, what each rank reported)."""
+    run = tmp_path / f"{task}-{uuid.uuid4().hex[:6]}"
+    run.mkdir()
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=rank_main, args=(r, world, str(run / "rendezvous"), location, task, str(run)))
+             for r in range(world)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    reports = [json.loads((run / f"rank{r}.json").read_text()) if (run / f"rank{r}.json").exists() else {} for r in range(world)]
+    return [p.exitcode for p in procs], reports
+
+
+def _load_in_one_process(location: str | Path, revision: str = "main") -> dict[str, Any]:
+    state = {"w": torch.zeros(8, 6), "emb": torch.zeros(4, 6, dtype=torch.bfloat16), "bias": torch.zeros(6),
+             "meta": {"step": -1, "name": ""}}  # fmt: skip
+    reader = QckptReader(location, revision)
+    with warnings.catch_warnings():  # DCP warns that it runs without a process group
+        warnings.simplefilter("ignore")
+        dcp.load(state, storage_reader=reader)
+    reader.close()
+    return state
+
+
+def _assert_state(state: dict[str, Any], step: int) -> None:
+    expected = full_state(step)
+    for key in ("w", "emb", "bias"):
+        assert torch.equal(state[key], expected[key]), key
+    assert state["meta"] == expected["meta"]
+
+
+def test_two_ranks_save_snapshots_that_load_on_two_ranks_and_in_one_process(tmp_path: Path) -> None:
+    location = str(tmp_path / "repo")
+    qckpt.Repository.init(location).close()
+    codes, reports = _ranks(tmp_path, location, "save")
+    assert codes == [0, 0], reports
+    with qckpt.Repository.open(location) as repo:
+        log = repo.log("main")
+        assert [s.step for s in log] == [3, 2, 1]  # one ordinary snapshot per dcp.save, parented in order
+        assert reports[0]["snapshot"] == log[0].id and reports[1]["snapshot"] is None  # rank 0 coordinated
+        assert log[0].stats.raw_bytes == 8 * 6 * 4 + 4 * 6 * 2 + 6 * 4  # each tensor once: DCP wrote the replica once
+        assert repo.fsck().ok
+        view = repo.load("main")
+        assert sorted(view) == ["dcp/tensors/bias", "dcp/tensors/emb@0,0", "dcp/tensors/emb@2,0",
+                                "dcp/tensors/w@0,0", "dcp/tensors/w@4,0"]  # fmt: skip
+        assert torch.equal(view["dcp/tensors/w@4,0"], full_state(3)["w"][4:])
+        repo.gc()
+        assert repo.fsck().ok
+    _assert_state(_load_in_one_process(location), 3)  # 2 ranks -> 1 process
+    _assert_state(_load_in_one_process(location, "main@1"), 1)  # any revision
+    for task in ("load", "load-dim1"):  # 2 ranks -> 2 ranks, as saved and resharded along the other dimension
+        codes, reports = _ranks(tmp_path, location, task)
+        assert codes == [0, 0] and all(all(r["equal"].values()) for r in reports), reports
+
+
+def test_a_rank_killed_mid_save_publishes_nothing(tmp_path: Path) -> None:
+    location = str(tmp_path / "repo")
+    qckpt.Repository.init(location).close()
+    assert _ranks(tmp_path, location, "save")[0] == [0, 0]
+    with qckpt.Repository.open(location) as repo:
+        head = repo.snapshot("main").id
+    codes, reports = _ranks(tmp_path, location, "die")
+    assert codes[1] == 3 and reports[0]["error"], (codes, reports)  # the coordinator's save failed, loudly
+    with qckpt.Repository.open(location) as repo:
+        assert repo.snapshot("main").id == head  # the branch never names a partial snapshot
+        assert repo.fsck().ok
+        repo.gc()  # the coordinator's lock went with its process: GC runs
+    _assert_state(_load_in_one_process(location), 3)
+
+
+def test_s3_and_two_jobs_on_two_branches(tmp_path: Path, s3_uri: str) -> None:
+    qckpt.Repository.init(s3_uri).close()
+    assert _ranks(tmp_path, s3_uri, "save")[0] == [0, 0]
+    assert _ranks(tmp_path, s3_uri, "save-other-branch")[0] == [0, 0]
+    _assert_state(_load_in_one_process(s3_uri, "main"), 3)
+    _assert_state(_load_in_one_process(s3_uri, "other"), 3)
+    with qckpt.Repository.open(s3_uri) as repo:
+        assert repo.snapshot("main").manifest == repo.snapshot("other").manifest  # same contents, stored once
+        assert repo.fsck().ok
+
+
+def test_readers_refuse_what_they_cannot_read(tmp_path: Path) -> None:
+    with qckpt.Repository.init(tmp_path / "repo") as repo:
+        with pytest.raises(qckpt.RevisionNotFoundError):
+            QckptReader(repo, "nope")
+        repo.commit({"w": torch.ones(2)}, branch="plain")
+        with pytest.raises(qckpt.InvalidInputError, match="not written by dcp.save"):
+            QckptReader(repo, "plain")
+        with pytest.raises(qckpt.InvalidRefNameError):
+            QckptWriter(repo, "bad..name")
+
+
+def test_saves_dedup_unchanged_chunks_and_delta_encode_against_the_writers_previous_save(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    frozen, weights = torch.randn(256, 256, generator=g), torch.randn(512, 512, generator=g)
+    steps = [{"frozen": frozen, "w": weights}, {"frozen": frozen, "w": weights + 1e-3 * torch.randn(512, 512, generator=g)}]
+    stored = {}
+    for keep in (True, False):
+        with qckpt.Repository.init(tmp_path / f"repo-{keep}") as repo, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            writer = QckptWriter(repo)
+            for state in steps:
+                dcp.save(state, storage_writer=writer if keep else QckptWriter(repo))
+            second = repo.snapshot("main").stats
+            assert second.new_chunks < second.chunks  # the frozen tensor's chunks were not written again
+            stored[keep] = second.new_stored_bytes
+    assert stored[True] < 0.9 * stored[False], stored  # deltas against the kept writer's previous save
+
+
+def test_one_process_save_and_a_shape_mismatch_on_load(tmp_path: Path) -> None:
+    """Without a process group DCP runs as one rank: the same code path, one snapshot."""
+    with qckpt.Repository.init(tmp_path / "repo") as repo:
+        writer = QckptWriter(repo, "main")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in (1, 2):
+                writer.step, writer.metrics = step, {"loss": 1.0 / step}
+                dcp.save(full_state(step), storage_writer=writer)
+        assert writer.snapshot is not None and writer.snapshot.metrics == {"loss": 0.5}
+        _assert_state(_load_in_one_process(repo), 2)
+        wrong = {"w": torch.zeros(6, 8)}
+        with warnings.catch_warnings(), pytest.raises(CheckpointException, match="(?i)size mismatch"):
+            warnings.simplefilter("ignore")
+            dcp.load(wrong, storage_reader=QckptReader(repo, "main"))
