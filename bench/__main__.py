@@ -1,10 +1,10 @@
-"""``python -m bench {demo,train,fork,s3,storage,corruption,spike,rollout,save_restore,frameworks}``: the demo, the reference workload runner and benchmarks."""
+"""``python -m bench {demo,train,fork,s3,storage,corruption,spike,rollout,save_restore,frameworks,distributed}``: the demo, the reference workload runner and benchmarks."""
 
 from __future__ import annotations
 
 import argparse
 
-from bench import corruption, demo, fork, frameworks, rollout, s3, save_restore, spike, storage, train
+from bench import corruption, demo, distributed, fork, frameworks, rollout, s3, save_restore, spike, storage, train
 
 
 def main() -> None:
@@ -20,9 +20,10 @@ def main() -> None:
     rollout.add_arguments(commands.add_parser("rollout", help="benchmark: K futures sequential vs batched, the scheduler's pick"))
     save_restore.add_arguments(commands.add_parser("save_restore", help="benchmark: training stall, throughput, restore paths"))
     frameworks.add_arguments(commands.add_parser("frameworks", help="benchmark: the HF Trainer and Lightning integrations vs their own checkpoints"))
+    distributed.add_arguments(commands.add_parser("distributed", help="benchmark: 2 FSDP2 ranks, dcp.save onto qckpt vs DCP's FileSystemWriter"))
     args = parser.parse_args()
     {"demo": demo.run, "train": train.run, "fork": fork.run, "s3": s3.run, "storage": storage.run, "corruption": corruption.run, "spike": spike.run, "rollout": rollout.run,
-     "save_restore": save_restore.run, "frameworks": frameworks.run}[args.command](args)
+     "save_restore": save_restore.run, "frameworks": frameworks.run, "distributed": distributed.run}[args.command](args)
 
 
 if __name__ == "__main__":

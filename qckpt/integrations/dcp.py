@@ -63,6 +63,7 @@ from torch.futures import Future
 
 from qckpt.commit.arrays import write_arrays
 from qckpt.commit.hot import HotSnapshot
+from qckpt.commit.predict import ParamRule
 from qckpt.commit.staging import stage
 from qckpt.errors import IntegrityError, InvalidInputError
 from qckpt.format.records import CommitStats, Manifest, Snapshot, TensorEntry
@@ -161,8 +162,9 @@ class QckptWriter(StorageWriter):
                 tensor_items.append((item.index, key))
         staged = stage(leaves)
         previous = self._previous
-        entries, stats = self.repo._store.write_unpublished(lambda txn: write_arrays(txn, staged, previous, {}, None))
-        self._previous = HotSnapshot("", {a.path: a for a in staged}, {e.path: e for e in entries}, {}, None)
+        rules = optimizer_rules(planner, [key for _, key in tensor_items])
+        entries, stats = self.repo._store.write_unpublished(lambda txn: write_arrays(txn, staged, previous, rules, None))
+        self._previous = HotSnapshot("", {a.path: a for a in staged}, {e.path: e for e in entries}, rules, None)
         results = [WriteResult(i, e.nbytes, _Written(k, e)) for (i, k), e in zip(tensor_items, entries)] + objects
         if results:
             first = results[0]
@@ -218,6 +220,53 @@ class QckptWriter(StorageWriter):
         self._hold.close()
         if self._owned:
             self.repo.close()
+
+
+def optimizer_rules(planner: SavePlanner, keys: Sequence[str]) -> dict[str, ParamRule]:
+    """The update rule of each parameter whose tensor and optimizer state this rank
+    writes (``keys``), from the state dict DCP flattened (``DefaultSavePlanner``'s
+    ``state_dict`` and ``mappings``; another planner: none, so plain deltas).
+
+    An optimizer state dict as ``get_state_dict`` makes it (``state`` and
+    ``param_groups`` keyed by parameter name) gives, per parameter, its state
+    tensors and its group's settings; the parameter is the one other flattened
+    entry whose path ends with that name. Adam's and AdamW's (``exp_avg`` and
+    ``exp_avg_sq``) and SGD's (``momentum_buffer``) feed the predictive codecs;
+    a wrong guess costs bytes only (predictions are verified residuals)."""
+    flat, mappings = getattr(planner, "state_dict", None), getattr(planner, "mappings", None)
+    if not isinstance(flat, dict) or not isinstance(mappings, dict):
+        return {}
+    states: dict[tuple[Any, ...], dict[str, dict[str, str]]] = {}
+    groups: dict[tuple[Any, ...], dict[Any, dict[str, Any]]] = {}
+    by_name: dict[str, list[str]] = {}
+    for flat_key, path in mappings.items():
+        path = tuple(path)
+        if len(path) >= 3 and path[-3] == "state":
+            states.setdefault(path[:-3], {}).setdefault(str(path[-2]), {})[str(path[-1])] = flat_key
+        elif len(path) >= 3 and path[-3] == "param_groups":
+            groups.setdefault(path[:-3], {}).setdefault(path[-2], {})[str(path[-1])] = flat.get(flat_key)
+        else:
+            by_name.setdefault(str(path[-1]), []).append(flat_key)
+    local = {key.partition("@")[0]: key for key in keys}  # this rank's items, by flattened name
+    written = set(keys)
+    rules: dict[str, ParamRule] = {}
+    for prefix, per_param in states.items():
+        for group in groups.get(prefix, {}).values():
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            for name in group.get("params") or ():
+                state, owners = per_param.get(str(name), {}), by_name.get(str(name), [])
+                kind = "adam" if {"exp_avg", "exp_avg_sq"} <= set(state) else "sgd" if "momentum_buffer" in state else None
+                if kind is None or len(owners) != 1 or owners[0] not in local:
+                    continue
+                param_key = local[owners[0]]
+                suffix = param_key[len(owners[0]):]  # a shard's offsets: its state shares them
+                tensors = {n: join_path(_TENSORS, state[n] + suffix) for n in state if state[n] + suffix in written and n != "step"}
+                if not tensors:
+                    continue
+                step = flat.get(state["step"]) if "step" in state else None
+                step = float(step) if isinstance(step, (int, float, torch.Tensor)) and not isinstance(step, bool) else None
+                rules[join_path(_TENSORS, param_key)] = ParamRule(kind, join_path(_TENSORS, param_key), tensors, hyper, step)
+    return rules
 
 
 def _add(a: CommitStats, b: CommitStats) -> CommitStats:

@@ -15,9 +15,12 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
 import qckpt
-from qckpt.integrations.dcp import QckptReader, QckptWriter
+from qckpt.integrations.dcp import QckptReader, QckptWriter, optimizer_rules
 from tests.integrations.dcp_workload import full_state, rank_main
 
 pytestmark = pytest.mark.slow
@@ -135,6 +138,47 @@ def test_saves_dedup_unchanged_chunks_and_delta_encode_against_the_writers_previ
             assert second.new_chunks < second.chunks  # the frozen tensor's chunks were not written again
             stored[keep] = second.new_stored_bytes
     assert stored[True] < 0.9 * stored[False], stored  # deltas against the kept writer's previous save
+
+
+def _train_and_save(repo: qckpt.Repository, steps: int) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    writer = QckptWriter(repo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            model(torch.randn(16, 64)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
+
+
+def test_adamw_state_in_dcp_state_dicts_is_predicted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with qckpt.Repository.init(tmp_path / "rules") as repo:
+        planner = DefaultSavePlanner()
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        planner.set_up_planner({"model": model_sd, "optim": optim_sd}, is_coordinator=True)
+        keys = [item.index.fqn for item in planner.create_local_plan().items if item.type != WriteItemType.BYTE_IO]
+        rules = optimizer_rules(planner, keys)
+        assert sorted(rules) == ["dcp/tensors/model.bias", "dcp/tensors/model.weight"]
+        rule = rules["dcp/tensors/model.weight"]
+        assert rule.kind == "adam" and rule.step == 1.0 and rule.hyper["lr"] == 1e-3 and rule.hyper["decoupled_weight_decay"]
+        assert rule.state == {"exp_avg": "dcp/tensors/optim.state.weight.exp_avg",
+                              "exp_avg_sq": "dcp/tensors/optim.state.weight.exp_avg_sq"}  # fmt: skip
+    stored = {}
+    for predicted in (True, False):
+        if not predicted:
+            monkeypatch.setattr("qckpt.integrations.dcp.optimizer_rules", lambda planner, keys: {})
+        with qckpt.Repository.init(tmp_path / f"repo-{predicted}") as repo:
+            _train_and_save(repo, 4)
+            stored[predicted] = repo.snapshot("main").stats.new_stored_bytes
+    assert stored[True] < 0.8 * stored[False], stored
 
 
 def test_one_process_save_and_a_shape_mismatch_on_load(tmp_path: Path) -> None:

@@ -1,0 +1,247 @@
+"""``python -m bench distributed``: two ranks (gloo on the CPU, one thread each)
+train the reference model sharded with FSDP2 (``fully_shard`` on every block and
+the model) with AdamW and dropout, each rank on its own batches, and checkpoint
+every step through ``dcp.save`` twice: onto a qckpt repository
+(``QckptWriter``, one snapshot per step) and with DCP's ``FileSystemWriter``
+(a directory per step), in alternating order. The checkpoint holds the model's
+and the optimizer's sharded state dicts (``get_state_dict``) and, under a key
+per rank, that rank's RNG state and batch sampler position.
+
+Reported (JSON keys): ``qckpt_bytes`` (the repository's stored bytes after every
+step) and ``dcp_bytes`` (the step directories together); ``qckpt_commit_s`` and
+``dcp_save_s`` (rank 0's mean wall time of one ``dcp.save``, which is what
+training waits for); ``qckpt_restore_s`` and ``dcp_load_s`` (rank 0's
+``dcp.load`` of the last step into fresh objects, best of two, alternating);
+``bit_exact``: two new rank processes restore ``main@<half>`` and train to the
+end, and their final checkpoint equals the first run's in every tensor (both
+ranks' parameters, optimizer state, RNG and sampler states);
+``resharded_restore``: one process without ``torch.distributed`` loads the last
+snapshot into an unsharded model and optimizer, equal to the full state the
+ranks gathered. Ratios: ``bytes_ratio``, ``commit_ratio``, ``restore_ratio``
+(qckpt / DCP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import shutil
+import tempfile
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import qckpt
+from bench.workload import SIZES, CharGPT, RandomBatchSampler, load_corpus
+from qckpt.integrations.dcp import QckptReader, QckptWriter
+
+WORLD = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="the tiny model, 6 steps")
+    parser.add_argument("--size", choices=sorted(SIZES), default="3m")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+
+
+class _Run:
+    """One rank's training run: the sharded model, AdamW, its own batch sampler."""
+
+    def __init__(self, rank: int, size: str) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        self.rank = rank
+        self.model = CharGPT(SIZES[size], dropout=0.1)
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        spec = SIZES[size]
+        self.sampler = RandomBatchSampler(load_corpus(1 << 18), spec.block_size, spec.batch_size, seed=100 + rank)
+
+    def step(self) -> float:
+        x, y = self.sampler.next_batch()
+        loss = self.model(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """What ``dcp.save`` stores and ``dcp.load`` fills: sharded model and optimizer
+        state, and this rank's RNG and data position under its own key."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optim": optim, f"rank{self.rank}": {"rng": torch.get_rng_state(), "sampler": self.sampler.state_dict()}}
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optim"])
+        own = checkpoint[f"rank{self.rank}"]
+        torch.set_rng_state(own["rng"])
+        self.sampler.load_state_dict(own["sampler"])
+
+
+def _rank(rank: int, rendezvous: str, root: str, phase: str, size: str, steps: int) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=120))  # fmt: skip
+    out: dict[str, Any] = {}
+    repo_path = Path(root, "repo")
+    try:
+        run = _Run(rank, size)
+        if phase == "train":
+            writer = QckptWriter(repo_path, "main")
+            times: dict[str, list[float]] = {"qckpt": [], "dcp": []}
+            for step in range(1, steps + 1):
+                run.step()
+                order = ("qckpt", "dcp") if step % 2 else ("dcp", "qckpt")
+                for method in order:
+                    dist.barrier()
+                    started = time.perf_counter()
+                    if method == "qckpt":
+                        writer.step = step
+                        dcp.save(run.checkpoint(), storage_writer=writer)
+                    else:
+                        dcp.save(run.checkpoint(), storage_writer=dcp.FileSystemWriter(Path(root, "dcp", f"step-{step}")))
+                    times[method].append(time.perf_counter() - started)
+            writer.close()
+            out["commit_s"] = {m: sum(t) / len(t) for m, t in times.items()}
+            out["restore_s"] = _restore_times(run, repo_path, Path(root, "dcp", f"step-{steps}"))
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            full = get_state_dict(run.model, run.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                torch.save(full, Path(root, "full.pt"))
+        else:  # resume: restore the middle step, train to the end, checkpoint on "resume"
+            checkpoint = run.checkpoint()
+            reader = QckptReader(repo_path, f"main@{steps // 2}")
+            dcp.load(checkpoint, storage_reader=reader)
+            reader.close()
+            run.load(checkpoint)
+            for _ in range(steps // 2 + 1, steps + 1):
+                run.step()
+            writer = QckptWriter(repo_path, "resume")
+            dcp.save(run.checkpoint(), storage_writer=writer)
+            writer.close()
+    finally:
+        Path(root, f"{phase}-rank{rank}.json").write_text(json.dumps(out))
+        dist.destroy_process_group()
+
+
+def _restore_times(run: _Run, repo_path: Path, dcp_dir: Path) -> dict[str, float]:
+    """Best of two ``dcp.load`` of the last step into fresh state dicts, alternating."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    best = {"qckpt": float("inf"), "dcp": float("inf")}
+    for attempt in range(2):
+        for method in ("qckpt", "dcp") if attempt % 2 == 0 else ("dcp", "qckpt"):
+            target = run.checkpoint()
+            dist.barrier()
+            started = time.perf_counter()
+            reader = QckptReader(repo_path, "main") if method == "qckpt" else dcp.FileSystemReader(dcp_dir)
+            dcp.load(target, storage_reader=reader)
+            best[method] = min(best[method], time.perf_counter() - started)
+            if method == "qckpt":
+                reader.close()
+    return best
+
+
+def _spawn(root: Path, phase: str, size: str, steps: int) -> list[dict[str, Any]]:
+    context = multiprocessing.get_context("spawn")
+    rendezvous = root / f"rendezvous-{phase}"
+    procs = [context.Process(target=_rank, args=(r, str(rendezvous), str(root), phase, size, steps)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"{phase}: rank exit codes {[p.exitcode for p in procs]}")
+    return [json.loads(Path(root, f"{phase}-rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _same_snapshots(repo: qckpt.Repository, a: str, b: str) -> bool:
+    first, second = repo.load(a), repo.load(b)
+    return sorted(first) == sorted(second) and all(torch.equal(first[p], second[p]) for p in first)
+
+
+def _resharded_equal(root: Path, size: str) -> bool:
+    """The last snapshot loaded into one unsharded model and optimizer in this
+    process (no process group) equals the full state the ranks gathered."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = CharGPT(SIZES[size], dropout=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    reader = QckptReader(root / "repo", "main")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, storage_reader=reader)
+    reader.close()
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    full_model, full_optim = torch.load(root / "full.pt", weights_only=False)
+    model_ok = all(torch.equal(v, full_model[k]) for k, v in model.state_dict().items())
+    loaded = get_state_dict(model, optimizer)[1]["state"]
+    optim_ok = all(torch.equal(torch.as_tensor(v), torch.as_tensor(full_optim["state"][p][k]))
+                   for p, s in loaded.items() for k, v in s.items())  # fmt: skip
+    return model_ok and optim_ok and len(loaded) == len(full_optim["state"])
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    size, steps = ("tiny", 6) if args.quick else (args.size, args.steps)
+    if steps < 2:
+        raise SystemExit("--steps must be at least 2 (the resume check restores the middle step)")
+    root = Path(tempfile.mkdtemp(prefix="qckpt-dist-"))
+    try:
+        qckpt.Repository.init(root / "repo").close()
+        ranks = _spawn(root, "train", size, steps)
+        _spawn(root, "resume", size, steps)
+        with qckpt.Repository.open(root / "repo") as repo:
+            qckpt_bytes = repo.stats().stored_bytes
+            bit_exact = _same_snapshots(repo, "main", "resume")
+        results = {
+            "model": size, "steps": steps, "ranks": WORLD,
+            "qckpt_bytes": qckpt_bytes, "dcp_bytes": _tree_bytes(root / "dcp"),
+            "qckpt_commit_s": ranks[0]["commit_s"]["qckpt"], "dcp_save_s": ranks[0]["commit_s"]["dcp"],
+            "qckpt_restore_s": ranks[0]["restore_s"]["qckpt"], "dcp_load_s": ranks[0]["restore_s"]["dcp"],
+            "bit_exact": bit_exact, "resharded_restore": _resharded_equal(root, size),
+        }  # fmt: skip
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    results["bytes_ratio"] = results["qckpt_bytes"] / results["dcp_bytes"]
+    results["commit_ratio"] = results["qckpt_commit_s"] / results["dcp_save_s"]
+    results["restore_ratio"] = results["qckpt_restore_s"] / results["dcp_load_s"]
+    print(f"{WORLD} ranks, {size} model, {steps} steps, a checkpoint every step (FSDP2, gloo, CPU):")
+    print(f"  stored bytes   qckpt {results['qckpt_bytes'] / 2**20:8.2f} MiB  dcp.save {results['dcp_bytes'] / 2**20:8.2f} MiB"
+          f"  ({results['bytes_ratio']:.3f}x; target <= 0.45)")  # fmt: skip
+    print(f"  commit / save  qckpt {results['qckpt_commit_s']:8.3f} s    dcp.save {results['dcp_save_s']:8.3f} s"
+          f"    ({results['commit_ratio']:.2f}x; target <= 1.0)")  # fmt: skip
+    print(f"  restore / load qckpt {results['qckpt_restore_s']:8.3f} s    dcp.load {results['dcp_load_s']:8.3f} s"
+          f"    ({results['restore_ratio']:.2f}x; target <= 1.5)")  # fmt: skip
+    print(f"  bit-exact resume in new processes: {results['bit_exact']}; 2 ranks -> 1 process: {results['resharded_restore']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
