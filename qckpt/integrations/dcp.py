@@ -115,6 +115,7 @@ class QckptWriter(StorageWriter):
         check_ref_name(branch)
         self.repo, self._owned = _open(repo)
         self.branch = self._default_branch = branch
+        self._next_branch: str | None = None
         self.message = message
         self.step: int | None = None
         self.metrics: dict[str, float] = {}
@@ -125,10 +126,10 @@ class QckptWriter(StorageWriter):
 
     # -- StorageWriter ---------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        self._hold.close()  # a lock left by a save that failed on this coordinator
-        branch = self._default_branch if checkpoint_id is None else str(checkpoint_id)
-        check_ref_name(branch)
-        self.branch = branch
+        """DCP calls this only when ``dcp.save`` is given a ``checkpoint_id``: the
+        branch of that one save (the next one is on ``branch`` again)."""
+        if checkpoint_id is not None:
+            self._next_branch = check_ref_name(str(checkpoint_id))
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("use_collectives") is False and torch.distributed.is_initialized() \
@@ -136,6 +137,8 @@ class QckptWriter(StorageWriter):
             raise InvalidInputError("QckptWriter needs DCP's collectives: every rank's items go into one snapshot "
                                     "(use_collectives=False would publish one snapshot per rank)")  # fmt: skip
         self._coordinator = is_coordinator
+        self.branch, self._next_branch = self._next_branch or self._default_branch, None
+        self._hold.close()  # a lock left by a save that failed on this coordinator
         if is_coordinator:  # before any rank can write: they write only after the coordinator's global plan
             self._hold.enter_context(self.repo._store.backend.lock(exclusive=False))
 

@@ -196,3 +196,33 @@ def test_one_process_save_and_a_shape_mismatch_on_load(tmp_path: Path) -> None:
         with warnings.catch_warnings(), pytest.raises(CheckpointException, match="(?i)size mismatch"):
             warnings.simplefilter("ignore")
             dcp.load(wrong, storage_reader=QckptReader(repo, "main"))
+
+
+def test_gc_waits_while_a_coordinator_is_between_set_up_and_publishing(tmp_path: Path) -> None:
+    """The ranks' packs are unreferenced until the coordinator publishes: GC must not run then."""
+    import threading
+
+    with qckpt.Repository.init(tmp_path / "repo") as repo, qckpt.Repository.open(tmp_path / "repo") as other:
+        writer = QckptWriter(repo)
+        writer.set_up_storage_writer(True)  # what dcp.save does first on the coordinator
+        collected = threading.Event()
+        gc = threading.Thread(target=lambda: (other.gc(), collected.set()))
+        gc.start()
+        assert not collected.wait(1.0)  # blocked behind the coordinator's shared lock
+        writer.close()  # a failed save's lock goes with close (or the next save)
+        gc.join(timeout=30)
+        assert collected.is_set()
+
+
+def test_checkpoint_id_names_the_branch_of_one_save_and_async_save_works(tmp_path: Path) -> None:
+    with qckpt.Repository.init(tmp_path / "repo") as repo, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        writer = QckptWriter(repo, "main")
+        dcp.save(full_state(1), storage_writer=writer, checkpoint_id="experiment")
+        dcp.save(full_state(2), storage_writer=writer)  # back on the writer's own branch
+        dcp.async_save(full_state(3), storage_writer=writer).result()  # staged, then written in the background
+        assert [s.step for s in repo.log("experiment")] == [None] and len(repo.log("main")) == 2
+        _assert_state(_load_in_one_process(repo, "main"), 3)
+        _assert_state(_load_in_one_process(repo, "experiment"), 1)
+        with pytest.raises(qckpt.InvalidRefNameError):
+            dcp.save(full_state(1), storage_writer=writer, checkpoint_id="bad..name")
