@@ -3,9 +3,11 @@ train the reference model sharded with FSDP2 (``fully_shard`` on every block and
 the model) with AdamW and dropout, each rank on its own batches, and checkpoint
 every step through ``dcp.save`` twice: onto a qckpt repository
 (``QckptWriter``, one snapshot per step) and with DCP's ``FileSystemWriter``
-(a directory per step), in alternating order. The checkpoint holds the model's
-and the optimizer's sharded state dicts (``get_state_dict``) and, under a key
-per rank, that rank's RNG state and batch sampler position.
+(a directory per step), in alternating order. Both store the same thing: the
+rank's ``TrainingState`` as ``sharded_state_dict`` makes it (the model's and
+the optimizer's sharded state dicts and, under a key per rank, that rank's
+RNG states and batch sampler position); qckpt through ``QckptWriter.commit``
+and ``QckptReader.restore``.
 
 Reported (JSON keys): ``qckpt_bytes`` (the repository's stored bytes after every
 step) and ``dcp_bytes`` (the step directories together); ``qckpt_commit_s`` and
@@ -38,7 +40,7 @@ import torch
 
 import qckpt
 from bench.workload import SIZES, CharGPT, RandomBatchSampler, load_corpus
-from qckpt.integrations.dcp import QckptReader, QckptWriter
+from qckpt.integrations.dcp import QckptReader, QckptWriter, load_sharded_state_dict, sharded_state_dict
 
 WORLD = 2
 
@@ -51,14 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _Run:
-    """One rank's training run: the sharded model, AdamW, its own batch sampler."""
+    """One rank's training run: the sharded model, AdamW, its own batch sampler, as a
+    ``TrainingState`` (what both methods checkpoint: ``sharded_state_dict``)."""
 
     def __init__(self, rank: int, size: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         torch.manual_seed(0)
-        self.rank = rank
         self.model = CharGPT(SIZES[size], dropout=0.1)
         mesh = init_device_mesh("cpu", (WORLD,))
         for block in self.model.blocks:
@@ -67,6 +69,7 @@ class _Run:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
         spec = SIZES[size]
         self.sampler = RandomBatchSampler(load_corpus(1 << 18), spec.block_size, spec.batch_size, seed=100 + rank)
+        self.state = qckpt.TrainingState(model=self.model, optimizer=self.optimizer, sampler=self.sampler)
 
     def step(self) -> float:
         x, y = self.sampler.next_batch()
@@ -74,23 +77,8 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.state.step += 1
         return float(loss)
-
-    def checkpoint(self) -> dict[str, Any]:
-        """What ``dcp.save`` stores and ``dcp.load`` fills: sharded model and optimizer
-        state, and this rank's RNG and data position under its own key."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model, optim = get_state_dict(self.model, self.optimizer)
-        return {"model": model, "optim": optim, f"rank{self.rank}": {"rng": torch.get_rng_state(), "sampler": self.sampler.state_dict()}}
-
-    def load(self, checkpoint: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        set_state_dict(self.model, self.optimizer, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optim"])
-        own = checkpoint[f"rank{self.rank}"]
-        torch.set_rng_state(own["rng"])
-        self.sampler.load_state_dict(own["sampler"])
 
 
 def _rank(rank: int, rendezvous: str, root: str, phase: str, size: str, steps: int) -> None:
@@ -115,10 +103,9 @@ def _rank(rank: int, rendezvous: str, root: str, phase: str, size: str, steps: i
                     dist.barrier()
                     started = time.perf_counter()
                     if method == "qckpt":
-                        writer.step = step
-                        dcp.save(run.checkpoint(), storage_writer=writer)
+                        writer.commit(run.state)
                     else:
-                        dcp.save(run.checkpoint(), storage_writer=dcp.FileSystemWriter(Path(root, "dcp", f"step-{step}")))
+                        dcp.save(sharded_state_dict(run.state), storage_writer=dcp.FileSystemWriter(Path(root, "dcp", f"step-{step}")))
                     times[method].append(time.perf_counter() - started)
             writer.close()
             out["commit_s"] = {m: sum(t) / len(t) for m, t in times.items()}
@@ -129,15 +116,13 @@ def _rank(rank: int, rendezvous: str, root: str, phase: str, size: str, steps: i
             if rank == 0:
                 torch.save(full, Path(root, "full.pt"))
         else:  # resume: restore the middle step, train to the end, checkpoint on "resume"
-            checkpoint = run.checkpoint()
             reader = QckptReader(repo_path, f"main@{steps // 2}")
-            dcp.load(checkpoint, storage_reader=reader)
+            reader.restore(run.state)
             reader.close()
-            run.load(checkpoint)
-            for _ in range(steps // 2 + 1, steps + 1):
+            while run.state.step < steps:
                 run.step()
             writer = QckptWriter(repo_path, "resume")
-            dcp.save(run.checkpoint(), storage_writer=writer)
+            writer.commit(run.state)
             writer.close()
     finally:
         Path(root, f"{phase}-rank{rank}.json").write_text(json.dumps(out))
@@ -152,14 +137,17 @@ def _restore_times(run: _Run, repo_path: Path, dcp_dir: Path) -> dict[str, float
     best = {"qckpt": float("inf"), "dcp": float("inf")}
     for attempt in range(2):
         for method in ("qckpt", "dcp") if attempt % 2 == 0 else ("dcp", "qckpt"):
-            target = run.checkpoint()
             dist.barrier()
             started = time.perf_counter()
-            reader = QckptReader(repo_path, "main") if method == "qckpt" else dcp.FileSystemReader(dcp_dir)
-            dcp.load(target, storage_reader=reader)
-            best[method] = min(best[method], time.perf_counter() - started)
             if method == "qckpt":
+                reader = QckptReader(repo_path, "main")
+                reader.restore(run.state)
                 reader.close()
+            else:
+                tree = sharded_state_dict(run.state)
+                dcp.load(tree, storage_reader=dcp.FileSystemReader(dcp_dir))
+                load_sharded_state_dict(run.state, tree)
+            best[method] = min(best[method], time.perf_counter() - started)
     return best
 
 
@@ -184,19 +172,17 @@ def _same_snapshots(repo: qckpt.Repository, a: str, b: str) -> bool:
 def _resharded_equal(root: Path, size: str) -> bool:
     """The last snapshot loaded into one unsharded model and optimizer in this
     process (no process group) equals the full state the ranks gathered."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model = CharGPT(SIZES[size], dropout=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    spec = SIZES[size]
+    sampler = RandomBatchSampler(load_corpus(1 << 18), spec.block_size, spec.batch_size, seed=0)
     reader = QckptReader(root / "repo", "main")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.load(state, storage_reader=reader)
+        reader.restore(qckpt.TrainingState(model=model, optimizer=optimizer, sampler=sampler))
     reader.close()
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     full_model, full_optim = torch.load(root / "full.pt", weights_only=False)
     model_ok = all(torch.equal(v, full_model[k]) for k, v in model.state_dict().items())
     loaded = get_state_dict(model, optimizer)[1]["state"]

@@ -41,7 +41,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +69,7 @@ from qckpt.errors import IntegrityError, InvalidInputError
 from qckpt.format.records import CommitStats, Manifest, Snapshot, TensorEntry
 from qckpt.format.tree import ArrayLeaf, decode_tree, encode_tree, join_path
 from qckpt.repository import Repository, check_metrics
+from qckpt.state import TrainingState, capture_rng, restore_rng
 from qckpt.store.refs import check_ref_name
 
 FORMAT = 1
@@ -123,6 +124,17 @@ class QckptWriter(StorageWriter):
         self._coordinator = False
         self._hold = ExitStack()
         self._previous: HotSnapshot | None = None  # this rank's items at its previous save: delta bases
+
+    def commit(self, state: TrainingState, *, metrics: Mapping[str, float] | None = None) -> Snapshot | None:
+        """``dcp.save`` of a sharded ``TrainingState`` (call on every rank, like
+        ``dcp.save``): see ``sharded_state_dict``. Returns the snapshot on the
+        coordinator, None elsewhere."""
+        import torch.distributed.checkpoint as dcp
+
+        self.step, self.metrics = state.step, dict(metrics or {})
+        self.snapshot = None
+        dcp.save(sharded_state_dict(state), storage_writer=self)
+        return self.snapshot
 
     # -- StorageWriter ---------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -272,6 +284,63 @@ def optimizer_rules(planner: SavePlanner, keys: Sequence[str]) -> dict[str, Para
     return rules
 
 
+def _rank_key() -> str:
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    return f"rank{rank}"
+
+
+def _owner(state: TrainingState, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    owners = [m for m in state.components.values() if isinstance(m, torch.nn.Module)
+              and any(id(p) in params for p in m.parameters())]  # fmt: skip
+    if len(owners) != 1:
+        raise InvalidInputError(f"an optimizer's parameters must belong to exactly one module component (found {len(owners)})")
+    return owners[0]
+
+
+def sharded_state_dict(state: TrainingState) -> dict[str, Any]:
+    """The DCP state dict of a ``TrainingState`` whose modules may be sharded (FSDP2,
+    DTensor) or replicated: each module's and optimizer's state through
+    ``get_model_state_dict``/``get_optimizer_state_dict`` (optimizer state keyed by
+    parameter name); every other component, and the process RNG, under this
+    rank's own key (``rank<N>``: DCP stores one copy of what all ranks share, and
+    data positions and RNG streams differ per rank); step and extras as they are."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    tree: dict[str, Any] = {"step": state.step, "extras": state.extras}
+    own: dict[str, Any] = {"rng": capture_rng() if state.rng else None}
+    for name, component in state.components.items():
+        if isinstance(component, torch.nn.Module):
+            tree[name] = get_model_state_dict(component)
+        elif isinstance(component, torch.optim.Optimizer):
+            tree[name] = get_optimizer_state_dict(_owner(state, component), component)
+        elif isinstance(component, torch.Generator):
+            own[name] = component.get_state()
+        else:
+            own[name] = component.state_dict()
+    tree[_rank_key()] = own
+    return tree
+
+
+def load_sharded_state_dict(state: TrainingState, tree: Mapping[str, Any]) -> None:
+    """Load what ``dcp.load`` filled into ``sharded_state_dict(state)`` back into ``state``."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    own = tree[_rank_key()]
+    for name, component in state.components.items():
+        if isinstance(component, torch.nn.Module):
+            set_model_state_dict(component, tree[name])
+        elif isinstance(component, torch.optim.Optimizer):
+            set_optimizer_state_dict(_owner(state, component), component, tree[name])
+        elif isinstance(component, torch.Generator):
+            component.set_state(own[name])
+        else:
+            component.load_state_dict(own[name])
+    if state.rng and own["rng"] is not None:
+        restore_rng(own["rng"])
+    state.step, state.extras = tree["step"], tree["extras"]
+
+
 def _add(a: CommitStats, b: CommitStats) -> CommitStats:
     return CommitStats(a.raw_bytes + b.raw_bytes, a.chunks + b.chunks, a.new_chunks + b.new_chunks,
                        a.new_raw_bytes + b.new_raw_bytes, a.new_stored_bytes + b.new_stored_bytes,
@@ -297,6 +366,17 @@ class QckptReader(StorageReader):
             raise InvalidInputError(f"snapshot {self.snapshot.short_id} ({revision}) was not written by dcp.save "
                                     "through QckptWriter (use Repository.restore or Repository.load)")  # fmt: skip
         self._tree = dcp
+
+    def restore(self, state: TrainingState) -> None:
+        """``dcp.load`` into a sharded ``TrainingState`` saved by ``QckptWriter.commit``
+        (call on every rank): modules and optimizers through DCP's
+        ``set_*_state_dict`` (resharded to this run's layout), each rank's other
+        components and RNG from its own entry, step and extras."""
+        import torch.distributed.checkpoint as dcp
+
+        tree = sharded_state_dict(state)
+        dcp.load(tree, storage_reader=self)
+        load_sharded_state_dict(state, tree)
 
     # -- StorageReader ---------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
