@@ -107,9 +107,12 @@ class QckptWriter(StorageWriter):
 
     ``repo``: a ``Repository`` or its location (each rank opens it; ``close``
     closes what it opened). ``step``, ``metrics`` and ``message`` are recorded
-    with the next snapshot (set them on the coordinator before ``dcp.save``);
-    ``snapshot`` is the last snapshot this writer published (coordinator only).
-    ``dcp.save(..., checkpoint_id=NAME)`` commits on branch ``NAME`` instead.
+    with the snapshot of every following save (set them on the coordinator
+    before each ``dcp.save``; ``commit`` does); ``snapshot`` is the last
+    snapshot this writer published (coordinator only).
+    ``dcp.save(..., checkpoint_id=NAME)`` commits that save on branch ``NAME``.
+    Memory: each rank keeps a copy of the items it wrote last in host memory,
+    the next save's delta bases (as the hot tier does for ``commit``).
     """
 
     def __init__(self, repo: Repository | str | os.PathLike[str], branch: str = "main", *, message: str = "dcp.save") -> None:
