@@ -43,6 +43,7 @@ def _verified_json(kind: str, record_id: str, data: bytes, decompress: bool) -> 
 
 
 LOSSY_ANNOTATION = "lossy"  # the annotation key a lossy-tier snapshot carries
+WARM_PARTS_ANNOTATION = "warm_parts"  # the part manifests whose warm copies hold a snapshot written by several processes
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,15 @@ class Snapshot:
         """The lossy tier's record (``mantissa_bits``, ``relative_error``) if this
         snapshot's floats were stored rounded, else None (bit-exact)."""
         return self.annotations.get(LOSSY_ANNOTATION)
+
+    @property
+    def warm_parts(self) -> tuple[str, ...]:
+        """Ids of the part manifests whose warm copies (``warm/<id>``) hold this
+        snapshot's tensors, when several processes wrote them (``torch.distributed
+        .checkpoint`` ranks); empty otherwise. Malformed entries are ignored: a
+        warm copy is a cache."""
+        parts = self.annotations.get(WARM_PARTS_ANNOTATION)
+        return tuple(p for p in parts if isinstance(p, str) and ID_HEX.fullmatch(p)) if isinstance(parts, list) else ()
 
     def _document(self) -> dict[str, Any]:
         stats = {k: list(v) if k == "notes" else v for k, v in asdict(self.stats).items() if k != "notes" or v}

@@ -39,8 +39,10 @@ Not thread-safe: one save or load at a time per writer or reader.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -66,7 +68,8 @@ from qckpt.commit.hot import HotSnapshot
 from qckpt.commit.predict import ParamRule
 from qckpt.commit.staging import stage
 from qckpt.errors import IntegrityError, InvalidInputError
-from qckpt.format.records import CommitStats, Manifest, Snapshot, TensorEntry
+from qckpt.format.records import WARM_PARTS_ANNOTATION, CommitStats, Manifest, Snapshot, TensorEntry
+from qckpt.format.tensors import torch_dtype
 from qckpt.format.tree import ArrayLeaf, decode_tree, encode_tree, join_path
 from qckpt.repository import Repository, check_metrics
 from qckpt.state import TrainingState, capture_rng, restore_rng
@@ -89,11 +92,12 @@ def _open(repo: Repository | str | os.PathLike[str]) -> tuple[Repository, bool]:
 class _Written:
     """What one rank hands DCP for one item (``WriteResult.storage_data``): the
     item's key, its manifest entry (tensors) or bytes (objects), and, with the
-    rank's first item, the rank's commit sizes."""
+    rank's first item, the rank's commit sizes and its warm part, if written."""
 
     key: str
     value: TensorEntry | bytes
     stats: CommitStats | None = None
+    warm_part: str | None = None
 
 
 def _done(value: Any) -> Future[Any]:
@@ -127,6 +131,7 @@ class QckptWriter(StorageWriter):
         self._coordinator = False
         self._hold = ExitStack()
         self._previous: HotSnapshot | None = None  # this rank's items at its previous save: delta bases
+        self._last_part = -math.inf  # when this rank last wrote a warm part
 
     def commit(self, state: TrainingState, *, metrics: Mapping[str, float] | None = None) -> Snapshot | None:
         """``dcp.save`` of a sharded ``TrainingState`` (call on every rank, like
@@ -181,13 +186,30 @@ class QckptWriter(StorageWriter):
         staged = stage(leaves)
         previous = self._previous
         rules = optimizer_rules(planner, [key for _, key in tensor_items])
-        entries, stats = self.repo._store.write_unpublished(lambda txn: write_arrays(txn, staged, previous, rules, None))
+        entries, stats, part = self.repo._store.write_unpublished(lambda txn: self._write(txn, staged, previous, rules))
         self._previous = HotSnapshot("", {a.path: a for a in staged}, {e.path: e for e in entries}, rules, None)
         results = [WriteResult(i, e.nbytes, _Written(k, e)) for (i, k), e in zip(tensor_items, entries)] + objects
         if results:
-            first = results[0]
-            results[0] = WriteResult(first.index, first.size_in_bytes, _Written(first.storage_data.key, first.storage_data.value, stats))
+            first, written = results[0], results[0].storage_data
+            results[0] = WriteResult(first.index, first.size_in_bytes, _Written(written.key, written.value, stats, part))
         return _done(results)
+
+    def _write(self, txn: Any, staged: list[Any], previous: HotSnapshot | None,
+               rules: dict[str, ParamRule]) -> tuple[list[TensorEntry], CommitStats, str | None]:  # fmt: skip
+        """This rank's chunks, then, when one is due, its warm part: a manifest of its
+        tensors and their raw bytes (``WarmCopies.write_part``), so a restore of
+        this snapshot decodes no chain. Due as the repository's warm copies are
+        (``warm_interval``: every save on local disk, at most once a minute on S3)."""
+        entries, stats = write_arrays(txn, staged, previous, rules, None)
+        cadence = self.repo._warm
+        if cadence is None or not entries or time.monotonic() - self._last_part < cadence.interval_s:
+            return entries, stats, None
+        encoded, leaves = encode_tree({"dcp": {"tensors": {e.path.removeprefix(_TENSORS + "/"): torch.empty(0) for e in entries}}})
+        assert [leaf.path for leaf in leaves] == [e.path for e in entries]
+        part = txn.put_manifest(Manifest(encoded, tuple(entries)))
+        txn.store.warm.write_part(part, entries, {a.path: a.data for a in staged})
+        self._last_part = time.monotonic()
+        return entries, stats, part
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Phase two, on the coordinator: one manifest of every rank's items, one
@@ -207,10 +229,13 @@ class QckptWriter(StorageWriter):
         objects: dict[str, bytes] = {}
         keys: dict[MetadataIndex, str] = {}
         total = CommitStats()
+        parts: list[str] = []
         for result in results:
             written: _Written = result.storage_data
             if written.stats is not None:
                 total = _add(total, written.stats)
+            if written.warm_part is not None:
+                parts.append(written.warm_part)
             if isinstance(written.value, TensorEntry):
                 tensors[written.key] = written.value
             else:
@@ -224,12 +249,13 @@ class QckptWriter(StorageWriter):
         entries = tuple(by_path[leaf.path] for leaf in leaves)
         store = self.repo._store
         metrics = check_metrics(self.metrics)
+        annotations = {WARM_PARTS_ANNOTATION: parts} if parts else {}  # what no part holds is read from the packs
 
         def build(txn: Any) -> Any:
             manifest_id = txn.put_manifest(Manifest(encoded, entries))
             return lambda head: Snapshot.new(manifest=manifest_id, parents=(head,) if head else (), step=self.step,
                                              message=self.message, metrics=metrics, stats=total,
-                                             annotations={})  # fmt: skip
+                                             annotations=annotations)  # fmt: skip
 
         return store.transaction(self.branch, build, cause="dcp.save")
 
@@ -407,22 +433,46 @@ class QckptReader(StorageReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         """Read what this rank's plan asks for: whole tensors together (in parallel),
         parts of tensors by the chunks that cover them; everything digest-checked."""
+        tensors = [item for item in plan.items if item.type != LoadItemType.BYTE_IO]
+        entries = {item.storage_index: self._view.entry(join_path(_TENSORS, self._keys[item.storage_index])) for item in tensors}
+        warm = self._from_warm_parts(list({e.path: e for e in entries.values()}.values()))
         whole: list[tuple[ReadItem, TensorEntry]] = []
         for item in plan.items:
-            key = self._keys[item.storage_index]
             if item.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(item, io.BytesIO(self._tree["objects"][key]))
+                planner.load_bytes(item, io.BytesIO(self._tree["objects"][self._keys[item.storage_index]]))
                 continue
-            entry = self._view.entry(join_path(_TENSORS, key))
-            if all(o == 0 for o in item.storage_offsets) and tuple(item.lengths) == entry.shape:
+            entry = entries[item.storage_index]
+            index = tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
+            if entry.path in warm:
+                self._copy(planner, item, warm[entry.path][index])
+            elif all(o == 0 for o in item.storage_offsets) and tuple(item.lengths) == entry.shape:
                 whole.append((item, entry))
             else:
-                index = tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
                 self._copy(planner, item, self._view.read(entry.path, index))
         values = self.repo.read_arrays(self.snapshot, [e for _, e in whole]) if whole else []
         for (item, _), value in zip(whole, values):
             self._copy(planner, item, value)
         return _done(None)
+
+    def _from_warm_parts(self, entries: list[TensorEntry]) -> dict[str, torch.Tensor]:
+        """The tensors of ``entries`` that the snapshot's warm parts hold (each part's
+        trailer checked and every wanted chunk hashed, as any warm read), by path;
+        a missing or damaged part leaves its tensors to the packs."""
+        store = self.repo._store
+        found: dict[str, torch.Tensor] = {}
+        for part in self.snapshot.warm_parts:
+            todo = {e.path: e for e in entries if e.path not in found}
+            if not todo:
+                break
+            try:
+                manifest = store.manifest_by_id(part)
+            except IntegrityError:  # collected, or damaged: a cache
+                continue
+            wanted = [e for e in manifest.tensors if todo.get(e.path) == e]
+            read = store.warm.read_part(part, manifest, wanted) if wanted else None
+            for entry, array in zip(wanted, read.private() if read is not None else ()):
+                found[entry.path] = torch.from_numpy(array).view(torch_dtype(entry.dtype)).reshape(entry.shape)
+        return found
 
     @staticmethod
     def _copy(planner: LoadPlanner, item: ReadItem, value: Any) -> None:

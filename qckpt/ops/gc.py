@@ -8,8 +8,9 @@ what nothing kept needs, in an order that is safe to interrupt:
 1. repack partly dead packs: copy live objects verbatim into new packs, point
    the index at them;
 2. remove index entries of dead chunks (so no later commit dedups against them);
-3. delete warm copies of snapshots that are no branch's head, expired
-   snapshot records and unreferenced manifests;
+3. delete warm copies of snapshots that are no branch's head (a head's warm
+   parts stay, see ``Snapshot.warm_parts``), expired snapshot records and
+   manifests that no kept snapshot lists (as its manifest or a part);
 4. delete dead and repacked packs.
 
 A crash at any point leaves at worst extra garbage for the next run, never an
@@ -191,6 +192,7 @@ def collect_garbage(
             )
         keep = plan_retention(snapshots, branches, tags, policy, now, protected)
         live_manifests = {snapshots[i].manifest for i in keep}
+        parts = {i: snapshots[i].warm_parts for i in keep}  # part manifests list only chunks their snapshot lists
         live_chunks: set[bytes] = set()
         for n, manifest_id in enumerate(sorted(live_manifests)):
             live_chunks.update(c for t in store.manifest_by_id(manifest_id).tensors for c in t.chunks)
@@ -254,10 +256,12 @@ def collect_garbage(
 
         expired = [i for i in snapshots if i not in keep]
         expired_snaps = tuple(sorted((snapshots[i] for i in expired), key=lambda s: -s.time))
-        dead_manifests = [manifest_key(m) for m in store.manifest_ids() if m not in live_manifests]
+        part_manifests = {p for ids in parts.values() for p in ids}
+        dead_manifests = [manifest_key(m) for m in store.manifest_ids() if m not in live_manifests | part_manifests]
         # heads read after listing: a copy is written after its head's ref, so a current head's copy is never judged stale
         warm = store.warm.snapshot_ids()
         heads = set(backend.list_refs(BRANCH_PREFIX).values())
+        heads |= {p for head in heads for p in parts.get(head, ())}  # the warm parts of a head are its warm copy
         stale_warm = [i for i in warm if i not in heads]
         if dry_run:
             freed = sum(backend.size(pack_key(p)) for p in dead_packs)

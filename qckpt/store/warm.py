@@ -59,8 +59,18 @@ class WarmCopies:
     def write(self, snapshot: Snapshot, entries: Sequence[TensorEntry], arrays: Mapping[str, np.ndarray]) -> int:
         """Store the warm copy of ``snapshot`` (whose manifest lists ``entries``; ``arrays``
         holds their raw bytes by path, as committed). Returns the bytes written."""
-        parts = build_warm(snapshot.manifest, entries, arrays)
-        self._backend.put_cache(warm_key(snapshot.id), parts)  # a cache: no fsync (a torn copy fails verification)
+        return self._write(snapshot.id, snapshot.manifest, entries, arrays)
+
+    def write_part(self, manifest_id: str, entries: Sequence[TensorEntry], arrays: Mapping[str, np.ndarray]) -> int:
+        """Store a warm part: the warm copy of a part manifest (``manifest_id``, listing
+        ``entries``), at ``warm/<manifest_id>``. One writer of a snapshot written by
+        several processes (a ``torch.distributed.checkpoint`` rank) writes the part
+        of the tensors it wrote; the snapshot names its parts in its annotations."""
+        return self._write(manifest_id, manifest_id, entries, arrays)
+
+    def _write(self, name: str, manifest_id: str, entries: Sequence[TensorEntry], arrays: Mapping[str, np.ndarray]) -> int:
+        parts = build_warm(manifest_id, entries, arrays)
+        self._backend.put_cache(warm_key(name), parts)  # a cache: no fsync (a torn copy fails verification)
         return sum(p.nbytes for p in parts)
 
     def read(
@@ -69,14 +79,23 @@ class WarmCopies:
         """The ``wanted`` tensors of ``snapshot`` from its warm copy (``fetched``, if
         ``fetch`` started getting it), verified; None if it has none, or if the copy is
         damaged (logged: the caller reads the packs)."""
+        return self._read(snapshot.id, snapshot.manifest, manifest, wanted, fetched)
+
+    def read_part(self, manifest_id: str, manifest: Manifest, wanted: Sequence[TensorEntry]) -> WarmRead | None:
+        """The ``wanted`` tensors from the warm part of manifest ``manifest_id`` (see
+        ``write_part``), verified as ``read`` verifies; None if missing or damaged."""
+        return self._read(manifest_id, manifest_id, manifest, wanted, None)
+
+    def _read(self, name: str, manifest_id: str, manifest: Manifest, wanted: Sequence[TensorEntry],
+              fetched: Future[MappedBlob] | None) -> WarmRead | None:  # fmt: skip
         try:
-            blob = fetched.result() if fetched is not None else self._backend.map(warm_key(snapshot.id))
+            blob = fetched.result() if fetched is not None else self._backend.map(warm_key(name))
         except ObjectNotFoundError:
             return None
         try:
-            offsets = self._check(blob.view, snapshot, manifest, wanted)
+            offsets = self._check(blob.view, manifest_id, manifest, wanted)
         except IntegrityError as e:
-            _log.warning("the warm copy of snapshot %s is damaged, reading its packs instead: %s", snapshot.short_id, e)
+            _log.warning("the warm copy %s is damaged, reading packs instead: %s", name[:12], e)
             return None
         return WarmRead(_arrays(blob.view, offsets, wanted), lambda: _arrays(blob.private(), offsets, wanted))
 
@@ -88,19 +107,19 @@ class WarmCopies:
     def verify(self, snapshot: Snapshot, manifest: Manifest) -> None:
         """Check the whole warm copy of ``snapshot`` (``IntegrityError`` if damaged;
         ``ObjectNotFoundError`` if there is none)."""
-        self._check(self._backend.map(warm_key(snapshot.id)).view, snapshot, manifest, manifest.tensors)
+        self._check(self._backend.map(warm_key(snapshot.id)).view, snapshot.manifest, manifest, manifest.tensors)
 
-    def _check(self, view: memoryview, snapshot: Snapshot, manifest: Manifest, wanted: Sequence[TensorEntry]) -> list[int]:
-        """Offsets of ``wanted`` in a warm copy of ``snapshot``, after checking its
-        trailer and hashing every chunk of ``wanted``."""
-        all_offsets = check_warm_trailer(view[-WARM_TRAILER_SIZE:], len(view), snapshot.manifest, manifest.tensors)
+    def _check(self, view: memoryview, manifest_id: str, manifest: Manifest, wanted: Sequence[TensorEntry]) -> list[int]:
+        """Offsets of ``wanted`` in a warm copy of manifest ``manifest_id``, after checking
+        its trailer and hashing every chunk of ``wanted``."""
+        all_offsets = check_warm_trailer(view[-WARM_TRAILER_SIZE:], len(view), manifest_id, manifest.tensors)
         where = {e.path: o for e, o in zip(manifest.tensors, all_offsets)}
         offsets = [where[e.path] for e in wanted]
         verify_warm(view, offsets, wanted, self._pool)
         return offsets
 
     def snapshot_ids(self) -> list[str]:
-        """Snapshots that have a warm copy."""
+        """Snapshots (and part manifests) that have a warm copy."""
         return [k.removeprefix(WARM_PREFIX) for k in self._backend.list(WARM_PREFIX)]
 
     def delete(self, snapshot_id: str) -> None:

@@ -78,8 +78,11 @@ def test_two_ranks_save_snapshots_that_load_on_two_ranks_and_in_one_process(tmp_
         assert sorted(view) == ["dcp/tensors/bias", "dcp/tensors/emb@0,0", "dcp/tensors/emb@2,0",
                                 "dcp/tensors/w@0,0", "dcp/tensors/w@4,0"]  # fmt: skip
         assert torch.equal(view["dcp/tensors/w@4,0"], full_state(3)["w"][4:])
+        assert all(len(s.warm_parts) == 2 for s in log)  # each rank wrote the raw copy of its part
         repo.gc()
         assert repo.fsck().ok
+        warm = set(repo._store.warm.snapshot_ids())
+        assert set(log[0].warm_parts) <= warm and not warm & {p for s in log[1:] for p in s.warm_parts}
     _assert_state(_load_in_one_process(location), 3)  # 2 ranks -> 1 process
     _assert_state(_load_in_one_process(location, "main@1"), 1)  # any revision
     for task in ("load", "load-dim1"):  # 2 ranks -> 2 ranks, as saved and resharded along the other dimension
@@ -265,3 +268,28 @@ def test_a_training_state_commits_and_restores_through_dcp_in_one_process(tmp_pa
         stray = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
         with pytest.raises(qckpt.InvalidInputError, match="exactly one module"):
             writer.commit(qckpt.TrainingState(model=torch.nn.Linear(2, 2), optimizer=stray))
+
+
+def test_restores_read_warm_parts_and_fall_back_to_the_packs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "repo"
+    with qckpt.Repository.init(root) as repo, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        writer = QckptWriter(repo)
+        for step in (1, 2):
+            dcp.save(full_state(step), storage_writer=writer)
+        (part,) = repo.snapshot("main").warm_parts
+    copy_path = root / "warm" / part
+    assert copy_path.exists()
+    reads = []
+    original = qckpt.Repository.read_arrays
+    with pytest.MonkeyPatch.context() as patch:  # with a sound part, no tensor is read from the packs
+        patch.setattr(qckpt.Repository, "read_arrays", lambda self, s, e: reads.append(e) or original(self, s, e))
+        _assert_state(_load_in_one_process(root), 2)
+        assert reads == []
+        data = bytearray(copy_path.read_bytes())
+        data[10] ^= 0xFF  # a damaged part: logged, then the packs
+        copy_path.write_bytes(bytes(data))
+        _assert_state(_load_in_one_process(root), 2)
+        assert reads and "damaged" in caplog.text
+        copy_path.unlink()  # no part at all: the packs
+        _assert_state(_load_in_one_process(root), 2)
