@@ -38,9 +38,16 @@ from qckpt.commit.predict import ParamRule, parameter_rules
 from qckpt.commit.staging import StagedArray, stage
 from qckpt.commit.warm import WarmCadence
 from qckpt.commit.writer import CommitHandle, CommitWriter
-from qckpt.errors import AlreadyExistsError, DivergedError, InvalidInputError, RevisionNotFoundError, StateMismatchError
+from qckpt.errors import (
+    AlreadyExistsError,
+    DivergedError,
+    InvalidInputError,
+    RevisionNotFoundError,
+    StateMismatchError,
+    UnsupportedValueError,
+)
 from qckpt.format.records import LOSSY_ANNOTATION, Manifest, RefLogEntry, Snapshot
-from qckpt.format.tree import decode_tree, encode_tree
+from qckpt.format.tree import decode_tree, encode_tree, is_sharded
 from qckpt.ops.diff import TensorDiff, diff_snapshots
 from qckpt.ops.file_export import export_file, format_for
 from qckpt.ops.fsck import FsckReport, check_repository
@@ -439,8 +446,16 @@ class Repository:
         live state is untouched. A snapshot in the hot tier is copied from
         memory; one read from storage enters the hot tier (the base of the next
         commit's deltas). The state's next commit has the restored snapshot as
-        parent (see ``commit``). Returns the restored snapshot.
+        parent (see ``commit``). Returns the restored snapshot. A state with sharded
+        (DTensor) modules raises ``UnsupportedValueError``: restore it on every rank
+        with ``qckpt.integrations.dcp.QckptReader``.
         """
+        for name, component in state.components.items():
+            if isinstance(component, torch.nn.Module) and any(is_sharded(p) for p in component.parameters()):
+                raise UnsupportedValueError(
+                    f"component {name!r} is sharded (DTensor parameters): restore sharded states on every rank "
+                    "with qckpt.integrations.dcp.QckptReader(repo, revision).restore(state)"
+                )
         snapshot_id = self.resolve(revision)  # waits for pending commits: the revision may name them
         fetched = None if self._hot.get(snapshot_id) is not None else self._store.prefetch_warm(snapshot_id)
         snap = self._store.snapshot(snapshot_id)

@@ -47,7 +47,17 @@ def join_path(parent: str, key: object) -> str:
 _SUPPORTED = "None, bool, int, float, str, bytes, list, tuple, dict, torch.Tensor, numpy arrays and scalars"
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """A ``torch.distributed`` DTensor: each process holds only its shard."""
+    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
 def _check_tensor(t: torch.Tensor, path: str) -> None:
+    if is_sharded(t):
+        raise UnsupportedValueError(
+            f"state key {path!r} is a sharded DTensor (FSDP2, tensor parallel): commit and restore sharded states "
+            "on every rank with qckpt.integrations.dcp (QckptWriter(repo).commit(state), QckptReader(repo, rev).restore(state))"
+        )
     if t.layout != torch.strided:
         raise UnsupportedValueError(f"state key {path!r}: {t.layout} tensors are not supported (use .to_dense())")
     if t.is_quantized or t.device.type == "meta" or torch_dtype_name(t.dtype) is None:

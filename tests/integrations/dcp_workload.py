@@ -63,6 +63,21 @@ def rank_main(rank: int, world: int, rendezvous: str, location: str, task: str, 
             expected = sharded(full_state(3), mesh, dim)
             seen["equal"] = {k: bool(torch.equal(_local(state[k]), _local(expected[k]))) if isinstance(state[k], torch.Tensor)
                              else state[k] == expected[k] for k in state}  # fmt: skip
+        elif task == "refuse":  # the native API refuses sharded states with a clear, typed error
+            from torch.distributed.fsdp import fully_shard
+
+            import qckpt
+
+            model = torch.nn.Linear(4, 4)
+            fully_shard(model, mesh=mesh)
+            state = qckpt.TrainingState(model=model, optimizer=torch.optim.AdamW(model.parameters()))
+            with qckpt.Repository.open(location) as repo:
+                for name, call in (("commit", lambda: repo.commit(state)), ("restore", lambda: repo.restore(state, "main"))):
+                    try:
+                        call()
+                        seen[name] = None
+                    except qckpt.UnsupportedValueError as e:
+                        seen[name] = str(e)
         elif task == "die":
             writer = QckptWriter(location, "main")
             if rank == 1:

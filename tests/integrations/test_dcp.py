@@ -116,6 +116,16 @@ def test_s3_and_two_jobs_on_two_branches(tmp_path: Path, s3_uri: str) -> None:
         assert repo.fsck().ok
 
 
+def test_the_native_api_refuses_sharded_states_with_a_pointer_to_dcp(tmp_path: Path) -> None:
+    location = str(tmp_path / "repo")
+    qckpt.Repository.init(location).close()
+    assert _ranks(tmp_path, location, "save")[0] == [0, 0]
+    codes, (report,) = _ranks(tmp_path, location, "refuse", world=1)
+    assert codes == [0]
+    assert "sharded DTensor" in report["commit"] and "QckptWriter" in report["commit"]
+    assert "sharded" in report["restore"] and "QckptReader" in report["restore"]
+
+
 def test_readers_refuse_what_they_cannot_read(tmp_path: Path) -> None:
     with qckpt.Repository.init(tmp_path / "repo") as repo:
         with pytest.raises(qckpt.RevisionNotFoundError):
