@@ -27,8 +27,8 @@ from tests.integrations.dcp_workload import full_state, rank_main
 pytestmark = pytest.mark.slow
 
 
-def _ranks(tmp_path: Path, location: str, task: str, world: int = 2) -> tuple[list[int | None], list[dict[str, Any]]]:
-    """Run ``task`` on ``world`` spawned gloo ranks; (exit codes, what each rank reported)."""
+def _start(tmp_path: Path, location: str, task: str, world: int = 2) -> tuple[list[Any], Path]:
+    """Start ``task`` on ``world`` spawned gloo ranks (a job of its own)."""
     run = tmp_path / f"{task}-{uuid.uuid4().hex[:6]}"
     run.mkdir()
     context = multiprocessing.get_context("spawn")
@@ -36,6 +36,16 @@ def _ranks(tmp_path: Path, location: str, task: str, world: int = 2) -> tuple[li
              for r in range(world)]  # fmt: skip
     for p in procs:
         p.start()
+    return procs, run
+
+
+def _ranks(tmp_path: Path, location: str, task: str, world: int = 2) -> tuple[list[int | None], list[dict[str, Any]]]:
+    """Run ``task`` on ``world`` spawned gloo ranks; (exit codes, what each rank reported)."""
+    return _join(*_start(tmp_path, location, task, world))
+
+
+def _join(procs: list[Any], run: Path) -> tuple[list[int | None], list[dict[str, Any]]]:
+    world = len(procs)
     for p in procs:
         p.join(timeout=180)
     for p in procs:
@@ -105,10 +115,10 @@ def test_a_rank_killed_mid_save_publishes_nothing(tmp_path: Path) -> None:
     _assert_state(_load_in_one_process(location), 3)
 
 
-def test_s3_and_two_jobs_on_two_branches(tmp_path: Path, s3_uri: str) -> None:
+def test_s3_and_two_jobs_at_once_on_two_branches(tmp_path: Path, s3_uri: str) -> None:
     qckpt.Repository.init(s3_uri).close()
-    assert _ranks(tmp_path, s3_uri, "save")[0] == [0, 0]
-    assert _ranks(tmp_path, s3_uri, "save-other-branch")[0] == [0, 0]
+    jobs = [_start(tmp_path, s3_uri, task) for task in ("save", "save-other-branch")]  # 2 jobs x 2 ranks, concurrently
+    assert [_join(*job)[0] for job in jobs] == [[0, 0], [0, 0]]
     _assert_state(_load_in_one_process(s3_uri, "main"), 3)
     _assert_state(_load_in_one_process(s3_uri, "other"), 3)
     with qckpt.Repository.open(s3_uri) as repo:
@@ -287,6 +297,7 @@ def test_restores_read_warm_parts_and_fall_back_to_the_packs(tmp_path: Path, cap
         writer = QckptWriter(repo)
         for step in (1, 2):
             dcp.save(full_state(step), storage_writer=writer)
+        writer.close()  # waits for the warm part written in the background
         (part,) = repo.snapshot("main").warm_parts
     copy_path = root / "warm" / part
     assert copy_path.exists()
