@@ -20,7 +20,11 @@ ranks' parameters, optimizer state, RNG and sampler states);
 ``resharded_restore``: one process without ``torch.distributed`` loads the last
 snapshot into an unsharded model and optimizer, equal to the full state the
 ranks gathered. Ratios: ``bytes_ratio``, ``commit_ratio``, ``restore_ratio``
-(qckpt / DCP).
+(qckpt / DCP). ``train_s``, ``qckpt_async_train_s``, ``dcp_async_train_s``:
+rank 0's wall time of the same training (fresh runs, same seeds) without
+checkpoints and with ``dcp.async_save`` every step onto each storage, each
+save waiting for the previous one (what training pays when saves leave its
+thread).
 """
 
 from __future__ import annotations
@@ -115,6 +119,8 @@ def _rank(rank: int, rendezvous: str, root: str, phase: str, size: str, steps: i
             full = get_state_dict(run.model, run.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:
                 torch.save(full, Path(root, "full.pt"))
+        elif phase == "async":  # the same training three times: no checkpoints, async_save onto each
+            out["async_s"] = _async_walls(rank, Path(root), size, steps)
         else:  # resume: restore the middle step, train to the end, checkpoint on "resume"
             reader = QckptReader(repo_path, f"main@{steps // 2}")
             reader.restore(run.state)
@@ -124,9 +130,41 @@ def _rank(rank: int, rendezvous: str, root: str, phase: str, size: str, steps: i
             writer = QckptWriter(repo_path, "resume")
             writer.commit(run.state)
             writer.close()
+        dist.barrier()  # nobody tears the group down while a peer still talks (gloo aborts on a closed peer)
     finally:
         Path(root, f"{phase}-rank{rank}.json").write_text(json.dumps(out))
         dist.destroy_process_group()
+
+
+def _async_walls(rank: int, root: Path, size: str, steps: int) -> dict[str, float]:
+    """Wall time of ``steps`` training steps (a fresh, identically seeded run each
+    time) without checkpoints and with ``dcp.async_save`` every step onto each
+    storage, each save waiting for the previous one first (DCP's usage)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    walls = {}
+    group = dist.new_group(backend="gloo")  # async saves' collectives must not interleave with training's
+    for method in ("none", "qckpt", "dcp"):
+        run = _Run(rank, size)
+        writer = QckptWriter(root / "repo", "async")
+        pending = None
+        dist.barrier()
+        started = time.perf_counter()
+        for step in range(1, steps + 1):
+            run.step()
+            if method == "none":
+                continue
+            if pending is not None:
+                pending.result()
+            storage = writer if method == "qckpt" else dcp.FileSystemWriter(root / "dcp-async" / f"step-{step}")
+            pending = dcp.async_save(sharded_state_dict(run.state), storage_writer=storage, process_group=group)
+        if pending is not None:
+            pending.result()
+        dist.barrier()
+        walls[method] = time.perf_counter() - started
+        writer.close()
+    return walls
 
 
 def _restore_times(run: _Run, repo_path: Path, dcp_dir: Path) -> dict[str, float]:
@@ -204,6 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         qckpt.Repository.init(root / "repo").close()
         ranks = _spawn(root, "train", size, steps)
         _spawn(root, "resume", size, steps)
+        walls = _spawn(root, "async", size, steps)[0]["async_s"]
         with qckpt.Repository.open(root / "repo") as repo:
             qckpt_bytes = repo.stats().stored_bytes
             bit_exact = _same_snapshots(repo, "main", "resume")
@@ -213,6 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "qckpt_commit_s": ranks[0]["commit_s"]["qckpt"], "dcp_save_s": ranks[0]["commit_s"]["dcp"],
             "qckpt_restore_s": ranks[0]["restore_s"]["qckpt"], "dcp_load_s": ranks[0]["restore_s"]["dcp"],
             "bit_exact": bit_exact, "resharded_restore": _resharded_equal(root, size),
+            "train_s": walls["none"], "qckpt_async_train_s": walls["qckpt"], "dcp_async_train_s": walls["dcp"],
         }  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -226,6 +266,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"    ({results['commit_ratio']:.2f}x; target <= 1.0)")  # fmt: skip
     print(f"  restore / load qckpt {results['qckpt_restore_s']:8.3f} s    dcp.load {results['dcp_load_s']:8.3f} s"
           f"    ({results['restore_ratio']:.2f}x; target <= 1.5)")  # fmt: skip
+    print(f"  {steps} steps with dcp.async_save every step: qckpt {results['qckpt_async_train_s']:.2f} s, "
+          f"dcp {results['dcp_async_train_s']:.2f} s, without checkpoints {results['train_s']:.2f} s")
     print(f"  bit-exact resume in new processes: {results['bit_exact']}; 2 ranks -> 1 process: {results['resharded_restore']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

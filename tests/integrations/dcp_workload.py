@@ -91,6 +91,8 @@ def rank_main(rank: int, world: int, rendezvous: str, location: str, task: str, 
             except (Exception, CheckpointException) as e:  # reported to the test, which asserts on it
                 seen["error"] = f"{type(e).__name__}: {e}"[:500]
             writer.close()
+        if task != "die":
+            dist.barrier()  # nobody tears the group down while a peer still talks (gloo aborts on a closed peer)
     finally:
         Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
         if task != "die":
