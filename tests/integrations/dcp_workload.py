@@ -43,9 +43,12 @@ def _zeros_like(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def rank_main(rank: int, world: int, rendezvous: str, location: str, task: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=20))  # fmt: skip
-    mesh = init_device_mesh("cpu", (world,))
+    device = "cuda" if task == "cuda" else "cpu"  # "cuda": NCCL, one rank per GPU
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))  # fmt: skip
+    mesh = init_device_mesh(device, (world,))
     seen: dict[str, Any] = {}
     try:
         if task in ("save", "save-other-branch"):
@@ -63,6 +66,34 @@ def rank_main(rank: int, world: int, rendezvous: str, location: str, task: str, 
             expected = sharded(full_state(3), mesh, dim)
             seen["equal"] = {k: bool(torch.equal(_local(state[k]), _local(expected[k]))) if isinstance(state[k], torch.Tensor)
                              else state[k] == expected[k] for k in state}  # fmt: skip
+        elif task == "cuda":  # a sharded CUDA run: commit (pinned staging), restore into a fresh run, train on equal
+            from torch.distributed.fsdp import fully_shard
+
+            import qckpt
+
+            def new_run() -> qckpt.TrainingState:
+                torch.manual_seed(0)
+                model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 4)).cuda()
+                fully_shard(model, mesh=mesh)
+                return qckpt.TrainingState(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+
+            def step(state: qckpt.TrainingState) -> float:
+                loss = state.components["model"](torch.randn(8, 16, device="cuda")).square().mean()
+                loss.backward()
+                state.components["optimizer"].step()
+                state.components["optimizer"].zero_grad()
+                state.step += 1
+                return float(loss)
+
+            state, writer = new_run(), QckptWriter(location, "main")
+            for _ in range(3):
+                step(state)
+                writer.commit(state)
+            writer.close()
+            expected = step(state)
+            fresh = new_run()
+            QckptReader(location, "main").restore(fresh)
+            seen["equal"] = step(fresh) == expected  # parameters, AdamW state and the CUDA RNG all restored
         elif task == "refuse":  # the native API refuses sharded states with a clear, typed error
             from torch.distributed.fsdp import fully_shard
 

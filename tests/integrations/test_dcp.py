@@ -136,6 +136,14 @@ def test_the_native_api_refuses_sharded_states_with_a_pointer_to_dcp(tmp_path: P
     assert "sharded" in report["restore"] and "QckptReader" in report["restore"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_sharded_cuda_run_on_nccl_resumes_bit_exactly(tmp_path: Path) -> None:
+    location = str(tmp_path / "repo")
+    qckpt.Repository.init(location).close()
+    codes, reports = _ranks(tmp_path, location, "cuda", world=torch.cuda.device_count())
+    assert all(c == 0 for c in codes) and all(r["equal"] for r in reports), (codes, reports)
+
+
 def test_readers_refuse_what_they_cannot_read(tmp_path: Path) -> None:
     with qckpt.Repository.init(tmp_path / "repo") as repo:
         with pytest.raises(qckpt.RevisionNotFoundError):
