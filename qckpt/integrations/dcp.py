@@ -70,7 +70,7 @@ from qckpt.commit.staging import stage
 from qckpt.errors import IntegrityError, InvalidInputError
 from qckpt.format.records import WARM_PARTS_ANNOTATION, CommitStats, Manifest, Snapshot, TensorEntry
 from qckpt.format.tensors import torch_dtype
-from qckpt.format.tree import ArrayLeaf, decode_tree, encode_tree, join_path
+from qckpt.format.tree import ArrayLeaf, encode_tree, join_path
 from qckpt.repository import Repository, check_metrics
 from qckpt.state import TrainingState, capture_rng, restore_rng
 from qckpt.store.refs import check_ref_name
@@ -98,6 +98,15 @@ class _Written:
     value: TensorEntry | bytes
     stats: CommitStats | None = None
     warm_part: str | None = None
+
+
+def _manifest(tensors: Mapping[str, TensorEntry], **plain: Any) -> Manifest:
+    """The manifest of ``{"dcp": {**plain, "tensors": {key: tensor}}}`` whose tensor
+    table is ``tensors``' entries (``encode_tree`` lays the tree out around
+    placeholders, so entry paths and tree paths agree by construction)."""
+    encoded, leaves = encode_tree({"dcp": {**plain, "tensors": {key: torch.empty(0) for key in tensors}}})
+    by_path = {e.path: e for e in tensors.values()}
+    return Manifest(encoded, tuple(by_path[leaf.path] for leaf in leaves))
 
 
 def _done(value: Any) -> Future[Any]:
@@ -185,8 +194,9 @@ class QckptWriter(StorageWriter):
                 tensor_items.append((item.index, key))
         staged = stage(leaves)
         previous = self._previous
-        rules = optimizer_rules(planner, [key for _, key in tensor_items])
-        entries, stats, part = self.repo._store.write_unpublished(lambda txn: self._write(txn, staged, previous, rules))
+        keys = [key for _, key in tensor_items]
+        rules = optimizer_rules(planner, keys)
+        entries, stats, part = self.repo._store.write_unpublished(lambda txn: self._write(txn, staged, keys, previous, rules))
         self._previous = HotSnapshot("", {a.path: a for a in staged}, {e.path: e for e in entries}, rules, None)
         results = [WriteResult(i, e.nbytes, _Written(k, e)) for (i, k), e in zip(tensor_items, entries)] + objects
         if results:
@@ -194,7 +204,7 @@ class QckptWriter(StorageWriter):
             results[0] = WriteResult(first.index, first.size_in_bytes, _Written(written.key, written.value, stats, part))
         return _done(results)
 
-    def _write(self, txn: Any, staged: list[Any], previous: HotSnapshot | None,
+    def _write(self, txn: Any, staged: list[Any], keys: list[str], previous: HotSnapshot | None,
                rules: dict[str, ParamRule]) -> tuple[list[TensorEntry], CommitStats, str | None]:  # fmt: skip
         """This rank's chunks, then, when one is due, its warm part: a manifest of its
         tensors and their raw bytes (``WarmCopies.write_part``), so a restore of
@@ -204,9 +214,7 @@ class QckptWriter(StorageWriter):
         cadence = self.repo._warm
         if cadence is None or not entries or time.monotonic() - self._last_part < cadence.interval_s:
             return entries, stats, None
-        encoded, leaves = encode_tree({"dcp": {"tensors": {e.path.removeprefix(_TENSORS + "/"): torch.empty(0) for e in entries}}})
-        assert [leaf.path for leaf in leaves] == [e.path for e in entries]
-        part = txn.put_manifest(Manifest(encoded, tuple(entries)))
+        part = txn.put_manifest(_manifest(dict(zip(keys, entries))))
         txn.store.warm.write_part(part, entries, {a.path: a.data for a in staged})
         self._last_part = time.monotonic()
         return entries, stats, part
@@ -242,17 +250,13 @@ class QckptWriter(StorageWriter):
                 objects[written.key] = written.value
             keys[result.index] = written.key
         metadata.storage_data = keys
-        placeholders = {k: torch.empty(0) for k in tensors}  # encode_tree lays out the tree; entries fill it
-        tree = {"dcp": {"format": FORMAT, "metadata": pickle.dumps(metadata), "tensors": placeholders, "objects": objects}}
-        encoded, leaves = encode_tree(tree)
-        by_path = {e.path: e for e in tensors.values()}
-        entries = tuple(by_path[leaf.path] for leaf in leaves)
+        manifest = _manifest(tensors, format=FORMAT, metadata=pickle.dumps(metadata), objects=objects)
         store = self.repo._store
         metrics = check_metrics(self.metrics)
         annotations = {WARM_PARTS_ANNOTATION: parts} if parts else {}  # what no part holds is read from the packs
 
         def build(txn: Any) -> Any:
-            manifest_id = txn.put_manifest(Manifest(encoded, entries))
+            manifest_id = txn.put_manifest(manifest)
             return lambda head: Snapshot.new(manifest=manifest_id, parents=(head,) if head else (), step=self.step,
                                              message=self.message, metrics=metrics, stats=total,
                                              annotations=annotations)  # fmt: skip
@@ -389,7 +393,7 @@ class QckptReader(StorageReader):
     def _resolve(self, revision: str) -> None:
         self.snapshot = self.repo.snapshot(revision)
         self._view = self.repo.load(self.snapshot.id)
-        tree = decode_tree(self.repo.manifest(self.snapshot).tree, lambda i: None)
+        tree = self._view.skeleton()
         dcp = tree.get("dcp") if isinstance(tree, dict) else None
         if not isinstance(dcp, dict) or dcp.get("format") != FORMAT:
             raise InvalidInputError(f"snapshot {self.snapshot.short_id} ({revision}) was not written by dcp.save "

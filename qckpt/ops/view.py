@@ -78,11 +78,15 @@ class SnapshotView(Mapping[str, "torch.Tensor | np.ndarray"]):
         values = self._read(self.snapshot, list(self._manifest.tensors))
         return decode_tree(self._manifest.tree, values.__getitem__)
 
+    def skeleton(self) -> Any:
+        """The committed tree with every tensor as None: plain values, no tensor read."""
+        return decode_tree(self._manifest.tree, lambda i: None)
+
     def parameter_of(self) -> dict[str, str]:
         """Optimizer state tensor path -> the tree path of the parameter it belongs to
         (``components/optimizer/state/3/exp_avg`` -> ``components/model/fc.weight``),
         as recorded by ``TrainingState`` commits; reads no tensor."""
-        tree = decode_tree(self._manifest.tree, lambda i: None)
+        tree = self.skeleton()
         recorded = tree.get("parameters") if isinstance(tree, dict) else None
         owners: dict[str, str] = {}
         for optimizer, paths in (recorded or {}).items():

@@ -34,6 +34,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -227,9 +228,7 @@ class Store:
         check_ref_name(branch)
         if on_conflict not in ("retry", "raise"):
             raise InvalidInputError(f"on_conflict must be 'retry' or 'raise', got {on_conflict!r}")
-        with self.backend.lock(exclusive=False) as lease:  # GC must not sweep what this transaction dedups against
-            self._upgrade_config()
-            self.sync_index()
+        with self._writing() as lease:
             head = self.read_ref(BRANCH_PREFIX + branch)
             snapshot_on = build(Transaction(self, branch, head))
             return self._publish(branch, head, snapshot_on, cause, lease, retry=on_conflict == "retry")
@@ -242,10 +241,17 @@ class Store:
         caller must keep garbage collection away until they are published (the
         coordinator holds the lock shared from before any rank writes until it
         has published); a publication that never comes leaves garbage only."""
-        with self.backend.lock(exclusive=False):
+        with self._writing():
+            return write(Transaction(self, "", None))
+
+    @contextmanager
+    def _writing(self) -> Iterator[Lease]:
+        """Steps 1-3: the writer lock held shared (GC must not sweep what a writer
+        dedups against), the config's version current, the index in sync."""
+        with self.backend.lock(exclusive=False) as lease:
             self._upgrade_config()
             self.sync_index()
-            return write(Transaction(self, "", None))
+            yield lease
 
     def _upgrade_config(self) -> None:
         """Before the first write to a repository of an older format version, record
