@@ -322,3 +322,15 @@ def test_restores_read_warm_parts_and_fall_back_to_the_packs(tmp_path: Path, cap
         assert reads and "damaged" in caplog.text
         copy_path.unlink()  # no part at all: the packs
         _assert_state(_load_in_one_process(root), 2)
+
+
+def test_names_with_slashes_and_percent_signs_round_trip(tmp_path: Path) -> None:
+    """Keys are escaped once in tensor paths (the warm part's manifest once escaped them twice)."""
+    state = {"enc/layer": torch.arange(6.0), "rate%": torch.ones(3)}
+    with qckpt.Repository.init(tmp_path / "repo") as repo, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, storage_writer=QckptWriter(repo))
+        assert len(repo.snapshot("main").warm_parts) == 1
+        loaded = {"enc/layer": torch.zeros(6), "rate%": torch.zeros(3)}
+        dcp.load(loaded, storage_reader=QckptReader(repo))
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
