@@ -361,7 +361,8 @@ class LightCone:
                               message=f"light cone event {number}: continue along {chosen.future.name}")  # fmt: skip
         self.repo.restore(self.state, join.id)
         self.controls = Controls.of(self.state)
-        self._main.append((self.state.step, join.id))
+        # the abandoned commits are off the run's trajectory now: no later event may roll back onto them
+        self._main = [(step, sid) for step, sid in self._main if step <= (origin.step or 0)] + [(self.state.step, join.id)]
         self.record.main = [m for m in self.record.main if m[0] <= (origin.step or 0)] + chosen.metrics
         history = [m for m in self.record.main if m[1] is not None and math.isfinite(m[1])][-64:]
         self.record.events.append({

@@ -130,6 +130,22 @@ def test_bad_input_is_a_typed_error(tmp_path: Path) -> None:
             ConeRecord.load(repo, "nope")
 
 
+def test_a_later_event_never_rolls_back_onto_the_abandoned_steps(tmp_path: Path) -> None:
+    from branch import Trigger
+
+    workload = Workload(STEPS)
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        cone = _cone(repo, workload, "clean", rollback=8)
+        for _ in range(20):
+            cone.observe(cone.train_step(next(cone.batches)))
+        first = cone.explore(Trigger(20, 1.0, 1.0, 20, ()))
+        assert first.origin.step == 12 and first.join.step == 20
+        abandoned = repo.snapshot("main@16")  # the old head's line, before the join
+        assert abandoned.id not in {first.origin.id, first.join.id}
+        later = cone.origin_for(Trigger(24, 1.0, 1.0, 24, ()))  # 8 steps before 24: not the abandoned step 16
+        assert later.id == first.origin.id
+
+
 def _fake_trigger(cone: LightCone) -> Any:
     from branch import InstabilityIndex, Observation
 
