@@ -62,7 +62,14 @@ class QckptCallback(TrainerCallback):
     """Commits the Trainer's training state to ``branch`` of ``repository`` (opened,
     or created if absent, when given as a location) every ``every`` optimizer steps.
     Call ``checkpoint()`` for the ``resume_from_checkpoint`` argument. Used from the
-    training thread only."""
+    training thread only.
+
+    Extending it (``branch.integrations.transformers`` does): ``live`` is the
+    ``TrainingState`` committed (built at train begin from ``components``);
+    ``commit_point`` runs at each cadence step at the moment a commit of it
+    resumes exactly, after the step's logging and evaluation, and ``train_ended``
+    at the end of training; ``capture`` brings ``live`` up to date with the
+    Trainer's state for a commit made there."""
 
     def __init__(
         self,
@@ -80,8 +87,9 @@ class QckptCallback(TrainerCallback):
         self.repo = open_or_init(repository)
         self.branch, self.every, self.scaler = branch, every, scaler
         self._model: torch.nn.Module | None = None
-        self._live: TrainingState | None = None
+        self.live: TrainingState | None = None  # the state committed, from train begin on
         self._lineage: Lineage | None = None  # the snapshot the next run resumes from
+        self._extras: dict[str, Any] = {}  # that snapshot's other extras, carried on
         self._due: str | None = None  # the event after which this step's commit is taken
         self._committed_step: int | None = None
         self._folders: list[str] = []
@@ -121,6 +129,7 @@ class QckptCallback(TrainerCallback):
         with open(os.path.join(folder, TRAINER_STATE_FILE), "w") as f:
             f.write(extras[_TRAINER_STATE])
         self._lineage = Lineage(self.repo.config.repository_id, snap.id, restored=True)
+        self._extras = {k: v for k, v in tree["extras"].items() if k != _TRAINER_STATE}
         return folder
 
     # -- the Trainer's events --------------------------------------------------------
@@ -129,48 +138,69 @@ class QckptCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if args.world_size > 1:
-            raise InvalidInputError("QckptCallback supports single-process Trainer runs only (world_size 1)")
+            raise InvalidInputError(f"{type(self).__name__} supports single-process Trainer runs only (world_size 1)")
+        self.live = TrainingState(step=state.global_step, extras=self._extras, **self.components(kwargs))
+        self.live.lineage = self._lineage
+        self._committed_step = state.global_step if self._lineage is not None else None
+
+    def components(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The live objects committed, from the Trainer's callback arguments (model,
+        optimizer, scheduler, and the scaler if given)."""
         components: dict[str, Any] = {"model": kwargs["model"], "optimizer": kwargs["optimizer"]}
         if kwargs.get("lr_scheduler") is not None:
             components["scheduler"] = kwargs["lr_scheduler"]
         if self.scaler is not None:
             components["scaler"] = self.scaler
-        self._live = TrainingState(**components)
-        self._live.lineage = self._lineage
-        self._committed_step = state.global_step if self._lineage is not None else None
+        return components
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if state.global_step % self.every:
             return
         self._due = "evaluate" if control.should_evaluate else "log" if control.should_log else None
         if self._due is None:
-            self._commit(state, control, {})
+            self._at_commit_point(state, control, {})
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._due == "log":
-            self._commit(state, control, kwargs.get("logs") or {})
+            self._at_commit_point(state, control, kwargs.get("logs") or {})
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._due == "evaluate":
-            self._commit(state, control, kwargs.get("metrics") or {})
+            self._at_commit_point(state, control, kwargs.get("metrics") or {})
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         try:
-            if self._live is not None and self._committed_step != state.global_step:
-                self._commit(state, control, {})  # the final state, off the cadence
+            self.train_ended(state, control)
             self.repo.flush()
         finally:
             _remove_all(self._folders)
 
-    def _commit(self, state: TrainerState, control: TrainerControl, metrics: dict[str, Any]) -> None:
-        assert self._live is not None, "on_train_begin comes first"
+    def _at_commit_point(self, state: TrainerState, control: TrainerControl, metrics: dict[str, Any]) -> None:
         self._due = None
-        self._live.step = state.global_step
-        self._live.extras[_TRAINER_STATE] = _trainer_state_json(state, control)
+        self.commit_point(state, control, metrics)
+
+    # -- what happens there (override to change) ---------------------------------------
+    def capture(self, state: TrainerState, control: TrainerControl) -> TrainingState:
+        """``live`` with its step and the Trainer's state (``trainer_state.json``) as
+        they are now, so that a commit of it resumes here."""
+        if self.live is None:
+            raise InvalidInputError(f"{type(self).__name__} is not attached to a Trainer that began training")
+        self.live.step = state.global_step
+        self.live.extras[_TRAINER_STATE] = _trainer_state_json(state, control)
+        return self.live
+
+    def commit_point(self, state: TrainerState, control: TrainerControl, metrics: dict[str, Any]) -> None:
+        """A cadence step's resumable moment: commit ``live`` asynchronously with the
+        step's numeric ``metrics`` (its logs, or its evaluation's)."""
         numbers = {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}  # fmt: skip
-        self.repo.commit_async(self._live, branch=self.branch, metrics=numbers, message=_summary(state))
+        self.repo.commit_async(self.capture(state, control), branch=self.branch, metrics=numbers, message=_summary(state))
         self._committed_step = state.global_step
+
+    def train_ended(self, state: TrainerState, control: TrainerControl) -> None:
+        """Training ended: commit the final step if the cadence left it out."""
+        if self.live is not None and self._committed_step != state.global_step:
+            self.commit_point(state, control, {})
 
 
 def _trainer_rng(rng: dict[str, Any]) -> dict[str, Any]:
