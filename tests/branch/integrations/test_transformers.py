@@ -60,7 +60,7 @@ def test_an_event_runs_its_futures_through_the_trainer_and_the_run_goes_on_from_
     event = record.events[0]
     assert SPIKE < event["trigger"]["step"] <= SPIKE + 8
     origin, futures = event["origin"], event["futures"]
-    assert origin["step"] < SPIKE and event["rollouts"]["strategy"] == "trainer"
+    assert origin["step"] < SPIKE and event["rollouts"]["strategy"] == "framework"
     assert [f["name"] for f in futures][0] == "control" and len(futures) == 5
     repo = cone.repo
     for future in futures:
