@@ -361,8 +361,12 @@ class LightCone:
                               message=f"light cone event {number}: continue along {chosen.future.name}")  # fmt: skip
         self.repo.restore(self.state, join.id)
         self.controls = Controls.of(self.state)
-        # the abandoned commits are off the run's trajectory now: no later event may roll back onto them
-        self._main = [(step, sid) for step, sid in self._main if step <= (origin.step or 0)] + [(self.state.step, join.id)]
+        # the run's trajectory is now the origin's past, the chosen future's commits and the join: a later
+        # event rolls back along it, never onto the abandoned steps
+        start = origin.step or 0
+        chosen_line = sorted((s.step, s.id) for s in self.repo.log(chosen.branch, limit=horizon + 4)  # its commits come first
+                             if s.step is not None and start < s.step < self.state.step)  # fmt: skip
+        self._main = [(step, sid) for step, sid in self._main if step <= start] + chosen_line + [(self.state.step, join.id)]
         self.record.main = [m for m in self.record.main if m[0] <= (origin.step or 0)] + chosen.metrics
         history = [m for m in self.record.main if m[1] is not None and math.isfinite(m[1])][-64:]
         self.record.events.append({

@@ -56,8 +56,9 @@ class QckptCheckpointIO(CheckpointIO, pl.Callback):
         self._rng: dict[str, Any] | None = None  # restored before the first resumed batch
         self._module: pl.LightningModule | None = None  # checked against what is loaded
         self._trainer: pl.Trainer | None = None
-        self._state: TrainingState | None = None  # the live module and optimizers, once saving
+        self._state: TrainingState | None = None  # the live module, optimizers and schedulers, once saving
         self._lineage: Lineage | None = None  # the snapshot resumed from: the next commit's parent
+        self._extras: dict[str, Any] = {}  # that snapshot's other extras, carried on
 
     # -- CheckpointIO ----------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -74,19 +75,29 @@ class QckptCheckpointIO(CheckpointIO, pl.Callback):
         else:
             self.repo.commit_async(state, branch=self.branch, step=step, message=message)
 
+    def components(self) -> dict[str, Any]:
+        """The live objects a checkpoint is committed from: ``model``, ``optimizer_<i>``
+        and ``scheduler_<i>`` (Lightning's optimizers and LR schedulers, in order)."""
+        assert self._trainer is not None and self._module is not None
+        schedulers = [config.scheduler for config in self._trainer.lr_scheduler_configs]
+        return {"model": self._module, **{f"optimizer_{i}": o for i, o in enumerate(self._trainer.optimizers)},
+                **{f"scheduler_{i}": s for i, s in enumerate(schedulers)}}  # fmt: skip
+
     def _live_state(self, checkpoint: dict[str, Any]) -> TrainingState | None:
+        """The live state holding ``checkpoint`` (its module, optimizer and scheduler
+        states those of the live objects), or None when it does not."""
         if self._trainer is None or self._module is None:
             return None
-        optimizers = list(self._trainer.optimizers)
-        saved = checkpoint.get("optimizer_states", [])
-        if checkpoint.get("state_dict", {}).keys() != self._module.state_dict().keys() or len(saved) != len(optimizers):
+        if (checkpoint.get("state_dict", {}).keys() != self._module.state_dict().keys()
+                or len(checkpoint.get("optimizer_states", [])) != len(self._trainer.optimizers)
+                or len(checkpoint.get("lr_schedulers", [])) != len(self._trainer.lr_scheduler_configs)):  # fmt: skip
             return None
         if self._state is None:
-            components = {"model": self._module, **{f"optimizer_{i}": o for i, o in enumerate(optimizers)}}
-            self._state = TrainingState(**components)
+            self._state = TrainingState(extras=self._extras, **self.components())
             self._state.lineage = self._lineage
         self._state.step = int(checkpoint.get("global_step", 0))
-        self._state.extras[_REST] = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        self._state.extras[_REST] = {k: v for k, v in checkpoint.items()
+                                     if k not in ("state_dict", "optimizer_states", "lr_schedulers")}  # fmt: skip
         return self._state
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
@@ -98,8 +109,11 @@ class QckptCheckpointIO(CheckpointIO, pl.Callback):
         if isinstance(extras, dict) and isinstance(extras.get(_REST), dict):  # committed as a TrainingState
             components = tree["components"]
             checkpoint = {**extras[_REST], "state_dict": components["model"],
-                          "optimizer_states": [components[f"optimizer_{i}"] for i in range(len(components) - 1)]}  # fmt: skip
+                          "optimizer_states": _numbered(components, "optimizer")}  # fmt: skip
+            if "lr_schedulers" not in checkpoint:  # committed as components (older snapshots kept them in extras)
+                checkpoint["lr_schedulers"] = _numbered(components, "scheduler")
             rng, model_path = tree["rng"], ("components", "model")
+            self._extras = {k: v for k, v in extras.items() if k != _REST}
         else:
             checkpoint, rng, model_path = tree, tree.pop(_RNG, None) if isinstance(tree, dict) else None, ("state_dict",)
         if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= checkpoint.keys():
@@ -152,6 +166,7 @@ class QckptCheckpointIO(CheckpointIO, pl.Callback):
         if trainer.world_size > 1:
             raise InvalidInputError("QckptCheckpointIO supports single-process Lightning runs only (world_size 1)")
         self._module, self._trainer = pl_module, trainer
+        self._state = None  # this fit's objects: Lightning makes new optimizers and schedulers for each
         if trainer.strategy.checkpoint_io is not self:
             trainer.strategy.checkpoint_io = self
 
@@ -162,6 +177,14 @@ class QckptCheckpointIO(CheckpointIO, pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.repo.flush()
+
+
+def _numbered(components: dict[str, Any], prefix: str) -> list[Any]:
+    """``components[prefix_0]``, ``components[prefix_1]``... in order."""
+    out = []
+    while f"{prefix}_{len(out)}" in components:
+        out.append(components[f"{prefix}_{len(out)}"])
+    return out
 
 
 __all__ = ["QckptCheckpointIO"]

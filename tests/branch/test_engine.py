@@ -142,8 +142,9 @@ def test_a_later_event_never_rolls_back_onto_the_abandoned_steps(tmp_path: Path)
         assert first.origin.step == 12 and first.join.step == 20
         abandoned = repo.snapshot("main@16")  # the old head's line, before the join
         assert abandoned.id not in {first.origin.id, first.join.id}
-        later = cone.origin_for(Trigger(24, 1.0, 1.0, 24, ()))  # 8 steps before 24: not the abandoned step 16
-        assert later.id == first.origin.id
+        later = cone.origin_for(Trigger(24, 1.0, 1.0, 24, ()))  # 8 steps before 24: step 16 of the chosen future
+        assert later.id == repo.snapshot(f"{first.chosen.branch}@16").id != abandoned.id
+        assert cone.origin_for(Trigger(22, 1.0, 1.0, 22, ())).id == first.origin.id  # before the future's commits
 
 
 def _fake_trigger(cone: LightCone) -> Any:
