@@ -14,7 +14,7 @@ pytest.importorskip("torchdata")
 
 import qckpt  # noqa: E402
 from qckpt.integrations.lightning import QckptCheckpointIO  # noqa: E402
-from tests.integrations.lightning_workload import MAX_STEPS, fit  # noqa: E402
+from tests.integrations.lightning_workload import MAX_STEPS, StopAfter, fit  # noqa: E402
 from tests.integrations.workloads import max_difference, run_workload  # noqa: E402
 
 
@@ -59,6 +59,20 @@ def test_ckpt_path_names_revisions_and_saved_paths(tmp_path: Path) -> None:
         qckpt_io.load_checkpoint(tmp_path / "ck" / "step=11.ckpt")
     qckpt_io.remove_checkpoint(tmp_path / "ck" / "step=10.ckpt")  # save_top_k pruning keeps history
     assert len(qckpt_io.repo.log("run")) == 4
+
+
+def test_one_checkpoint_io_serves_consecutive_fits(tmp_path: Path) -> None:
+    """Each fit makes its own optimizers (and here its own module): what a second fit
+    commits is its live state, not the first fit's."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    qckpt_io = QckptCheckpointIO(tmp_path / "repo")
+    every_step = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    fit("stop", 0, tmp_path, [qckpt_io, every_step, StopAfter()], None)
+    second = fit("resume", 0, tmp_path, [qckpt_io, every_step], qckpt_io.resume_path())
+    head = qckpt_io.repo.load("main").tree()
+    assert head["step"] == MAX_STEPS
+    assert max_difference(head["components"]["model"], second.state_dict()) == 0.0
 
 
 def test_wrong_revisions_and_mismatched_models_fail_through_lightning_with_typed_errors(tmp_path: Path) -> None:
