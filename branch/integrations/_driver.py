@@ -18,9 +18,12 @@ Used from the training thread only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NoReturn
+
+import torch
 
 import qckpt
 from branch.engine import ConeConfig, Evaluate, Future, FutureResult, LightCone, Rollouts, Situation, StepResult
@@ -51,6 +54,20 @@ class SkippedBatches:
 
     def __next__(self) -> NoReturn:
         raise qckpt.InvalidInputError("the framework draws its own batches: drive the light cone through its callback")
+
+
+@contextmanager
+def scoring(module: torch.nn.Module) -> Iterator[None]:
+    """Scoring ``module`` without touching the run: eval mode and no gradients inside,
+    the process RNG streams (CPU and every CUDA device) as they were afterwards."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    training = module.training
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        module.eval()
+        try:
+            yield
+        finally:
+            module.train(training)
 
 
 def _framework_steps(state: qckpt.TrainingState, batch: object, controls: Controls) -> NoReturn:

@@ -52,7 +52,7 @@ import torch
 
 import qckpt
 from branch.engine import ConeConfig, Situation
-from branch.integrations._driver import ConeDriver
+from branch.integrations._driver import ConeDriver, scoring
 from branch.interventions import Intervention
 from branch.record import ConeRecord
 from branch.triggers import InstabilityIndex
@@ -184,15 +184,8 @@ class LightConeCallback(QckptCheckpointIO, ConeDriver):
 
     def _evaluate(self, state: qckpt.TrainingState) -> list[float]:
         assert self.evaluate is not None and self._module is not None
-        module = self._module
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        training = module.training
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            module.eval()
-            try:
-                return [float(x) for x in self.evaluate(module)]
-            finally:
-                module.train(training)
+        with scoring(self._module):
+            return [float(x) for x in self.evaluate(self._module)]
 
 
 __all__ = ["LightConeCallback"]

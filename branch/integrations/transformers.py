@@ -56,7 +56,7 @@ from transformers import Trainer, TrainerControl, TrainerState, TrainingArgument
 
 import qckpt
 from branch.engine import ConeConfig, Situation
-from branch.integrations._driver import ConeDriver
+from branch.integrations._driver import ConeDriver, scoring
 from branch.interventions import Intervention
 from branch.record import ConeRecord
 from branch.triggers import InstabilityIndex
@@ -158,22 +158,15 @@ class LightConeCallback(QckptCallback, ConeDriver):
         same batches every time; the process RNG streams are left as they were."""
         assert self._trainer is not None
         trainer, model = self._trainer, self._trainer.model
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         losses: list[float] = []
-        training = model.training
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            model.eval()
-            try:
-                for i, inputs in enumerate(trainer.get_eval_dataloader()):
-                    if i == self.eval_batches:
-                        break
-                    loss, _, _ = trainer.prediction_step(model, inputs, prediction_loss_only=True)
-                    if loss is None:
-                        raise qckpt.InvalidInputError("the evaluation set gives the model no loss to score futures on "
-                                                      "(no labels?)")  # fmt: skip
-                    losses.append(float(loss))
-            finally:
-                model.train(training)
+        with scoring(model):
+            for i, inputs in enumerate(trainer.get_eval_dataloader()):
+                if i == self.eval_batches:
+                    break
+                loss, _, _ = trainer.prediction_step(model, inputs, prediction_loss_only=True)
+                if loss is None:
+                    raise qckpt.InvalidInputError("the evaluation set gives the model no loss to score futures on (no labels?)")
+                losses.append(float(loss))
         return losses
 
 
