@@ -180,6 +180,7 @@ class Repository:
         if warm_interval is None:
             warm_interval = DEFAULT_WARM_INTERVAL_REMOTE if store.backend.capabilities.index == "cache" else 0.0
         self._warm = WarmCadence(store, self._hot, warm_interval) if warm else None
+        self._sharded_writers: dict[str, Any] = {}  # per branch: a sharded state's DCP writer (its delta bases)
 
     # -- lifecycle -----------------------------------------------------------
     @classmethod
@@ -254,6 +255,8 @@ class Repository:
                 self.flush()
             finally:
                 self._writer.close()
+                for writer in self._sharded_writers.values():
+                    writer.close()
         finally:
             self._store.close()
 
@@ -313,7 +316,16 @@ class Repository:
         precision (opt-in, for exploratory branches; refused on ``main`` unless
         ``allow_main``): the snapshot then holds the rounded values, bit-exact,
         and records ``annotations["lossy"]``.
+
+        A state with sharded (DTensor: FSDP2, tensor-parallel) modules is committed
+        collectively: call ``commit`` on every rank, as ``dcp.save``; it goes
+        through ``torch.distributed.checkpoint`` with
+        ``qckpt.integrations.dcp.QckptWriter`` (every rank writes its shards, one
+        snapshot is published on the branch head) and returns that snapshot on
+        every rank. ``on_conflict="raise"`` and ``lossy`` do not apply to it.
         """
+        if isinstance(state, TrainingState) and _sharded_component(state) is not None:
+            return self._commit_sharded(state, branch, step, metrics, message, on_conflict, lossy)
         return self.commit_async(
             state, branch=branch, step=step, metrics=metrics, message=message, on_conflict=on_conflict, lossy=lossy
         ).wait()
@@ -340,7 +352,11 @@ class Repository:
         raised by the returned handle's ``wait()`` and by the next operation
         (see the module docstring); commits queued behind it are not written
         (``CommitAbortedError``), so the branch stays at the last good snapshot.
+        Sharded states are committed with ``commit`` (a collective).
         """
+        if isinstance(state, TrainingState) and (name := _sharded_component(state)) is not None:
+            raise UnsupportedValueError(f"component {name!r} is sharded (DTensor parameters): commit sharded states with "
+                                        "Repository.commit on every rank, or dcp.async_save with QckptWriter")  # fmt: skip
         check_ref_name(branch)
         if on_conflict not in ("retry", "raise"):
             raise InvalidInputError(f"on_conflict must be 'retry' or 'raise', got {on_conflict!r}")
@@ -437,6 +453,24 @@ class Repository:
         return snapshot
 
     # -- read ----------------------------------------------------------------
+    def _commit_sharded(self, state: TrainingState, branch: str, step: int | None, metrics: Mapping[str, float] | None,
+                        message: str, on_conflict: str, lossy: LossyTier | None) -> Snapshot:  # fmt: skip
+        """``commit`` of a sharded state, on every rank (see ``commit``)."""
+        from qckpt.integrations.dcp import QckptWriter  # torch.distributed.checkpoint, imported when needed
+
+        if on_conflict != "retry" or lossy is not None:
+            raise UnsupportedValueError("sharded commits are published on the branch head, without a lossy tier: "
+                                        "on_conflict='raise' and lossy do not apply")  # fmt: skip
+        check_ref_name(branch)
+        writer = self._sharded_writers.get(branch)
+        if writer is None:
+            writer = self._sharded_writers[branch] = QckptWriter(self, branch)
+        writer.message = message or "commit"
+        published = writer.commit(state, metrics=metrics, step=step)
+        ids = [published.id if published is not None else None]
+        torch.distributed.broadcast_object_list(ids, src=0)  # DCP's coordinator is rank 0
+        return self.snapshot(ids[0])
+
     def restore(self, state: TrainingState, revision: str = "main") -> Snapshot:
         """Load the snapshot at ``revision`` into the live objects of ``state``, in place.
 
@@ -446,16 +480,19 @@ class Repository:
         live state is untouched. A snapshot in the hot tier is copied from
         memory; one read from storage enters the hot tier (the base of the next
         commit's deltas). The state's next commit has the restored snapshot as
-        parent (see ``commit``). Returns the restored snapshot. A state with sharded
-        (DTensor) modules raises ``UnsupportedValueError``: restore it on every rank
-        with ``qckpt.integrations.dcp.QckptReader``.
+        parent (see ``commit``). Returns the restored snapshot.
+
+        A state with sharded (DTensor) modules is restored collectively (call on
+        every rank, as ``dcp.load``) from a snapshot a sharded ``commit`` (or
+        ``dcp.save`` through ``QckptWriter``) wrote, resharded to this run's
+        layout by ``torch.distributed.checkpoint``.
         """
-        for name, component in state.components.items():
-            if isinstance(component, torch.nn.Module) and any(is_sharded(p) for p in component.parameters()):
-                raise UnsupportedValueError(
-                    f"component {name!r} is sharded (DTensor parameters): restore sharded states on every rank "
-                    "with qckpt.integrations.dcp.QckptReader(repo, revision).restore(state)"
-                )
+        if _sharded_component(state) is not None:
+            from qckpt.integrations.dcp import QckptReader  # torch.distributed.checkpoint, imported when needed
+
+            reader = QckptReader(self, revision)
+            reader.restore(state)
+            return reader.snapshot
         snapshot_id = self.resolve(revision)  # waits for pending commits: the revision may name them
         fetched = None if self._hot.get(snapshot_id) is not None else self._store.prefetch_warm(snapshot_id)
         snap = self._store.snapshot(snapshot_id)
@@ -739,6 +776,14 @@ class Repository:
         """
         self._writer.flush()
         return check_repository(self._store, progress)
+
+
+def _sharded_component(state: TrainingState) -> str | None:
+    """The name of a module of ``state`` with sharded (DTensor) parameters, if any."""
+    for name, component in state.components.items():
+        if isinstance(component, torch.nn.Module) and any(is_sharded(p) for p in component.parameters()):
+            return name
+    return None
 
 
 def _kept_by_modules(state: TrainingState, buffers: list[np.ndarray]) -> bool:

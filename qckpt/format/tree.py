@@ -55,8 +55,8 @@ def is_sharded(t: torch.Tensor) -> bool:
 def _check_tensor(t: torch.Tensor, path: str) -> None:
     if is_sharded(t):
         raise UnsupportedValueError(
-            f"state key {path!r} is a sharded DTensor (FSDP2, tensor parallel): commit and restore sharded states "
-            "on every rank with qckpt.integrations.dcp (QckptWriter(repo).commit(state), QckptReader(repo, rev).restore(state))"
+            f"state key {path!r} is a sharded DTensor (FSDP2, tensor parallel): commit sharded modules in a TrainingState "
+            "(Repository.commit / restore on every rank), or a sharded state dict with dcp.save(..., storage_writer=QckptWriter(repo))"
         )
     if t.layout != torch.strided:
         raise UnsupportedValueError(f"state key {path!r}: {t.layout} tensors are not supported (use .to_dense())")

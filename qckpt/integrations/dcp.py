@@ -142,13 +142,15 @@ class QckptWriter(StorageWriter):
         self._previous: HotSnapshot | None = None  # this rank's items at its previous save: delta bases
         self._last_part = -math.inf  # when this rank last wrote a warm part
 
-    def commit(self, state: TrainingState, *, metrics: Mapping[str, float] | None = None) -> Snapshot | None:
+    def commit(self, state: TrainingState, *, metrics: Mapping[str, float] | None = None,
+               step: int | None = None) -> Snapshot | None:  # fmt: skip
         """``dcp.save`` of a sharded ``TrainingState`` (call on every rank, like
-        ``dcp.save``): see ``sharded_state_dict``. Returns the snapshot on the
-        coordinator, None elsewhere."""
+        ``dcp.save``): see ``sharded_state_dict``. The snapshot's step is ``step``,
+        else the state's. Returns the snapshot on the coordinator, None elsewhere.
+        ``Repository.commit`` of a sharded state comes here."""
         import torch.distributed.checkpoint as dcp
 
-        self.step, self.metrics = state.step, dict(metrics or {})
+        self.step, self.metrics = state.step if step is None else step, dict(metrics or {})
         self.snapshot = None
         dcp.save(sharded_state_dict(state), storage_writer=self)
         return self.snapshot

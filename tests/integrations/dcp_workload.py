@@ -94,16 +94,38 @@ def rank_main(rank: int, world: int, rendezvous: str, location: str, task: str, 
             fresh = new_run()
             QckptReader(location, "main").restore(fresh)
             seen["equal"] = step(fresh) == expected  # parameters, AdamW state and the CUDA RNG all restored
-        elif task == "refuse":  # the native API refuses sharded states with a clear, typed error
+        elif task == "native":  # Repository.commit / restore of a sharded TrainingState, on every rank
             from torch.distributed.fsdp import fully_shard
 
             import qckpt
 
-            model = torch.nn.Linear(4, 4)
-            fully_shard(model, mesh=mesh)
-            state = qckpt.TrainingState(model=model, optimizer=torch.optim.AdamW(model.parameters()))
+            def new_run() -> qckpt.TrainingState:
+                torch.manual_seed(0)
+                model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 4))
+                fully_shard(model, mesh=mesh)
+                return qckpt.TrainingState(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+
+            def step(state: qckpt.TrainingState) -> float:
+                loss = state.components["model"](torch.randn(8, 16)).square().mean()
+                loss.backward()
+                state.components["optimizer"].step()
+                state.components["optimizer"].zero_grad()
+                state.step += 1
+                return float(loss)
+
+            state = new_run()
             with qckpt.Repository.open(location) as repo:
-                for name, call in (("commit", lambda: repo.commit(state)), ("restore", lambda: repo.restore(state, "main"))):
+                ids = []
+                for _ in range(3):
+                    step(state)
+                    ids.append(repo.commit(state, branch="native", metrics={"x": 1.0}).id)
+                seen["ids"] = ids
+                expected = step(state)
+                fresh = new_run()
+                seen["restored"] = repo.restore(fresh, "native").id
+                seen["equal"] = step(fresh) == expected  # parameters, AdamW state and RNG restored on every rank
+                for name, call in (("commit_async", lambda: repo.commit_async(state)),
+                                   ("plain", lambda: repo.commit(dict(state.components["model"].state_dict())))):  # fmt: skip
                     try:
                         call()
                         seen[name] = None

@@ -126,14 +126,19 @@ def test_s3_and_two_jobs_at_once_on_two_branches(tmp_path: Path, s3_uri: str) ->
         assert repo.fsck().ok
 
 
-def test_the_native_api_refuses_sharded_states_with_a_pointer_to_dcp(tmp_path: Path) -> None:
+def test_the_native_api_commits_and_restores_sharded_states_on_every_rank(tmp_path: Path) -> None:
     location = str(tmp_path / "repo")
     qckpt.Repository.init(location).close()
-    assert _ranks(tmp_path, location, "save")[0] == [0, 0]
-    codes, (report,) = _ranks(tmp_path, location, "refuse", world=1)
-    assert codes == [0]
-    assert "sharded DTensor" in report["commit"] and "QckptWriter" in report["commit"]
-    assert "sharded" in report["restore"] and "QckptReader" in report["restore"]
+    codes, reports = _ranks(tmp_path, location, "native")
+    assert codes == [0, 0], reports
+    assert reports[0]["ids"] == reports[1]["ids"] and len(set(reports[0]["ids"])) == 3  # one snapshot per collective commit
+    assert all(r["equal"] and r["restored"] == r["ids"][-1] for r in reports)
+    assert all("Repository.commit on every rank" in r["commit_async"] for r in reports)
+    assert all("sharded DTensor" in r["plain"] and "QckptWriter" in r["plain"] for r in reports)
+    with qckpt.Repository.open(location) as repo:
+        history = repo.log("native")
+        assert [s.step for s in history] == [3, 2, 1] and history[0].metrics == {"x": 1.0} and history[0].message == "commit"
+        assert repo.fsck().ok
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
