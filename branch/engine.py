@@ -51,6 +51,7 @@ class StepResult:
     grad_norm: float | None = None
 
 
+INDEX_KEY = "lightcone.index"  # the instability index's memory, in the extras of the run's commits
 StepFn = Callable[[qckpt.TrainingState, Any, Controls], "StepResult | float"]
 Evaluate = Callable[[qckpt.TrainingState], Sequence[float]]
 
@@ -257,6 +258,9 @@ class LightCone:
             self.record.main = [m for m in self.record.main if m[0] <= state.step]
         except qckpt.RevisionNotFoundError:
             self.record = ConeRecord(self.run_name, branch, {"cone": asdict(self.config)})
+        saved = state.extras.get(INDEX_KEY)  # ... and with its detectors' memory, unless they changed
+        if isinstance(saved, dict) and saved.get("detectors") == [d.name for d in self.index.detectors]:
+            self.index.load_state_dict(saved["state"])
         self._main: list[tuple[int, str]] = []  # (step, snapshot id) committed on the run's branch, in order
 
     def data_component(self) -> str:
@@ -295,18 +299,23 @@ class LightCone:
         ``Trigger`` if the run turned unstable."""
         self.record.main.append([self.state.step, result.loss, result.grad_norm])
         self.controls.tick(self.state)
+        trigger = self.index.observe(Observation(self.state.step, result.loss, result.grad_norm))
         if not self._main or self.state.step % self.config.commit_every == 0:
-            self.commit()
-        return self.index.observe(Observation(self.state.step, result.loss, result.grad_norm))
+            self.commit()  # with the index's memory of this step
+        return trigger
 
     def commit(self) -> None:
         """Commit the live state on the run's branch now (at most once per step).
         ``run`` and ``observe`` do it every ``commit_every`` steps, and ``observe``
-        on its first call, so a rollback always has an origin."""
+        on its first call, so a rollback always has an origin. The instability
+        index's memory rides along in the extras: a run resumed from the commit
+        (a ``LightCone`` built on the restored state) watches on with it instead
+        of warming its detectors up again."""
         if self._main and self._main[-1][0] == self.state.step:
             return
         last = self.record.main[-1][1] if self.record.main else None
         metrics = {"loss": last} if last is not None and math.isfinite(last) else {}
+        self.state.extras[INDEX_KEY] = {"detectors": [d.name for d in self.index.detectors], "state": self.index.state_dict()}
         snap = self.repo.commit(self.state, branch=self.branch, metrics=metrics)
         self._main.append((self.state.step, snap.id))
 

@@ -147,6 +147,24 @@ def test_a_later_event_never_rolls_back_onto_the_abandoned_steps(tmp_path: Path)
         assert cone.origin_for(Trigger(22, 1.0, 1.0, 22, ())).id == first.origin.id  # before the future's commits
 
 
+def test_a_resumed_run_watches_on_with_its_detectors_memory(tmp_path: Path) -> None:
+    workload = Workload(STEPS)
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        first = _cone(repo, workload, "clean")
+        for _ in range(32):
+            first.observe(first.train_step(next(first.batches)))
+        memory = first.index.state_dict()  # the index as it was at the step-32 commit
+        assert len(memory["detectors"][1]["losses"]) >= 25  # LossSpike warmed up
+        again = _cone(repo, workload, "clean", resume="main")  # a new process picks the run up at step 32
+        assert again.state.step == 32 and again.index.state_dict() == memory
+        fresh = _cone(repo, workload, "clean", resume="main", horizon=8)  # another index, same detectors: also loads
+        assert fresh.index.state_dict() == memory
+        from branch import InstabilityIndex, LossSpike
+
+        other = LightCone(repo, again.state, cone_step, again.batches, index=InstabilityIndex([LossSpike()]))
+        assert other.index.state_dict()["detectors"][0]["losses"] == []  # changed detectors start afresh
+
+
 def _fake_trigger(cone: LightCone) -> Any:
     from branch import InstabilityIndex, Observation
 
