@@ -261,7 +261,23 @@ class LightCone:
         saved = state.extras.get(INDEX_KEY)  # ... and with its detectors' memory, unless they changed
         if isinstance(saved, dict) and saved.get("detectors") == [d.name for d in self.index.detectors]:
             self.index.load_state_dict(saved["state"])
-        self._main: list[tuple[int, str]] = []  # (step, snapshot id) committed on the run's branch, in order
+        self._main = self._trajectory()  # (step, snapshot id) on the run's branch, in order: rollback candidates
+
+    def _trajectory(self, limit: int = 256) -> list[tuple[int, str]]:
+        """For a state restored from (or committed to) this repository, the run's
+        commits leading to it: its first parents, back to the last join of an
+        event (whose first parent is the abandoned line) and at most ``limit``;
+        empty for a new run."""
+        lineage = self.state.lineage
+        sid = lineage.resolve()[0] if lineage is not None and lineage.repository_id == self.repo.config.repository_id else None
+        line: list[tuple[int, str]] = []
+        while sid is not None and len(line) < limit:
+            snap = self.repo.snapshot(sid)
+            if snap.step is None:
+                break
+            line.append((snap.step, snap.id))
+            sid = snap.parents[0] if len(snap.parents) == 1 else None
+        return line[::-1]
 
     def data_component(self) -> str:
         """The name under which the batch source is a component of the state."""

@@ -19,7 +19,7 @@ from bench.compare import differences  # noqa: E402
 from branch import ConeConfig, ConeRecord  # noqa: E402
 from branch.integrations.transformers import LightConeCallback  # noqa: E402
 from qckpt.integrations.transformers import QckptCallback  # noqa: E402
-from tests.integrations.hf_workload import StdlibBytes  # noqa: E402
+from tests.integrations.hf_workload import StdlibBytes, StopAfter  # noqa: E402
 
 STEPS, SPIKE = 64, 36
 
@@ -89,6 +89,16 @@ def test_an_event_runs_its_futures_through_the_trainer_and_the_run_goes_on_from_
     assert ConeRecord.load(repo, "main").events[0]["join"] == join.id
     assert record.main[-1][0] == STEPS  # skipped batches count as Trainer steps: the run still ends at max_steps
     assert repo.fsck().ok
+
+    # preempted at step 28 (a commit step) and resumed by a new callback and Trainer: the detectors remember (their warm-up is 25
+    # steps), the rollback reaches the commits from before the restart, and the run ends where the uninterrupted did
+    config = ConeConfig(horizon=16, commit_every=4, resamples=300)
+    first = LightConeCallback(tmp_path / "again", config=config, eval_batches=4)
+    assert not first.train(_trainer(tmp_path / "a", [first, StopAfter(28)])).events
+    resumed = LightConeCallback(tmp_path / "again", config=config, eval_batches=4)
+    again = resumed.train(_trainer(tmp_path / "b", [resumed]))
+    assert [e["origin"]["step"] for e in again.events] == [e["origin"]["step"] for e in record.events]
+    assert differences(_model(resumed.repo, "main"), _model(repo, "main")) == []
 
 
 def test_misuse_gets_typed_errors(tmp_path: Path) -> None:
