@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import boto3
@@ -160,9 +161,18 @@ class S3Backend(Backend):
             self._call("put_object", key, Key=full, Body=body)
 
     def get(self, key: str) -> bytes:
-        data = self._call("get_object", key, Key=self._key(key))["Body"].read()
+        body = self._call("get_object", key, Key=self._key(key))["Body"]
+        data = self._streamed(key, body.read)
         self.bytes_received += len(data)
         return data
+
+    def _streamed(self, key: str, read: Callable[[], bytes]) -> bytes:
+        """``read()`` of a response body, a dropped stream being a transient error (retried)."""
+        try:
+            return read()
+        except (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ResponseStreamingError,
+                botocore.exceptions.IncompleteReadError) as e:  # fmt: skip
+            raise TransientBackendError(f"{self.uri}: {key!r}: the download broke off: {type(e).__name__}") from None
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
@@ -173,7 +183,7 @@ class S3Backend(Backend):
             if "InvalidRange" in str(e):
                 return b""  # the range starts past the end
             raise
-        data = response["Body"].read()
+        data = self._streamed(key, response["Body"].read)
         self.bytes_received += len(data)
         return data
 

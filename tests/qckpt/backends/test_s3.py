@@ -58,6 +58,35 @@ def test_request_economy(s3_uri: str) -> None:
         assert counts[1] == {"put_object": 5, "list_objects_v2": 1, "get_object": 2}, counts[1]
 
 
+def test_a_download_that_breaks_off_is_transient_and_retried(s3_uri: str) -> None:
+    """A connection dropped while the body streams in (after S3 answered) is a
+    ``TransientBackendError``, which the retrying wrapper retries: not a raw botocore
+    error that ends the restore."""
+    import botocore.exceptions
+
+    bucket, prefix = parse_s3_uri(s3_uri)
+    backend = S3Backend(bucket, prefix)
+    backend.put("packs/k", b"x" * 1000)
+    real, broken = backend.client.get_object, []
+
+    class BrokenBody:
+        def read(self, *args: object) -> bytes:
+            raise botocore.exceptions.ResponseStreamingError(error="connection reset by peer")
+
+    def get_object(**kwargs: object) -> dict:
+        response = real(**kwargs)
+        if not broken:  # the first download breaks off
+            broken.append(kwargs["Key"])
+            response["Body"] = BrokenBody()
+        return response
+
+    backend.client.get_object = get_object  # type: ignore[method-assign]
+    with pytest.raises(qckpt.TransientBackendError, match="broke off"):
+        backend.get("packs/k")
+    broken.clear()
+    assert RetryingBackend(backend, base_delay_s=0.001).get_range("packs/k", 10, 5) == b"xxxxx" and len(broken) == 1
+
+
 def test_remembered_etags_never_make_a_swap_succeed_against_a_change_elsewhere(s3_uri: str) -> None:
     """Two processes on one bucket: what one remembers of a ref the other changed
     only saves requests; the conditional write still decides."""
