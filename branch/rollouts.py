@@ -9,7 +9,9 @@ once. Each copy keeps its own optimizer (a real ``torch.optim`` object whose
 parameters are views into the stacked tensors), scheduler, batch source,
 controls and step counter, so per-copy learning rates, weight decay, clipping,
 skipped or reseeded batches all hold; the global-norm clip of one copy never
-sees another copy's gradients. On CUDA the batched forward never uses the
+sees another copy's gradients. When every copy's optimizer is a plain AdamW,
+the K updates are done as one on stacked moments (``branch.stacked_adamw``:
+equal to each optimizer's own step, bit for bit on the CPU). On CUDA the batched forward never uses the
 memory-efficient attention kernel, whose backward rejects the copy-stacked
 inputs (``RuntimeError: LSE is not correctly aligned``, torch 2.11 on an
 H200); attention there runs on the flash or math kernels instead. Results
@@ -38,6 +40,7 @@ from torch.func import functional_call, vmap
 import qckpt
 from branch.engine import Future, FutureResult, Rollouts, SequentialRollouts
 from branch.interventions import Controls
+from branch.stacked_adamw import StackedAdamW
 
 if TYPE_CHECKING:
     from branch.engine import LightCone
@@ -325,6 +328,8 @@ class _Stack:
 
         self.losses = vmap(loss_one, randomness=spec.randomness)
         self.cuda = next(iter(self.stacks.values())).is_cuda
+        self.optimizer: StackedAdamW | None = None  # once every copy's AdamW has state: one update for all
+        self._copy_grads = False  # whether the copies' parameters hold gradient views (per-copy steps)
 
     def step(self, sources: list[Any], active: list[int]) -> list[tuple[int, float, float]]:
         """One step of the ``active`` copies (each drawing from its source); returns
@@ -340,15 +345,18 @@ class _Stack:
         losses.sum().backward()
         norms = self._clip()[rows]
         measured = torch.stack([losses.detach().float(), norms.float()]).tolist()  # the step's one host sync
-        for i, name in enumerate(self.names):
-            grad = self.stacks[name].grad  # None for a parameter the loss does not use
-            views = grad.unbind() if grad is not None else [None] * len(self.copies)
-            for k in active:
-                self.params[k][i].grad = views[k]
+        stacked = every and all(math.isfinite(n) for n in measured[1])  # every copy updates: one update for all
+        if stacked and self.optimizer is None:
+            self.optimizer = StackedAdamW.of([_optimizers(c) for c in self.copies], self.params,
+                                             [self.stacks[n] for n in self.names])  # fmt: skip
+        joint = self.optimizer if stacked else None
+        self._hand_out_grads(None if joint is not None else active)
+        if joint is not None:
+            joint.step()
         out = []
         for k, loss, norm in zip(active, *measured):
             state = self.copies[k]
-            if math.isfinite(norm):
+            if math.isfinite(norm) and joint is None:
                 for optimizer in _optimizers(state):
                     optimizer.step()
             for scheduler in _schedulers(state):
@@ -357,6 +365,23 @@ class _Stack:
             Controls.of(state).tick(state)
             out.append((k, loss, norm))
         return out
+
+    def _hand_out_grads(self, active: list[int] | None) -> None:
+        """Give the ``active`` copies' parameters their rows of the stacked gradients,
+        for their own optimizers' steps (None: take them back, a stacked step needs none)."""
+        if active is None:
+            if self._copy_grads:
+                for params in self.params:
+                    for p in params:
+                        p.grad = None
+                self._copy_grads = False
+            return
+        for i, name in enumerate(self.names):
+            grad = self.stacks[name].grad  # None for a parameter the loss does not use
+            views = grad.unbind() if grad is not None else [None] * len(self.copies)
+            for k in active:
+                self.params[k][i].grad = views[k]
+        self._copy_grads = True
 
     def _clip(self) -> torch.Tensor:
         """Every copy's gradient norm before clipping, its gradients scaled in place to
@@ -377,7 +402,9 @@ class _Stack:
         return norms
 
     def release(self) -> None:
-        """Give every copy's parameters storage of their own (out of the stack)."""
+        """Give every copy's parameters (and optimizer state) storage of their own (out of the stacks)."""
+        if self.optimizer is not None:
+            self.optimizer.release()
         for params in self.params:
             for p in params:
                 p.data = p.data.clone()

@@ -74,6 +74,28 @@ def test_batched_copies_train_like_sequential_ones(tmp_path: Path, max_copies: i
     assert len({tuple(x) for x in losses}) == len(FUTURES), "the copies did not differ: interventions were lost"
 
 
+def test_the_copies_adamw_steps_are_one_update_equal_to_each_optimizers_own(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import branch.rollouts
+
+    made: list[bool] = []
+    real = branch.rollouts.StackedAdamW.of
+
+    def of(*args: Any) -> Any:
+        stacked = real(*args)
+        made.append(stacked is not None)
+        return stacked
+
+    monkeypatch.setattr(branch.rollouts.StackedAdamW, "of", of)
+    together = _rollouts(tmp_path, "together", BatchedRollouts(BatchedStep(clip_grad_norm=1.0)))
+    assert made and made[-1], "the AdamW copies were stepped one by one"
+    monkeypatch.setattr(branch.rollouts.StackedAdamW, "of", lambda *a: None)  # each copy's own optimizer.step()
+    apart = _rollouts(tmp_path, "apart", BatchedRollouts(BatchedStep(clip_grad_norm=1.0)))
+    for (m1, s1, t1), (m2, s2, t2) in zip(together, apart):
+        assert m1 == m2 and s1 == s2
+        assert differences(t1["components"], t2["components"]) == []  # parameters, moments, steps: bit for bit
+
+
 def test_a_failure_in_a_device_thread_is_raised_after_every_thread_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
