@@ -44,7 +44,7 @@ import torch
 
 import qckpt
 from bench.workload import SIZES, CharGPT, RandomBatchSampler, load_corpus
-from qckpt.integrations.dcp import QckptReader, QckptWriter, load_sharded_state_dict, sharded_state_dict
+from qckpt.distributed import QckptReader, QckptWriter, load_sharded_state_dict, sharded_state_dict
 
 WORLD = 2
 

@@ -25,7 +25,11 @@ between the sequential futures and the same futures trained again with
 attention on SDPA's math kernel, the floor a change of kernels alone (a
 floating-point reassociation, nothing else) reaches at this horizon: a
 batched difference of that order is reassociation, one far above it a bug;
-``chosen``: the scheduler's pick per K from its probe.
+``chosen``: the scheduler's pick per K from its probe. ``batched`` entries add
+``optimizer_stacked_s`` and ``optimizer_per_copy_s``: one AdamW update of the K
+stacked copies (``branch.stacked_adamw``) against stepping the K copies'
+optimizers one by one, on the same stacks (medians of alternating rounds,
+synchronised on a GPU).
 
 ``pruning`` (null with ``--seeds 0``): the light cone's events in the spike benchmark's injected
 scenarios (``bench.spike``, its seeds, full rollouts), each replayed through
@@ -45,6 +49,7 @@ import argparse
 import functools
 import json
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -54,7 +59,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import qckpt
-from bench.spike import EVAL_COST, Workload, train_cone, warm_cone, worker_run
+from bench.spike import EVAL_COST, Workload, cone_step, train_cone, warm_cone, worker_run
 from bench.workload import SIZES
 from branch import (
     BatchedRollouts,
@@ -71,8 +76,10 @@ from branch import (
     SkipBatches,
     select,
 )
+from branch.interventions import Controls
 from branch.pruning import actual
 from branch.ray_rollouts import RayRollouts
+from branch.rollouts import _Stack
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,6 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for k in ks:
         seq, bat = entry("sequential", k, SequentialRollouts()), entry("batched", k, BatchedRollouts(step))
+        bat["optimizer_stacked_s"], bat["optimizer_per_copy_s"] = optimizer_times(workload, k, step)
         if len(gpus) > 1:
             strategies.setdefault("devices", {})
             entry("devices", k, BatchedRollouts(step, devices=gpus))
@@ -164,7 +172,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             chosen[k], why = scheduler.choose(_cone(repo, workload, scheduler), k)
         print(f"K={k:2d} H={horizon}: sequential {seq['steps_per_s']:.1f} steps/s, batched {bat['steps_per_s']:.1f} steps/s "
               f"({bat['steps_per_s'] / seq['steps_per_s']:.2f}x), max |diff| {bat['max_abs_diff_vs_sequential']:.2e} (relative {bat['max_rel_diff_vs_sequential']:.1e}, a kernel swap alone {seq['kernel_swap_rel_diff']:.1e}); "
-              f"chosen {chosen[k]} ({why})", flush=True)  # fmt: skip
+              f"chosen {chosen[k]} ({why}); AdamW update of the {k} copies: stacked {bat['optimizer_stacked_s'] * 1e3:.1f} ms, "
+              f"one by one {bat['optimizer_per_copy_s'] * 1e3:.1f} ms", flush=True)  # fmt: skip
     ray = _start_ray() if workload.device.type == "cpu" else None  # Ray workers build CPU runs
     if ray is not None:  # after the others: an idle Ray instance still takes some CPU
         strategies["ray"] = {}
@@ -186,6 +195,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
     return results
+
+
+def optimizer_times(workload: Workload, k: int, step: BatchedStep, rounds: int = 9) -> tuple[float, float]:
+    """(stacked, one by one): median seconds of one AdamW update of ``k`` stacked copies
+    of a trained run, alternating the two on the same stacks and gradients."""
+    run_ = workload.new_run("clean", 0)
+    for _ in range(2):
+        cone_step(run_.state, next(run_.batches), Controls())
+    stack = _Stack(step, run_.state.fork(k))
+    stack.step([iter(run_.batches)] * k, list(range(k)))  # builds the stacked optimizer, once every copy has state
+    assert stack.optimizer is not None, "the copies' optimizers are not stackable AdamWs"
+    stack._hand_out_grads(list(range(k)))
+    sync = torch.cuda.synchronize if workload.device.type == "cuda" else (lambda: None)
+
+    def one_by_one() -> None:
+        for copy in stack.copies:
+            copy.components["optimizer"].step()
+
+    times: dict[str, list[float]] = {"stacked": [], "apart": []}
+    for _ in range(rounds):
+        for name, update in (("stacked", stack.optimizer.step), ("apart", one_by_one)):
+            sync()
+            started = time.perf_counter()
+            update()
+            sync()
+            times[name].append(time.perf_counter() - started)
+    stack.release()
+    return statistics.median(times["stacked"]), statistics.median(times["apart"])
 
 
 def differences(reference: list[dict[str, Any]], models: list[dict[str, Any]]) -> tuple[float, float]:

@@ -320,7 +320,7 @@ class Repository:
         A state with sharded (DTensor: FSDP2, tensor-parallel) modules is committed
         collectively: call ``commit`` on every rank, as ``dcp.save``; it goes
         through ``torch.distributed.checkpoint`` with
-        ``qckpt.integrations.dcp.QckptWriter`` (every rank writes its shards, one
+        ``qckpt.distributed.QckptWriter`` (every rank writes its shards, one
         snapshot is published on the branch head) and returns that snapshot on
         every rank. ``on_conflict="raise"`` and ``lossy`` do not apply to it.
         """
@@ -456,7 +456,7 @@ class Repository:
     def _commit_sharded(self, state: TrainingState, branch: str, step: int | None, metrics: Mapping[str, float] | None,
                         message: str, on_conflict: str, lossy: LossyTier | None) -> Snapshot:  # fmt: skip
         """``commit`` of a sharded state, on every rank (see ``commit``)."""
-        from qckpt.integrations.dcp import QckptWriter  # torch.distributed.checkpoint, imported when needed
+        from qckpt.distributed import QckptWriter  # torch.distributed.checkpoint, imported when needed
 
         if on_conflict != "retry" or lossy is not None:
             raise UnsupportedValueError("sharded commits are published on the branch head, without a lossy tier: "
@@ -488,7 +488,7 @@ class Repository:
         layout by ``torch.distributed.checkpoint``.
         """
         if _sharded_component(state) is not None:
-            from qckpt.integrations.dcp import QckptReader  # torch.distributed.checkpoint, imported when needed
+            from qckpt.distributed import QckptReader  # torch.distributed.checkpoint, imported when needed
 
             reader = QckptReader(self, revision)
             reader.restore(state)

@@ -10,7 +10,7 @@ import qckpt
 ROOT = Path(qckpt.__file__).parent
 # lower number = lower layer; a module may import its own layer and any lower one
 LAYERS = {"errors": 0, "backends": 1, "format": 2, "store": 3, "commit": 4, "ops": 5, "facade": 6, "integrations": 7}
-FACADE = {"__init__", "__main__", "repository", "state", "data", "cli", "_progress", "testing"}
+FACADE = {"__init__", "__main__", "repository", "state", "data", "distributed", "cli", "_progress", "testing"}
 
 
 def _layer(module: str) -> str:

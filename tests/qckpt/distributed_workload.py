@@ -1,6 +1,6 @@
 """Ranks for the DCP tests: a small sharded state (DTensors over a CPU device mesh,
 a replicated tensor, plain values) saved and loaded through ``QckptWriter`` /
-``QckptReader`` on the gloo backend. Spawned by ``test_dcp.py``; each rank
+``QckptReader`` on the gloo backend. Spawned by ``test_distributed.py``; each rank
 writes what it saw to ``<out>/rank<N>.json``."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from qckpt.integrations.dcp import QckptReader, QckptWriter
+from qckpt.distributed import QckptReader, QckptWriter
 
 
 def full_state(step: int) -> dict[str, Any]:

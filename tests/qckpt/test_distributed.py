@@ -21,8 +21,8 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 import qckpt
-from qckpt.integrations.dcp import QckptReader, QckptWriter, optimizer_rules
-from tests.integrations.dcp_workload import full_state, rank_main
+from qckpt.distributed import QckptReader, QckptWriter, optimizer_rules
+from tests.qckpt.distributed_workload import full_state, rank_main
 
 pytestmark = pytest.mark.slow
 
@@ -211,7 +211,7 @@ def test_adamw_state_in_dcp_state_dicts_is_predicted(tmp_path: Path, monkeypatch
     stored = {}
     for predicted in (True, False):
         if not predicted:
-            monkeypatch.setattr("qckpt.integrations.dcp.optimizer_rules", lambda planner, keys: {})
+            monkeypatch.setattr("qckpt.distributed.optimizer_rules", lambda planner, keys: {})
         with qckpt.Repository.init(tmp_path / f"repo-{predicted}") as repo:
             _train_and_save(repo, 4)
             stored[predicted] = repo.snapshot("main").stats.new_stored_bytes
