@@ -23,6 +23,7 @@ def test_rollout_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
         for m in per_k.values():
             assert m["steps_per_s"] > 0 and {"peak_mem_bytes", "max_abs_diff_vs_sequential", "max_rel_diff_vs_sequential"} <= set(m)
     assert all(m["max_abs_diff_vs_sequential"] < 1e-4 for m in results["strategies"]["batched"].values())
+    assert all(m["optimizer_stacked_s"] > 0 and m["optimizer_per_copy_s"] > 0 for m in results["strategies"]["batched"].values())
     assert all(m["max_abs_diff_vs_sequential"] == 0.0 for m in results["strategies"].get("ray", {}).values())
     assert set(results["chosen"]) == {"2", "4"} and set(results["chosen"].values()) <= {"sequential", "batched"}
     pruning = results["pruning"]
