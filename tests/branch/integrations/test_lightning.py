@@ -24,7 +24,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 
 import qckpt  # noqa: E402
 from bench.compare import differences  # noqa: E402
-from branch import ConeConfig  # noqa: E402
+from branch import ConeConfig, Pruning  # noqa: E402
 from branch.integrations.lightning import LightConeCallback  # noqa: E402
 from qckpt.integrations.lightning import QckptCheckpointIO  # noqa: E402
 from tests.integrations.lightning_workload import ByteModel, StdlibBytes  # noqa: E402
@@ -122,6 +122,28 @@ def test_an_event_runs_its_futures_through_lightning_and_the_run_goes_on_from_th
     assert differences(_model(repo, join.id), _model(repo, chosen["snapshot"])) == []
     assert trainer.global_step == STEPS and record.main[-1][0] == STEPS
     assert join.id in {s.id for s in repo.log("main")} and repo.fsck().ok
+
+
+@pytest.mark.slow
+def test_pruning_cuts_futures_at_the_rung_and_the_rest_resume_from_their_rung_commits(tmp_path: Path) -> None:
+    plain = QckptCheckpointIO(tmp_path / "plain")
+    pl.seed_everything(0, verbose=False)
+    _trainer([plain, ModelCheckpoint(dirpath=tmp_path / "pl", every_n_train_steps=1, save_top_k=-1)],
+             checkpoints=True).fit(SpikyModel(), _loader())  # fmt: skip
+    config = ConeConfig(horizon=16, commit_every=4, resamples=300, pruning=Pruning(rung=0.5, keep=0.5))
+    cone = LightConeCallback(tmp_path / "repo", config=config, evaluate=held_out_losses)
+    pl.seed_everything(0, verbose=False)
+    event = cone.fit(_trainer([cone]), SpikyModel(), _loader()).events[0]
+    start, futures = event["origin"]["step"], event["futures"]
+    cut = [f for f in futures if f["pruned_at"] is not None]
+    assert len(cut) == 2 and all(f["name"] != "control" and f["pruned_at"] == start + 8 for f in cut)
+    for future in futures:
+        head = cone.repo.snapshot(future["branch"])
+        assert head.step == (start + 8 if future in cut else start + 16) and future["snapshot"] == head.id
+        assert len(future["metrics"]) == (8 if future in cut else 16)
+    # the control went on from its rung commit through Lightning's resume: still the uninterrupted run
+    control = next(f for f in futures if f["name"] == "control")
+    assert differences(_model(cone.repo, control["snapshot"]), _model(plain.repo, f"main@{start + 16}")) == []
 
 
 def test_misuse_gets_typed_errors(tmp_path: Path) -> None:
