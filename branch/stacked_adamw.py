@@ -82,16 +82,18 @@ class StackedAdamW:
         if not live:
             return
         k = len(self.groups)
-        host = torch.empty(len(live), _FACTORS, k, dtype=torch.float64)
-        for row, i in enumerate(live):
+        rows = []  # per stack: per copy, its _FACTORS factors (in double, as torch computes them)
+        for i in live:
             self.steps[i] += 1
+            per_copy = []
             for c, step in enumerate(self.steps[i].tolist()):
                 group = self.groups[c][i]
                 lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
                 beta1, beta2 = group["betas"]
-                bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-                host[row, :, c] = torch.tensor([1 - lr * wd, 1 - beta1, beta2, 1 - beta2, bias_correction2_sqrt, eps,
-                                                -(lr / (1 - beta1**step))], dtype=torch.float64)  # fmt: skip
+                per_copy.append((1 - lr * wd, 1 - beta1, beta2, 1 - beta2, (1 - beta2**step) ** 0.5, eps,
+                                 -(lr / (1 - beta1**step))))  # fmt: skip
+            rows.append(per_copy)
+        host = torch.tensor(rows, dtype=torch.float64).transpose(1, 2)  # [stacks, _FACTORS, copies]
         factors = host.to(self.stacks[0].dtype).to(self.stacks[0].device, non_blocking=True)
         with torch.no_grad():
             for row, i in enumerate(live):
