@@ -30,13 +30,18 @@ def _cone(repo: qckpt.Repository, workload: Workload, scenario: str, resume: str
                      config=ConeConfig(**{"horizon": 8, "commit_every": 4, "resamples": 300} | config))  # fmt: skip
 
 
+def _train(cone: LightCone, steps: int) -> None:
+    """``steps`` steps of the cone's own loop, observed (committed on its cadence)."""
+    for _ in range(steps):
+        cone.observe(cone.train_step(next(cone.batches)))
+
+
 def test_a_rollout_is_bit_exact_with_a_manual_restore_and_train(tmp_path: Path) -> None:
     workload = Workload(STEPS)
     with qckpt.Repository.init(tmp_path / "r") as repo:
         cone = _cone(repo, workload, "clean")
         cone.commit()
-        for _ in range(6):
-            cone.observe(cone.train_step(next(cone.batches)))
+        _train(cone, 6)
         origin = repo.snapshot("main")
         result = cone.train_future(origin, Future("lower", ScaleLR(0.5, warmback=3)), 5)
         rolled = {k: v.clone() for k, v in cone.state.components["model"].state_dict().items()}
@@ -136,8 +141,7 @@ def test_a_later_event_never_rolls_back_onto_the_abandoned_steps(tmp_path: Path)
     workload = Workload(STEPS)
     with qckpt.Repository.init(tmp_path / "r") as repo:
         cone = _cone(repo, workload, "clean", rollback=8)
-        for _ in range(20):
-            cone.observe(cone.train_step(next(cone.batches)))
+        _train(cone, 20)
         first = cone.explore(Trigger(20, 1.0, 1.0, 20, ()))
         assert first.origin.step == 12 and first.join.step == 20
         abandoned = repo.snapshot("main@16")  # the old head's line, before the join
@@ -151,8 +155,7 @@ def test_a_resumed_run_watches_on_with_its_detectors_memory(tmp_path: Path) -> N
     workload = Workload(STEPS)
     with qckpt.Repository.init(tmp_path / "r") as repo:
         first = _cone(repo, workload, "clean")
-        for _ in range(32):
-            first.observe(first.train_step(next(first.batches)))
+        _train(first, 32)
         memory = first.index.state_dict()  # the index as it was at the step-32 commit
         assert len(memory["detectors"][1]["losses"]) >= 25  # LossSpike warmed up
         again = _cone(repo, workload, "clean", resume="main")  # a new process picks the run up at step 32
@@ -177,8 +180,7 @@ def test_roll_back_is_a_recorded_reset_and_a_restore(tmp_path: Path) -> None:
     workload = Workload(STEPS)
     with qckpt.Repository.init(tmp_path / "r") as repo:
         cone = _cone(repo, workload, "clean")
-        for _ in range(9):
-            cone.observe(cone.train_step(next(cone.batches)))
+        _train(cone, 9)
         origin = repo.snapshot("main@4")
         expected = repo.load(origin.id).tree()["components"]["model"]
         cone.roll_back(origin)
