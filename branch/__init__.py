@@ -4,7 +4,8 @@ Built on qckpt's public API only. ``LightCone`` drives (or watches) a training
 loop; triggers (``branch.triggers``) decide when, interventions
 (``branch.interventions``) what to try, ``select`` which future to keep, and
 every event is recorded in the repository (``ConeRecord``) for the report
-(``write_report``; CLI ``qckpt cone report``).
+(``write_report``; CLI ``qckpt cone report``). In the Hugging Face Trainer and
+Lightning, ``branch.integrations`` runs it from the framework's own loop.
 """
 
 from branch.engine import (
