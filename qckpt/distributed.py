@@ -67,7 +67,7 @@ from qckpt.commit.arrays import write_arrays
 from qckpt.commit.hot import HotSnapshot
 from qckpt.commit.predict import ParamRule
 from qckpt.commit.staging import stage
-from qckpt.errors import IntegrityError, InvalidInputError
+from qckpt.errors import IntegrityError, InvalidInputError, StateMismatchError
 from qckpt.format.records import WARM_PARTS_ANNOTATION, CommitStats, Manifest, Snapshot, TensorEntry
 from qckpt.format.tensors import torch_dtype
 from qckpt.format.tree import ArrayLeaf, encode_tree, join_path
@@ -114,6 +114,8 @@ def _done(value: Any) -> Future[Any]:
     future.set_result(value)
     return future
 
+
+_PLANNER_MISMATCHES = ("Size mismatch", "Missing key")  # how DCP's load planner reports a state that does not fit
 
 class QckptWriter(StorageWriter):
     """A DCP storage writer that commits each ``dcp.save`` as one snapshot on ``branch``.
@@ -406,11 +408,25 @@ class QckptReader(StorageReader):
         """``dcp.load`` into a sharded ``TrainingState`` saved by ``QckptWriter.commit``
         (call on every rank): modules and optimizers through DCP's
         ``set_*_state_dict`` (resharded to this run's layout), each rank's other
-        components and RNG from its own entry, step and extras."""
+        components and RNG from its own entry, step and extras. A state that does
+        not fit the snapshot (a tensor of another global shape, a key it lacks),
+        found by DCP's planner before anything is read, raises
+        ``StateMismatchError`` listing DCP's findings (rather than DCP's
+        ``CheckpointException``, a ``BaseException``)."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         tree = sharded_state_dict(state)
-        dcp.load(tree, storage_reader=self)
+        try:
+            dcp.load(tree, storage_reader=self)
+        except CheckpointException as e:
+            found = [(rank, error) for rank, (error, _) in sorted(e.failures.items())]
+            if not found or not all(str(error).startswith(_PLANNER_MISMATCHES) for _, error in found):
+                raise
+            raise StateMismatchError(
+                f"snapshot {self.snapshot.short_id} does not fit the sharded training state; nothing was loaded:",
+                [f"rank {rank}: {error}" for rank, error in found],
+            ) from None
         load_sharded_state_dict(state, tree)
 
     # -- StorageReader ---------------------------------------------------------

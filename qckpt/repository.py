@@ -485,7 +485,9 @@ class Repository:
         A state with sharded (DTensor) modules is restored collectively (call on
         every rank, as ``dcp.load``) from a snapshot a sharded ``commit`` (or
         ``dcp.save`` through ``QckptWriter``) wrote, resharded to this run's
-        layout by ``torch.distributed.checkpoint``.
+        layout by ``torch.distributed.checkpoint``; a state that does not fit
+        (another global shape, a missing key) raises ``StateMismatchError`` on
+        every rank before anything is loaded.
         """
         if _sharded_component(state) is not None:
             from qckpt.distributed import QckptReader  # torch.distributed.checkpoint, imported when needed

@@ -99,9 +99,9 @@ def rank_main(rank: int, world: int, rendezvous: str, location: str, task: str, 
 
             import qckpt
 
-            def new_run() -> qckpt.TrainingState:
+            def new_run(hidden: int = 16) -> qckpt.TrainingState:
                 torch.manual_seed(0)
-                model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 4))
+                model = torch.nn.Sequential(torch.nn.Linear(16, hidden), torch.nn.Dropout(0.1), torch.nn.Linear(hidden, 4))
                 fully_shard(model, mesh=mesh)
                 return qckpt.TrainingState(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
 
@@ -124,6 +124,14 @@ def rank_main(rank: int, world: int, rendezvous: str, location: str, task: str, 
                 fresh = new_run()
                 seen["restored"] = repo.restore(fresh, "native").id
                 seen["equal"] = step(fresh) == expected  # parameters, AdamW state and RNG restored on every rank
+                wider = new_run(hidden=24)
+                before = [p.full_tensor().clone() for p in wider.components["model"].parameters()]
+                try:
+                    repo.restore(wider, "native")
+                    seen["mismatch"] = None
+                except qckpt.StateMismatchError as e:
+                    seen["mismatch"] = str(e)
+                seen["untouched"] = all(torch.equal(a, p.full_tensor()) for a, p in zip(before, wider.components["model"].parameters()))
                 for name, call in (("commit_async", lambda: repo.commit_async(state)),
                                    ("plain", lambda: repo.commit(dict(state.components["model"].state_dict())))):  # fmt: skip
                     try:

@@ -135,6 +135,7 @@ def test_the_native_api_commits_and_restores_sharded_states_on_every_rank(tmp_pa
     assert all(r["equal"] and r["restored"] == r["ids"][-1] for r in reports)
     assert all("Repository.commit on every rank" in r["commit_async"] for r in reports)
     assert all("sharded DTensor" in r["plain"] and "QckptWriter" in r["plain"] for r in reports)
+    assert all("does not fit" in r["mismatch"] and "Size mismatch" in r["mismatch"] and r["untouched"] for r in reports)
     with qckpt.Repository.open(location) as repo:
         history = repo.log("native")
         assert [s.step for s in history] == [3, 2, 1] and history[0].metrics == {"x": 1.0} and history[0].message == "commit"
