@@ -117,6 +117,7 @@ def _done(value: Any) -> Future[Any]:
 
 _PLANNER_MISMATCHES = ("Size mismatch", "Missing key")  # how DCP's load planner reports a state that does not fit
 
+
 class QckptWriter(StorageWriter):
     """A DCP storage writer that commits each ``dcp.save`` as one snapshot on ``branch``.
 

@@ -58,7 +58,6 @@ from branch.record import ConeRecord
 from branch.triggers import InstabilityIndex
 from qckpt.integrations.lightning import QckptCheckpointIO
 
-_REST = "lightning"  # where QckptCheckpointIO keeps the checkpoint's other entries in a snapshot's extras
 _CAPTURE = "qckpt:light-cone-capture"  # the path of a save that refreshes the live state without committing
 
 
@@ -104,26 +103,9 @@ class LightConeCallback(QckptCheckpointIO, ConeDriver):
         trainer.fit(module, ckpt_path=revision, weights_only=False, **loaders)  # a snapshot, loaded without unpickling
 
     def skip(self, live: qckpt.TrainingState, n: int) -> int:
-        """Draw ``n`` batches from the training loader restored to ``live``'s position
-        and store its new position, the epoch's batch counters moved on with it."""
-        assert self._trainer is not None
-        fit_loop = live.extras[_REST]["loops"]["fit_loop"]
-        saved = fit_loop["state_dict"].get("combined_loader")
-        loader = self._trainer.train_dataloader  # stateful: on_train_start checked
-        loader.load_state_dict(saved[0])
-        batches, drawn = iter(loader), 0
-        for _ in range(n):
-            try:
-                next(batches)
-            except StopIteration:
-                break
-            drawn += 1
-        saved[0] = loader.state_dict()
-        del batches
-        progress = fit_loop["epoch_loop.batch_progress"]
-        for counts in (progress["total"], progress["current"]):
-            for key in ("ready", "started", "processed", "completed"):
-                counts[key] += drawn
+        """``skip_batches`` (the loader is stateful: ``on_train_start`` checked); the step
+        count (optimizer steps) does not move."""
+        self.skip_batches(live, n)
         return live.step
 
     def max_steps(self) -> int:

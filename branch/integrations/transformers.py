@@ -46,7 +46,6 @@ future, besides the commits). Single process only, like ``QckptCallback``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -62,7 +61,6 @@ from branch.record import ConeRecord
 from branch.triggers import InstabilityIndex
 from qckpt.integrations.transformers import QckptCallback
 
-_TRAINER_STATE = "trainer_state"  # where QckptCallback keeps trainer_state.json in a snapshot's extras
 
 
 class LightConeCallback(QckptCallback, ConeDriver):
@@ -109,11 +107,7 @@ class LightConeCallback(QckptCallback, ConeDriver):
         self._trainer.train(resume_from_checkpoint=self.checkpoint(revision) if revision is not None else None)
 
     def skip(self, live: qckpt.TrainingState, n: int) -> int:
-        """The Trainer's data position is its global step: skipping moves it."""
-        fields = json.loads(live.extras[_TRAINER_STATE])
-        fields["global_step"] += n
-        live.extras[_TRAINER_STATE] = json.dumps(fields, indent=2, sort_keys=True) + "\n"
-        return int(fields["global_step"])
+        return self.skip_batches(live, n)
 
     def max_steps(self) -> int:
         assert self._trainer is not None

@@ -100,6 +100,34 @@ class QckptCheckpointIO(CheckpointIO, pl.Callback):
                                      if k not in ("state_dict", "optimizer_states", "lr_schedulers")}  # fmt: skip
         return self._state
 
+    def skip_batches(self, state: TrainingState, n: int) -> int:
+        """Move the data position in ``state`` (a checkpoint of this IO, restored) ``n``
+        batches on: draw them from the trainer's stateful training loader set to
+        the stored position, store its new position, and move the epoch's batch
+        counters on as many. Never past the epoch's end; returns how many were
+        skipped."""
+        assert self._trainer is not None
+        fit_loop = state.extras[_REST]["loops"]["fit_loop"]
+        saved = fit_loop["state_dict"].get("combined_loader")
+        loader = self._trainer.train_dataloader
+        if not saved or not callable(getattr(loader, "load_state_dict", None)):
+            raise InvalidInputError("skipping batches needs a stateful training loader (torchdata's StatefulDataLoader)")
+        loader.load_state_dict(saved[0])
+        batches, drawn = iter(loader), 0
+        for _ in range(n):
+            try:
+                next(batches)
+            except StopIteration:
+                break
+            drawn += 1
+        saved[0] = loader.state_dict()
+        del batches
+        progress = fit_loop["epoch_loop.batch_progress"]
+        for counts in (progress["total"], progress["current"]):
+            for key in ("ready", "started", "processed", "completed"):
+                counts[key] += drawn
+        return drawn
+
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         """The checkpoint at ``path``: a revision, or the path it was saved under."""
         self.repo.flush()  # a checkpoint saved moments ago may still be in flight

@@ -189,6 +189,16 @@ class QckptCallback(TrainerCallback):
         self.live.extras[_TRAINER_STATE] = _trainer_state_json(state, control)
         return self.live
 
+    def skip_batches(self, state: TrainingState, n: int) -> int:
+        """Move the data position stored in ``state`` (captured by ``capture``, or
+        restored) ``n`` optimizer steps' batches on: the Trainer's data position is
+        its global step, so the step in its ``trainer_state.json`` moves. Returns
+        the new global step."""
+        fields = json.loads(state.extras[_TRAINER_STATE])
+        fields["global_step"] += n
+        state.extras[_TRAINER_STATE] = _as_json(fields)
+        return int(fields["global_step"])
+
     def commit_point(self, state: TrainerState, control: TrainerControl, metrics: dict[str, Any]) -> None:
         """A cadence step's resumable moment: commit ``live`` asynchronously with the
         step's numeric ``metrics`` (its logs, or its evaluation's)."""
@@ -217,6 +227,11 @@ def _trainer_state_json(state: TrainerState, control: TrainerControl) -> str:
     the Trainer last recorded: a callback cannot reach its siblings)."""
     fields = dataclasses.asdict(state)
     fields["stateful_callbacks"] = {**(fields.get("stateful_callbacks") or {}), "TrainerControl": control.state()}
+    return _as_json(fields)
+
+
+def _as_json(fields: dict[str, Any]) -> str:
+    """``trainer_state.json``'s text, laid out as the Trainer writes it."""
     return json.dumps(fields, indent=2, sort_keys=True) + "\n"
 
 
