@@ -64,6 +64,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from qckpt.commit.arrays import write_arrays
+from qckpt.commit.encoding import EncodingChoices
 from qckpt.commit.hot import HotSnapshot
 from qckpt.commit.predict import ParamRule
 from qckpt.commit.staging import stage
@@ -144,6 +145,7 @@ class QckptWriter(StorageWriter):
         self._hold = ExitStack()
         self._previous: HotSnapshot | None = None  # this rank's items at its previous save: delta bases
         self._last_part = -math.inf  # when this rank last wrote a warm part
+        self._choices = EncodingChoices()
 
     def commit(self, state: TrainingState, *, metrics: Mapping[str, float] | None = None,
                step: int | None = None) -> Snapshot | None:  # fmt: skip
@@ -215,7 +217,7 @@ class QckptWriter(StorageWriter):
         tensors and their raw bytes (``WarmCopies.write_part``), so a restore of
         this snapshot decodes no chain. Due as the repository's warm copies are
         (``warm_interval``: every save on local disk, at most once a minute on S3)."""
-        entries, stats = write_arrays(txn, staged, previous, rules, None)
+        entries, stats = write_arrays(txn, staged, previous, rules, None, choices=self._choices)
         cadence = self.repo._warm
         if cadence is None or not entries or time.monotonic() - self._last_part < cadence.interval_s:
             return entries, stats, None

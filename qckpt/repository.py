@@ -32,6 +32,7 @@ import torch
 
 from qckpt.backends import Backend, LocalBackend, RetryingBackend, S3Backend, parse_s3_uri
 from qckpt.commit.arrays import write_arrays
+from qckpt.commit.encoding import EncodingChoices
 from qckpt.commit.hot import HotSnapshot, HotTier
 from qckpt.commit.lossy import LossyTier, check_main_line, quantize
 from qckpt.commit.predict import ParamRule, parameter_rules
@@ -177,6 +178,7 @@ class Repository:
         self._store = store
         self._hot = HotTier(hot_snapshots, hot_bytes)
         self._writer = CommitWriter(max_pending, f"qckpt-writer {store.backend.uri}")
+        self._choices = EncodingChoices()  # the writer thread's
         if warm_interval is None:
             warm_interval = DEFAULT_WARM_INTERVAL_REMOTE if store.backend.capabilities.index == "cache" else 0.0
         self._warm = WarmCadence(store, self._hot, warm_interval) if warm else None
@@ -428,7 +430,7 @@ class Repository:
         written: dict[str, Any] = {}
 
         def build(txn: Transaction) -> Callable[[str | None], Snapshot]:
-            tensors, stats = write_arrays(txn, staged, self._hot.get(txn.head), job.rules, job.step, job.notes)
+            tensors, stats = write_arrays(txn, staged, self._hot.get(txn.head), job.rules, job.step, job.notes, self._choices)
             manifest_id = txn.put_manifest(Manifest(job.encoded, tuple(tensors)))
             written["tensors"] = tensors
             annotations = {LOSSY_ANNOTATION: job.lossy.annotation()} if job.lossy else {}

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 
-from qckpt.commit.encoding import EncodePlanner, chunk_view
+from qckpt.commit.encoding import ChunkPlan, EncodePlanner, EncodingChoices, chunk_view
 from qckpt.commit.hot import HotSnapshot
 from qckpt.commit.predict import ParamRule
 from qckpt.commit.staging import StagedArray
@@ -35,9 +35,11 @@ def write_arrays(
     rules: Mapping[str, ParamRule],
     step: int | None,
     notes: tuple[str, ...] = (),
+    choices: EncodingChoices | None = None,
 ) -> tuple[list[TensorEntry], CommitStats]:
     """Store every staged array; returns their manifest entries and the commit's sizes
-    (``notes`` are recorded in the stats as they are)."""
+    (``notes`` are recorded in the stats as they are). ``choices``: the writer's
+    memory of which encodings won (see ``EncodingChoices``)."""
     store = txn.store
     size = store.config.chunk_size
     entries: list[TensorEntry] = []
@@ -49,7 +51,7 @@ def write_arrays(
         entries.append(TensorEntry(array.path, array.kind, array.dtype, array.shape, size, ids))
     missing = store.index.missing(first)
     new = [cid for cid in first if cid in missing]
-    planner = EncodePlanner(store.index, size, store.config.max_chain, staged, entries, base, rules, step, missing)
+    planner = EncodePlanner(store.index, size, store.config.max_chain, staged, entries, base, rules, step, missing, choices)
     waves: dict[int, list[bytes]] = {}
     for chunk_id in new:
         waves.setdefault(planner.wave(*first[chunk_id]), []).append(chunk_id)
@@ -71,22 +73,23 @@ def _write_packs(
     stored = 0
     max_in_flight = 4 * store.workers
     for wave in waves:
-        pending: deque[tuple[bytes, Future[EncodedObject]]] = deque()
+        pending: deque[tuple[bytes, ChunkPlan, Future[EncodedObject]]] = deque()
         todo = iter(wave)
         while True:
             for chunk_id in todo:
                 array, number = first[chunk_id]
-                candidates = planner.candidates(chunk_id, array, number)
-                pending.append((chunk_id, store.pool.submit(
-                    encode_object, chunk_view(array, number, size), array.itemsize, is_floating(array.dtype), level, candidates
+                plan = planner.plan(chunk_id, array, number)
+                pending.append((chunk_id, plan, store.pool.submit(
+                    encode_object, chunk_view(array, number, size), array.itemsize, is_floating(array.dtype), level,
+                    plan.candidates, choose=plan.choose,
                 )))  # fmt: skip
                 if len(pending) >= max_in_flight:
                     break
             if not pending:
                 break
-            chunk_id, future = pending.popleft()
+            chunk_id, plan, future = pending.popleft()
             obj = future.result()
-            depth = planner.encoded(chunk_id, obj.deps)
+            depth = planner.encoded(chunk_id, first[chunk_id][0], plan, obj)
             builder.add(chunk_id, obj.codec, obj.data, depth, obj.deps)
             stored += len(obj.data)
             if builder.size >= PACK_TARGET_SIZE:

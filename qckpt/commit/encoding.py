@@ -9,12 +9,19 @@ commit; no chunk depends on itself; and the chain it would create is at most
 ``max_chain`` objects long. Otherwise the chunk is simply stored on its own,
 which is always safe. Candidates carry the mantissa bits the lossy tier
 rounded the array by, so predictions are rounded alike.
+
+Which prediction wins is a property of the training loop (which moments the
+optimizer keeps, whether the scheduler steps before the commit), not of one
+chunk: ``EncodingChoices`` remembers what won when a tensor's chunks were last
+sampled, and later commits encode that tensor's chunks with it directly,
+sampling again every ``RESAMPLE_COMMITS`` commits.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,14 +29,54 @@ from qckpt.commit.hot import HotSnapshot
 from qckpt.commit.predict import BASE, ParamRule, Prediction, plan_predictions
 from qckpt.commit.staging import StagedArray
 from qckpt.format.codecs import FLOAT_FORMATS, FLOAT_NONE, PredictiveCodec, codec_by_id
-from qckpt.format.objects import Candidate
+from qckpt.format.objects import Candidate, EncodedObject
 from qckpt.format.records import TensorEntry
 from qckpt.store.index import ChunkIndex
+
+
+RESAMPLE_COMMITS = 8
 
 
 def chunk_view(array: StagedArray, number: int, chunk_size: int) -> np.ndarray:
     """The bytes of chunk ``number`` of ``array`` (a view)."""
     return array.data[number * chunk_size : (number + 1) * chunk_size]
+
+
+class EncodingChoices:
+    """The prediction that won when each tensor path was last sampled (its index in
+    the commit's plan), with what was on offer then (the predictions' indices and
+    codecs: a choice among fewer options, e.g. where the chain bound ruled some
+    out, is not reused when more are available) and the commit it was sampled in.
+    A self-contained outcome is not remembered (the next chunk samples again).
+    One per writer, used by its committing thread only; a stale memory costs
+    bytes, never correctness."""
+
+    def __init__(self) -> None:
+        self.commits = 0
+        self._won: dict[str, tuple[int, tuple[int, ...], int]] = {}
+
+    def recall(self, path: str, offered: tuple[tuple[int, int], ...]) -> int | None:
+        """The prediction remembered for ``path`` when the same was ``offered``
+        ((index, codec id) pairs), if it is fresh."""
+        sampled, then, won = self._won.get(path, (-RESAMPLE_COMMITS, (), 0))
+        return won if then == offered and self.commits - sampled < RESAMPLE_COMMITS else None
+
+    def remember(self, path: str, offered: tuple[tuple[int, int], ...], won: int | None) -> None:
+        if won is None:
+            self._won.pop(path, None)
+        else:
+            self._won[path] = (self.commits, offered, won)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """What to try for one new chunk: ``candidates``, what was ``offered`` (every
+    available prediction's index in the plan and codec id, in candidate order),
+    and whether to sample the candidates or encode the first one directly."""
+
+    candidates: list[Candidate]
+    offered: tuple[tuple[int, int], ...]
+    choose: bool
 
 
 class EncodePlanner:
@@ -47,8 +94,12 @@ class EncodePlanner:
         rules: Mapping[str, ParamRule],
         step: int | None,
         new: Collection[bytes],
+        choices: EncodingChoices | None = None,
     ) -> None:
         self._index = index
+        self._choices = choices
+        if choices is not None:
+            choices.commits += 1
         self._chunk_size = chunk_size
         self._max_chain = max_chain
         self._current = {a.path: (a, e) for a, e in zip(staged, entries)}
@@ -81,10 +132,23 @@ class EncodePlanner:
             self._depths[chunk_id] = location.depth
         return location.depth
 
-    def candidates(self, chunk_id: bytes, array: StagedArray, number: int) -> list[Candidate]:
-        """The predictions a new chunk may try."""
-        out = []
-        for prediction in self._predictions.get(array.path, ()):
+    def plan(self, chunk_id: bytes, array: StagedArray, number: int) -> ChunkPlan:
+        """The predictions a new chunk may try: the one remembered for its tensor if
+        that is available, else all of them, to sample."""
+        predictions = self._predictions.get(array.path, [])
+        available = self._candidates(chunk_id, array, number, predictions)
+        offered = tuple((i, predictions[i].codec_id) for i in available)
+        if self._choices is not None and available:
+            won = self._choices.recall(array.path, offered)
+            if won is not None:
+                return ChunkPlan([available[won]], offered, False)
+        return ChunkPlan(list(available.values()), offered, True)
+
+    def _candidates(self, chunk_id: bytes, array: StagedArray, number: int,
+                    predictions: list[Prediction]) -> dict[int, Candidate]:  # fmt: skip
+        """The available predictions of a new chunk, by their index in ``predictions``."""
+        out = {}
+        for i, prediction in enumerate(predictions):
             codec = codec_by_id(prediction.codec_id)
             assert isinstance(codec, PredictiveCodec)
             fmt = FLOAT_FORMATS.get(array.dtype, FLOAT_NONE)
@@ -109,11 +173,16 @@ class EncodePlanner:
                 inputs.append(chunk_view(other, number, self._chunk_size))
             else:
                 if depth + 1 <= self._max_chain:
-                    out.append(Candidate(codec, tuple(deps), tuple(inputs), fmt, prediction.scalars, array.dropped))
+                    out[i] = Candidate(codec, tuple(deps), tuple(inputs), fmt, prediction.scalars, array.dropped)
         return out
 
-    def encoded(self, chunk_id: bytes, deps: Sequence[bytes]) -> int:
-        """Record that ``chunk_id`` was encoded with ``deps``; returns its chain depth."""
+    def encoded(self, chunk_id: bytes, array: StagedArray, plan: ChunkPlan, obj: EncodedObject) -> int:
+        """Record how ``chunk_id`` (of ``array``, planned as ``plan``) was encoded;
+        returns its chain depth."""
+        if plan.choose and plan.candidates and self._choices is not None:
+            won = None if obj.candidate is None else plan.offered[obj.candidate][0]
+            self._choices.remember(array.path, plan.offered, won)
+        deps = obj.deps
         depth = 1 + max((self._depths[d] for d in deps), default=0)
         with self._lock:
             self._depths[chunk_id] = depth

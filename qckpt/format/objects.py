@@ -49,35 +49,51 @@ class Candidate:
 
 @dataclass(frozen=True)
 class EncodedObject:
+    """An encoded chunk; ``candidate``: the index of the candidate it was predicted
+    with, None if it is self-contained."""
+
     codec: int
     data: bytes
     deps: tuple[bytes, ...]
+    candidate: int | None = None
 
 
 def encode_object(
-    raw: Raw, itemsize: int, floating: bool, level: int, candidates: Sequence[Candidate] = ()
+    raw: Raw, itemsize: int, floating: bool, level: int, candidates: Sequence[Candidate] = (), *, choose: bool = True
 ) -> EncodedObject:
-    """Encode one chunk as a complete object: on its own, or with the candidate
-    prediction that makes it smallest.
+    """Encode one chunk as a complete object: on its own, or with a candidate
+    prediction.
 
-    With candidates, each option (self-contained included) is first tried on a
-    sample (``SAMPLE_BLOCKS`` evenly spaced blocks, 1/16 of the chunk) and only the
-    most promising one is encoded in full, so trying several predictions costs
-    a fraction of one encoding each; a self-contained encoding is kept if that
-    one turns out no smaller than the raw chunk.
+    ``choose``: each option (self-contained included) is first tried on a sample
+    (``SAMPLE_BLOCKS`` evenly spaced blocks, 1/16 of the chunk; small chunks
+    whole) and only the most promising one is encoded in full, so trying several
+    predictions costs a fraction of one encoding each. Otherwise the first
+    candidate is encoded directly (a choice made before). Either way a
+    self-contained encoding is kept if the prediction turns out no smaller than
+    the raw chunk.
     """
+    plain = None
     if candidates:
-        sample = _Sampler(len(raw), itemsize)
-        sizes = [len(c.codec.encode(sample(raw), itemsize, level, [sample(i) for i in c.inputs], c.fmt, c.scalars, c.dropped))
-                 for c in candidates]  # fmt: skip
-        best = candidates[sizes.index(min(sizes))]
-        if min(sizes) < len(encode_plain(sample(raw), itemsize, floating, level)[1]):
-            payload = best.codec.encode(raw, itemsize, level, best.inputs, best.fmt, best.scalars, best.dropped)
+        index, payload = 0, None
+        if choose:
+            sample = _Sampler(len(raw), itemsize)
+            payloads = [c.codec.encode(sample(raw), itemsize, level, [sample(i) for i in c.inputs], c.fmt, c.scalars, c.dropped)
+                        for c in candidates]  # fmt: skip
+            index = min(range(len(payloads)), key=lambda i: len(payloads[i]))
+            sampled_plain = encode_plain(sample(raw), itemsize, floating, level)
+            if len(payloads[index]) >= len(sampled_plain[1]):
+                candidates = ()
+            if sample.whole:  # the sample is the chunk: its encodings are final
+                payload, plain = payloads[index], sampled_plain
+        if candidates:
+            best = candidates[index]
+            if payload is None:
+                payload = best.codec.encode(raw, itemsize, level, best.inputs, best.fmt, best.scalars, best.dropped)
             header = _HEADER.pack(OBJECT_VERSION, best.codec.id, itemsize, FLAG_DEPENDENCIES, len(raw))
             data = b"".join([header, bytes([len(best.deps)]), *best.deps, payload])
             if len(data) < len(raw):
-                return EncodedObject(best.codec.id, data, best.deps)
-    codec, payload = encode_plain(raw, itemsize, floating, level)
+                return EncodedObject(best.codec.id, data, best.deps, index)
+    codec, payload = plain or encode_plain(raw, itemsize, floating, level)
     return EncodedObject(codec.id, _HEADER.pack(OBJECT_VERSION, codec.id, itemsize, 0, len(raw)) + payload, ())
 
 
@@ -91,7 +107,8 @@ class _Sampler:
 
     def __init__(self, length: int, itemsize: int) -> None:
         block = (length // (16 * SAMPLE_BLOCKS)) // itemsize * itemsize
-        self._spans = [(0, length)] if length <= _SAMPLE_MIN or block == 0 else [
+        self.whole = length <= _SAMPLE_MIN or block == 0  # the "sample" is the whole buffer
+        self._spans = [(0, length)] if self.whole else [
             (i * length // SAMPLE_BLOCKS // itemsize * itemsize, block) for i in range(SAMPLE_BLOCKS)
         ]  # fmt: skip
         self._seen: dict[tuple[int, int], np.ndarray] = {}
@@ -100,7 +117,7 @@ class _Sampler:
         array = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
         key = (array.__array_interface__["data"][0], array.size)
         if key not in self._seen:
-            self._seen[key] = np.concatenate([array[start : start + size] for start, size in self._spans])
+            self._seen[key] = array if self.whole else np.concatenate([array[start : start + size] for start, size in self._spans])
         return self._seen[key]
 
 

@@ -149,3 +149,44 @@ def test_an_optimizer_without_a_codec_is_noted(tmp_path: Path) -> None:
         snap = repo.commit(qckpt.TrainingState(model=model, optimizer=optimizer))
         assert len(snap.stats.notes) == 1 and "RMSprop" in snap.stats.notes[0]
         assert repo.snapshot("main").stats.notes == snap.stats.notes  # recorded, not only returned
+
+
+def _every_step_run(tmp_path: Path, name: str, commits: int) -> tuple[list[int], list[list[bool]]]:
+    """Stored bytes per commit of a tiny AdamW run (chains bounded at 4, so they restart
+    inside the run) and, per commit, whether each encoded chunk was sampled."""
+    import qckpt.commit.arrays as arrays
+
+    sampled: list[list[bool]] = []
+    encode = arrays.encode_object
+
+    def spy(*args, choose: bool = True):  # type: ignore[no-untyped-def]
+        if args[4]:  # a chunk with predictions to try
+            sampled[-1].append(choose)
+        return encode(*args, choose=choose)
+
+    torch.manual_seed(0)
+    trainer = Trainer("tiny", total_steps=100)
+    stored = []
+    with pytest.MonkeyPatch.context() as patch, qckpt.Repository.init(tmp_path / name, chunk_size=4096, max_chain=4) as repo:
+        patch.setattr(arrays, "encode_object", spy)
+        for _ in range(commits):
+            train_step(trainer.state)
+            sampled.append([])
+            stored.append(repo.commit(trainer.state).stats.new_stored_bytes)
+    return stored, sampled
+
+
+def test_encodings_are_sampled_once_per_tensor_and_reused_as_compactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qckpt.commit import encoding
+
+    remembered, sampled = _every_step_run(tmp_path, "remembered", 20)
+    monkeypatch.setattr(encoding, "RESAMPLE_COMMITS", 1)  # sample every chunk of every commit, as before memory
+    always, _ = _every_step_run(tmp_path, "always", 20)
+    # Most chunks after the first predicted commit reuse a choice; sampling comes back every few commits.
+    direct = sum(not s for commit in sampled for s in commit)
+    assert direct > 0.6 * sum(len(commit) for commit in sampled)
+    assert all(any(commit) for commit in sampled[1 : 1 + encoding.RESAMPLE_COMMITS * 2 : encoding.RESAMPLE_COMMITS])
+    # Reuse costs no bytes, also across the chain restarts (a choice made when the bound
+    # left fewer options is not reused when more come back).
+    assert sum(remembered) <= 1.01 * sum(always)
+    assert all(r <= 1.05 * a for r, a in zip(remembered, always))
