@@ -103,11 +103,15 @@ class _Written:
 
 def _manifest(tensors: Mapping[str, TensorEntry], **plain: Any) -> Manifest:
     """The manifest of ``{"dcp": {**plain, "tensors": {key: tensor}}}`` whose tensor
-    table is ``tensors``' entries (``encode_tree`` lays the tree out around
-    placeholders, so entry paths and tree paths agree by construction)."""
-    encoded, leaves = encode_tree({"dcp": {**plain, "tensors": {key: torch.empty(0) for key in tensors}}})
-    by_path = {e.path: e for e in tensors.values()}
-    return Manifest(encoded, tuple(by_path[leaf.path] for leaf in leaves))
+    table is ``tensors``' entries, in order (each entry's path is
+    ``join_path(_TENSORS, key)``). The tensors' dict is laid out as ``encode_tree``
+    lays out a dict of tensors under string keys; a save has thousands, and
+    encoding placeholders for them cost more than the rest of its publication."""
+    encoded, leaves = encode_tree({"dcp": plain})
+    assert not leaves, "plain values only"
+    table = [[key, {"$array": i}] for i, key in enumerate(tensors)]
+    encoded["$dict"][0][1]["$dict"].append(["tensors", {"$dict": table}])
+    return Manifest(encoded, tuple(tensors.values()))
 
 
 def _done(value: Any) -> Future[Any]:

@@ -340,3 +340,19 @@ def test_names_with_slashes_and_percent_signs_round_trip(tmp_path: Path) -> None
         loaded = {"enc/layer": torch.zeros(6), "rate%": torch.zeros(3)}
         dcp.load(loaded, storage_reader=QckptReader(repo))
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_manifests_are_laid_out_as_encode_tree_lays_out_the_tree() -> None:
+    """The tensors' dict of a DCP manifest is written directly: it must be what
+    ``encode_tree`` makes of the same tree (readers decode it with ``decode_tree``)."""
+    from qckpt.distributed import _TENSORS, _manifest
+    from qckpt.format.records import TensorEntry
+    from qckpt.format.tree import encode_tree, join_path
+
+    keys = ["enc/layer", "rate%", "w@512,0", "0"]
+    entries = {k: TensorEntry(join_path(_TENSORS, k), "torch", "float32", (2,), 1 << 20, (bytes(16),)) for k in keys}
+    plain = {"format": 1, "metadata": b"meta", "objects": {"o": b"x"}}
+    manifest = _manifest(entries, **plain)
+    encoded, leaves = encode_tree({"dcp": {**plain, "tensors": {k: torch.empty(0) for k in keys}}})
+    assert manifest.tree == encoded
+    assert [e.path for e in manifest.tensors] == [leaf.path for leaf in leaves]
