@@ -52,8 +52,12 @@ class EncodingChoices:
     bytes, never correctness."""
 
     def __init__(self) -> None:
-        self.commits = 0
-        self._won: dict[str, tuple[int, tuple[int, ...], int]] = {}
+        self.commits = 0  # commits planned with this memory
+        self._won: dict[str, tuple[int, tuple[tuple[int, int], ...], int]] = {}
+
+    def next_commit(self) -> None:
+        """A new commit is being planned (choices age by commits)."""
+        self.commits += 1
 
     def recall(self, path: str, offered: tuple[tuple[int, int], ...]) -> int | None:
         """The prediction remembered for ``path`` when the same was ``offered``
@@ -80,8 +84,8 @@ class ChunkPlan:
 
 
 class EncodePlanner:
-    """Plans the encoding of one commit's new chunks. ``candidates`` may be called
-    from the committing thread only; ``encoded`` records results in wave order."""
+    """Plans the encoding of one commit's new chunks. ``plan`` and ``encoded`` may be
+    called from the committing thread only; ``encoded`` records results in wave order."""
 
     def __init__(
         self,
@@ -99,7 +103,7 @@ class EncodePlanner:
         self._index = index
         self._choices = choices
         if choices is not None:
-            choices.commits += 1
+            choices.next_commit()
         self._chunk_size = chunk_size
         self._max_chain = max_chain
         self._current = {a.path: (a, e) for a, e in zip(staged, entries)}
