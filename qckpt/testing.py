@@ -104,6 +104,14 @@ class BackendConformance:
         backend.put("b", bytearray(b"123"))
         assert backend.get("a") == b"yz" and backend.get("b") == b"123"
 
+    def test_put_stores_a_sequence_of_buffers_back_to_back(self, backend: Backend) -> None:
+        backend.put("packs/p", [b"one ", bytearray(b"two "), memoryview(b"three")])
+        assert self.raw_get(backend, "packs/p") == b"one two three"
+        backend.put("packs/q", [b"only", b""], exclusive=True)
+        with pytest.raises(AlreadyExistsError):
+            backend.put("packs/q", [b"again"], exclusive=True)
+        assert backend.get("packs/q") == b"only"
+
 
     def test_get_range(self, backend: Backend) -> None:
         backend.put("k", bytes(range(100)))

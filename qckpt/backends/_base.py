@@ -41,6 +41,11 @@ class Capabilities:
 Buffer = Union[bytes, bytearray, memoryview]
 
 
+def joined(data: Buffer | Sequence[Buffer]) -> Buffer:
+    """``data`` as one buffer: itself, or a sequence of buffers joined back to back."""
+    return data if isinstance(data, (bytes, bytearray, memoryview)) else b"".join(data)
+
+
 @dataclass(frozen=True)
 class MappedBlob:
     """A whole stored value in memory: ``view`` is read-only; ``private()`` returns a
@@ -99,8 +104,9 @@ class Backend(ABC):
     lock_stale_s: float = 30.0
 
     @abstractmethod
-    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
-        """Store ``data`` under ``key`` atomically."""
+    def put(self, key: str, data: Buffer | Sequence[Buffer], *, exclusive: bool = False) -> None:
+        """Store ``data`` (a buffer, or a sequence of buffers stored back to back)
+        under ``key`` atomically."""
 
     @abstractmethod
     def get(self, key: str) -> bytes:
@@ -117,9 +123,8 @@ class Backend(ABC):
         """``put`` for data that is a cache (verified when read, rebuilt or done without
         when missing): readers still see all of it or nothing, but it need not
         survive a power loss. ``data`` may be a sequence of buffers, stored back to
-        back. This default joins them and calls ``put``; the local backend writes
-        them one after another and skips the fsyncs."""
-        self.put(key, data if isinstance(data, (bytes, bytearray, memoryview)) else b"".join(data))
+        back. This default calls ``put``; the local backend skips the fsyncs."""
+        self.put(key, data)
 
     def map(self, key: str) -> MappedBlob:
         """The whole value under ``key`` in memory (see ``MappedBlob``). This default

@@ -103,7 +103,7 @@ class LocalBackend(Backend):
         except OSError as e:
             raise BackendError(f"{self.uri}: cannot write {path.relative_to(self.root)}: {e}") from e
 
-    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+    def put(self, key: str, data: Buffer | Sequence[Buffer], *, exclusive: bool = False) -> None:
         self._write_atomic(self._path(key), data, exclusive=exclusive)
 
     def put_cache(self, key: str, data: Buffer | Sequence[Buffer]) -> None:

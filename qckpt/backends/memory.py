@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from qckpt.backends._base import Backend, Capabilities, check_blob_key, check_key
+from qckpt.backends._base import Backend, Buffer, Capabilities, check_blob_key, check_key, joined
 from qckpt.backends._reflock import Lease
 from qckpt.errors import AlreadyExistsError, ObjectNotFoundError, RefConflictError
 
@@ -25,12 +25,13 @@ class MemoryBackend(Backend):
         self._shared_holders = 0
         self._exclusive_held = False
 
-    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+    def put(self, key: str, data: Buffer | Sequence[Buffer], *, exclusive: bool = False) -> None:
         check_blob_key(key)
+        value = bytes(joined(data))
         with self._lock:
             if exclusive and key in self._blobs:
                 raise AlreadyExistsError(f"{self.uri}: key {key!r} exists already")
-            self._blobs[key] = bytes(data)
+            self._blobs[key] = value
 
     def _blob(self, key: str) -> bytes:
         check_blob_key(key)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import TypeVar
 
-from qckpt.backends._base import Backend, Buffer, MappedBlob
+from qckpt.backends._base import Backend, Buffer, MappedBlob, joined
 from qckpt.backends._reflock import Lease
 from qckpt.errors import AlreadyExistsError, ObjectNotFoundError, RefConflictError, TransientBackendError
 
@@ -61,12 +61,12 @@ class RetryingBackend(Backend):
                 delay = min(delay * 2, self.max_delay_s)
         raise AssertionError("unreachable")
 
-    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+    def put(self, key: str, data: Buffer | Sequence[Buffer], *, exclusive: bool = False) -> None:
         def attempt(retried: bool) -> None:
             try:
                 self.inner.put(key, data, exclusive=exclusive)
             except AlreadyExistsError:
-                if not (retried and self.inner.get(key) == bytes(data)):
+                if not (retried and self.inner.get(key) == bytes(joined(data))):
                     raise
 
         self._retry("put", attempt)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import boto3
@@ -26,7 +26,7 @@ import botocore.exceptions
 import botocore.session
 from boto3.s3.transfer import TransferConfig
 
-from qckpt.backends._base import REFS_NAMESPACE, Backend, check_blob_key, check_key
+from qckpt.backends._base import REFS_NAMESPACE, Backend, Buffer, check_blob_key, check_key, joined
 from qckpt.errors import (
     AlreadyExistsError,
     BackendError,
@@ -140,9 +140,9 @@ class S3Backend(Backend):
         return self.prefix + check_blob_key(key)
 
     # -- blobs -------------------------------------------------------------------------
-    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+    def put(self, key: str, data: Buffer | Sequence[Buffer], *, exclusive: bool = False) -> None:
         full = self._key(key)
-        body = bytes(data)
+        body = bytes(joined(data))
         self.bytes_sent += len(body)
         if exclusive:
             try:

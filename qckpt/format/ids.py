@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import xxhash
 
@@ -18,3 +19,11 @@ def digest(data: bytes | bytearray | memoryview) -> bytes:
 def hex_id(data: bytes | bytearray | memoryview) -> str:
     """The xxh3-128 digest of ``data`` as 32 hex characters."""
     return xxhash.xxh3_128_hexdigest(data)
+
+
+def hex_id_of_parts(parts: Iterable[bytes | bytearray | memoryview]) -> str:
+    """``hex_id`` of the parts joined back to back, without joining them."""
+    hasher = xxhash.xxh3_128()
+    for part in parts:
+        hasher.update(part)
+    return hasher.hexdigest()

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 
 from qckpt.errors import IntegrityError
-from qckpt.format.ids import ID_BYTES, hex_id
+from qckpt.format.ids import ID_BYTES, hex_id_of_parts
 
 PACK_MAGIC = b"QCKPACK2"
 _V1_MAGIC = b"QCKPACK1"
@@ -69,12 +69,15 @@ class PackBuilder:
         self._parts.append(obj)
         self.size += len(obj)
 
-    def finish(self) -> tuple[str, bytes, dict[bytes, ChunkLocation]]:
-        """Return (pack id, pack bytes, chunk id -> location) and reset the builder."""
+    def finish(self) -> tuple[str, list[bytes], dict[bytes, ChunkLocation]]:
+        """Return (pack id, the pack's bytes as parts to store back to back, chunk id ->
+        location) and reset the builder. The parts are the objects as added: a pack
+        is never copied into one buffer (at 100M parameters that copy cost 0.7 s
+        a commit)."""
         footer = b"".join(_ENTRY.pack(cid, off, n, codec, depth, len(deps)) + b"".join(deps)
                           for cid, off, n, codec, depth, deps in self._entries)  # fmt: skip
-        data = b"".join([*self._parts, footer, _TRAILER.pack(len(self._entries), self.size, PACK_MAGIC)])  # one copy
-        pack_id = hex_id(data)
+        data = [*self._parts, footer + _TRAILER.pack(len(self._entries), self.size, PACK_MAGIC)]
+        pack_id = hex_id_of_parts(data)
         locations = {e[0]: ChunkLocation(pack_id, *e[1:]) for e in self._entries}
         self._reset()
         return pack_id, data, locations
