@@ -19,7 +19,7 @@ end, and their final checkpoint equals the first run's in every tensor (both
 ranks' parameters, optimizer state, RNG and sampler states);
 ``resharded_restore``: one process without ``torch.distributed`` loads the last
 snapshot into an unsharded model and optimizer, equal to the full state the
-ranks gathered. Ratios: ``bytes_ratio``, ``commit_ratio``, ``restore_ratio``
+ranks trained. Ratios: ``bytes_ratio``, ``commit_ratio``, ``restore_ratio``
 (qckpt / DCP). ``train_s``, ``qckpt_async_train_s``, ``dcp_async_train_s``:
 rank 0's wall time of the same training (fresh runs, same seeds) without
 checkpoints and with ``dcp.async_save`` every step onto each storage, each
@@ -30,6 +30,7 @@ thread).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import multiprocessing
 import shutil
@@ -89,6 +90,7 @@ def _rank(rank: int, rendezvous: str, root: str, phase: str, size: str, steps: i
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
+    faulthandler.enable()  # a rank that crashes in native code says where
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
@@ -112,13 +114,9 @@ def _rank(rank: int, rendezvous: str, root: str, phase: str, size: str, steps: i
                         dcp.save(sharded_state_dict(run.state), storage_writer=dcp.FileSystemWriter(Path(root, "dcp", f"step-{step}")))
                     times[method].append(time.perf_counter() - started)
             writer.close()
+            torch.save(_local_parts(run), Path(root, f"parts-rank{rank}.pt"))
             out["commit_s"] = {m: sum(t) / len(t) for m, t in times.items()}
             out["restore_s"] = _restore_times(run, repo_path, Path(root, "dcp", f"step-{steps}"))
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-            full = get_state_dict(run.model, run.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if rank == 0:
-                torch.save(full, Path(root, "full.pt"))
         elif phase == "async":  # the same training three times: no checkpoints, async_save onto each
             out["async_s"] = _async_walls(rank, Path(root), size, steps)
         else:  # resume: restore the middle step, train to the end, checkpoint on "resume"
@@ -134,6 +132,35 @@ def _rank(rank: int, rendezvous: str, root: str, phase: str, size: str, steps: i
     finally:
         Path(root, f"{phase}-rank{rank}.json").write_text(json.dumps(out))
         dist.destroy_process_group()
+
+
+def _local_parts(run: _Run) -> dict[str, dict[str, tuple[bool, Any]]]:
+    """This rank's part of the model's and the optimizer's state, by parameter name,
+    each value with whether it is a shard (a DTensor's local part: FSDP2 shards
+    dim 0) or whole. No collectives: ``_full_state`` joins the ranks' parts."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    def part(value: Any) -> tuple[bool, Any]:
+        if isinstance(value, DTensor):
+            return value.placements == (Shard(0),), value.to_local().clone()
+        return False, value.clone() if isinstance(value, torch.Tensor) else value
+
+    names = [name for name, _ in run.model.named_parameters()]  # one parameter group, in this order
+    return {
+        "model": {key: part(value) for key, value in run.model.state_dict().items()},
+        "optimizer": {f"{names[i]}.{key}": part(value) for i, state in run.optimizer.state_dict()["state"].items()
+                      for key, value in state.items()},
+    }  # fmt: skip
+
+
+def _full_state(root: Path) -> dict[str, dict[str, Any]]:
+    """The unsharded state the ranks trained, from their ``_local_parts``."""
+    parts = [torch.load(root / f"parts-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return {
+        section: {key: torch.cat([p[section][key][1] for p in parts]) if sharded else value
+                  for key, (sharded, value) in parts[0][section].items()}
+        for section in parts[0]
+    }  # fmt: skip
 
 
 def _async_walls(rank: int, root: Path, size: str, steps: int) -> dict[str, float]:
@@ -209,7 +236,7 @@ def _same_snapshots(repo: qckpt.Repository, a: str, b: str) -> bool:
 
 def _resharded_equal(root: Path, size: str) -> bool:
     """The last snapshot loaded into one unsharded model and optimizer in this
-    process (no process group) equals the full state the ranks gathered."""
+    process (no process group) equals the full state the ranks trained."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model = CharGPT(SIZES[size], dropout=0.1)
@@ -221,12 +248,13 @@ def _resharded_equal(root: Path, size: str) -> bool:
         warnings.simplefilter("ignore")
         reader.restore(qckpt.TrainingState(model=model, optimizer=optimizer, sampler=sampler))
     reader.close()
-    full_model, full_optim = torch.load(root / "full.pt", weights_only=False)
-    model_ok = all(torch.equal(v, full_model[k]) for k, v in model.state_dict().items())
-    loaded = get_state_dict(model, optimizer)[1]["state"]
-    optim_ok = all(torch.equal(torch.as_tensor(v), torch.as_tensor(full_optim["state"][p][k]))
-                   for p, s in loaded.items() for k, v in s.items())  # fmt: skip
-    return model_ok and optim_ok and len(loaded) == len(full_optim["state"])
+    full = _full_state(root)
+    model_ok = model.state_dict().keys() == full["model"].keys() and all(
+        torch.equal(v, full["model"][k]) for k, v in model.state_dict().items())  # fmt: skip
+    loaded = {f"{p}.{k}": v for p, s in get_state_dict(model, optimizer)[1]["state"].items() for k, v in s.items()}
+    optim_ok = loaded.keys() == full["optimizer"].keys() and all(
+        torch.equal(torch.as_tensor(v), torch.as_tensor(full["optimizer"][k])) for k, v in loaded.items())  # fmt: skip
+    return model_ok and optim_ok
 
 
 def _tree_bytes(path: Path) -> int:

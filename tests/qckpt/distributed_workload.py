@@ -5,6 +5,7 @@ writes what it saw to ``<out>/rank<N>.json``."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 from datetime import timedelta
@@ -43,6 +44,7 @@ def _zeros_like(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def rank_main(rank: int, world: int, rendezvous: str, location: str, task: str, out: str) -> None:
+    faulthandler.enable()  # a rank that crashes in native code says where
     device = "cuda" if task == "cuda" else "cpu"  # "cuda": NCCL, one rank per GPU
     if device == "cuda":
         torch.cuda.set_device(rank)
