@@ -71,7 +71,7 @@ from qckpt.commit.staging import stage
 from qckpt.errors import IntegrityError, InvalidInputError, StateMismatchError
 from qckpt.format.records import WARM_PARTS_ANNOTATION, CommitStats, Manifest, Snapshot, TensorEntry
 from qckpt.format.tensors import torch_dtype
-from qckpt.format.tree import ArrayLeaf, encode_tree, join_path
+from qckpt.format.tree import ArrayLeaf, encode_plain, encoded_dict, encoded_leaf, join_path
 from qckpt.repository import Repository, check_metrics
 from qckpt.state import TrainingState, capture_rng, restore_rng
 from qckpt.store.refs import check_ref_name
@@ -104,14 +104,12 @@ class _Written:
 def _manifest(tensors: Mapping[str, TensorEntry], **plain: Any) -> Manifest:
     """The manifest of ``{"dcp": {**plain, "tensors": {key: tensor}}}`` whose tensor
     table is ``tensors``' entries, in order (each entry's path is
-    ``join_path(_TENSORS, key)``). The tensors' dict is laid out as ``encode_tree``
-    lays out a dict of tensors under string keys; a save has thousands, and
-    encoding placeholders for them cost more than the rest of its publication."""
-    encoded, leaves = encode_tree({"dcp": plain})
-    assert not leaves, "plain values only"
-    table = [[key, {"$array": i}] for i, key in enumerate(tensors)]
-    encoded["$dict"][0][1]["$dict"].append(["tensors", {"$dict": table}])
-    return Manifest(encoded, tuple(tensors.values()))
+    ``join_path(_TENSORS, key)``), laid out without building the tree: a save has
+    thousands of tensors, and encoding placeholders for them cost more than the
+    rest of its publication."""
+    table = encoded_dict((key, encoded_leaf(i)) for i, key in enumerate(tensors))
+    body = encoded_dict([*((key, encode_plain(value)) for key, value in plain.items()), ("tensors", table)])
+    return Manifest(encoded_dict([("dcp", body)]), tuple(tensors.values()))
 
 
 def _done(value: Any) -> Future[Any]:

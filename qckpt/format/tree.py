@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +128,18 @@ def encode_plain(value: Any) -> Json:
     if arrays:
         raise UnsupportedValueError(f"{arrays[0].path or 'value'}: tensors are not allowed here")
     return encoded
+
+
+def encoded_dict(items: Iterable[tuple[str, Json]]) -> Json:
+    """What ``encode_tree`` makes of a dict under string keys from its values'
+    encodings (``encode_plain``, ``encoded_leaf``), in order: for callers that lay
+    out a large tree without building it first."""
+    return {"$dict": [[key, value] for key, value in items]}
+
+
+def encoded_leaf(index: int) -> Json:
+    """What ``encode_tree`` puts where tensor-table entry ``index`` goes."""
+    return {"$array": index}
 
 
 def decode_tree(encoded: Json, array: Callable[[int], Any]) -> Any:
