@@ -51,10 +51,12 @@ class MappedBlob:
     """A whole stored value in memory: ``view`` is read-only; ``private()`` returns a
     writable view of the same bytes whose writes reach neither storage nor ``view``
     (a copy-on-write mapping where the backend maps files, else a copy; each call
-    returns a new one)."""
+    returns a new one). ``mapped``: the first ``private()`` is such a mapping, so
+    it copies nothing up front (only the pages that are written, when written)."""
 
     view: memoryview
     private: Callable[[], memoryview]
+    mapped: bool = False
 
 
 def check_key(key: str) -> str:

@@ -152,7 +152,7 @@ class LocalBackend(Backend):
         def private() -> memoryview:  # the private mapping once, then copies of the pristine shared one
             return memoryview(unused.pop() if unused else bytearray(view))
 
-        return MappedBlob(view, private)
+        return MappedBlob(view, private, mapped=True)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -594,9 +594,11 @@ class Store:
         warm = self._read_warm(snapshot, entries, fetched)
         if warm is not None:
             if only_read is None:
-                return ReadBuffers(warm.private(), warm.arrays if pristine else None, True)
-            mapped = warm.private() if any(only_read) else warm.arrays
-            writable = [m if r else np.array(s) for m, s, r in zip(mapped, warm.arrays, only_read)]
+                writable = warm.private()
+            elif warm.mapped and any(only_read):  # what is only read stays copy-on-write pages
+                writable = [m if r else np.array(s) for m, s, r in zip(warm.private(), warm.arrays, only_read)]
+            else:  # a downloaded copy: private() would copy all of it, so copy each buffer once
+                writable = [np.array(s) for s in warm.arrays]
             return ReadBuffers(writable, warm.arrays if pristine else None, True)
         known = self._warm_base(snapshot, entries)
         buffers = self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries], known)

@@ -35,10 +35,12 @@ class WarmRead:
     """Verified bytes of some tensors of a snapshot, from its warm copy: ``arrays``
     (flat uint8, one per entry asked for, read-only: never written by anyone) and
     ``private()``, writable arrays with the same bytes (copy-on-write mappings on
-    local disk, so nothing is copied until a page is written)."""
+    local disk, so nothing is copied until a page is written: ``mapped``; else
+    copies of the whole copy)."""
 
     arrays: list[np.ndarray]
     private: Callable[[], list[np.ndarray]]
+    mapped: bool
 
 
 def _arrays(buffer: memoryview, offsets: Sequence[int], entries: Sequence[TensorEntry]) -> list[np.ndarray]:
@@ -97,7 +99,7 @@ class WarmCopies:
         except IntegrityError as e:
             _log.warning("the warm copy %s is damaged, reading packs instead: %s", name[:12], e)
             return None
-        return WarmRead(_arrays(blob.view, offsets, wanted), lambda: _arrays(blob.private(), offsets, wanted))
+        return WarmRead(_arrays(blob.view, offsets, wanted), lambda: _arrays(blob.private(), offsets, wanted), blob.mapped)
 
     def fetch(self, snapshot_id: str) -> Future[MappedBlob]:
         """Start getting the warm copy of ``snapshot_id`` in the background (for ``read``),
