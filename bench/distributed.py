@@ -25,12 +25,21 @@ rank 0's wall time of the same training (fresh runs, same seeds) without
 checkpoints and with ``dcp.async_save`` every step onto each storage, each
 save waiting for the previous one (what training pays when saves leave its
 thread).
+
+Each rank freezes the objects it holds once its run is built (``gc.freeze``):
+a rank process holds ~320k objects (torch, FSDP, DCP), and a full garbage
+collection over them took ~150 ms here, landing in whichever save or restore
+happened to trigger it (without the freeze: 4 of 20 saves of each method on
+rank 0 in one run, and both restore attempts of several runs). Frozen objects
+are never scanned again, as in a tuned training job; what each save allocates
+is still collected, and paid for, as usual.
 """
 
 from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import multiprocessing
 import shutil
@@ -75,6 +84,7 @@ class _Run:
         spec = SIZES[size]
         self.sampler = RandomBatchSampler(load_corpus(1 << 18), spec.block_size, spec.batch_size, seed=100 + rank)
         self.state = qckpt.TrainingState(model=self.model, optimizer=self.optimizer, sampler=self.sampler)
+        gc.freeze()  # see the module docstring
 
     def step(self) -> float:
         x, y = self.sampler.next_batch()
