@@ -73,9 +73,14 @@ def raw_bytes(value: torch.Tensor | np.ndarray) -> np.ndarray:
     return flat_bytes(t).numpy()
 
 
-def flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D uint8 view of a contiguous, non-empty tensor's elements.
+def flat_elements(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a contiguous, non-empty tensor's elements.
 
     ``view(-1)`` is not enough: a contiguous tensor whose dimensions have size 1
     may keep any stride there, and byte views need stride 1."""
-    return t.as_strided((t.numel(),), (1,)).view(torch.uint8)
+    return t.as_strided((t.numel(),), (1,))
+
+
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 view of a contiguous, non-empty tensor's elements (see ``flat_elements``)."""
+    return flat_elements(t).view(torch.uint8)
