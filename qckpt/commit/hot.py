@@ -17,6 +17,7 @@ import numpy as np
 from qckpt.commit.predict import ParamRule
 from qckpt.commit.staging import StagedArray, new_buffer
 from qckpt.format.records import TensorEntry
+from qckpt.format.tensors import copied
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class HotTier:
             if hot is None or any(p not in hot.arrays for p in paths):
                 return None
             # read-only buffers (a mapped warm copy) are copied all the same: a tensor must be writable
-            out = [hot.arrays[p].data if r and hot.arrays[p].data.flags.writeable else hot.arrays[p].data.copy()
+            out = [hot.arrays[p].data if r and hot.arrays[p].data.flags.writeable else copied(hot.arrays[p].data)
                    for p, r in zip(paths, only_read)]  # fmt: skip
             if any(o is hot.arrays[p].data for o, p in zip(out, paths)):
                 self._lent.add(snapshot_id)

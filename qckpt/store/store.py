@@ -58,7 +58,7 @@ from qckpt.format.codecs import Raw
 from qckpt.format.ids import ID_HEX, hex_id
 from qckpt.format.packs import TRAILER_SIZE, ChunkLocation, PackBuilder, footer_span, read_pack_footer
 from qckpt.format.records import Manifest, RefLogEntry, Snapshot, TensorEntry
-from qckpt.format.tensors import numpy_dtype, torch_dtype
+from qckpt.format.tensors import copied, numpy_dtype, torch_dtype
 from qckpt.store.index import ChunkIndex, LmdbIndex, MemoryIndex
 from qckpt.store.layout import (
     BRANCH_PREFIX,
@@ -596,16 +596,16 @@ class Store:
             if only_read is None:
                 writable = warm.private()
             elif warm.mapped and any(only_read):  # what is only read stays copy-on-write pages
-                writable = [m if r else np.array(s) for m, s, r in zip(warm.private(), warm.arrays, only_read)]
+                writable = [m if r else copied(s) for m, s, r in zip(warm.private(), warm.arrays, only_read)]
             else:  # a downloaded copy: private() would copy all of it, so copy each buffer once
-                writable = [np.array(s) for s in warm.arrays]
+                writable = [copied(s) for s in warm.arrays]
             return ReadBuffers(writable, warm.arrays if pristine else None, True)
         known = self._warm_base(snapshot, entries)
         buffers = self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries], known)
         if not pristine:
             return ReadBuffers(buffers, None, False)
         shared = only_read or [False] * len(buffers)
-        return ReadBuffers([b if r else b.copy() for b, r in zip(buffers, shared)], buffers, False)
+        return ReadBuffers([b if r else copied(b) for b, r in zip(buffers, shared)], buffers, False)
 
     def _warm_pays(self, snapshot: Snapshot, entries: list[TensorEntry]) -> bool:
         """Whether reading ``entries`` of ``snapshot`` may use warm copies: a local
