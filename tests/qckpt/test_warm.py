@@ -301,7 +301,9 @@ def test_gc_racing_head_replacement(path: Path) -> None:
 def test_a_module_that_keeps_what_it_loads_never_corrupts_a_delta_base(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Restores hand modules the hot tier's (or the read's) own buffers, since
     ``load_state_dict`` copies; a module that keeps them instead is detected and
-    the snapshot is not used as a delta base, so training on cannot corrupt one."""
+    the snapshot is not used as a delta base, so training on cannot corrupt one:
+    from a mapped warm copy, from the packs, and from a warm copy that was not
+    mapped but read whole (a memory backend, as S3)."""
 
     class Keeper(torch.nn.Module):
         def __init__(self) -> None:
@@ -311,16 +313,17 @@ def test_a_module_that_keeps_what_it_loads_never_corrupts_a_delta_base(tmp_path:
         def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[no-untyped-def, override]
             self.w = torch.nn.Parameter(state_dict["w"])  # keeps the given tensor
 
-    for warm in (True, False):
+    for location, warm in ((tmp_path / "warm", True), (tmp_path / "packs", False), (qckpt.MemoryBackend(), True)):
         keeper = Keeper()
         state = qckpt.TrainingState(model=keeper, rng=False)
-        with qckpt.Repository.init(tmp_path / f"repo-{warm}", chunk_size=1024, warm=warm) as repo:
+        with qckpt.Repository.init(location, chunk_size=1024, warm=warm) as repo:
             with torch.no_grad():
                 keeper.w.copy_(torch.arange(4096.0))
             first = repo.commit(state)
             for source in ("hot", "storage"):
                 if source == "storage":
                     repo._hot.discard(first.id)
+                    assert repo._store.read_buffers(first, list(repo.manifest(first).tensors)).warm is warm
                 caplog.clear()
                 with caplog.at_level(logging.WARNING, logger="qckpt"):
                     repo.restore(state, first.id)
