@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qckpt.errors import IntegrityError
-from qckpt.format.codecs import PredictiveCodec, Raw, codec_by_id, encode_plain
+from qckpt.format.codecs import Codec, PredictiveCodec, Raw, codec_by_id, encode_plain
 from qckpt.format.ids import ID_BYTES, digest
 
 OBJECT_VERSION = 1
@@ -72,27 +72,27 @@ def encode_object(
     self-contained encoding is kept if the prediction turns out no smaller than
     the raw chunk.
     """
-    plain = None
-    if candidates:
-        index, payload = 0, None
-        if choose:
-            sample = _Sampler(len(raw), itemsize)
-            payloads = [c.codec.encode(sample(raw), itemsize, level, [sample(i) for i in c.inputs], c.fmt, c.scalars, c.dropped)
-                        for c in candidates]  # fmt: skip
-            index = min(range(len(payloads)), key=lambda i: len(payloads[i]))
-            sampled_plain = encode_plain(sample(raw), itemsize, floating, level)
-            if len(payloads[index]) >= len(sampled_plain[1]):
-                candidates = ()
-            if sample.whole:  # the sample is the chunk: its encodings are final
-                payload, plain = payloads[index], sampled_plain
-        if candidates:
-            best = candidates[index]
-            if payload is None:
-                payload = best.codec.encode(raw, itemsize, level, best.inputs, best.fmt, best.scalars, best.dropped)
-            header = _HEADER.pack(OBJECT_VERSION, best.codec.id, itemsize, FLAG_DEPENDENCIES, len(raw))
-            data = b"".join([header, bytes([len(best.deps)]), *best.deps, payload])
-            if len(data) < len(raw):
-                return EncodedObject(best.codec.id, data, best.deps, index)
+    index: int | None = 0 if candidates else None  # the candidate to encode with; None: self-contained
+    payload: bytes | None = None  # encodings already made in full
+    plain: tuple[Codec, bytes] | None = None
+    if candidates and choose:
+        sample = _Sampler(len(raw), itemsize)
+        payloads = [c.codec.encode(sample(raw), itemsize, level, [sample(i) for i in c.inputs], c.fmt, c.scalars, c.dropped)
+                    for c in candidates]  # fmt: skip
+        index = min(range(len(payloads)), key=lambda i: len(payloads[i]))
+        sampled_plain = encode_plain(sample(raw), itemsize, floating, level)
+        if sample.whole:  # the sample is the chunk: its encodings are final
+            payload, plain = payloads[index], sampled_plain
+        if len(payloads[index]) >= len(sampled_plain[1]):
+            index = None
+    if index is not None:
+        best = candidates[index]
+        if payload is None:
+            payload = best.codec.encode(raw, itemsize, level, best.inputs, best.fmt, best.scalars, best.dropped)
+        header = _HEADER.pack(OBJECT_VERSION, best.codec.id, itemsize, FLAG_DEPENDENCIES, len(raw))
+        data = b"".join([header, bytes([len(best.deps)]), *best.deps, payload])
+        if len(data) < len(raw):
+            return EncodedObject(best.codec.id, data, best.deps, index)
     codec, payload = plain or encode_plain(raw, itemsize, floating, level)
     return EncodedObject(codec.id, _HEADER.pack(OBJECT_VERSION, codec.id, itemsize, 0, len(raw)) + payload, ())
 

@@ -73,6 +73,9 @@ def raw_bytes(value: torch.Tensor | np.ndarray) -> np.ndarray:
     return flat_bytes(t).numpy()
 
 
+_THREADED_COPY_BYTES = 1 << 16  # smaller buffers: numpy's copy has less to set up
+
+
 def copied(buffer: np.ndarray) -> np.ndarray:
     """A new copy of a flat uint8 buffer. A writable one is copied by torch, whose copy
     runs on its intra-op threads (~20% faster than numpy's on large buffers here); a
@@ -82,9 +85,6 @@ def copied(buffer: np.ndarray) -> np.ndarray:
     out = np.empty_like(buffer)
     torch.from_numpy(out).copy_(torch.from_numpy(buffer))
     return out
-
-
-_THREADED_COPY_BYTES = 1 << 16  # smaller buffers: numpy's copy has less to set up
 
 
 def flat_elements(t: torch.Tensor) -> torch.Tensor:
