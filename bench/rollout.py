@@ -40,12 +40,15 @@ plus evaluation batches at ``EVAL_COST``, the cut futures would not have
 spent), ``same_winner_rate`` (events where the futures that go on yield the
 full rollouts' winner), ``forecast_mae`` (mean absolute error of the rung
 forecast against the mean training loss of each future's last steps), and
-``events``.
+``events``; ``ranked_by`` names the default ranking (``observed``) and
+``ranked_by_forecast`` holds the same figures with the futures ranked by
+their forecasts instead (``Pruning(rank_by="forecast")``), on the same events.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -77,7 +80,7 @@ from branch import (
     select,
 )
 from branch.interventions import Controls
-from branch.pruning import actual
+from branch.pruning import RANKINGS, actual
 from branch.ray_rollouts import RayRollouts
 from branch.rollouts import _Stack
 
@@ -187,8 +190,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if pruning is None:
         print("pruning figures skipped (--seeds 0)")
     else:
-        print(f"pruning over {pruning['events']} spike-benchmark events: saves {pruning['compute_saved']:.0%} of rollout "
-              f"compute, same winner in {pruning['same_winner_rate']:.0%}, forecast MAE {pruning['forecast_mae']:.3f}")
+        forecast_ranked = pruning["ranked_by_forecast"]
+        print(f"pruning over {pruning['events']} spike-benchmark events, ranked by the loss observed at the rung: saves "
+              f"{pruning['compute_saved']:.0%} of rollout compute, same winner in {pruning['same_winner_rate']:.0%}; "
+              f"ranked by forecast: saves {forecast_ranked['compute_saved']:.0%}, same winner in "
+              f"{forecast_ranked['same_winner_rate']:.0%} (forecast MAE {pruning['forecast_mae']:.3f})")
     results = {"model": args.size, "horizon": horizon, "device": str(workload.device),
                "strategies": strategies, "chosen": chosen, "pruning": pruning}  # fmt: skip
     if args.json:
@@ -237,11 +243,13 @@ def differences(reference: list[dict[str, Any]], models: list[dict[str, Any]]) -
 
 def pruning_figures(steps: int, seeds: int, rule: Pruning | None = None) -> dict[str, Any]:
     """Replay every light-cone event of the spike benchmark's injected scenarios
-    through the pruning rule (default ``Pruning()``; see the module docstring)."""
+    through the pruning rule (default ``Pruning()``) and through the same rule
+    with the other ranking (see the module docstring)."""
     rule = rule or Pruning()
+    other = dataclasses.replace(rule, rank_by=next(r for r in RANKINGS if r != rule.rank_by))
     workload = Workload(steps)
-    saved = spent = 0.0
-    same, events, errors = 0, 0, []
+    tallies = {rule.rank_by: _Tally(), other.rank_by: _Tally()}
+    errors: list[float] = []
     for scenario in ("lr_spike", "poison", "noise_shard"):
         for seed in range(seeds):
             with tempfile.TemporaryDirectory(prefix="qckpt-prune-") as tmp, qckpt.Repository.init(Path(tmp) / "r") as repo:
@@ -249,26 +257,49 @@ def pruning_figures(steps: int, seeds: int, rule: Pruning | None = None) -> dict
                 record = ConeRecord.load(repo, "main")
             history: list[dict[str, Any]] = []
             for event in record.events:
-                replay = _replay(event, record.main, rule, history)
+                for each in (rule, other):
+                    replay = _replay(event, record.main, each, history)
+                    if replay is None:
+                        continue
+                    kept, forecasts = replay
+                    tallies[each.rank_by].add(event, kept, each.rung_steps(event["horizon"]))
                 if replay is None:
                     continue
-                kept, forecasts, actuals, winner = replay
-                events += 1
-                same += winner == event["selection"]["chosen"]
-                horizon, rung = event["horizon"], rule.rung_steps(event["horizon"])
-                evals = len(event["futures"][0]["eval"])
-                spent += len(event["futures"]) * (horizon + EVAL_COST * evals)
-                saved += (len(event["futures"]) - len(kept)) * (horizon - rung + EVAL_COST * evals)
+                actuals = {future["name"]: actual(future["metrics"]) for future in event["futures"]}
                 errors += [abs(forecasts[n]["value"] - actuals[n]) for n in forecasts if forecasts[n] and actuals[n] is not None]
                 history.append({"futures": [{"rung_forecast": forecasts[n], "rung_actual": actuals[n]} for n in forecasts]})
-    return {"compute_saved": saved / spent if spent else 0.0, "same_winner_rate": same / events if events else 0.0,
-            "forecast_mae": sum(errors) / len(errors) if errors else None, "events": events}  # fmt: skip
+    return {**tallies[rule.rank_by].figures(), "forecast_mae": sum(errors) / len(errors) if errors else None,
+            "ranked_by": rule.rank_by, f"ranked_by_{other.rank_by}": tallies[other.rank_by].figures()}  # fmt: skip
+
+
+@dataclasses.dataclass
+class _Tally:
+    """Pruning's figures over replayed events: rollout compute spent by full
+    rollouts and saved by the cut, events, and events with the same winner."""
+
+    spent: float = 0.0
+    saved: float = 0.0
+    events: int = 0
+    same: int = 0
+
+    def add(self, event: dict[str, Any], kept: set[str], rung: int) -> None:
+        futures, horizon = event["futures"], event["horizon"]
+        evals = len(futures[0]["eval"])
+        scores = {f["name"]: f["eval"] for f in futures if f["name"] in kept}
+        winner = select(scores, "control", candidates=len(futures) - 1, seed=event["number"]).chosen
+        self.events += 1
+        self.same += winner == event["selection"]["chosen"]
+        self.spent += len(futures) * (horizon + EVAL_COST * evals)
+        self.saved += (len(futures) - len(kept)) * (horizon - rung + EVAL_COST * evals)
+
+    def figures(self) -> dict[str, Any]:
+        return {"compute_saved": self.saved / self.spent if self.spent else 0.0,
+                "same_winner_rate": self.same / self.events if self.events else 0.0, "events": self.events}  # fmt: skip
 
 
 def _replay(event: dict[str, Any], main: list[list[Any]], rule: Pruning,
-            history: list[dict[str, Any]]) -> tuple[set[str], dict[str, Any], dict[str, Any], str] | None:  # fmt: skip
-    """(futures going on, rung forecasts, actual values, the winner among those going on),
-    or None if the event's horizon is too short to prune."""
+            history: list[dict[str, Any]]) -> tuple[set[str], dict[str, Any]] | None:  # fmt: skip
+    """(futures going on, rung forecasts), or None if the event's horizon is too short to prune."""
     rung = rule.rung_steps(event["horizon"])
     if not rung:
         return None
@@ -277,9 +308,5 @@ def _replay(event: dict[str, Any], main: list[list[Any]], rule: Pruning,
         prefix = future["metrics"][:rung]
         finite = len(prefix) == rung and all(m[1] is not None and math.isfinite(m[1]) for m in prefix)
         prefixes[future["name"]] = prefix if finite else None
-    kept, forecasts = rule.decide(main, event["origin"]["step"] or 0, event["horizon"], prefixes, history)
-    actuals = {future["name"]: actual(future["metrics"]) for future in event["futures"]}
-    scores = {f["name"]: f["eval"] for f in event["futures"] if f["name"] in kept}
-    winner = select(scores, "control", candidates=len(event["futures"]) - 1,
-                    seed=event["number"]).chosen  # fmt: skip
-    return kept, forecasts, actuals, winner
+    kept, forecasts, _ = rule.decide(main, event["origin"]["step"] or 0, event["horizon"], prefixes, history)
+    return kept, forecasts

@@ -67,7 +67,7 @@ class ConeConfig:
     * ``cooldown`` (steps after an event before the next trigger): ``horizon``.
 
     ``pruning`` (None: every future runs the whole horizon): successive halving
-    by forecast at a rung of the horizon (``branch.pruning``).
+    at a rung of the horizon (``branch.pruning``).
     """
 
     horizon: int = 50
@@ -125,6 +125,7 @@ class FutureResult:
     diverged: bool = False
     pruned_at: int | None = None  # the step it stopped at when pruning cut it
     rung_forecast: dict[str, Any] = field(default_factory=dict)
+    rung_observed: float | None = None  # its loss at the rung (``branch.pruning.at_rung``)
 
     def as_record(self) -> dict[str, Any]:
         iv = self.future.intervention
@@ -136,7 +137,7 @@ class FutureResult:
                 "metrics": self.metrics, "eval": self.scores,
                 "eval_mean": sum(finite) / len(finite) if finite and len(finite) == len(self.scores) else None,
                 "snapshot": self.snapshot, "diverged": self.diverged, "pruned_at": self.pruned_at,
-                "rung_forecast": self.rung_forecast,
+                "rung_forecast": self.rung_forecast, "rung_observed": self.rung_observed,
                 "rung_actual": actual(self.metrics) if self.rung_forecast and self.pruned_at is None else None,
                 "forecast": forecast([m[1] for m in points], [m[0] for m in points], ahead) if not self.diverged else {}}  # fmt: skip
 
@@ -440,14 +441,15 @@ class LightCone:
                                            message=f"future {result.future.name} at the rung").id  # fmt: skip
 
     def prune(self, results: Sequence[FutureResult], origin: qckpt.Snapshot, horizon: int) -> set[str]:
-        """Forecast every future's loss at the horizon from its prefix (``branch.pruning``),
-        record the forecasts, mark the cut futures (``pruned_at``); returns the names going on."""
+        """Rank every future from its prefix (``branch.pruning``), record its
+        forecast and observed loss, mark the cut futures (``pruned_at``); returns
+        the names going on."""
         assert self.config.pruning is not None
         start = origin.step or 0
         prefixes = {r.future.name: None if r.diverged else r.metrics for r in results}
-        keep, forecasts = self.config.pruning.decide(self.record.main, start, horizon, prefixes, self.record.events)
+        keep, forecasts, observed = self.config.pruning.decide(self.record.main, start, horizon, prefixes, self.record.events)
         for r in results:
-            r.rung_forecast = forecasts[r.future.name]
+            r.rung_forecast, r.rung_observed = forecasts[r.future.name], observed[r.future.name]
             if r.future.name not in keep:
                 r.pruned_at = r.metrics[-1][0] if r.metrics else start
         return keep

@@ -1,11 +1,24 @@
-"""Forecaster pruning: successive halving of futures at a rung.
+"""Pruning: successive halving of futures at a rung.
 
-Every future trains ``rung`` of the horizon; a learning-curve forecaster then
-predicts each one's training loss at the horizon, the futures predicted worst
-stop there (their branches stay, ending at the rung), and the rest run to the
+Every future trains ``rung`` of the horizon; the futures ranked worst there
+stop (their branches stay, ending at the rung), and the rest run to the
 horizon, where the held-out comparison decides as usual (it verifies: a pruned
 future can never be chosen, but a kept one is chosen only if it beats the
 control beyond noise). The control is never pruned.
+
+Two rankings (``Pruning.rank_by``):
+
+* ``"observed"`` (the default): successive halving as published (Jamieson &
+  Talwalkar 2016; Hyperband and ASHA after it) ranks by the metric observed at
+  the rung, without extrapolating. Here that is the mean training loss over
+  the last third of each future's prefix (at least 2 steps): late enough to
+  leave the first steps after the origin, where interventions differ most in
+  transient, long enough to average out per-batch noise.
+* ``"forecast"``: a learning-curve forecaster's prediction of the training
+  loss at the horizon (Domhan et al. 2015 style), below.
+
+Both are recorded for every future whichever ranks, so the record shows how
+the forecaster would have done.
 
 The forecaster fits the curve families of ``branch.triggers.forecast`` (power
 law, exponential decay, flat) to the main run's losses before the origin
@@ -27,22 +40,29 @@ from typing import Any
 import qckpt
 from branch.triggers import forecast
 
+RANKINGS = ("observed", "forecast")
+
 
 @dataclass(frozen=True)
 class Pruning:
     """``rung``: the share of the horizon every future trains before the cut;
     ``keep``: the share of the non-control futures that go on (at least one);
-    ``context``: main-run losses before the origin added to each fit."""
+    ``rank_by``: ``"observed"`` (loss at the rung) or ``"forecast"`` (forecast
+    loss at the horizon), see the module docstring; ``context``: main-run
+    losses before the origin added to each forecaster fit."""
 
     rung: float = 0.5
     keep: float = 0.5
     context: int = 64
+    rank_by: str = "observed"
 
     def __post_init__(self) -> None:
         if not 0 < self.rung < 1 or not 0 < self.keep <= 1:
             raise qckpt.InvalidInputError(f"rung must be in (0, 1) and keep in (0, 1], got {self.rung}, {self.keep}")
         if isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 0:
             raise qckpt.InvalidInputError(f"context must be a non-negative integer, got {self.context!r}")
+        if self.rank_by not in RANKINGS:
+            raise qckpt.InvalidInputError(f"rank_by must be one of {', '.join(RANKINGS)}, got {self.rank_by!r}")
 
     def rung_steps(self, horizon: int) -> int:
         """Steps every future trains before the cut (0: too short a horizon to prune)."""
@@ -51,22 +71,36 @@ class Pruning:
 
     def decide(self, main: Sequence[Sequence[Any]], origin: int, horizon: int,
                prefixes: Mapping[str, Sequence[Sequence[Any]] | None], events: Sequence[Mapping[str, Any]],
-               control: str = "control") -> tuple[set[str], dict[str, dict[str, Any]]]:  # fmt: skip
-        """The futures that go on, and every future's forecast, from the run's path
-        ``main``, the ``origin`` step, each future's prefix (None: it diverged) and
-        the run's earlier ``events`` (the weights are learned from them)."""
+               control: str = "control") -> tuple[set[str], dict[str, dict[str, Any]], dict[str, float | None]]:  # fmt: skip
+        """The futures that go on, every future's forecast and its observed loss
+        at the rung, from the run's path ``main``, the ``origin`` step, each
+        future's prefix (None: it diverged) and the run's earlier ``events`` (the
+        forecaster's weights are learned from them)."""
         context = [m for m in main if m[0] <= origin][-self.context :] if self.context else []
         weights = family_weights(events)
         forecasts = {name: predict(context, prefix, origin + horizon, weights) if prefix is not None else {}
                      for name, prefix in prefixes.items()}  # fmt: skip
-        return survivors(forecasts, control, self.keep), forecasts
+        observed = {name: at_rung(prefix) if prefix is not None else None for name, prefix in prefixes.items()}
+        ranks = observed if self.rank_by == "observed" else {name: f.get("value") for name, f in forecasts.items()}
+        return survivors(ranks, control, self.keep), forecasts, observed
+
+
+def _tail_mean(metrics: Sequence[Sequence[Any]], share: int) -> float | None:
+    """Mean training loss of the last ``1/share`` of ``metrics`` (at least 2 rows), None if any is not finite."""
+    tail = [m[1] for m in metrics[-max(2, len(metrics) // share) :]]
+    return sum(tail) / len(tail) if tail and all(x is not None and math.isfinite(x) for x in tail) else None
 
 
 def actual(metrics: Sequence[Sequence[Any]]) -> float | None:
     """What a forecast at the rung is checked against: the mean training loss of a
     future's last eighth of steps (at least 2), None if any is not finite."""
-    tail = [m[1] for m in metrics[-max(2, len(metrics) // 8) :]]
-    return sum(tail) / len(tail) if tail and all(x is not None and math.isfinite(x) for x in tail) else None
+    return _tail_mean(metrics, 8)
+
+
+def at_rung(prefix: Sequence[Sequence[Any]]) -> float | None:
+    """The observed ranking's score: the mean training loss of the prefix's last
+    third (at least 2 steps), None if any is not finite."""
+    return _tail_mean(prefix, 3)
 
 
 def family_weights(events: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -105,9 +139,9 @@ def predict(context: Sequence[Sequence[Any]], prefix: Sequence[Sequence[Any]], t
     return {"value": value, "spread": max(members.values()) - min(members.values()), "members": members}
 
 
-def survivors(forecasts: Mapping[str, Mapping[str, Any]], control: str, keep: float) -> set[str]:
+def survivors(ranks: Mapping[str, float | None], control: str, keep: float) -> set[str]:
     """The control and the ``keep`` share (at least one) of the other futures with
-    the lowest forecasts; a future without a forecast (it diverged) is cut."""
-    others = sorted((f["value"], name) for name, f in forecasts.items() if name != control and f)
-    n = max(1, math.ceil(keep * (len(forecasts) - 1)))
+    the lowest ranks; a future without one (it diverged) is cut."""
+    others = sorted((value, name) for name, value in ranks.items() if name != control and value is not None)
+    n = max(1, math.ceil(keep * (len(ranks) - 1)))
     return {control} | {name for _, name in others[:n]}

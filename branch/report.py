@@ -117,7 +117,8 @@ def page_html(record: ConeRecord, png: bytes) -> str:
             verdict += " (diverged)" if future["diverged"] else ""
             if future.get("pruned_at") is not None:
                 forecast = future.get("rung_forecast", {}).get("value")
-                verdict = f"cut at step {future['pruned_at']} (forecast {_fmt(forecast)})"
+                observed = f"loss {_fmt(future['rung_observed'])} at the rung, " if "rung_observed" in future else ""
+                verdict = f"cut at step {future['pruned_at']} ({observed}forecast {_fmt(forecast)})"
             rows.append(
                 f"<tr class='{'chosen' if future['name'] == chosen else ''}'><td>{html.escape(future['name'])}</td>"
                 f"<td>{html.escape(future['label'])}</td><td>{_fmt(future['eval_mean'])}</td>"

@@ -27,8 +27,10 @@ def test_rollout_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
     assert all(m["max_abs_diff_vs_sequential"] == 0.0 for m in results["strategies"].get("ray", {}).values())
     assert set(results["chosen"]) == {"2", "4"} and set(results["chosen"].values()) <= {"sequential", "batched"}
     pruning = results["pruning"]
-    assert set(pruning) == {"compute_saved", "same_winner_rate", "forecast_mae", "events"}
-    assert 0 <= pruning["compute_saved"] < 1 and 0 <= pruning["same_winner_rate"] <= 1
+    assert set(pruning) == {"compute_saved", "same_winner_rate", "forecast_mae", "events", "ranked_by", "ranked_by_forecast"}
+    assert pruning["ranked_by"] == "observed" and pruning["ranked_by_forecast"]["events"] == pruning["events"]
+    for figures in (pruning, pruning["ranked_by_forecast"]):
+        assert 0 <= figures["compute_saved"] < 1 and 0 <= figures["same_winner_rate"] <= 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,9 +1,10 @@
-"""Forecaster pruning: the rule on its own (survivors, learned weights, forecasts),
+"""Pruning: the rule on its own (survivors, rankings, learned weights, forecasts),
 and in the light cone: cut futures end at the rung and are never chosen, kept
 ones resume from their rung commit exactly as if never paused."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,32 @@ import qckpt
 from bench.compare import differences
 from bench.spike import Workload, warm_cone
 from branch import BatchedRollouts, BatchedStep, ConeConfig, Future, LightCone, Pruning, ScaleLR, SequentialRollouts, SkipBatches, select
-from branch.pruning import family_weights, predict, survivors
+from branch.pruning import at_rung, family_weights, predict, survivors
 
 
 def test_survivors_keep_the_control_and_the_best_share() -> None:
-    forecasts = {"control": {"value": 9.0}, "a": {"value": 2.0}, "b": {"value": 3.0}, "c": {"value": 1.0}, "d": {}}
-    assert survivors(forecasts, "control", 0.5) == {"control", "c", "a"}  # ceil(0.5 * 4) = 2; d diverged
-    assert survivors(forecasts, "control", 0.1) == {"control", "c"}  # at least one
-    assert survivors(forecasts, "control", 1.0) == {"control", "a", "b", "c"}  # never one without a forecast
+    ranks = {"control": 9.0, "a": 2.0, "b": 3.0, "c": 1.0, "d": None}
+    assert survivors(ranks, "control", 0.5) == {"control", "c", "a"}  # ceil(0.5 * 4) = 2; d diverged
+    assert survivors(ranks, "control", 0.1) == {"control", "c"}  # at least one
+    assert survivors(ranks, "control", 1.0) == {"control", "a", "b", "c"}  # never one without a rank
+
+
+def test_each_ranking_decides_on_its_own_measure() -> None:
+    """"observed" ranks by the mean loss of the prefix's last third; "forecast" by
+    the forecast at the horizon. Two prefixes that the two measures order
+    differently: one still falling fast (higher now, forecast lower), one flat."""
+    falling = [[s, 1.0 + 2.0 * math.exp(-s / 6), None] for s in range(1, 13)]
+    flat = [[s, 1.3, None] for s in range(1, 13)]
+    prefixes = {"control": flat, "falling": falling, "flat": flat, "gone": None}
+    assert at_rung(falling) == pytest.approx(sum(r[1] for r in falling[8:]) / 4) and at_rung(flat) == pytest.approx(1.3)
+    assert at_rung(falling) > 1.3  # higher at the rung...
+    assert at_rung([[1, 2.0, None], [2, float("nan"), None]]) is None and at_rung([[1, 2.0, None]]) == 2.0
+    kept, forecasts, observed = Pruning(keep=0.3, context=0).decide([], 0, 24, prefixes, [])
+    assert kept == {"control", "flat"} and observed == {"control": at_rung(flat), "falling": at_rung(falling),
+                                                         "flat": at_rung(flat), "gone": None}  # fmt: skip
+    assert forecasts["falling"]["value"] < forecasts["flat"]["value"] and forecasts["gone"] == {}  # ...lower at the horizon
+    kept, _, _ = Pruning(keep=0.3, context=0, rank_by="forecast").decide([], 0, 24, prefixes, [])
+    assert kept == {"control", "falling"}
 
 
 def test_weights_are_learned_from_the_record() -> None:
@@ -41,7 +60,7 @@ def test_weights_are_learned_from_the_record() -> None:
 
 def test_rung_and_bad_settings() -> None:
     assert Pruning().rung_steps(30) == 15 and Pruning().rung_steps(6) == 0  # too short to cut
-    for bad in ({"rung": 1.0}, {"keep": 0.0}, {"context": -1}):
+    for bad in ({"rung": 1.0}, {"keep": 0.0}, {"context": -1}, {"rank_by": "loss"}):
         with pytest.raises(qckpt.InvalidInputError):
             Pruning(**bad)
 
@@ -78,6 +97,9 @@ def test_cut_futures_end_at_the_rung_and_kept_ones_resume_exactly(tmp_path: Path
             assert repo.snapshot(r.branch).id == r.snapshot and repo.snapshot(r.snapshot).step == r.pruned_at
         for r in results:
             assert r.rung_forecast["value"] > 0 and set(r.rung_forecast["members"]) == {"power", "exp", "flat"}
+            assert r.rung_observed == at_rung(r.metrics[:5]) and r.as_record()["rung_observed"] == r.rung_observed
+        worst_kept = max(r.rung_observed for r in kept if r.future.name != "control")
+        assert all(r.rung_observed > worst_kept for r in cut if r.future.name != "control")  # ranked by what it observed
         exact = isinstance(executor, SequentialRollouts)
         for r in kept:  # paused at the rung, committed, restored, trained on: as if never paused
             reference, tree = full[r.future.name]
