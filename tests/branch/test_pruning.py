@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import qckpt
 from bench.compare import differences
@@ -22,6 +24,23 @@ def test_survivors_keep_the_control_and_the_best_share() -> None:
     assert survivors(ranks, "control", 0.5) == {"control", "c", "a"}  # ceil(0.5 * 4) = 2; d diverged
     assert survivors(ranks, "control", 0.1) == {"control", "c"}  # at least one
     assert survivors(ranks, "control", 1.0) == {"control", "a", "b", "c"}  # never one without a rank
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=3).filter(lambda n: n != "control"),
+                       st.none() | st.floats(0.0, 10.0), max_size=8),
+       st.none() | st.floats(0.0, 10.0), st.floats(0.01, 1.0))  # fmt: skip
+def test_survivors_are_the_control_and_exactly_the_lowest_ranked_share(
+    others: dict[str, float | None], control_rank: float | None, keep: float
+) -> None:
+    ranks = {"control": control_rank, **others}
+    kept = survivors(ranks, "control", keep)
+    assert "control" in kept  # never cut, whatever its rank (even none)
+    going = kept - {"control"}
+    ranked = [n for n, v in others.items() if v is not None]
+    assert len(going) == min(len(ranked), max(1, math.ceil(keep * len(others))))
+    assert all(others[n] is not None for n in going)  # a future without a rank (it diverged) is cut
+    for n in going:  # nothing cut ranks strictly lower than anything kept
+        assert all(others[m] is None or others[m] >= others[n] for m in others.keys() - kept)  # type: ignore[operator]
 
 
 def test_each_ranking_decides_on_its_own_measure() -> None:
