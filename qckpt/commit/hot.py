@@ -65,18 +65,21 @@ class HotTier:
                 return free.pop()
         return new_buffer(nbytes, pinned)
 
-    def copy_out(self, snapshot_id: str, paths: Sequence[str], only_read: Sequence[bool]) -> list[np.ndarray] | None:
-        """A hot snapshot's buffers for ``paths`` (None if it is not fully hot): copies,
-        except where ``only_read`` says the caller only reads it and the buffer is
-        writable: then the buffer itself, and the snapshot's buffers are never
-        recycled for staging (they may still be read)."""
+    def copy_out(self, snapshot_id: str, paths: Sequence[str], only_read: Sequence[bool],
+                 into: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray] | None:  # fmt: skip
+        """A hot snapshot's buffers for ``paths`` (None if it is not fully hot): copies
+        (written into ``into[i]`` where given: the caller's own memory), except where
+        ``only_read`` says the caller only reads it and the buffer is writable: then
+        the buffer itself, and the snapshot's buffers are never recycled for staging
+        (they may still be read)."""
+        into = into or [None] * len(paths)
         with self._lock:
             hot = self._items.get(snapshot_id)
             if hot is None or any(p not in hot.arrays for p in paths):
                 return None
             # read-only buffers (a mapped warm copy) are copied all the same: a tensor must be writable
-            out = [hot.arrays[p].data if r and hot.arrays[p].data.flags.writeable else copied(hot.arrays[p].data)
-                   for p, r in zip(paths, only_read)]  # fmt: skip
+            out = [hot.arrays[p].data if r and hot.arrays[p].data.flags.writeable else copied(hot.arrays[p].data, d)
+                   for p, r, d in zip(paths, only_read, into)]  # fmt: skip
             if any(o is hot.arrays[p].data for o, p in zip(out, paths)):
                 self._lent.add(snapshot_id)
             return out

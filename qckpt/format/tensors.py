@@ -76,14 +76,18 @@ def raw_bytes(value: torch.Tensor | np.ndarray) -> np.ndarray:
 _THREADED_COPY_BYTES = 1 << 16  # smaller buffers: numpy's copy has less to set up
 
 
-def copied(buffer: np.ndarray) -> np.ndarray:
-    """A new copy of a flat uint8 buffer. A writable one is copied by torch, whose copy
+def copied(buffer: np.ndarray, into: np.ndarray | None = None) -> np.ndarray:
+    """A copy of a flat uint8 buffer: new, or written into ``into`` (a flat uint8 array
+    of the same size) and returned. A writable buffer is copied by torch, whose copy
     runs on its intra-op threads (~20% faster than numpy's on large buffers here); a
     read-only one by numpy (torch would warn about wrapping it)."""
-    if not buffer.flags.writeable or buffer.size < _THREADED_COPY_BYTES:
+    if into is None and (not buffer.flags.writeable or buffer.size < _THREADED_COPY_BYTES):
         return buffer.copy()
-    out = np.empty_like(buffer)
-    torch.from_numpy(out).copy_(torch.from_numpy(buffer))
+    out = np.empty_like(buffer) if into is None else into
+    if not buffer.flags.writeable or buffer.size < _THREADED_COPY_BYTES:
+        np.copyto(out, buffer)
+    else:
+        torch.from_numpy(out).copy_(torch.from_numpy(buffer))
     return out
 
 

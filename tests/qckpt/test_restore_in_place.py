@@ -1,0 +1,108 @@
+"""Rollbacks from the hot tier into optimizers that have state already copy into
+their own tensors (those of at least 64 KiB), whatever put the snapshot there,
+and train on exactly as restores into new optimizers do; shared or
+copy-on-write tensors are never written through."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import qckpt
+from bench.workload import Trainer, train_step
+
+
+def _large(tensors: list[torch.Tensor]) -> list[int]:
+    """Storage addresses of the tensors a restore copies into in place."""
+    return [t.untyped_storage().data_ptr() for t in tensors if t.nbytes >= 1 << 16]
+
+
+def _moments(trainer: Trainer) -> list[torch.Tensor]:
+    return [v for s in trainer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+
+
+def _everything(trainer: Trainer) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in trainer.model.state_dict().values()] + [t.clone() for t in _moments(trainer)]
+
+
+def _equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("hot_by", ["commit", "restore from a warm copy", "restore of a download", "restore from packs"])
+def test_a_rollback_writes_the_optimizers_own_tensors_and_trains_on_the_same(tmp_path: Path, hot_by: str) -> None:
+    location = qckpt.MemoryBackend() if hot_by == "restore of a download" else tmp_path / "repo"
+    trainer = Trainer("tiny", total_steps=50)
+    reference = Trainer("tiny", total_steps=50, seed=99)  # a new optimizer, without state: new buffers
+    repo = qckpt.Repository.init(location, warm=hot_by != "restore from packs")
+    for _ in range(3):
+        train_step(trainer.state)
+    snap = repo.commit(trainer.state)  # hot: the staged buffers
+    expected = _everything(trainer)
+    if hot_by != "commit":
+        repo.close()
+        repo = qckpt.Repository.open(location)
+        repo.restore(trainer.state, snap.id)  # hot: what was read (read-only where a warm copy is mapped)
+    with repo:
+        train_step(trainer.state)  # the live run moves on
+        own = _large(_moments(trainer))
+        assert own
+        repo.restore(trainer.state, snap.id)  # from the hot tier
+        assert _large(_moments(trainer)) == own  # written in place
+        assert _equal(_everything(trainer), expected)
+        train_step(trainer.state)
+        repo.restore(reference.state, snap.id)  # the process RNG too: the same dropout next step
+        train_step(reference.state)
+        assert _equal(_everything(trainer), _everything(reference))
+
+
+def test_restoring_into_a_fork_leaves_the_original_alone(tmp_path: Path) -> None:
+    """A fork's optimizer tensors share memory with the original's until written
+    (copy-on-write): restoring into them in place must give the fork its own."""
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(tmp_path / "repo") as repo:
+        train_step(trainer.state)
+        snap = repo.commit(trainer.state)
+        expected = [t.clone() for t in _moments(trainer)]
+        train_step(trainer.state)
+        original = [t.clone() for t in _moments(trainer)]
+        (fork,) = trainer.state.fork(1)
+        repo.restore(fork, snap.id)
+    forked = [v for s in fork.components["optimizer"].state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    assert _equal(forked, expected) and _equal(_moments(trainer), original)
+
+
+def test_tensors_shared_between_entries_are_not_written_twice(tmp_path: Path) -> None:
+    """Two optimizer entries that share one tensor in the live state (here set up
+    on purpose) each get their own values back, not the last one written."""
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(tmp_path / "repo") as repo:
+        train_step(trainer.state)
+        snap = repo.commit(trainer.state)
+        expected = [t.clone() for t in _moments(trainer)]
+        train_step(trainer.state)
+        for s in trainer.optimizer.state.values():
+            s["exp_avg_sq"] = s["exp_avg"]  # one tensor at two paths
+        repo.restore(trainer.state, snap.id)
+    assert _equal(_moments(trainer), expected)
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm copy", "packs"])
+def test_a_damaged_snapshot_leaves_the_optimizer_untouched(tmp_path: Path, warm: bool) -> None:
+    path = tmp_path / "repo"
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(path, warm=warm) as repo:
+        train_step(trainer.state)
+        snap = repo.commit(trainer.state)
+    for folder in ("packs", "warm"):  # every copy of the data damaged: nothing sound to restore from
+        for blob in (path / folder).iterdir() if (path / folder).exists() else ():
+            data = bytearray(blob.read_bytes())
+            data[len(data) // 2] ^= 0x40
+            blob.write_bytes(bytes(data))
+    train_step(trainer.state)
+    before = _everything(trainer)
+    with qckpt.Repository.open(path, hot_snapshots=0) as repo, pytest.raises(qckpt.IntegrityError, match=snap.short_id):
+        repo.restore(trainer.state, snap.id)
+    assert _equal(_everything(trainer), before)
