@@ -138,6 +138,8 @@ class BackendConformance:
         assert bytes(blob.view[:3]) == bytes(range(3)) and backend.get("k") == bytes(range(200))
         backend.put("k", b"replaced")  # a new value under the key never changes a mapping already made
         assert bytes(blob.view) == bytes(range(200)) and bytes(blob.private()) == bytes(range(200))
+        part = backend.map("k", whole=False)  # for a caller that reads part of it: the same bytes
+        assert part.view.readonly and bytes(part.view) == b"replaced" and bytes(part.private()) == b"replaced"
 
 
     def test_missing_keys_raise_not_found(self, backend: Backend) -> None:

@@ -128,9 +128,11 @@ class Backend(ABC):
         back. This default calls ``put``; the local backend skips the fsyncs."""
         self.put(key, data)
 
-    def map(self, key: str) -> MappedBlob:
+    def map(self, key: str, whole: bool = True) -> MappedBlob:
         """The whole value under ``key`` in memory (see ``MappedBlob``). This default
-        reads it with ``get``; backends on local files map them instead."""
+        reads it with ``get``; backends on local files map them instead, with the
+        pages mapped up front if the caller will read the ``whole`` value (or most
+        of it), else as they are touched."""
         data = self.get(key)
         return MappedBlob(memoryview(data), lambda: memoryview(bytearray(data)))
 

@@ -134,17 +134,20 @@ class LocalBackend(Backend):
         with self._reading(key) as fd:
             return os.pread(fd, length, offset)
 
-    def map(self, key: str) -> MappedBlob:
+    def map(self, key: str, whole: bool = True) -> MappedBlob:
         """Memory maps of the file, made from one descriptor (so both show the same
         file even if the key is replaced meanwhile): a shared read-only one, and on
         request a private copy-on-write one. Pages come from the page cache: nothing
         is copied until a private page is written. Files are never written in place
-        (``put`` renames a new one over), so a mapping never changes under a reader."""
+        (``put`` renames a new one over), so a mapping never changes under a reader.
+        With ``whole`` the shared one is populated up front (one system call instead
+        of a fault per touched page); without, a read of one tensor of a large
+        copy neither maps nor reads from disk the rest of the file."""
         with self._reading(key) as fd:
             size = os.fstat(fd).st_size
             if size == 0:
                 return MappedBlob(memoryview(b""), lambda: memoryview(bytearray()))
-            populate = getattr(mmap, "MAP_POPULATE", 0)
+            populate = getattr(mmap, "MAP_POPULATE", 0) if whole else 0
             shared = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
             unused = [mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)]
         view = memoryview(shared)

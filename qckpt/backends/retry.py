@@ -80,8 +80,8 @@ class RetryingBackend(Backend):
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         return self._retry("get_range", lambda retried: self.inner.get_range(key, offset, length))
 
-    def map(self, key: str) -> MappedBlob:
-        return self._retry("map", lambda retried: self.inner.map(key))
+    def map(self, key: str, whole: bool = True) -> MappedBlob:
+        return self._retry("map", lambda retried: self.inner.map(key, whole))
 
     def exists(self, key: str) -> bool:
         return self._retry("exists", lambda retried: self.inner.exists(key))

@@ -90,8 +90,9 @@ class WarmCopies:
 
     def _read(self, name: str, manifest_id: str, manifest: Manifest, wanted: Sequence[TensorEntry],
               fetched: Future[MappedBlob] | None) -> WarmRead | None:  # fmt: skip
+        whole = 2 * sum(e.nbytes for e in wanted) >= sum(e.nbytes for e in manifest.tensors)
         try:
-            blob = fetched.result() if fetched is not None else self._backend.map(warm_key(name))
+            blob = fetched.result() if fetched is not None else self._backend.map(warm_key(name), whole)
         except ObjectNotFoundError:
             return None
         try:

@@ -84,6 +84,23 @@ def test_the_head_restores_from_its_warm_copy_alone(trained: tuple[Path, Trainer
     shutil.move(tmp_path / "packs", path / "packs")
 
 
+def test_only_reads_of_most_of_a_warm_copy_map_it_whole(trained: tuple[Path, Trainer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lazy read of one tensor maps the warm copy without populating it (on a
+    large copy, populating reads the whole file); restores and whole trees do."""
+    path, trainer = trained
+    asked: list[bool] = []
+    real = qckpt.LocalBackend.map
+    monkeypatch.setattr(qckpt.LocalBackend, "map", lambda self, key, whole=True: asked.append(whole) or real(self, key, whole))
+    with qckpt.Repository.open(path, hot_snapshots=0) as repo:
+        view = repo.load("main")
+        one = next(p for p in view if p.startswith("components/model/"))
+        assert torch.equal(view[one], trainer.model.state_dict()[one.removeprefix("components/model/")])
+        assert asked == [False]
+        repo.load("main").tree()
+        repo.restore(Trainer("tiny", total_steps=50, seed=99).state, "main")
+    assert asked == [False, True, True]
+
+
 def test_resume_from_the_warm_copy_is_bit_exact(trained: tuple[Path, Trainer]) -> None:
     """Training on from a warm restore (in place, hot tier mapped read-only) matches
     training on without interruption, and its commits predict from the mapped base."""
