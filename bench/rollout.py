@@ -257,14 +257,12 @@ def pruning_figures(steps: int, seeds: int, rule: Pruning | None = None) -> dict
                 record = ConeRecord.load(repo, "main")
             history: list[dict[str, Any]] = []
             for event in record.events:
+                rung = rule.rung_steps(event["horizon"])  # the same for both rankings
+                if not rung:
+                    continue  # too short a horizon to prune
                 for each in (rule, other):
-                    replay = _replay(event, record.main, each, history)
-                    if replay is None:
-                        continue
-                    kept, forecasts = replay
-                    tallies[each.rank_by].add(event, kept, each.rung_steps(event["horizon"]))
-                if replay is None:
-                    continue
+                    kept, forecasts = _replay(event, record.main, each, rung, history)  # forecasts: the same for both
+                    tallies[each.rank_by].add(event, kept, rung)
                 actuals = {future["name"]: actual(future["metrics"]) for future in event["futures"]}
                 errors += [abs(forecasts[n]["value"] - actuals[n]) for n in forecasts if forecasts[n] and actuals[n] is not None]
                 history.append({"futures": [{"rung_forecast": forecasts[n], "rung_actual": actuals[n]} for n in forecasts]})
@@ -297,12 +295,9 @@ class _Tally:
                 "same_winner_rate": self.same / self.events if self.events else 0.0, "events": self.events}  # fmt: skip
 
 
-def _replay(event: dict[str, Any], main: list[list[Any]], rule: Pruning,
-            history: list[dict[str, Any]]) -> tuple[set[str], dict[str, Any]] | None:  # fmt: skip
-    """(futures going on, rung forecasts), or None if the event's horizon is too short to prune."""
-    rung = rule.rung_steps(event["horizon"])
-    if not rung:
-        return None
+def _replay(event: dict[str, Any], main: list[list[Any]], rule: Pruning, rung: int,
+            history: list[dict[str, Any]]) -> tuple[set[str], dict[str, Any]]:  # fmt: skip
+    """(futures going on, rung forecasts) when ``rule`` cuts the event's futures after ``rung`` steps."""
     prefixes = {}
     for future in event["futures"]:
         prefix = future["metrics"][:rung]
