@@ -19,12 +19,21 @@ def _large(tensors: list[torch.Tensor]) -> list[int]:
     return [t.untyped_storage().data_ptr() for t in tensors if t.nbytes >= 1 << 16]
 
 
-def _moments(trainer: Trainer) -> list[torch.Tensor]:
-    return [v for s in trainer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+def _moments(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+
+
+def _commit_and_move_on(repo: qckpt.Repository, trainer: Trainer) -> tuple[qckpt.Snapshot, list[torch.Tensor]]:
+    """Train a step and commit it, then train one more; the snapshot and its optimizer state."""
+    train_step(trainer.state)
+    snap = repo.commit(trainer.state)
+    expected = [t.clone() for t in _moments(trainer.optimizer)]
+    train_step(trainer.state)
+    return snap, expected
 
 
 def _everything(trainer: Trainer) -> list[torch.Tensor]:
-    return [t.detach().clone() for t in trainer.model.state_dict().values()] + [t.clone() for t in _moments(trainer)]
+    return [t.detach().clone() for t in trainer.model.state_dict().values()] + [t.clone() for t in _moments(trainer.optimizer)]
 
 
 def _equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -47,10 +56,10 @@ def test_a_rollback_writes_the_optimizers_own_tensors_and_trains_on_the_same(tmp
         repo.restore(trainer.state, snap.id)  # hot: what was read (read-only where a warm copy is mapped)
     with repo:
         train_step(trainer.state)  # the live run moves on
-        own = _large(_moments(trainer))
+        own = _large(_moments(trainer.optimizer))
         assert own
         repo.restore(trainer.state, snap.id)  # from the hot tier
-        assert _large(_moments(trainer)) == own  # written in place
+        assert _large(_moments(trainer.optimizer)) == own  # written in place
         assert _equal(_everything(trainer), expected)
         train_step(trainer.state)
         repo.restore(reference.state, snap.id)  # the process RNG too: the same dropout next step
@@ -63,15 +72,11 @@ def test_restoring_into_a_fork_leaves_the_original_alone(tmp_path: Path) -> None
     (copy-on-write): restoring into them in place must give the fork its own."""
     trainer = Trainer("tiny", total_steps=50)
     with qckpt.Repository.init(tmp_path / "repo") as repo:
-        train_step(trainer.state)
-        snap = repo.commit(trainer.state)
-        expected = [t.clone() for t in _moments(trainer)]
-        train_step(trainer.state)
-        original = [t.clone() for t in _moments(trainer)]
+        snap, expected = _commit_and_move_on(repo, trainer)
+        original = [t.clone() for t in _moments(trainer.optimizer)]
         (fork,) = trainer.state.fork(1)
         repo.restore(fork, snap.id)
-    forked = [v for s in fork.components["optimizer"].state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    assert _equal(forked, expected) and _equal(_moments(trainer), original)
+    assert _equal(_moments(fork.components["optimizer"]), expected) and _equal(_moments(trainer.optimizer), original)
 
 
 def test_tensors_shared_between_entries_are_not_written_twice(tmp_path: Path) -> None:
@@ -79,14 +84,11 @@ def test_tensors_shared_between_entries_are_not_written_twice(tmp_path: Path) ->
     on purpose) each get their own values back, not the last one written."""
     trainer = Trainer("tiny", total_steps=50)
     with qckpt.Repository.init(tmp_path / "repo") as repo:
-        train_step(trainer.state)
-        snap = repo.commit(trainer.state)
-        expected = [t.clone() for t in _moments(trainer)]
-        train_step(trainer.state)
+        snap, expected = _commit_and_move_on(repo, trainer)
         for s in trainer.optimizer.state.values():
             s["exp_avg_sq"] = s["exp_avg"]  # one tensor at two paths
         repo.restore(trainer.state, snap.id)
-    assert _equal(_moments(trainer), expected)
+    assert _equal(_moments(trainer.optimizer), expected)
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["warm copy", "packs"])
