@@ -800,9 +800,8 @@ def _optimizer_targets(state: TrainingState, entries: list[TensorEntry], only_re
     restore from the hot tier may copy it into in place, or None. A rollback into
     optimizers that have state already (every future of the light cone) then writes
     memory the process owns instead of allocating, and faulting in, new buffers (at
-    100M parameters, 800 MB of AdamW moments a restore: median 94 against 508 ms
-    here). Restores from storage gained nothing measurable this way and do not
-    use it. Only CPU tensors of the entry's dtype and shape that are all of their
+    100M parameters, 800 MB of AdamW moments a restore; figures in docs/design.md).
+    Restores from storage gained nothing measurable this way and do not use it. Only CPU tensors of the entry's dtype and shape that are all of their
     storage, share it with no module tensor and no other entry, and hold at least
     64 KiB (a small new buffer costs nothing worth checking for): anything else
     gets a new buffer, as before. Asking for a storage's address gives a
@@ -812,7 +811,7 @@ def _optimizer_targets(state: TrainingState, entries: list[TensorEntry], only_re
     for name, component in state.components.items():
         if isinstance(component, torch.optim.Optimizer):
             per_param = component.state_dict().get("state")
-            base = join_path(join_path(join_path("", "components"), name), "state")  # the paths capture() gives
+            base = join_path(join_path("components", name), "state")  # the paths capture() gives
             for index, values in per_param.items() if isinstance(per_param, dict) else ():
                 at = join_path(base, index)
                 live.update((join_path(at, key), value) for key, value in values.items()

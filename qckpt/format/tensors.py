@@ -81,13 +81,11 @@ def copied(buffer: np.ndarray, into: np.ndarray | None = None) -> np.ndarray:
     of the same size) and returned. A writable buffer is copied by torch, whose copy
     runs on its intra-op threads (~20% faster than numpy's on large buffers here); a
     read-only one by numpy (torch would warn about wrapping it)."""
-    if into is None and (not buffer.flags.writeable or buffer.size < _THREADED_COPY_BYTES):
-        return buffer.copy()
     out = np.empty_like(buffer) if into is None else into
-    if not buffer.flags.writeable or buffer.size < _THREADED_COPY_BYTES:
-        np.copyto(out, buffer)
-    else:
+    if buffer.flags.writeable and buffer.size >= _THREADED_COPY_BYTES:
         torch.from_numpy(out).copy_(torch.from_numpy(buffer))
+    else:
+        np.copyto(out, buffer)
     return out
 
 
