@@ -26,6 +26,7 @@ from qckpt.format.records import Snapshot
 from qckpt.ops.file_export import FORMATS, format_for
 from qckpt.ops.gc import RetentionPolicy
 from qckpt.repository import Repository
+from qckpt.store.layout import BRANCH_PREFIX
 
 EXIT_DAMAGED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT = 1, 2, 3, 4
 #: Entry points in this group add commands: each is called with ``command(name, fn,
@@ -133,6 +134,10 @@ def cmd_log(args: argparse.Namespace, repo: Repository) -> int:
     branches = repo.branches()
     revisions = list(args.revisions) or (sorted(branches) if args.all or args.graph or "main" not in branches else ["main"])
     snaps = repo.log(*revisions, limit=args.n) if revisions else []
+    if not revisions:
+        deleted = sorted({e.ref.removeprefix(BRANCH_PREFIX) for e in repo.reflog() if e.ref.startswith(BRANCH_PREFIX) and e.new is None})
+        print(f"no branches; deleted: {', '.join(deleted)} (`qckpt branch --restore NAME` brings one back)" if deleted
+              else "no branches yet: the first commit creates one", file=sys.stderr)  # fmt: skip
     if args.json:
         _print_json(snaps)
         return 0
@@ -174,8 +179,12 @@ def _refs(args: argparse.Namespace, repo: Repository, kind: str) -> int:
         snap = repo.restore_branch(args.restore)
         print(f"restored branch {args.restore} at {snap.short_id} (step {snap.step}), from the ref log")
     elif args.delete:
+        held = listing().get(args.delete)
         delete(args.delete)
-        print(f"deleted {kind} {args.delete}")
+        held = (held or "")[:12]
+        undo = f"qckpt branch --restore {args.delete}" if kind == "branch" else f"qckpt tag {args.delete} --at {held}"
+        print(f"deleted {kind} {args.delete} (it was at {held}); `{undo}` brings it back, and gc keeps "
+              f"its snapshots for the ref log's grace period (default 7 days)")
     elif args.name is not None:
         snap = create(args.name, args.at)
         print(f"created {kind} {args.name} at {snap.short_id} (step {snap.step})")
@@ -377,7 +386,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, help="at most N entries")
     p = command("fork", cmd_fork, "start a branch at any revision (metadata only, no data copied)")
     p.add_argument("name")
-    p.add_argument("--at", default="main", help="branch, tag, id or BRANCH@STEP (default: main)")
+    p.add_argument("--at", default="main", help="branch, tag, id, BRANCH@STEP or BRANCH~N (default: main)")
     p = command("diff", cmd_diff, "compare two snapshots tensor by tensor")
     p.add_argument("a")
     p.add_argument("b")

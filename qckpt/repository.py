@@ -560,8 +560,10 @@ class Repository:
     # -- snapshots and revisions ----------------------------------------------
     def snapshot(self, revision: str) -> Snapshot:
         """The snapshot a revision names: branch, tag, snapshot id (or unique prefix of
-        at least 6 hex digits), each optionally followed by ``@STEP`` to pick the
-        ancestor (first parents) committed at that step."""
+        at least 6 hex digits), optionally followed by ``@STEP`` (the first-parent
+        ancestor committed at that step) and ``~N`` (the N-th first-parent
+        ancestor: ``main~1`` is the snapshot before main's head), in any order
+        and number, applied left to right."""
         return self._store.snapshot(self.resolve(revision))
 
     def resolve(self, revision: str) -> str:

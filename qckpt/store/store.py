@@ -88,7 +88,7 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_COMPRESSION_LEVEL = 1
 DEFAULT_MAX_CHAIN = 16
 _MAX_PUBLISH_ATTEMPTS = 1000
-_STEP_REVISION = re.compile(r"(.+)@([0-9]+)")
+_REVISION_SUFFIX = re.compile(r"(.+)([@~])([0-9]+)")  # the last @STEP or ~N of a revision
 _log = logging.getLogger("qckpt")
 
 
@@ -520,18 +520,27 @@ class Store:
 
     def resolve(self, revision: str) -> str:
         """The snapshot id a revision names: branch, tag, snapshot id (or unique prefix
-        of at least 6 hex digits), each optionally followed by ``@STEP`` to pick the
-        ancestor (first parents) committed at that step."""
+        of at least 6 hex digits), followed by any number of suffixes, applied left
+        to right along first parents: ``@STEP`` picks the ancestor committed at
+        that step, ``~N`` the N-th ancestor (``main~1``: the snapshot before
+        main's head)."""
         if not isinstance(revision, str) or not revision:
             raise InvalidInputError(f"revision must be a non-empty string, got {revision!r}")
-        match = _STEP_REVISION.fullmatch(revision)
+        match = _REVISION_SUFFIX.fullmatch(revision)
         if match is None:
             return self._resolve_name(revision)
-        base, step = match.group(1), int(match.group(2))
-        for snap in self.first_parents(self._resolve_name(base)):
-            if snap.step == step:
+        base, suffix, number = match.group(1), match.group(2), int(match.group(3))
+        history = self.first_parents(self.resolve(base))
+        if suffix == "~":
+            reached = list(itertools.islice(history, number + 1))  # reads no further back than needed
+            if len(reached) == number + 1:
+                return reached[-1].id
+            raise RevisionNotFoundError(f"{revision!r} goes back too far: the first-parent history of {base!r} "
+                                        f"holds {len(reached)} snapshots ({base}~{len(reached) - 1} is the oldest)")
+        for snap in history:
+            if snap.step == number:
                 return snap.id
-        raise RevisionNotFoundError(f"no snapshot at step {step} in the history of {base!r}")
+        raise RevisionNotFoundError(f"no snapshot at step {number} in the history of {base!r}")
 
     def _resolve_name(self, name: str) -> str:
         for prefix in (BRANCH_PREFIX, TAG_PREFIX):

@@ -144,10 +144,15 @@ def test_ref_commands(populated: Path, capsys: pytest.CaptureFixture[str]) -> No
     with qckpt.Repository.open(populated) as repo:
         assert repo.branches()["try"] == repo.resolve("main@2") and repo.tags() == {"best": repo.resolve("alt")}
     assert _cli(capsys, populated, "branch", "-d", "try")[0] == 0
-    assert _cli(capsys, populated, "tag", "-d", "best")[0] == 0
+    code, out = _cli(capsys, populated, "tag", "-d", "best")
+    undo = out.split("`")[1].split()  # the message names the command that brings the tag back
+    assert code == 0 and undo[:3] == ["qckpt", "tag", "best"]
     assert _cli(capsys, populated, "branch", "-d", "try")[0] == 3
     code, out = _cli(capsys, populated, "tag")
     assert code == 0 and out == ""
+    assert _cli(capsys, populated, *undo[1:])[0] == 0
+    with qckpt.Repository.open(populated) as repo:
+        assert repo.tags() == {"best": repo.resolve("alt")}
 
 
 def test_diff_du_gc_export(populated: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -207,12 +212,17 @@ def test_reset_reflog_and_branch_restore(populated: Path, capsys: pytest.Capture
     code, out = _cli(capsys, populated, "reset", "main", "main@1")
     assert code == 0 and f"{head.short_id} -> " in out and "ref log" in out
     code, out = _cli(capsys, populated, "branch", "-d", "alt")
+    assert code == 0 and f"it was at {alt.short_id}" in out and "`qckpt branch --restore alt` brings it back" in out
     code, out = _cli(capsys, populated, "reflog")
     lines = out.splitlines()
     assert "heads/alt" in lines[0] and "delete" in lines[0] and "left its old snapshot behind" in lines[0]
     assert "heads/main" in lines[1] and "reset" in lines[1]
     code, out = _cli(capsys, populated, "reflog", "main", "--json")
     assert code == 0 and json.loads(out)[0]["old"] == head.id
+    _cli(capsys, populated, "branch", "-d", "main")
+    assert main(["-R", str(populated), "log"]) == 0
+    assert capsys.readouterr().err == "no branches; deleted: alt, main (`qckpt branch --restore NAME` brings one back)\n"
+    assert _cli(capsys, populated, "branch", "--restore", "main")[0] == 0
     code, out = _cli(capsys, populated, "branch", "--restore", "alt")
     assert code == 0 and alt.short_id in out
     assert _cli(capsys, populated, "branch", "--restore", "alt")[0] == 4  # exists: a conflict

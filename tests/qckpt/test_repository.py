@@ -97,6 +97,15 @@ def test_revisions(repo: qckpt.Repository) -> None:
     assert repo.resolve("best") == snaps[1].id and repo.resolve("best@0") == snaps[0].id
     with pytest.raises(qckpt.RevisionNotFoundError, match="no snapshot at step 15"):
         repo.resolve("main@15")
+    # ~N: the N-th first-parent ancestor; suffixes combine, applied left to right
+    assert [repo.resolve(f"main~{n}") for n in range(4)] == [s.id for s in reversed(snaps)]
+    assert repo.resolve("main~1~1") == repo.resolve("main~2") == snaps[1].id
+    assert repo.resolve("main@20~1") == snaps[1].id and repo.resolve("main~2@0") == snaps[0].id
+    assert repo.resolve(f"{snaps[2].id[:8]}~2") == snaps[0].id and repo.resolve("best~1") == snaps[0].id
+    with pytest.raises(qckpt.RevisionNotFoundError, match=r"'main~4' goes back too far.*holds 4 snapshots \(main~3 is the oldest\)"):
+        repo.resolve("main~4")
+    with pytest.raises(qckpt.RevisionNotFoundError, match="no snapshot at step 20 in the history of 'main~2'"):
+        repo.resolve("main~2@20")
     with pytest.raises(qckpt.RevisionNotFoundError, match=r"unknown revision 'nope'.*branches: main"):
         repo.resolve("nope")
     with pytest.raises(qckpt.RevisionNotFoundError):
