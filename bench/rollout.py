@@ -42,7 +42,11 @@ full rollouts' winner), ``forecast_mae`` (mean absolute error of the rung
 forecast against the mean training loss of each future's last steps), and
 ``events``; ``ranked_by`` names the default ranking (``observed``) and
 ``ranked_by_forecast`` holds the same figures with the futures ranked by
-their forecasts instead (``Pruning(rank_by="forecast")``), on the same events.
+their forecasts instead (``Pruning(rank_by="forecast")``), on the same events;
+``successive_halving`` holds them for successive halving as published, ranked
+by the observed loss with eta = 2 (``HALVING_RUNGS``: the four alternatives to a
+quarter of the horizon, the better two to half, the best one to the end), a
+rule ``Pruning`` does not offer: measured, not adopted (README).
 """
 
 from __future__ import annotations
@@ -194,7 +198,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"pruning over {pruning['events']} spike-benchmark events, ranked by the loss observed at the rung: saves "
               f"{pruning['compute_saved']:.0%} of rollout compute, same winner in {pruning['same_winner_rate']:.0%}; "
               f"ranked by forecast: saves {forecast_ranked['compute_saved']:.0%}, same winner in "
-              f"{forecast_ranked['same_winner_rate']:.0%} (forecast MAE {pruning['forecast_mae']:.3f})")
+              f"{forecast_ranked['same_winner_rate']:.0%} (forecast MAE {pruning['forecast_mae']:.3f}); successive halving "
+              f"at {' and '.join(f'{r:g}' for r in HALVING_RUNGS)} of the horizon: saves "
+              f"{pruning['successive_halving']['compute_saved']:.0%}, same winner in "
+              f"{pruning['successive_halving']['same_winner_rate']:.0%}")
     results = {"model": args.size, "horizon": horizon, "device": str(workload.device),
                "strategies": strategies, "chosen": chosen, "pruning": pruning}  # fmt: skip
     if args.json:
@@ -241,14 +248,21 @@ def differences(reference: list[dict[str, Any]], models: list[dict[str, Any]]) -
     return biggest, relative
 
 
+#: Successive halving as published, over a light-cone event's 4 alternatives with
+#: eta = 2: all train to a quarter of the horizon, the better half to half of it,
+#: the best one to the end (the control always runs to the end).
+HALVING_RUNGS = (0.25, 0.5)
+
+
 def pruning_figures(steps: int, seeds: int, rule: Pruning | None = None) -> dict[str, Any]:
     """Replay every light-cone event of the spike benchmark's injected scenarios
-    through the pruning rule (default ``Pruning()``) and through the same rule
-    with the other ranking (see the module docstring)."""
+    through the pruning rule (default ``Pruning()``), through the same rule
+    with the other ranking, and through successive halving at ``HALVING_RUNGS``
+    with the rule's ranking (see the module docstring)."""
     rule = rule or Pruning()
     other = dataclasses.replace(rule, rank_by=next(r for r in RANKINGS if r != rule.rank_by))
     workload = Workload(steps)
-    tallies = {rule.rank_by: _Tally(), other.rank_by: _Tally()}
+    tallies = {rule.rank_by: _Tally(), other.rank_by: _Tally(), "halving": _Tally()}
     errors: list[float] = []
     for scenario in ("lr_spike", "poison", "noise_shard"):
         for seed in range(seeds):
@@ -261,13 +275,17 @@ def pruning_figures(steps: int, seeds: int, rule: Pruning | None = None) -> dict
                 if not rung:
                     continue  # too short a horizon to prune
                 for each in (rule, other):
-                    kept, forecasts = _replay(event, record.main, each, rung, history)  # forecasts: the same for both
-                    tallies[each.rank_by].add(event, kept, rung)
+                    cut, forecasts = _replay(event, record.main, each, [rung], history)  # forecasts: the same for both
+                    tallies[each.rank_by].add(event, cut)
+                rungs = [dataclasses.replace(rule, rung=r).rung_steps(event["horizon"]) for r in HALVING_RUNGS]
+                if all(rungs):
+                    tallies["halving"].add(event, _replay(event, record.main, rule, rungs, history)[0])
                 actuals = {future["name"]: actual(future["metrics"]) for future in event["futures"]}
                 errors += [abs(forecasts[n]["value"] - actuals[n]) for n in forecasts if forecasts[n] and actuals[n] is not None]
                 history.append({"futures": [{"rung_forecast": forecasts[n], "rung_actual": actuals[n]} for n in forecasts]})
     return {**tallies[rule.rank_by].figures(), "forecast_mae": sum(errors) / len(errors) if errors else None,
-            "ranked_by": rule.rank_by, f"ranked_by_{other.rank_by}": tallies[other.rank_by].figures()}  # fmt: skip
+            "ranked_by": rule.rank_by, f"ranked_by_{other.rank_by}": tallies[other.rank_by].figures(),
+            "successive_halving": {**tallies["halving"].figures(), "rungs": list(HALVING_RUNGS)}}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -280,28 +298,37 @@ class _Tally:
     events: int = 0
     same: int = 0
 
-    def add(self, event: dict[str, Any], kept: set[str], rung: int) -> None:
+    def add(self, event: dict[str, Any], cut: dict[str, int]) -> None:
+        """``cut``: the futures pruning stopped, each with the steps it had trained."""
         futures, horizon = event["futures"], event["horizon"]
         evals = len(futures[0]["eval"])
-        scores = {f["name"]: f["eval"] for f in futures if f["name"] in kept}
+        scores = {f["name"]: f["eval"] for f in futures if f["name"] not in cut}
         winner = select(scores, "control", candidates=len(futures) - 1, seed=event["number"]).chosen
         self.events += 1
         self.same += winner == event["selection"]["chosen"]
         self.spent += len(futures) * (horizon + EVAL_COST * evals)
-        self.saved += (len(futures) - len(kept)) * (horizon - rung + EVAL_COST * evals)
+        self.saved += sum(horizon - trained + EVAL_COST * evals for trained in cut.values())
 
     def figures(self) -> dict[str, Any]:
         return {"compute_saved": self.saved / self.spent if self.spent else 0.0,
                 "same_winner_rate": self.same / self.events if self.events else 0.0, "events": self.events}  # fmt: skip
 
 
-def _replay(event: dict[str, Any], main: list[list[Any]], rule: Pruning, rung: int,
-            history: list[dict[str, Any]]) -> tuple[set[str], dict[str, Any]]:  # fmt: skip
-    """(futures going on, rung forecasts) when ``rule`` cuts the event's futures after ``rung`` steps."""
-    prefixes = {}
-    for future in event["futures"]:
-        prefix = future["metrics"][:rung]
-        finite = len(prefix) == rung and all(m[1] is not None and math.isfinite(m[1]) for m in prefix)
-        prefixes[future["name"]] = prefix if finite else None
-    kept, forecasts, _ = rule.decide(main, event["origin"]["step"] or 0, event["horizon"], prefixes, history)
-    return kept, forecasts
+def _replay(event: dict[str, Any], main: list[list[Any]], rule: Pruning, rungs: list[int],
+            history: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, Any]]:  # fmt: skip
+    """(the futures cut, each with the steps it trained; the forecasts at the last
+    rung) when ``rule`` cuts the event's futures after each of ``rungs`` steps in
+    turn, among those still going."""
+    going = list(event["futures"])
+    cut: dict[str, int] = {}
+    forecasts: dict[str, Any] = {}
+    for rung in rungs:
+        prefixes = {}
+        for future in going:
+            prefix = future["metrics"][:rung]
+            finite = len(prefix) == rung and all(m[1] is not None and math.isfinite(m[1]) for m in prefix)
+            prefixes[future["name"]] = prefix if finite else None
+        kept, forecasts, _ = rule.decide(main, event["origin"]["step"] or 0, event["horizon"], prefixes, history)
+        cut.update((f["name"], rung) for f in going if f["name"] not in kept)
+        going = [f for f in going if f["name"] in kept]
+    return cut, forecasts

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bench import rollout
+from branch import Pruning
 
 
 def test_rollout_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
@@ -27,10 +28,15 @@ def test_rollout_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
     assert all(m["max_abs_diff_vs_sequential"] == 0.0 for m in results["strategies"].get("ray", {}).values())
     assert set(results["chosen"]) == {"2", "4"} and set(results["chosen"].values()) <= {"sequential", "batched"}
     pruning = results["pruning"]
-    assert set(pruning) == {"compute_saved", "same_winner_rate", "forecast_mae", "events", "ranked_by", "ranked_by_forecast"}
+    assert set(pruning) == {"compute_saved", "same_winner_rate", "forecast_mae", "events", "ranked_by", "ranked_by_forecast",
+                            "successive_halving"}  # fmt: skip
     assert pruning["ranked_by"] == "observed" and pruning["ranked_by_forecast"]["events"] == pruning["events"]
-    for figures in (pruning, pruning["ranked_by_forecast"]):
+    for figures in (pruning, pruning["ranked_by_forecast"], pruning["successive_halving"]):
         assert 0 <= figures["compute_saved"] < 1 and 0 <= figures["same_winner_rate"] <= 1
+    halving = pruning["successive_halving"]
+    assert halving["rungs"] == [0.25, 0.5] and halving["events"] <= pruning["events"]
+    if halving["events"]:  # 3 of 4 alternatives cut, two of them earlier than the one rung's cut: more is saved
+        assert halving["compute_saved"] > pruning["compute_saved"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -43,3 +49,17 @@ def test_rollout_benchmark_on_a_gpu(tmp_path: Path) -> None:
     # a kernel swap alone moved the sequential futures ~3e-7 (10M model, H=20, H200); forks that
     # shared optimizer state through CUDA copy-on-write clones moved the batched ones 1.3e-2
     assert all(m["max_rel_diff_vs_sequential"] < 1e-4 for m in results["strategies"]["batched"].values())
+
+
+def test_successive_halving_replay_cuts_half_at_each_rung_and_counts_what_it_saves() -> None:
+    levels = {"control": 3.0, "a": 2.0, "b": 2.5, "c": 2.8, "d": 4.0}
+    futures = [{"name": name, "metrics": [[s, level + 0.01 * (s % 2), None] for s in range(1, 21)],
+                "eval": [level + 0.001 * i for i in range(8)]} for name, level in levels.items()]  # fmt: skip
+    event = {"futures": futures, "horizon": 20, "origin": {"step": 0}, "number": 1, "selection": {"chosen": "a"}}
+    cut, _ = rollout._replay(event, [], Pruning(), [5, 10], [])
+    assert cut == {"c": 5, "d": 5, "b": 10}  # 4 alternatives -> the better 2 at step 5 -> the best 1 at step 10
+    tally = rollout._Tally()
+    tally.add(event, cut)
+    evals = rollout.EVAL_COST * 8
+    assert tally.figures() == {"compute_saved": pytest.approx((15 + 15 + 10 + 3 * evals) / (5 * (20 + evals))),
+                               "same_winner_rate": 1.0, "events": 1}  # fmt: skip
