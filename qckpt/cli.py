@@ -238,6 +238,13 @@ def cmd_du(args: argparse.Namespace, repo: Repository) -> int:
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw]?)")
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _seconds(text: str) -> float:
     match = _DURATION.fullmatch(text.strip())
     if not match:
@@ -250,8 +257,9 @@ def _policy(args: argparse.Namespace) -> RetentionPolicy:
     best: dict[str, Any] = {}
     if args.keep_best:
         parts = args.keep_best.split(":")
-        if not 1 <= len(parts) <= 3 or not parts[0] or (len(parts) > 1 and not parts[1].isdigit()):
-            raise InvalidInputError(f"invalid --keep-best {args.keep_best!r}: use METRIC[:K[:min|max]]")
+        if (not 1 <= len(parts) <= 3 or not parts[0] or (len(parts) > 1 and not (parts[1].isdigit() and int(parts[1]) >= 1))
+                or (len(parts) > 2 and parts[2] not in ("min", "max"))):  # fmt: skip
+            raise InvalidInputError(f"invalid --keep-best {args.keep_best!r}: use METRIC[:K[:min|max]], K at least 1")
         best = {"keep_best": parts[0], "keep_best_k": int(parts[1]) if len(parts) > 1 else 1,
                 "keep_best_mode": parts[2] if len(parts) > 2 else "min"}  # fmt: skip
     newer = _seconds(args.keep_newer_than) if args.keep_newer_than else None
@@ -314,6 +322,8 @@ def cmd_reset(args: argparse.Namespace, repo: Repository) -> int:
 
 def cmd_reflog(args: argparse.Namespace, repo: Repository) -> int:
     entries = repo.reflog(args.name, limit=args.n)
+    if args.name is not None and not entries:
+        raise NotFoundError(f"no branch or tag named {args.name!r} has a recorded change (`qckpt reflog` lists them all)")
     if args.json:
         _print_json(entries)
         return 0
@@ -368,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("revisions", nargs="*", help="start points (default: main; --all: every branch)")
     p.add_argument("--all", action="store_true", help="history of every branch")
     p.add_argument("--graph", action="store_true", help="draw lines of history (implies --all without revisions)")
-    p.add_argument("-n", type=int, help="at most N snapshots")
+    p.add_argument("-n", type=_at_least_one, help="at most N snapshots")
     p = command("show", cmd_show, "show one snapshot and its tensors")
     p.add_argument("revision")
     for kind in ("branch", "tag"):
@@ -383,7 +393,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("revision")
     p = command("reflog", cmd_reflog, "every recorded change of branches and tags, newest first")
     p.add_argument("name", nargs="?", help="one branch or tag (default: all)")
-    p.add_argument("-n", type=int, help="at most N entries")
+    p.add_argument("-n", type=_at_least_one, help="at most N entries")
     p = command("fork", cmd_fork, "start a branch at any revision (metadata only, no data copied)")
     p.add_argument("name")
     p.add_argument("--at", default="main", help="branch, tag, id, BRANCH@STEP or BRANCH~N (default: main)")

@@ -20,6 +20,8 @@
     ├── IntegrityError                           stored bytes are damaged
     ├── FormatVersionError                       repository written by a newer qckpt
     ├── CommitAbortedError                       not written: an earlier async commit failed
+    ├── RepositoryClosedError                    the Repository object was closed: open it again
+    ├── RolloutError                             a future trained elsewhere (a Ray task) failed
     └── BackendError                             the storage itself failed (permanent)
         └── TransientBackendError                a failure that retrying may cure (5xx, timeout)
 
@@ -48,6 +50,8 @@ __all__ = [
     "IntegrityError",
     "FormatVersionError",
     "CommitAbortedError",
+    "RepositoryClosedError",
+    "RolloutError",
     "BackendError",
     "TransientBackendError",
 ]
@@ -150,6 +154,11 @@ class FormatVersionError(QckptError):
 class CommitAbortedError(QckptError):
     """An asynchronous commit queued behind one that failed was not written, so
     that no branch moves past a failed commit. The cause is the failure."""
+
+
+class RepositoryClosedError(QckptError):
+    """The ``Repository`` object was closed (``close``, or the end of its ``with``
+    block); every later call raises this. Open the repository again."""
 
 
 class RolloutError(QckptError):

@@ -65,6 +65,7 @@ from qckpt.state import Lineage, TrainingState
 from qckpt.store.layout import BRANCH_PREFIX, TAG_PREFIX
 from qckpt.store.refs import check_ref_name
 from qckpt.store.store import (
+    ClosedPart,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_COMPRESSION_LEVEL,
     DEFAULT_MAX_CHAIN,
@@ -178,6 +179,8 @@ class Repository:
         warm_interval: float | None = None,
     ) -> None:
         """Use ``init`` or ``open``."""
+        self._uri = store.backend.uri
+        self._closed = False
         self._store = store
         self._hot = HotTier(hot_snapshots, hot_bytes)
         self._writer = CommitWriter(max_pending, f"qckpt-writer {store.backend.uri}")
@@ -253,17 +256,27 @@ class Repository:
         return cls(store, hot_snapshots=hot_snapshots, hot_bytes=hot_bytes, max_pending=max_pending, warm=warm, warm_interval=warm_interval)
 
     def close(self) -> None:
-        """Write every pending commit, finish background work, release the index and
-        backend. Raises a background commit failure not reported yet."""
+        """Write every pending commit, finish background work, release the index,
+        the backend and the hot tier's memory. Raises a background commit failure
+        not reported yet. Closing again does nothing; any other call on a closed
+        repository raises ``RepositoryClosedError``."""
+        if self._closed:
+            return
         try:
             try:
-                self.flush()
+                try:
+                    self.flush()
+                finally:
+                    self._writer.close()
+                    for writer in self._sharded_writers.values():
+                        writer.close()
             finally:
-                self._writer.close()
-                for writer in self._sharded_writers.values():
-                    writer.close()
+                self._store.close()
         finally:
-            self._store.close()
+            self._closed = True
+            closed = ClosedPart(self._uri)
+            self._store = self._writer = self._hot = self._warm = closed  # type: ignore[assignment]
+            self._sharded_writers = {}
 
     def __enter__(self) -> Repository:
         return self
@@ -272,7 +285,7 @@ class Repository:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Repository({self.backend.uri!r})"
+        return f"Repository({self._uri!r}{', closed' if self._closed else ''})"
 
     @property
     def backend(self) -> Backend:
@@ -414,7 +427,8 @@ class Repository:
 
         def handler(received: int, frame: Any) -> None:
             try:
-                self.flush()
+                if not self._closed:  # closed: everything was written then
+                    self.flush()
             finally:
                 signal.signal(received, previous if previous is not None else signal.SIG_DFL)
                 if callable(previous):
@@ -574,6 +588,7 @@ class Repository:
     def log(self, *revisions: str, limit: int | None = None) -> list[Snapshot]:
         """Snapshots reachable from the revisions (default ``main``; all parents), newest
         first. Snapshots expired by garbage collection end their line of history."""
+        _check_limit(limit)
         self._store.forget_expired()
         heads = [self.snapshot(r) for r in revisions or ("main",)]
         return history(self._store, heads, limit)
@@ -628,6 +643,7 @@ class Repository:
     def reflog(self, name: str | None = None, *, limit: int | None = None) -> list[RefLogEntry]:
         """Recorded changes of branch or tag ``name`` (every ref if None), newest first:
         what each ref held before and after, when, and why."""
+        _check_limit(limit)
         self._writer.flush()
         if name is None:
             return self._store.reflog()[:limit]
@@ -700,6 +716,8 @@ class Repository:
         reference an object while it is being deleted. ``progress(stage, done, total)``
         is called as work proceeds.
         """
+        if policy is not None and not isinstance(policy, RetentionPolicy):
+            raise InvalidInputError(f"policy must be a RetentionPolicy or None, got {policy!r}")
         self._writer.flush()
         return collect_garbage(self._store, policy or RetentionPolicy(), dry_run=dry_run, progress=progress)
 
@@ -787,6 +805,11 @@ class Repository:
         """
         self._writer.flush()
         return check_repository(self._store, progress)
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise InvalidInputError(f"limit must be None or a whole number >= 0, got {limit!r}")
 
 
 def _sharded_component(state: TrainingState) -> str | None:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qckpt.errors import InvalidInputError
+from qckpt.errors import InvalidInputError, NotFoundError
 from qckpt.format.records import Manifest, Snapshot, TensorEntry
 from qckpt.format.tensors import numpy_dtype, torch_dtype
 from qckpt.format.tree import decode_tree, join_path
@@ -37,16 +37,25 @@ class SnapshotView(Mapping[str, "torch.Tensor | np.ndarray"]):
         self._read_bytes = byte_reader
 
     def entry(self, path: str) -> TensorEntry:
-        """Metadata (dtype, shape, chunk ids) of the tensor at ``path``."""
-        return self._entries[path]
+        """Metadata (dtype, shape, chunk ids) of the tensor at ``path`` (``NotFoundError``,
+        also a ``KeyError``, if the snapshot has none there)."""
+        found = self._entries.get(path)
+        if found is None:
+            near = sorted(p for p in self._entries if p.rsplit("/", 1)[-1] == str(path).rsplit("/", 1)[-1])[:3]
+            hint = f"; same name at: {', '.join(near)}" if near else f"; its {len(self._entries)} paths look like {next(iter(self._entries), '-')!r}"
+            raise NotFoundError(f"snapshot {self.snapshot.short_id} has no tensor at {path!r}{hint}")
+        return found
 
     def __getitem__(self, path: str) -> torch.Tensor | np.ndarray:
-        return self._read(self.snapshot, [self._entries[path]])[0]
+        return self._read(self.snapshot, [self.entry(path)])[0]
+
+    def __contains__(self, path: object) -> bool:  # Mapping's default would read the tensor
+        return path in self._entries
 
     def read(self, path: str, index: Index) -> torch.Tensor | np.ndarray:
         """``self[path][index]`` for basic indexing (ints and slices, any steps), reading
         only the chunks between the first and the last selected element."""
-        entry = self._entries[path]
+        entry = self.entry(path)
         selection = _normalize(index, entry.shape)
         if any(len(r) == 0 for r in selection):  # includes every tensor with no elements
             return _empty(entry, selection, index)

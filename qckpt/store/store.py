@@ -37,7 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ from qckpt.errors import (
     InvalidInputError,
     ObjectNotFoundError,
     RefConflictError,
+    RepositoryClosedError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -154,6 +155,17 @@ def _index_for(backend: Backend, config: RepositoryConfig, cache_dir: str | os.P
     return LmdbIndex(root / config.repository_id / "index")
 
 
+class ClosedPart:
+    """What the parts of a closed store or repository become: any use raises
+    ``RepositoryClosedError``, so one place guards every call that reaches them."""
+
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
+
+    def __getattr__(self, name: str) -> Any:
+        raise RepositoryClosedError(f"the repository at {self._uri} was closed; open it again to use it")
+
+
 class Store:
     """A repository's storage engine (see the module docstring). Create with
     ``create`` or ``open``; ``close`` when done. Thread-safe."""
@@ -208,12 +220,20 @@ class Store:
         return cls(backend, config, cache_dir)
 
     def close(self) -> None:
-        """Finish background reads, release the index and the backend."""
+        """Finish background reads, release the index and the backend. Closing again
+        does nothing; anything else on a closed store (a ``SnapshotView`` or zarr
+        store that outlived its repository, say) raises ``RepositoryClosedError``."""
+        if isinstance(self.backend, ClosedPart):
+            return
+        closed = ClosedPart(self.backend.uri)
         try:
             self.pool.shutdown(wait=True)
             self.index.close()
         finally:
-            self.backend.close()
+            try:
+                self.backend.close()
+            finally:
+                self.backend = self.index = self.pool = self.reader = self.warm = closed  # type: ignore[assignment]
 
     # -- the write transaction ------------------------------------------------------
     def transaction(

@@ -82,7 +82,8 @@ def test_unwaited_failure_is_raised_by_the_next_commit() -> None:
     backend.failing = False
     repo.commit_async({"w": torch.ones(10)})
     repo.close()
-    assert len(repo.log()) == 1
+    with qckpt.Repository.open(backend) as again:
+        assert len(again.log()) == 1
 
 
 def test_memory_stays_bounded_over_200_rapid_commits() -> None:

@@ -219,6 +219,8 @@ def test_reset_reflog_and_branch_restore(populated: Path, capsys: pytest.Capture
     assert "heads/main" in lines[1] and "reset" in lines[1]
     code, out = _cli(capsys, populated, "reflog", "main", "--json")
     assert code == 0 and json.loads(out)[0]["old"] == head.id
+    assert main(["-R", str(populated), "reflog", "never-existed"]) == 3
+    assert "no branch or tag named 'never-existed'" in capsys.readouterr().err
     _cli(capsys, populated, "branch", "-d", "main")
     assert main(["-R", str(populated), "log"]) == 0
     assert capsys.readouterr().err == "no branches; deleted: alt, main (`qckpt branch --restore NAME` brings one back)\n"
@@ -239,6 +241,9 @@ def test_gc_asks_before_expiring_most_of_the_history(populated: Path, capsys: py
     code, out = _cli(capsys, populated, "gc", "--keep-last", "1", "--yes")
     assert code == 0 and "deleted 3 snapshots" in out
     assert _cli(capsys, populated, "gc", "--keep-best", "los:2", "--yes")[0] == 2  # a misspelt metric is an error
+    for bad in ("loss:0", "loss:2:up", "loss:x", ":2"):  # the error says what the option takes, in its own terms
+        assert main(["-R", str(populated), "gc", "--keep-best", bad, "--yes"]) == 2
+        assert "use METRIC[:K[:min|max]], K at least 1" in capsys.readouterr().err
 
 
 def test_version_empty_names_max_chain_and_a_closed_pipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

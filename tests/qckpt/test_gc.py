@@ -57,6 +57,14 @@ def test_invalid_policies(kwargs: dict) -> None:
         qckpt.RetentionPolicy(**kwargs)
 
 
+def test_gc_refuses_a_policy_that_is_not_one() -> None:
+    with qckpt.Repository.init(qckpt.MemoryBackend()) as repo:
+        repo.commit({"w": torch.zeros(2)})
+        with pytest.raises(qckpt.InvalidInputError, match="RetentionPolicy"):
+            repo.gc({"keep_last": 1})  # type: ignore[arg-type]
+        assert len(repo.log()) == 1
+
+
 # -- collection ------------------------------------------------------------------------------
 def test_deleting_a_branch_and_gc_restores_the_size(local_repo_path: Path) -> None:
     with qckpt.Repository.open(local_repo_path) as repo:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+import zarr
 
 import qckpt
 from qckpt.backends import MemoryBackend
@@ -76,6 +78,44 @@ def test_damaged_config(local_repo_path: Path) -> None:
         qckpt.Repository.open(local_repo_path)
 
 
+def test_a_closed_repository_refuses_every_call_and_lost_nothing(repo: qckpt.Repository) -> None:
+    first = repo.commit(_state(1), step=1)
+    pending = repo.commit_async(_state(2), step=2)  # written by close
+    view, zarr_store = repo.load(first.id), repo.zarr_store(first.id)
+    uri = repo.backend.uri if not isinstance(repo.backend, MemoryBackend) else repo.backend
+    repo.close()
+    assert pending.wait().step == 2 and "closed" in repr(repo)
+    calls = {
+        "commit": lambda: repo.commit(_state(3)),
+        "commit_async": lambda: repo.commit_async(_state(3)),  # once hung forever: the writer thread had stopped
+        "restore": lambda: repo.restore(qckpt.TrainingState(model=torch.nn.Linear(2, 2))),
+        "load": lambda: repo.load("main"), "log": lambda: repo.log(), "snapshot": lambda: repo.snapshot("main"),
+        "branches": lambda: repo.branches(), "create_branch": lambda: repo.create_branch("b"),
+        "reset": lambda: repo.reset("main", first.id), "delete_branch": lambda: repo.delete_branch("main"),
+        "gc": lambda: repo.gc(), "fsck": lambda: repo.fsck(), "flush": lambda: repo.flush(),
+        "config": lambda: repo.config, "view.tree": lambda: view.tree(), "view[w]": lambda: view["w"],
+        "zarr store": lambda: zarr.open_group(zarr_store, mode="r")["w"][:],
+    }  # fmt: skip
+    for name, call in calls.items():
+        outcome: list[BaseException | None] = []
+
+        def attempt(call=call, outcome=outcome) -> None:  # in a thread: a hang fails here instead of stalling the suite
+            try:
+                call()
+                outcome.append(None)
+            except BaseException as e:
+                outcome.append(e)
+
+        worker = threading.Thread(target=attempt, daemon=True)
+        worker.start()
+        worker.join(30)
+        assert outcome and isinstance(outcome[0], qckpt.RepositoryClosedError), (name, outcome)
+        assert "was closed; open it again" in str(outcome[0])
+    repo.close()  # closing again does nothing
+    with qckpt.Repository.open(uri) as again:  # everything committed before the close is there, nothing after it
+        assert [s.step for s in again.log()] == [2, 1] and again.branches()["main"] == pending.wait().id
+
+
 # -- commits, history, revisions ----------------------------------------------------
 def test_commit_records_history(repo: qckpt.Repository) -> None:
     first = repo.commit(_state(1), step=1, metrics={"loss": 2.5}, message="first")
@@ -112,6 +152,12 @@ def test_revisions(repo: qckpt.Repository) -> None:
         repo.resolve("0" * 32)
     with pytest.raises(qckpt.InvalidInputError):
         repo.resolve("")
+    assert [s.id for s in repo.log(limit=2)] == [snaps[3].id, snaps[2].id] and repo.log(limit=0) == []
+    for bad in (-1, 1.5, True):
+        with pytest.raises(qckpt.InvalidInputError, match="limit"):
+            repo.log(limit=bad)
+        with pytest.raises(qckpt.InvalidInputError, match="limit"):
+            repo.reflog(limit=bad)
 
 
 def test_ambiguous_id_prefix() -> None:
@@ -247,7 +293,10 @@ def test_lazy_load_reads_only_the_asked_tensor(tmp_path: Path) -> None:
     with qckpt.Repository.init(backend, chunk_size=256, warm=False) as repo:  # reads from packs (test_warm: from a warm copy)
         repo.commit({"small": torch.arange(4.0), "big": torch.randn(100, 100)})
         view = repo.load("main")
-        assert view.entry("big").shape == (100, 100) and backend.reads == []
+        assert view.entry("big").shape == (100, 100) and "big" in view and "nope" not in view and backend.reads == []
+        with pytest.raises(qckpt.NotFoundError, match="no tensor at 'nope'") as missing:
+            view["nope"]
+        assert isinstance(missing.value, KeyError) and view.get("nope") is None and backend.reads == []
         assert torch.equal(view["small"], torch.arange(4.0))
         assert len(backend.reads) == 1 and sum(backend.reads) < 64  # one 16-byte chunk, nothing of "big"
         assert torch.equal(view["big"], repo.load("main").tree()["big"])

@@ -409,6 +409,21 @@ def test_sigterm_writes_the_warm_copy_still_due_then_ends_the_process(path: Path
     assert _warm_ids(path) == [head]
 
 
+def test_a_signal_after_close_goes_to_the_previous_handler_without_an_error(path: Path) -> None:
+    received: list[int] = []
+    original = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        repo = qckpt.Repository.init(path, warm_interval=math.inf)
+        repo.flush_on_signal(signal.SIGUSR1)
+        repo.commit({"w": torch.arange(10.0)})
+        repo.close()  # writes the warm copy due; the handler then has nothing left to do
+        os.kill(os.getpid(), signal.SIGUSR1)  # a RepositoryClosedError raised here would surface at a random line
+        time.sleep(0.1)
+        assert received == [signal.SIGUSR1] and len(_warm_ids(path)) == 1
+    finally:
+        signal.signal(signal.SIGUSR1, original)
+
+
 def test_flush_on_signal_refuses_what_it_cannot_handle(path: Path) -> None:
     with qckpt.Repository.init(path) as repo:
         with pytest.raises(qckpt.InvalidInputError):
