@@ -81,8 +81,8 @@ class ConeConfig:
     seed: int = 0
     pruning: Pruning | None = None
 
-    def __post_init__(self) -> None:
-        for name in ("horizon", "commit_every"):
+    def __post_init__(self) -> None:  # checked here, not at the first event, after its rollouts ran
+        for name in ("horizon", "commit_every", "resamples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise qckpt.InvalidInputError(f"{name} must be a positive integer, got {value!r}")
@@ -90,6 +90,12 @@ class ConeConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise qckpt.InvalidInputError(f"{name} must be a non-negative integer or None, got {value!r}")
+        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) or not 0 < self.confidence < 1:
+            raise qckpt.InvalidInputError(f"confidence must be a number between 0 and 1, got {self.confidence!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise qckpt.InvalidInputError(f"seed must be an integer, got {self.seed!r}")
+        if self.pruning is not None and not isinstance(self.pruning, Pruning):
+            raise qckpt.InvalidInputError(f"pruning must be a Pruning or None, got {self.pruning!r}")
 
 
 @dataclass(frozen=True)

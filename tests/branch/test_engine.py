@@ -124,6 +124,9 @@ def test_bad_input_is_a_typed_error(tmp_path: Path) -> None:
             LightCone(repo, run.state, cone_step, loose)
         with pytest.raises(qckpt.InvalidInputError, match="horizon"):
             ConeConfig(horizon=0)
+        for bad in ({"confidence": 95}, {"confidence": 0.0}, {"resamples": 0}, {"seed": "0"}, {"pruning": 0.5}):
+            with pytest.raises(qckpt.InvalidInputError, match=next(iter(bad))):  # at construction, not at the first event
+                ConeConfig(**bad)  # type: ignore[arg-type]
         cone = _cone(repo, workload, "clean", horizon=STEPS + 20)
         with pytest.raises(qckpt.InvalidInputError, match="longer than the run"):
             cone.run(STEPS)
