@@ -359,10 +359,15 @@ class LightCone:
         continue the live state from there."""
         self.repo.flush()
         self.repo.reset(self.branch, origin.id)
-        self.repo.restore(self.state, origin.id)
+        self._continue_from(origin)
+
+    def _continue_from(self, snapshot: qckpt.Snapshot) -> None:
+        """The live state restored from ``snapshot`` on the run's branch, and the run's
+        path cut back to it."""
+        self.repo.restore(self.state, snapshot.id)
         self.controls = Controls.of(self.state)
-        self._main = [(step, sid) for step, sid in self._main if step <= (origin.step or 0)]
-        self.record.main = [m for m in self.record.main if m[0] <= (origin.step or 0)]
+        self._main = [(step, sid) for step, sid in self._main if step <= (snapshot.step or 0)]
+        self.record.main = [m for m in self.record.main if m[0] <= (snapshot.step or 0)]
 
     def explore(self, trigger: Trigger, until: int | None = None) -> Decision:
         """Roll back, run every future, choose, join, continue from the choice (see the
@@ -382,7 +387,12 @@ class LightCone:
             Future(f"f{i}-{_slug(iv.slug())}", iv) for i, iv in enumerate(chosen_interventions, start=1)
         ]
         abandoned = [m for m in self.record.main if m[0] > (origin.step or 0)]
-        rollouts = self.executor.run(self, origin, futures, horizon)
+        head = self.repo.snapshot(self.branch)
+        try:
+            rollouts = self.executor.run(self, origin, futures, horizon)
+        except BaseException as e:  # the live state holds some future's: put the run back where its branch is
+            self._after_failed_event(e, number, head)
+            raise
         results = rollouts.results
         selection = select({r.future.name: r.scores for r in results if r.pruned_at is None}, "control",
                            confidence=self.config.confidence, resamples=self.config.resamples,
@@ -412,6 +422,20 @@ class LightCone:
         })  # fmt: skip
         self.record.save(self.repo, f"light cone event {number} at step {trigger.step}: {selection.chosen}")
         return Decision(trigger, origin, tuple(results), selection, join)
+
+    def _after_failed_event(self, error: BaseException, number: int, head: qckpt.Snapshot) -> None:
+        """Restore the run's branch head into the live state after rollouts failed (a
+        step or evaluation function raised, a Ray task gave up...), so that a caller
+        who goes on trains the main line, not a future's remains; nothing was joined
+        and the futures' branches stay as far as they got. Says so on ``error``."""
+        try:
+            self._continue_from(head)
+        except Exception as again:
+            error.add_note(f"light cone event {number} failed during its rollouts, and restoring {self.branch}'s head "
+                           f"{head.short_id} failed too ({again!r}): the live state is a future's, not the run's")  # fmt: skip
+            return
+        error.add_note(f"light cone event {number} failed during its rollouts: nothing was joined; the live state is "
+                       f"{self.branch}'s head again ({head.short_id}, step {head.step})")  # fmt: skip
 
     def train_future(self, origin: qckpt.Snapshot, future: Future, horizon: int) -> FutureResult:
         """Restore ``origin``, apply the future's intervention, train ``horizon`` steps on

@@ -195,6 +195,34 @@ def test_roll_back_is_a_recorded_reset_and_a_restore(tmp_path: Path) -> None:
         assert repo.snapshot("main").parents == (origin.id,) and repo.snapshot("main").step == 5
 
 
+def test_an_event_whose_rollouts_fail_puts_the_run_back_at_its_branch_head(tmp_path: Path) -> None:
+    workload = Workload(STEPS)
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        cone = _cone(repo, workload, "clean")
+        _train(cone, 10)
+        trigger = _fake_trigger(cone)  # commits step 10: the branch head
+        head = repo.snapshot("main")
+        expected = repo.load(head.id).tree()["components"]["model"]
+        calls = 0
+
+        def failing(state: Any, batch: Any, controls: Any) -> Any:  # the second future's third step raises
+            nonlocal calls
+            calls += 1
+            if calls == 8 + 3:
+                raise RuntimeError("boom")
+            return cone_step(state, batch, controls)
+
+        cone.step_fn = failing
+        with pytest.raises(RuntimeError, match="boom") as info:
+            cone.explore(trigger)
+        assert any("nothing was joined; the live state is main's head again" in n for n in info.value.__notes__)
+        assert repo.branches()["main"] == head.id and cone.state.step == 10 and cone.record.main[-1][0] == 10
+        assert differences(dict(cone.state.components["model"].state_dict()), expected) == []  # not the future's weights
+        cone.step_fn = cone_step
+        _train(cone, 2)  # the run goes on along main (no DivergedError): its next commit's parent is the head
+        assert repo.snapshot("main").parents == (head.id,) and repo.snapshot("main").step == 12
+
+
 def test_a_resumed_run_continues_its_record_and_redoes_an_unfinished_event(tmp_path: Path) -> None:
     workload = Workload(STEPS, spike_factor=300.0)
     with qckpt.Repository.init(tmp_path / "r") as repo:
