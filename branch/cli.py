@@ -36,8 +36,10 @@ def cmd_cone(args: argparse.Namespace, repo: qckpt.Repository) -> int:
         return 0
     run: Any = args.run
     if run is None:
-        if len(runs) != 1:
-            raise qckpt.InvalidInputError(f"name the run to report on: recorded runs are {runs or 'none'}")
+        if not runs:
+            raise qckpt.RevisionNotFoundError("no light-cone runs recorded in this repository: nothing to report on")
+        if len(runs) > 1:
+            raise qckpt.InvalidInputError(f"name the run to report on, one of: {', '.join(runs)}")
         run = runs[0]
     html_path, png_path = write_report(repo, run, args.output or f"cone-{run}")
     print(f"wrote {html_path} and {png_path}")

@@ -113,6 +113,16 @@ def test_an_injected_spike_is_recovered_and_recorded(tmp_path: Path) -> None:
     assert cli.returncode == 3 and "no light-cone record for run 'nope'" in cli.stderr
 
 
+def test_cone_commands_on_a_repository_without_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qckpt.cli import main
+
+    qckpt.Repository.init(tmp_path / "r").close()
+    assert main(["-R", str(tmp_path / "r"), "cone", "list"]) == 0
+    assert capsys.readouterr().out == "no light-cone runs recorded in this repository\n"
+    assert main(["-R", str(tmp_path / "r"), "cone", "report"]) == 3
+    assert "no light-cone runs recorded in this repository: nothing to report on" in capsys.readouterr().err
+
+
 def test_bad_input_is_a_typed_error(tmp_path: Path) -> None:
     workload = Workload(STEPS)
     with qckpt.Repository.init(tmp_path / "r") as repo:
