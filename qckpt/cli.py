@@ -179,9 +179,8 @@ def _refs(args: argparse.Namespace, repo: Repository, kind: str) -> int:
         snap = repo.restore_branch(args.restore)
         print(f"restored branch {args.restore} at {snap.short_id} (step {snap.step}), from the ref log")
     elif args.delete:
-        held = listing().get(args.delete)
+        held = (listing().get(args.delete) or "")[:12]
         delete(args.delete)
-        held = (held or "")[:12]
         undo = f"qckpt branch --restore {args.delete}" if kind == "branch" else f"qckpt tag {args.delete} --at {held}"
         print(f"deleted {kind} {args.delete} (it was at {held}); `{undo}` brings it back, and gc keeps "
               f"its snapshots for the ref log's grace period (default 7 days)")

@@ -41,8 +41,10 @@ class SnapshotView(Mapping[str, "torch.Tensor | np.ndarray"]):
         also a ``KeyError``, if the snapshot has none there)."""
         found = self._entries.get(path)
         if found is None:
-            near = sorted(p for p in self._entries if p.rsplit("/", 1)[-1] == str(path).rsplit("/", 1)[-1])[:3]
-            hint = f"; same name at: {', '.join(near)}" if near else f"; its {len(self._entries)} paths look like {next(iter(self._entries), '-')!r}"
+            name = str(path).rsplit("/", 1)[-1]
+            near = sorted(p for p in self._entries if p.rsplit("/", 1)[-1] == name)[:3]
+            example = next(iter(self._entries), "-")
+            hint = f"; same name at: {', '.join(near)}" if near else f"; its {len(self._entries)} paths look like {example!r}"
             raise NotFoundError(f"snapshot {self.snapshot.short_id} has no tensor at {path!r}{hint}")
         return found
 
