@@ -73,6 +73,7 @@ from qckpt.store.store import (
     Store,
     Transaction,
     as_value,
+    is_whole,
     new_config,
 )
 
@@ -109,6 +110,8 @@ Location = str | os.PathLike[str] | Backend
 def _backend_for(location: Location, endpoint_url: str | None) -> Backend:
     if isinstance(location, Backend):
         return location
+    if not isinstance(location, (str, os.PathLike)):
+        raise InvalidInputError(f"a repository location is a path, a file:// or s3:// URI or a Backend, got {location!r}")
     text = os.fspath(location)
     if text.startswith("s3://"):
         bucket, prefix = parse_s3_uri(text)
@@ -883,10 +886,12 @@ def _kept_by_modules(state: TrainingState, buffers: list[np.ndarray]) -> bool:
 
 
 def _check_tiers(hot_snapshots: int, hot_bytes: int | None, max_pending: int, warm_interval: float | None) -> None:
-    if hot_snapshots < 0 or (hot_bytes is not None and hot_bytes < 0) or max_pending < 1:
-        raise InvalidInputError("hot_snapshots and hot_bytes must not be negative, max_pending at least 1")
-    if warm_interval is not None and not warm_interval >= 0:
-        raise InvalidInputError(f"warm_interval must be a number of seconds >= 0 (math.inf: only at flush and close), got {warm_interval}")
+    if not is_whole(hot_snapshots, 0) or (hot_bytes is not None and not is_whole(hot_bytes, 0)) or not is_whole(max_pending, 1):
+        raise InvalidInputError("hot_snapshots and hot_bytes must be whole numbers >= 0 (hot_bytes may be None), max_pending one "
+                                f">= 1; got {hot_snapshots!r}, {hot_bytes!r}, {max_pending!r}")  # fmt: skip
+    if warm_interval is not None and (isinstance(warm_interval, bool) or not isinstance(warm_interval, (int, float))
+                                      or not warm_interval >= 0):  # fmt: skip
+        raise InvalidInputError(f"warm_interval must be a number of seconds >= 0 (math.inf: only at flush and close), got {warm_interval!r}")
 
 
 def _number(value: Any) -> Any:

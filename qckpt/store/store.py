@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -729,15 +730,20 @@ def as_value(buffer: np.ndarray, entry: TensorEntry) -> torch.Tensor | np.ndarra
     return torch.from_numpy(buffer).view(torch_dtype(entry.dtype)).reshape(entry.shape)
 
 
+def is_whole(value: object, low: int, high: float = math.inf) -> bool:
+    """``value`` is an ``int`` (not a bool) in ``[low, high]``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def new_config(chunk_size: int, compression_level: int, max_chain: int) -> RepositoryConfig:
     """A config for a new repository, with its settings checked (``InvalidInputError``)."""
-    if chunk_size <= 0 or chunk_size % 64:
-        raise InvalidInputError(f"chunk_size must be a positive multiple of 64 bytes, got {chunk_size}")
-    if not 1 <= compression_level <= 19:
-        raise InvalidInputError(f"compression_level must be 1..19, got {compression_level}")
-    if not 1 <= max_chain <= 255:
-        raise InvalidInputError(f"max_chain must be 1..255, got {max_chain}")
+    if not is_whole(chunk_size, 64) or chunk_size % 64:
+        raise InvalidInputError(f"chunk_size must be a positive multiple of 64 bytes, got {chunk_size!r}")
+    if not is_whole(compression_level, 1, 19):
+        raise InvalidInputError(f"compression_level must be 1..19, got {compression_level!r}")
+    if not is_whole(max_chain, 1, 255):
+        raise InvalidInputError(f"max_chain must be 1..255, got {max_chain!r}")
     return RepositoryConfig(uuid.uuid4().hex, chunk_size, compression_level, max_chain=max_chain)
 
 
-__all__ = ["REPOSITORY_VERSION", "ReadBuffers", "RepositoryConfig", "Store", "Transaction", "as_value", "new_config"]
+__all__ = ["REPOSITORY_VERSION", "ReadBuffers", "RepositoryConfig", "Store", "Transaction", "as_value", "is_whole", "new_config"]

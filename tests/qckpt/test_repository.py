@@ -55,9 +55,14 @@ def test_open_by_file_uri(local_repo_path: Path) -> None:
 def test_unsupported_uri_scheme() -> None:
     with pytest.raises(qckpt.InvalidInputError, match="unsupported repository URI"):
         qckpt.Repository.open("gopher://bucket/x")
+    for nowhere in (42, None):
+        with pytest.raises(qckpt.InvalidInputError, match="a repository location is a path"):
+            qckpt.Repository.open(nowhere)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("kwargs", [{"chunk_size": 100}, {"chunk_size": 0}, {"compression_level": 0}])
+@pytest.mark.parametrize("kwargs", [{"chunk_size": 100}, {"chunk_size": 0}, {"compression_level": 0}, {"chunk_size": 1e6},
+                                    {"compression_level": "3"}, {"max_chain": "4"}, {"hot_snapshots": "2"},
+                                    {"hot_bytes": "1G"}, {"max_pending": 0}, {"warm_interval": "60"}])  # fmt: skip
 def test_init_rejects_bad_settings(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(qckpt.InvalidInputError):
         qckpt.Repository.init(tmp_path / "r", **kwargs)
