@@ -399,8 +399,7 @@ class Repository:
         else:
             tree = state
         metrics = check_metrics(metrics)
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
-            raise InvalidInputError(f"step must be an int, got {step!r}")
+        _check_step_and_message(step, message)
         encoded, leaves = encode_tree(tree)
         job = _CommitJob(
             encoded, stage(leaves, self._hot.take), rules, notes, branch, step, metrics, message, on_conflict, lossy, lineage
@@ -484,6 +483,7 @@ class Repository:
             raise UnsupportedValueError("sharded commits are published on the branch head, without a lossy tier: "
                                         "on_conflict='raise' and lossy do not apply")  # fmt: skip
         check_ref_name(branch)
+        _check_step_and_message(state.step if step is None else step, message)
         writer = self._sharded_writers.get(branch)
         if writer is None:
             writer = self._sharded_writers[branch] = QckptWriter(self, branch)
@@ -808,6 +808,13 @@ class Repository:
         """
         self._writer.flush()
         return check_repository(self._store, progress)
+
+
+def _check_step_and_message(step: int | None, message: str) -> None:
+    if step is not None and not is_whole(step, 0):
+        raise InvalidInputError(f"step must be a whole number >= 0 (or None), got {step!r}")
+    if not isinstance(message, str):
+        raise InvalidInputError(f"message must be a str, got {message!r}")
 
 
 def _check_limit(limit: int | None) -> None:

@@ -323,6 +323,14 @@ def test_metrics_accept_tensors_and_numpy_scalars_and_init_exist_ok(tmp_path: Pa
         assert snap.metrics == {"loss": 0.5, "acc": 0.25, "n": 3}
         with pytest.raises(qckpt.InvalidInputError, match="bad entries"):
             repo.commit({"w": torch.zeros(2)}, metrics={"loss": torch.zeros(3)})
+        for bad in ({"step": -5}, {"step": "3"}, {"step": True}, {"message": 123}):
+            with pytest.raises(qckpt.InvalidInputError, match=next(iter(bad))):
+                repo.commit({"w": torch.zeros(2)}, **bad)  # type: ignore[arg-type]
+        state = qckpt.TrainingState(model=torch.nn.Linear(2, 2))
+        state.step = -1
+        with pytest.raises(qckpt.InvalidInputError, match="step must be a whole number >= 0"):
+            repo.commit(state)
+        assert len(repo.log()) == 1  # nothing was written
     with qckpt.Repository.init(tmp_path / "r", exist_ok=True) as again:
         assert again.snapshot("main").id == snap.id
     with pytest.raises(qckpt.AlreadyExistsError):
