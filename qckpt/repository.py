@@ -183,7 +183,6 @@ class Repository:
     ) -> None:
         """Use ``init`` or ``open``."""
         self._uri = store.backend.uri
-        self._closed = False
         self._store = store
         self._hot = HotTier(hot_snapshots, hot_bytes)
         self._writer = CommitWriter(max_pending, f"qckpt-writer {store.backend.uri}")
@@ -276,10 +275,13 @@ class Repository:
             finally:
                 self._store.close()
         finally:
-            self._closed = True
             closed = ClosedPart(self._uri)
             self._store = self._writer = self._hot = self._warm = closed  # type: ignore[assignment]
             self._sharded_writers = {}
+
+    @property
+    def _closed(self) -> bool:
+        return isinstance(self._store, ClosedPart)
 
     def __enter__(self) -> Repository:
         return self
@@ -818,7 +820,7 @@ def _check_step_and_message(step: int | None, message: str) -> None:
 
 
 def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+    if limit is not None and not is_whole(limit, 0):
         raise InvalidInputError(f"limit must be None or a whole number >= 0, got {limit!r}")
 
 
