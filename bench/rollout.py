@@ -45,8 +45,12 @@ forecast against the mean training loss of each future's last steps), and
 their forecasts instead (``Pruning(rank_by="forecast")``), on the same events;
 ``successive_halving`` holds them for successive halving as published, ranked
 by the observed loss with eta = 2 (``HALVING_RUNGS``: the four alternatives to a
-quarter of the horizon, the better two to half, the best one to the end), a
-rule ``Pruning`` does not offer: measured, not adopted (README).
+quarter of the horizon, the better two to half, the best one to the end), and
+``ranked_by_held_out`` for the default rule ranked as ASHA ranks, by the loss
+on the light cone's validation batches at the rung (each future's commit at
+the rung step, restored and evaluated; the evaluations count as compute;
+events whose rung step has no commit are left out): rules ``Pruning`` does
+not offer, measured, not adopted (README).
 """
 
 from __future__ import annotations
@@ -84,13 +88,13 @@ from branch import (
     select,
 )
 from branch.interventions import Controls
-from branch.pruning import RANKINGS, actual
+from branch.pruning import RANKINGS, actual, survivors
 from branch.ray_rollouts import RayRollouts
 from branch.rollouts import _Stack
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="K in {2, 4}, 5 steps")
+    parser.add_argument("--quick", action="store_true", help="K in {2, 4}, 5 steps; pruning over one seed of 200-step spike runs")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--horizon", type=int, default=20)
     parser.add_argument("--device", default="cpu", help="where the live run trains: cpu, cuda, cuda:1 ...")
@@ -190,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"K={k:2d} H={horizon}: ray {m['steps_per_s']:.1f} steps/s, max |diff| {m['max_abs_diff_vs_sequential']:.2e}, "
                   f"{m['overhead_s_per_job']:.2f} s more per job than sequential", flush=True)  # fmt: skip
         ray.shutdown()
-    pruning = pruning_figures(120 if args.quick else 300, 1 if args.quick else args.seeds) if args.seeds else None
+    pruning = pruning_figures(200 if args.quick else 300, 1 if args.quick else args.seeds) if args.seeds else None
     if pruning is None:
         print("pruning figures skipped (--seeds 0)")
     else:
@@ -201,7 +205,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{forecast_ranked['same_winner_rate']:.0%} (forecast MAE {pruning['forecast_mae']:.3f}); successive halving "
               f"at {' and '.join(f'{r:g}' for r in HALVING_RUNGS)} of the horizon: saves "
               f"{pruning['successive_halving']['compute_saved']:.0%}, same winner in "
-              f"{pruning['successive_halving']['same_winner_rate']:.0%}")
+              f"{pruning['successive_halving']['same_winner_rate']:.0%}; ranked by the held-out loss at the rung: saves "
+              f"{pruning['ranked_by_held_out']['compute_saved']:.0%}, same winner in "
+              f"{pruning['ranked_by_held_out']['same_winner_rate']:.0%} of {pruning['ranked_by_held_out']['events']}")
     results = {"model": args.size, "horizon": horizon, "device": str(workload.device),
                "strategies": strategies, "chosen": chosen, "pruning": pruning}  # fmt: skip
     if args.json:
@@ -262,18 +268,25 @@ def pruning_figures(steps: int, seeds: int, rule: Pruning | None = None) -> dict
     rule = rule or Pruning()
     other = dataclasses.replace(rule, rank_by=next(r for r in RANKINGS if r != rule.rank_by))
     workload = Workload(steps)
-    tallies = {rule.rank_by: _Tally(), other.rank_by: _Tally(), "halving": _Tally()}
+    tallies = {rule.rank_by: _Tally(), other.rank_by: _Tally(), "halving": _Tally(), "held_out": _Tally()}
     errors: list[float] = []
     for scenario in ("lr_spike", "poison", "noise_shard"):
         for seed in range(seeds):
             with tempfile.TemporaryDirectory(prefix="qckpt-prune-") as tmp, qckpt.Repository.init(Path(tmp) / "r") as repo:
                 train_cone(workload.new_run(scenario, seed), steps, workload, repo, True, "main")
                 record = ConeRecord.load(repo, "main")
+                probe = workload.new_run(scenario, seed)
+                held_out = {event["number"]: _held_out_at(repo, workload, probe, event, rule.rung_steps(event["horizon"]))
+                            for event in record.events}  # fmt: skip
             history: list[dict[str, Any]] = []
             for event in record.events:
-                rung = rule.rung_steps(event["horizon"])  # the same for both rankings
+                rung = rule.rung_steps(event["horizon"])  # the same for all rankings
                 if not rung:
                     continue  # too short a horizon to prune
+                if held_out[event["number"]] is not None:
+                    kept = survivors(held_out[event["number"]], "control", rule.keep)
+                    evaluated = sum(f["name"] != "control" for f in event["futures"]) * len(event["futures"][0]["eval"])
+                    tallies["held_out"].add(event, {n: rung for n in held_out[event["number"]] if n not in kept}, evaluated)
                 for each in (rule, other):
                     cut, forecasts = _replay(event, record.main, each, [rung], history)  # forecasts: the same for both
                     tallies[each.rank_by].add(event, cut)
@@ -285,7 +298,32 @@ def pruning_figures(steps: int, seeds: int, rule: Pruning | None = None) -> dict
                 history.append({"futures": [{"rung_forecast": forecasts[n], "rung_actual": actuals[n]} for n in forecasts]})
     return {**tallies[rule.rank_by].figures(), "forecast_mae": sum(errors) / len(errors) if errors else None,
             "ranked_by": rule.rank_by, f"ranked_by_{other.rank_by}": tallies[other.rank_by].figures(),
-            "successive_halving": {**tallies["halving"].figures(), "rungs": list(HALVING_RUNGS)}}  # fmt: skip
+            "successive_halving": {**tallies["halving"].figures(), "rungs": list(HALVING_RUNGS)},
+            "ranked_by_held_out": tallies["held_out"].figures()}  # fmt: skip
+
+
+def _held_out_at(repo: qckpt.Repository, workload: Workload, probe: Any, event: dict[str, Any],
+                 rung: int) -> dict[str, float | None] | None:  # fmt: skip
+    """Each future's mean loss on the validation batches at ``rung`` steps after the
+    event's origin (restored into ``probe``, a run of the same scenario; None for a
+    future that diverged by then), or None if a future has no commit at that step."""
+    if not rung:
+        return None
+    step, scores = (event["origin"]["step"] or 0) + rung, {}
+    for future in event["futures"]:
+        loss = future["metrics"][rung - 1][1] if len(future["metrics"]) >= rung else None
+        if loss is None or not math.isfinite(loss):
+            scores[future["name"]] = None
+            continue
+        try:
+            snapshot = repo.restore(probe.state, f"{future['branch']}@{step}")
+        except qckpt.RevisionNotFoundError:
+            return None
+        if snapshot.step != step:
+            return None
+        losses = workload.losses(probe.model, workload.validation)
+        scores[future["name"]] = statistics.fmean(losses) if all(map(math.isfinite, losses)) else None
+    return scores
 
 
 @dataclasses.dataclass
@@ -298,8 +336,9 @@ class _Tally:
     events: int = 0
     same: int = 0
 
-    def add(self, event: dict[str, Any], cut: dict[str, int]) -> None:
-        """``cut``: the futures pruning stopped, each with the steps it had trained."""
+    def add(self, event: dict[str, Any], cut: dict[str, int], rung_evaluations: int = 0) -> None:
+        """``cut``: the futures pruning stopped, each with the steps it had trained;
+        ``rung_evaluations``: evaluation batches spent to rank them."""
         futures, horizon = event["futures"], event["horizon"]
         evals = len(futures[0]["eval"])
         scores = {f["name"]: f["eval"] for f in futures if f["name"] not in cut}
@@ -307,7 +346,7 @@ class _Tally:
         self.events += 1
         self.same += winner == event["selection"]["chosen"]
         self.spent += len(futures) * (horizon + EVAL_COST * evals)
-        self.saved += sum(horizon - trained + EVAL_COST * evals for trained in cut.values())
+        self.saved += sum(horizon - trained + EVAL_COST * evals for trained in cut.values()) - EVAL_COST * rung_evaluations
 
     def figures(self) -> dict[str, Any]:
         return {"compute_saved": self.saved / self.spent if self.spent else 0.0,

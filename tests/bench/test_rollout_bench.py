@@ -29,14 +29,16 @@ def test_rollout_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
     assert set(results["chosen"]) == {"2", "4"} and set(results["chosen"].values()) <= {"sequential", "batched"}
     pruning = results["pruning"]
     assert set(pruning) == {"compute_saved", "same_winner_rate", "forecast_mae", "events", "ranked_by", "ranked_by_forecast",
-                            "successive_halving"}  # fmt: skip
+                            "successive_halving", "ranked_by_held_out"}  # fmt: skip
     assert pruning["ranked_by"] == "observed" and pruning["ranked_by_forecast"]["events"] == pruning["events"]
-    for figures in (pruning, pruning["ranked_by_forecast"], pruning["successive_halving"]):
+    for figures in (pruning, pruning["ranked_by_forecast"], pruning["successive_halving"], pruning["ranked_by_held_out"]):
         assert 0 <= figures["compute_saved"] < 1 and 0 <= figures["same_winner_rate"] <= 1
     halving = pruning["successive_halving"]
     assert halving["rungs"] == [0.25, 0.5] and halving["events"] <= pruning["events"]
-    if halving["events"]:  # 3 of 4 alternatives cut, two of them earlier than the one rung's cut: more is saved
-        assert halving["compute_saved"] > pruning["compute_saved"]
+    assert halving["events"] == pruning["events"] > 0  # 200-step runs: both rungs fall inside every horizon
+    assert halving["compute_saved"] > pruning["compute_saved"]  # 3 of 4 alternatives cut, two earlier than the one rung's cut
+    held_out = pruning["ranked_by_held_out"]  # the same cut, but every alternative is evaluated at the rung first
+    assert held_out["events"] == pruning["events"] and held_out["compute_saved"] < pruning["compute_saved"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -63,3 +65,6 @@ def test_successive_halving_replay_cuts_half_at_each_rung_and_counts_what_it_sav
     evals = rollout.EVAL_COST * 8
     assert tally.figures() == {"compute_saved": pytest.approx((15 + 15 + 10 + 3 * evals) / (5 * (20 + evals))),
                                "same_winner_rate": 1.0, "events": 1}  # fmt: skip
+    ranked_at_rung = rollout._Tally()  # the same cut after evaluating the 4 alternatives' 8 batches at each of the 2 rungs
+    ranked_at_rung.add(event, cut, rung_evaluations=4 * 8 + 2 * 8)
+    assert ranked_at_rung.figures()["compute_saved"] == pytest.approx((15 + 15 + 10 + 3 * evals - 6 * evals) / (5 * (20 + evals)))
