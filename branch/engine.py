@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import qckpt
+from branch._checks import check_int, check_number
 from branch.interventions import ClipGrad, Combined, Controls, DampMoments, Intervention, ScaleLR, SkipBatches, Target
 from branch.pruning import Pruning, actual
 from branch.record import ConeRecord
@@ -83,15 +84,10 @@ class ConeConfig:
 
     def __post_init__(self) -> None:  # checked here, not at the first event, after its rollouts ran
         for name in ("horizon", "commit_every", "resamples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise qckpt.InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, getattr(self, name))
         for name in ("rollback", "skip", "cooldown", "max_events"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise qckpt.InvalidInputError(f"{name} must be a non-negative integer or None, got {value!r}")
-        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) or not 0 < self.confidence < 1:
-            raise qckpt.InvalidInputError(f"confidence must be a number between 0 and 1, got {self.confidence!r}")
+            check_int(name, getattr(self, name), 0, optional=True)
+        check_number("confidence", self.confidence, 0, 1, high_included=False)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise qckpt.InvalidInputError(f"seed must be an integer, got {self.seed!r}")
         if self.pruning is not None and not isinstance(self.pruning, Pruning):

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 import qckpt
+from branch._checks import check_int, check_number
 
 CONTROLS_KEY = "lightcone.controls"  # where Controls live in TrainingState.extras
 
@@ -102,11 +103,6 @@ def _optimizers(state: qckpt.TrainingState) -> list[torch.optim.Optimizer]:
     return found
 
 
-def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise qckpt.InvalidInputError(f"{name} must be a positive number, got {value!r}")
-
-
 @dataclass(frozen=True)
 class ScaleLR(Intervention):
     """Multiply every optimizer's learning rate by ``factor`` (schedulers keep it).
@@ -119,10 +115,8 @@ class ScaleLR(Intervention):
     kind: ClassVar[str] = "scale_lr"
 
     def __post_init__(self) -> None:
-        _positive("factor", self.factor)
-        if self.warmback is not None and (isinstance(self.warmback, bool) or not isinstance(self.warmback, int)
-                                          or self.warmback < 1):  # fmt: skip
-            raise qckpt.InvalidInputError(f"warmback must be a positive integer or None, got {self.warmback!r}")
+        check_number("factor", self.factor)
+        check_int("warmback", self.warmback, optional=True)
 
     def apply(self, target: Target) -> None:
         _optimizers(target.state)
@@ -140,8 +134,7 @@ class SkipBatches(Intervention):
     kind: ClassVar[str] = "skip_batches"
 
     def __post_init__(self) -> None:
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise qckpt.InvalidInputError(f"n must be a positive integer, got {self.n!r}")
+        check_int("n", self.n)
 
     def apply(self, target: Target) -> None:
         skip = getattr(target.batches, "skip", None)
@@ -160,7 +153,7 @@ class ScaleWeightDecay(Intervention):
     kind: ClassVar[str] = "scale_weight_decay"
 
     def __post_init__(self) -> None:
-        _positive("factor", self.factor)
+        check_number("factor", self.factor)
 
     def apply(self, target: Target) -> None:
         for optimizer in _optimizers(target.state):
@@ -176,7 +169,7 @@ class ClipGrad(Intervention):
     kind: ClassVar[str] = "clip_grad"
 
     def __post_init__(self) -> None:
-        _positive("max_norm", self.max_norm)
+        check_number("max_norm", self.max_norm)
 
     def apply(self, target: Target) -> None:
         target.controls.clip_grad_norm = float(self.max_norm)
@@ -208,8 +201,7 @@ class DampMoments(Intervention):
     kind: ClassVar[str] = "damp_moments"
 
     def __post_init__(self) -> None:
-        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) or not 0 <= self.factor <= 1:
-            raise qckpt.InvalidInputError(f"factor must be between 0 and 1, got {self.factor!r}")
+        check_number("factor", self.factor, 0, 1, low_included=True)
 
     def apply(self, target: Target) -> None:
         with torch.no_grad():
@@ -229,8 +221,11 @@ class Combined(Intervention):
     kind: ClassVar[str] = "combined"
 
     def __post_init__(self) -> None:
-        if not self.parts or not all(isinstance(p, Intervention) for p in self.parts):
-            raise qckpt.InvalidInputError("Combined needs one or more interventions")
+        if not isinstance(self.parts, (tuple, list)) or not self.parts:
+            raise qckpt.InvalidInputError(f"Combined needs a tuple of one or more interventions, got {self.parts!r}")
+        strangers = [p for p in self.parts if not isinstance(p, Intervention)]
+        if strangers:
+            raise qckpt.InvalidInputError(f"Combined's parts must be interventions, got {strangers[0]!r}")
 
     def apply(self, target: Target) -> None:
         for part in self.parts:

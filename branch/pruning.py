@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import qckpt
+from branch._checks import check_int, check_number
 from branch.triggers import forecast
 
 RANKINGS = ("observed", "forecast")
@@ -57,10 +58,9 @@ class Pruning:
     rank_by: str = "observed"
 
     def __post_init__(self) -> None:
-        if not 0 < self.rung < 1 or not 0 < self.keep <= 1:
-            raise qckpt.InvalidInputError(f"rung must be in (0, 1) and keep in (0, 1], got {self.rung}, {self.keep}")
-        if isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 0:
-            raise qckpt.InvalidInputError(f"context must be a non-negative integer, got {self.context!r}")
+        check_number("rung", self.rung, 0, 1, high_included=False)
+        check_number("keep", self.keep, 0, 1)
+        check_int("context", self.context, 0)
         if self.rank_by not in RANKINGS:
             raise qckpt.InvalidInputError(f"rank_by must be one of {', '.join(RANKINGS)}, got {self.rank_by!r}")
 

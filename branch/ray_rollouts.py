@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 import qckpt
+from branch._checks import check_int
 from branch.engine import ConeConfig, Evaluate, Future, FutureResult, LightCone, Rollouts, StepFn
 
 
@@ -99,8 +100,7 @@ class RayRollouts:
             raise qckpt.InvalidInputError("RayRollouts needs the ray package: pip install 'qckpt[ray]'") from e
         if not callable(make_run):
             raise qckpt.InvalidInputError(f"make_run must be callable, got {make_run!r}")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise qckpt.InvalidInputError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+        check_int("max_retries", max_retries, 0)
         self.make_run, self.location, self.endpoint_url = make_run, os.fspath(location), endpoint_url
         self.max_retries = max_retries
         self._remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(_train)

@@ -38,6 +38,7 @@ import torch
 from torch.func import functional_call, vmap
 
 import qckpt
+from branch._checks import check_int, check_number
 from branch.engine import Future, FutureResult, Rollouts, SequentialRollouts
 from branch.interventions import Controls
 from branch.stacked_adamw import StackedAdamW
@@ -62,6 +63,14 @@ class BatchedStep:
     clip_grad_norm: float | None = None
     model: str = "model"
     randomness: Literal["different", "same"] = "different"
+
+    def __post_init__(self) -> None:
+        if self.clip_grad_norm is not None:  # a negative limit would turn every copy's gradient around
+            check_number("clip_grad_norm", self.clip_grad_norm)
+        if not isinstance(self.model, str):
+            raise qckpt.InvalidInputError(f"model must name a component of the TrainingState, got {self.model!r}")
+        if self.randomness not in ("different", "same"):
+            raise qckpt.InvalidInputError(f"randomness must be 'different' or 'same', got {self.randomness!r}")
 
 
 def _stack(batches: list[Any], device: torch.device) -> Any:
@@ -107,10 +116,8 @@ class BatchedRollouts:
 
     def __init__(self, step: BatchedStep, *, memory_fraction: float = 0.5, max_copies: int | None = None,
                  devices: Sequence[str | torch.device] | None = None) -> None:  # fmt: skip
-        if not 0 < memory_fraction <= 1:
-            raise qckpt.InvalidInputError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
-        if max_copies is not None and (isinstance(max_copies, bool) or not isinstance(max_copies, int) or max_copies < 1):
-            raise qckpt.InvalidInputError(f"max_copies must be a positive integer or None, got {max_copies!r}")
+        check_number("memory_fraction", memory_fraction, 0, 1)
+        check_int("max_copies", max_copies, optional=True)
         self.step, self.memory_fraction, self.max_copies = step, memory_fraction, max_copies
         try:
             self.devices = [torch.device(d) for d in devices] if devices is not None else None
@@ -471,10 +478,8 @@ class RolloutScheduler:
             raise qckpt.InvalidInputError("strategy 'batched' needs a BatchedStep describing the step")
         if strategy == "ray" and ray is None:
             raise qckpt.InvalidInputError("strategy 'ray' needs ray=RayRollouts(...)")
-        if probe_steps < 1:
-            raise qckpt.InvalidInputError(f"probe_steps must be at least 1, got {probe_steps}")
-        if not 0 < margin <= 1:
-            raise qckpt.InvalidInputError(f"margin must be in (0, 1], got {margin}")
+        check_int("probe_steps", probe_steps)
+        check_number("margin", margin, 0, 1)
         self.strategy, self.probe_steps, self.margin = strategy, probe_steps, margin
         self.sequential = SequentialRollouts()
         self.batched = BatchedRollouts(batched) if isinstance(batched, BatchedStep) else batched

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import qckpt
+from branch._checks import check_number
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,7 @@ def select(
     count), if more than ``scores`` holds (pruning cut some after looking at them)."""
     if control not in scores:
         raise qckpt.InvalidInputError(f"the control {control!r} has no scores")
-    if not 0 < confidence < 1:
-        raise qckpt.InvalidInputError(f"confidence must be between 0 and 1, got {confidence}")
+    check_number("confidence", confidence, 0, 1, high_included=False)
     others = [n for n in scores if n != control]
     level = 1 - (1 - confidence) / max(1, len(others), candidates or 0)
     if not np.all(np.isfinite(np.asarray(scores[control], dtype=np.float64))):  # the control diverged

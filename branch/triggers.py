@@ -44,6 +44,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+import qckpt
+from branch._checks import check_int, check_number
+
 
 @dataclass(frozen=True)
 class Observation:
@@ -79,6 +82,28 @@ class Detector(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _check_thresholds(z_elevated: float, z_spike: float, persist: int, window: int, warmup: int) -> None:
+    """The settings ``GradNormZ`` and ``LossSpike`` share: a detector that could never
+    fire (``persist`` above ``window``) or fires on every step is refused."""
+    check_number("z_elevated", z_elevated)
+    check_number("z_spike", z_spike)
+    if z_spike < z_elevated:
+        raise qckpt.InvalidInputError(f"z_spike ({z_spike}) must be at least z_elevated ({z_elevated})")
+    check_int("window", window)
+    check_int("persist", persist)
+    if persist > window:
+        raise qckpt.InvalidInputError(f"persist ({persist}) cannot exceed window ({window}): the detector could never fire on it")
+    check_int("warmup", warmup, 0)
+
+
+def _check_warmup_fits(warmup: int, history: int) -> None:
+    """A detector that keeps ``history`` values and waits for ``warmup`` of them would
+    never start if ``warmup`` were larger."""
+    check_int("history", history)
+    if warmup > history:
+        raise qckpt.InvalidInputError(f"warmup ({warmup}) cannot exceed history ({history}): the detector would never start")
 
 
 class _Recent:
@@ -122,6 +147,8 @@ class GradNormZ:
 
     def __init__(self, alpha: float = 0.97, z_elevated: float = 2.5, z_spike: float = 6.0,
                  persist: int = 3, window: int = 5, warmup: int = 25) -> None:  # fmt: skip
+        check_number("alpha", alpha, 0, 1, high_included=False)
+        _check_thresholds(z_elevated, z_spike, persist, window, warmup)
         self.alpha, self.z_elevated, self.z_spike, self.warmup = alpha, z_elevated, z_spike, warmup
         self.persist, self.window = persist, window
         self._recent = _Recent(window)
@@ -171,6 +198,8 @@ class LossSpike:
 
     def __init__(self, history: int = 64, z_elevated: float = 3.0, z_spike: float = 6.0,
                  persist: int = 3, window: int = 5, warmup: int = 25) -> None:  # fmt: skip
+        _check_thresholds(z_elevated, z_spike, persist, window, warmup)
+        _check_warmup_fits(warmup, history)
         self.z_elevated, self.z_spike, self.warmup, self.persist = z_elevated, z_spike, warmup, persist
         self.losses = deque[float](maxlen=history)
         self._recent = _Recent(window)
@@ -250,6 +279,12 @@ class ForecastDisagreement:
 
     def __init__(self, horizon: int = 50, bound: float = 0.3, history: int = 64, persist: int = 3,
                  every: int = 1, warmup: int = 32) -> None:  # fmt: skip
+        check_int("horizon", horizon)
+        check_number("bound", bound)
+        for name, value in (("persist", persist), ("every", every)):
+            check_int(name, value)
+        check_int("warmup", warmup, 0)
+        _check_warmup_fits(warmup, history)
         self.horizon, self.bound, self.persist, self.every, self.warmup = horizon, bound, persist, every, warmup
         self.points = deque[tuple[int, float]](maxlen=history)
         self.streak = 0
@@ -306,6 +341,10 @@ class InstabilityIndex:
 
     def __init__(self, detectors: list[Detector] | None = None, *, total_steps: int | None = None,
                  cooldown: int = 50, early: float = 0.5, early_fraction: float = 0.1) -> None:  # fmt: skip
+        check_int("total_steps", total_steps, optional=True)
+        check_int("cooldown", cooldown, 0)
+        check_number("early", early, 0, 1)
+        check_number("early_fraction", early_fraction, 0, 1, low_included=True)
         self.detectors: list[Detector] = detectors if detectors is not None else [NonFinite(), LossSpike(), GradNormZ()]
         self.total_steps, self.cooldown, self.early, self.early_fraction = total_steps, cooldown, early, early_fraction
         self.quiet_until = -1

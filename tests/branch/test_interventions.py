@@ -103,7 +103,9 @@ def test_a_temporary_lr_change_warms_back_to_the_schedule() -> None:
 
 
 @pytest.mark.parametrize("make", [lambda: ScaleLR(0), lambda: ScaleLR(-1.0), lambda: ScaleLR(0.5, warmback=0), lambda: SkipBatches(0), lambda: DampMoments(2.0),
-                                  lambda: ClipGrad(0.0), lambda: Combined(()), lambda: Combined(("lr",))])  # fmt: skip
+                                  lambda: ClipGrad(0.0), lambda: Combined(()), lambda: Combined(("lr",)), lambda: Combined(ScaleLR(0.5)),
+                                  lambda: ScaleLR(float("nan")), lambda: ScaleLR("0.5"), lambda: SkipBatches(2.5), lambda: DampMoments(-0.1),
+                                  lambda: ScaleLR(0.5, warmback=True)])  # fmt: skip
 def test_bad_parameters_are_typed_errors(make: Any) -> None:
     with pytest.raises(qckpt.InvalidInputError):
         make()

@@ -200,7 +200,10 @@ def _nan(cone: LightCone) -> Any:
                                   lambda: RolloutScheduler(strategy="batched"),
                                   lambda: RolloutScheduler(BatchedStep(), probe_steps=0),
                                   lambda: RolloutScheduler(BatchedStep(), margin=1.5),
-                                  lambda: RolloutScheduler(strategy="devices")])  # fmt: skip
+                                  lambda: RolloutScheduler(strategy="devices"),
+                                  lambda: RolloutScheduler(BatchedStep(), probe_steps="2"),
+                                  lambda: BatchedStep(clip_grad_norm=-1.0),  # would turn every copy's gradient around
+                                  lambda: BatchedStep(randomness="shared")])  # type: ignore[arg-type]  # fmt: skip
 def test_bad_scheduler_settings_are_typed_errors(make: Any) -> None:
     with pytest.raises(qckpt.InvalidInputError):
         make()

@@ -4,10 +4,12 @@ non-finite values, always saying why."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 
+import qckpt
 from branch.triggers import ForecastDisagreement, GradNormZ, InstabilityIndex, LossSpike, NonFinite, Observation, forecast
 
 
@@ -94,3 +96,21 @@ def test_forecasters_agree_on_a_clean_curve_and_disagree_after_a_break() -> None
     for s in range(65, 80):  # the loss climbs steeply: the fits no longer agree on where it goes
         signal = detector.observe(Observation(s, smooth[-1] + 0.3 * (s - 64)))
     assert signal.fired and signal.details["spread"] > signal.details["bound"]
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda: LossSpike(warmup=100), "never start"),  # history 64: it would wait for ever, and never fire
+    (lambda: ForecastDisagreement(history=16), "never start"),
+    (lambda: LossSpike(persist=6), "could never fire"),  # window 5
+    (lambda: GradNormZ(z_spike=2.0), "at least z_elevated"),
+    (lambda: GradNormZ(z_elevated=-1.0, z_spike=6.0), "z_elevated"),  # every step would be elevated
+    (lambda: GradNormZ(alpha=1.0), "alpha"),
+    (lambda: LossSpike(warmup=-1), "warmup"),
+    (lambda: ForecastDisagreement(bound=0.0), "bound"),
+    (lambda: InstabilityIndex(cooldown=-5), "cooldown"),
+    (lambda: InstabilityIndex(early=0.0), "early"),
+    (lambda: InstabilityIndex(total_steps=2.5), "total_steps"),
+])  # fmt: skip
+def test_detector_settings_that_could_never_work_are_typed_errors(make: Any, says: str) -> None:
+    with pytest.raises(qckpt.InvalidInputError, match=says):
+        make()
