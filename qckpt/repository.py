@@ -786,11 +786,14 @@ class Repository:
         format: str | None = None,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> int:
-        """Write a snapshot to ``dest`` (which must not exist) as ``format``: ``"zarr"``
-        (a directory, see ``export_zarr``), ``"torch"`` (one ``torch.save`` file of the
-        whole committed tree) or ``"safetensors"`` (every tensor by state path).
-        Without ``format``, ``dest``'s suffix decides (``.pt``/``.pth``,
-        ``.safetensors``; otherwise zarr). Returns the number of tensors."""
+        """Write a snapshot to ``dest`` (which must not exist; missing parent directories
+        are created) as ``format``: ``"zarr"`` (a directory, see ``export_zarr``),
+        ``"torch"`` (one ``torch.save`` file of the whole committed tree) or
+        ``"safetensors"`` (every tensor by state path). Without ``format``,
+        ``dest``'s suffix decides (``.pt``/``.pth``, ``.safetensors``; otherwise
+        zarr). Written under a temporary name and renamed into place when
+        complete: a failed export leaves nothing at ``dest``. Returns the number
+        of tensors."""
         path = Path(dest)
         fmt = format_for(path, format)
         if fmt == "zarr":

@@ -9,19 +9,20 @@
   inside optimizer param groups, RNG tuples, extras) is not in it. Needs the
   ``safetensors`` package.
 
-Both are written to a temporary file beside ``dest`` and renamed into place.
+Both are written to a temporary file beside ``dest`` and renamed into place
+(``qckpt.ops.destination``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qckpt.errors import AlreadyExistsError, InvalidInputError
+from qckpt.errors import InvalidInputError
+from qckpt.ops.destination import new_destination
 from qckpt.ops.view import SnapshotView
 
 FORMATS = ("zarr", "torch", "safetensors")
@@ -40,11 +41,8 @@ def format_for(dest: Path, requested: str | None) -> str:
 def export_file(view: SnapshotView, dest: Path, fmt: str, progress: Callable[[str, int, int], None] | None = None) -> int:
     """Write ``view``'s snapshot to the new file ``dest`` as ``fmt`` ("torch" or
     "safetensors"); returns the number of tensors."""
-    if dest.exists():
-        raise AlreadyExistsError(f"{dest} exists already; choose a new file name")
-    tmp = dest.with_name(f".{dest.name}.qckpt-tmp")
     count = len(view)
-    try:
+    with new_destination(dest, "file name") as tmp:
         if fmt == "torch":
             torch.save(view.tree(), tmp)
         elif fmt == "safetensors":
@@ -61,7 +59,4 @@ def export_file(view: SnapshotView, dest: Path, fmt: str, progress: Callable[[st
             save_file(tensors, str(tmp), metadata={"qckpt.snapshot": view.snapshot.id, "qckpt.step": str(view.snapshot.step)})
         else:
             raise InvalidInputError(f"export_file writes torch or safetensors files, not {fmt!r}")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return count

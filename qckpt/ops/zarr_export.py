@@ -14,7 +14,8 @@ from pathlib import Path
 
 import zarr
 
-from qckpt.errors import AlreadyExistsError, InvalidInputError
+from qckpt.errors import InvalidInputError
+from qckpt.ops.destination import new_destination
 from qckpt.format.records import Snapshot
 from qckpt.format.tensors import numpy_dtype
 from qckpt.ops.zarr_store import root_attributes, zarr_dtype
@@ -22,22 +23,22 @@ from qckpt.store.store import Store
 
 
 def export_zarr(store: Store, snap: Snapshot, dest: Path, progress: Callable[[str, int, int], None] | None = None) -> int:
-    """Write ``snap`` to a new zarr v3 directory ``dest``; returns the number of arrays."""
-    if dest.exists():
-        raise AlreadyExistsError(f"{dest} exists already; choose a new directory")
+    """Write ``snap`` to a new zarr v3 directory ``dest`` (filled under a temporary
+    name, see ``qckpt.ops.destination``); returns the number of arrays."""
     manifest = store.manifest(snap)
-    root = zarr.open_group(str(dest), mode="w-", zarr_format=3)
-    root.attrs.update(root_attributes(snap, manifest))
-    for n, entry in enumerate(manifest.tensors):
-        raw = store.read_bytes(snap, entry, 0, entry.nbytes)
-        dtype = numpy_dtype(entry.dtype) if entry.kind == "ndarray" else zarr_dtype(entry)[0]
-        data = raw.view(dtype).reshape(entry.shape)
-        try:
-            array = root.create_array(name=entry.path, shape=data.shape, dtype=data.dtype, chunks="auto")
-        except (ValueError, TypeError) as e:
-            raise InvalidInputError(f"state key {entry.path!r} cannot be a zarr array name: {e}") from e
-        array[...] = data
-        array.attrs["qckpt_dtype"] = entry.dtype
-        if progress:
-            progress("exporting", n + 1, len(manifest.tensors))
+    with new_destination(dest, "directory") as tmp:
+        root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+        root.attrs.update(root_attributes(snap, manifest))
+        for n, entry in enumerate(manifest.tensors):
+            raw = store.read_bytes(snap, entry, 0, entry.nbytes)
+            dtype = numpy_dtype(entry.dtype) if entry.kind == "ndarray" else zarr_dtype(entry)[0]
+            data = raw.view(dtype).reshape(entry.shape)
+            try:
+                array = root.create_array(name=entry.path, shape=data.shape, dtype=data.dtype, chunks="auto")
+            except (ValueError, TypeError) as e:
+                raise InvalidInputError(f"state key {entry.path!r} cannot be a zarr array name: {e}") from e
+            array[...] = data
+            array.attrs["qckpt_dtype"] = entry.dtype
+            if progress:
+                progress("exporting", n + 1, len(manifest.tensors))
     return len(manifest.tensors)

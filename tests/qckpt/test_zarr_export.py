@@ -40,3 +40,29 @@ def test_export_and_store_read_back_with_plain_zarr(repo: qckpt.Repository, tmp_
         return
     with pytest.raises(qckpt.AlreadyExistsError):
         repo.export_zarr("main", tmp_path / "out.zarr")
+
+
+@pytest.mark.parametrize("name", ["out.zarr", "out.pt", "out.safetensors"])
+def test_an_export_creates_missing_parent_directories_and_refuses_a_file_as_one(tmp_path: Path, name: str) -> None:
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        repo.commit({"w": torch.arange(6.0)})
+        assert repo.export("main", tmp_path / "new" / "dir" / name) == 1
+        (tmp_path / "afile").write_bytes(b"mine")
+        with pytest.raises(qckpt.InvalidInputError, match="afile is not a directory"):
+            repo.export("main", tmp_path / "afile" / name)
+    assert (tmp_path / "new" / "dir" / name).exists() and (tmp_path / "afile").read_bytes() == b"mine"
+    assert sorted(p.name for p in (tmp_path / "new" / "dir").iterdir()) == [name]  # no temporary left beside it
+
+
+@pytest.mark.parametrize("name", ["out.zarr", "out.pt", "out.safetensors"])
+def test_an_export_that_fails_leaves_nothing_that_looks_finished(tmp_path: Path, name: str) -> None:
+    with qckpt.Repository.init(tmp_path / "r", warm=False) as repo:  # the packs are all there is
+        repo.commit({"a": torch.arange(64.0), "b": torch.full((64,), 7.0)})
+    pack = next((tmp_path / "r" / "packs").iterdir())
+    data = bytearray(pack.read_bytes())
+    data[len(data) // 3] ^= 0x40  # damages one of the two tensors: the export fails part way
+    pack.write_bytes(bytes(data))
+    (tmp_path / "out").mkdir()
+    with qckpt.Repository.open(tmp_path / "r") as repo, pytest.raises(qckpt.IntegrityError):
+        repo.export("main", tmp_path / "out" / name)
+    assert list((tmp_path / "out").iterdir()) == []  # neither a partial export nor its temporary
