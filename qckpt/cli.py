@@ -130,14 +130,20 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_branches(repo: Repository) -> str:
+    """What to tell someone who lists the branches of a repository that has none."""
+    deleted = sorted({e.ref.removeprefix(BRANCH_PREFIX) for e in repo.reflog() if e.ref.startswith(BRANCH_PREFIX) and e.new is None})
+    if deleted:
+        return f"no branches; deleted: {', '.join(deleted)} (`qckpt branch --restore NAME` brings one back)"
+    return "no branches yet: the first commit creates one"
+
+
 def cmd_log(args: argparse.Namespace, repo: Repository) -> int:
     branches = repo.branches()
     revisions = list(args.revisions) or (sorted(branches) if args.all or args.graph or "main" not in branches else ["main"])
     snaps = repo.log(*revisions, limit=args.n) if revisions else []
     if not revisions:
-        deleted = sorted({e.ref.removeprefix(BRANCH_PREFIX) for e in repo.reflog() if e.ref.startswith(BRANCH_PREFIX) and e.new is None})
-        print(f"no branches; deleted: {', '.join(deleted)} (`qckpt branch --restore NAME` brings one back)" if deleted
-              else "no branches yet: the first commit creates one", file=sys.stderr)  # fmt: skip
+        print(_no_branches(repo), file=sys.stderr)
     if args.json:
         _print_json(snaps)
         return 0
@@ -189,6 +195,8 @@ def _refs(args: argparse.Namespace, repo: Repository, kind: str) -> int:
         print(f"created {kind} {args.name} at {snap.short_id} (step {snap.step})")
     elif args.json:
         _print_json(listing())
+    elif not listing():
+        print(_no_branches(repo) if kind == "branch" else "no tags yet: `qckpt tag NAME [--at REV]` creates one", file=sys.stderr)
     else:
         for name, target in listing().items():
             print(f"{name:30s} {target[:12]}")

@@ -222,8 +222,10 @@ def test_reset_reflog_and_branch_restore(populated: Path, capsys: pytest.Capture
     assert main(["-R", str(populated), "reflog", "never-existed"]) == 3
     assert "no branch or tag named 'never-existed'" in capsys.readouterr().err
     _cli(capsys, populated, "branch", "-d", "main")
-    assert main(["-R", str(populated), "log"]) == 0
-    assert capsys.readouterr().err == "no branches; deleted: alt, main (`qckpt branch --restore NAME` brings one back)\n"
+    for listing in ("log", "branch"):
+        assert main(["-R", str(populated), listing]) == 0
+        assert capsys.readouterr().err == "no branches; deleted: alt, main (`qckpt branch --restore NAME` brings one back)\n"
+    assert main(["-R", str(populated), "tag"]) == 0 and capsys.readouterr().err.startswith("no tags yet")
     assert _cli(capsys, populated, "branch", "--restore", "main")[0] == 0
     code, out = _cli(capsys, populated, "branch", "--restore", "alt")
     assert code == 0 and alt.short_id in out
