@@ -289,6 +289,7 @@ class LightCone:
     # -- the loop ---------------------------------------------------------------------
     def run(self, steps: int) -> ConeRecord:
         """Train until ``state.step == steps``, exploring on every trigger; returns the record."""
+        check_int("steps", steps, 0)
         if steps - self.state.step < self.config.horizon:
             raise qckpt.InvalidInputError(
                 f"the horizon ({self.config.horizon} steps) is longer than the run ({steps - self.state.step} "

@@ -140,6 +140,8 @@ def test_bad_input_is_a_typed_error(tmp_path: Path) -> None:
         cone = _cone(repo, workload, "clean", horizon=STEPS + 20)
         with pytest.raises(qckpt.InvalidInputError, match="longer than the run"):
             cone.run(STEPS)
+        with pytest.raises(qckpt.InvalidInputError, match="steps must be"):
+            cone.run(str(STEPS))  # type: ignore[arg-type]
         cone = LightCone(repo, run.state, cone_step, run.batches, interventions=lambda situation: ["lower the lr"])  # type: ignore[list-item]
         with pytest.raises(qckpt.InvalidInputError, match="not an Intervention"):
             cone.explore(_fake_trigger(cone))
