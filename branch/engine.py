@@ -529,12 +529,25 @@ class LightCone:
 
     def _scores(self, result: FutureResult) -> list[float]:
         if self.evaluate is not None:
-            scores = [float(x) for x in self.evaluate(self.state)]
+            scores = _held_out_losses(self.evaluate(self.state))
             self.record.compute["eval_batches"] += len(scores)
             return scores
         window = min(8, self.config.horizon)  # without an evaluation: the last training losses, padded if it diverged
         losses = [m[1] for m in result.metrics][-window:]
         return losses + [math.inf] * (window - len(losses))
+
+
+def _held_out_losses(values: Any) -> list[float]:
+    """What ``evaluate`` returned, as one float per held-out batch (at least one);
+    ``InvalidInputError`` for anything else (a single number cannot be bootstrapped)."""
+    try:
+        losses = [float(x) for x in values]
+    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: iterating a 0-d tensor
+        raise qckpt.InvalidInputError(f"evaluate must return one loss per held-out batch (a sequence of numbers), "
+                                      f"got {type(values).__name__}: {e}") from e  # fmt: skip
+    if not losses:
+        raise qckpt.InvalidInputError("evaluate returned no losses: it must score at least one held-out batch")
+    return losses
 
 
 def default_futures(situation: Situation) -> list[Intervention]:

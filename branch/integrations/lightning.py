@@ -164,10 +164,10 @@ class LightConeCallback(QckptCheckpointIO, ConeDriver):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.run_ended()
 
-    def _evaluate(self, state: qckpt.TrainingState) -> list[float]:
+    def _evaluate(self, state: qckpt.TrainingState) -> Any:
         assert self.evaluate is not None and self._module is not None
         with scoring(self._module):
-            return [float(x) for x in self.evaluate(self._module)]
+            return self.evaluate(self._module)  # checked by the engine, as every evaluate's result
 
 
 __all__ = ["LightConeCallback"]

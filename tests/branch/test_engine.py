@@ -235,6 +235,19 @@ def test_an_event_whose_rollouts_fail_puts_the_run_back_at_its_branch_head(tmp_p
         assert repo.snapshot("main").parents == (head.id,) and repo.snapshot("main").step == 12
 
 
+@pytest.mark.parametrize("returned, says", [(2.5, "one loss per held-out batch"), (None, "one loss per held-out batch"),
+                                             (["a"], "one loss per held-out batch"), ([], "no losses")])  # fmt: skip
+def test_an_evaluate_that_returns_no_per_batch_losses_is_a_typed_error(tmp_path: Path, returned: Any, says: str) -> None:
+    workload = Workload(STEPS)
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        cone = _cone(repo, workload, "clean", horizon=2)
+        _train(cone, 4)
+        cone.evaluate = lambda state: returned
+        with pytest.raises(qckpt.InvalidInputError, match=says):
+            cone.explore(_fake_trigger(cone))
+        assert cone.state.step == 4  # back at the head, as after any failed event
+
+
 def test_a_resumed_run_continues_its_record_and_redoes_an_unfinished_event(tmp_path: Path) -> None:
     workload = Workload(STEPS, spike_factor=300.0)
     with qckpt.Repository.init(tmp_path / "r") as repo:
