@@ -308,10 +308,15 @@ class LightCone:
     def train_step(self, batch: Any) -> StepResult:
         """One step of the user's ``step_fn`` on the live state; counts it."""
         out = self.step_fn(self.state, batch, self.controls)
-        result = out if isinstance(out, StepResult) else StepResult(float(out))
+        try:
+            result = out if isinstance(out, StepResult) else StepResult(float(out))
+            result = StepResult(float(result.loss), None if result.grad_norm is None else float(result.grad_norm))
+        except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: a tensor of more than one element
+            raise qckpt.InvalidInputError(f"step_fn must return the loss (a number or one-element tensor) or a StepResult, "
+                                          f"got {type(out).__name__}: {e}") from e  # fmt: skip
         self.state.step += 1
         self.record.compute["train_steps"] += 1
-        return StepResult(float(result.loss), None if result.grad_norm is None else float(result.grad_norm))
+        return result
 
     def observe(self, result: StepResult) -> Trigger | None:
         """Record a finished step (``state.step`` already counts it), advance the

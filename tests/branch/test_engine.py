@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import qckpt
 from bench.compare import differences
 from bench.spike import Batches, Workload, cone_step
-from branch import ConeConfig, ConeRecord, Controls, Future, LightCone, ScaleLR
+from branch import ConeConfig, ConeRecord, Controls, Future, LightCone, ScaleLR, StepResult
 
 STEPS = 100
 
@@ -246,6 +247,16 @@ def test_an_evaluate_that_returns_no_per_batch_losses_is_a_typed_error(tmp_path:
         with pytest.raises(qckpt.InvalidInputError, match=says):
             cone.explore(_fake_trigger(cone))
         assert cone.state.step == 4  # back at the head, as after any failed event
+
+
+@pytest.mark.parametrize("returned", [None, torch.ones(3), StepResult(None)])  # type: ignore[arg-type]
+def test_a_step_fn_that_returns_no_loss_is_a_typed_error_and_counts_no_step(tmp_path: Path, returned: Any) -> None:
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        cone = _cone(repo, Workload(STEPS), "clean")
+        cone.step_fn = lambda state, batch, controls: returned
+        with pytest.raises(qckpt.InvalidInputError, match="step_fn must return the loss"):
+            cone.train_step(next(cone.batches))
+        assert cone.state.step == 0 and cone.record.compute["train_steps"] == 0
 
 
 def test_a_resumed_run_continues_its_record_and_redoes_an_unfinished_event(tmp_path: Path) -> None:
