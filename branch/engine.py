@@ -534,7 +534,7 @@ class LightCone:
 
     def _scores(self, result: FutureResult) -> list[float]:
         if self.evaluate is not None:
-            scores = _held_out_losses(self.evaluate(self.state))
+            scores = per_batch_losses(self.evaluate(self.state))
             self.record.compute["eval_batches"] += len(scores)
             return scores
         window = min(8, self.config.horizon)  # without an evaluation: the last training losses, padded if it diverged
@@ -542,7 +542,7 @@ class LightCone:
         return losses + [math.inf] * (window - len(losses))
 
 
-def _held_out_losses(values: Any) -> list[float]:
+def per_batch_losses(values: Any) -> list[float]:
     """What ``evaluate`` returned, as one float per held-out batch (at least one);
     ``InvalidInputError`` for anything else (a single number cannot be bootstrapped)."""
     try:

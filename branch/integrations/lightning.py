@@ -51,7 +51,7 @@ import lightning.pytorch as pl
 import torch
 
 import qckpt
-from branch.engine import ConeConfig, Situation
+from branch.engine import ConeConfig, Situation, per_batch_losses
 from branch.integrations._driver import ConeDriver, scoring
 from branch.interventions import Intervention
 from branch.record import ConeRecord
@@ -164,10 +164,10 @@ class LightConeCallback(QckptCheckpointIO, ConeDriver):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.run_ended()
 
-    def _evaluate(self, state: qckpt.TrainingState) -> Any:
+    def _evaluate(self, state: qckpt.TrainingState) -> list[float]:
         assert self.evaluate is not None and self._module is not None
-        with scoring(self._module):
-            return self.evaluate(self._module)  # checked by the engine, as every evaluate's result
+        with scoring(self._module):  # read inside: a generator must compute in evaluation mode
+            return per_batch_losses(self.evaluate(self._module))
 
 
 __all__ = ["LightConeCallback"]
