@@ -51,6 +51,7 @@ from qckpt.errors import (
 from qckpt.format.records import LOSSY_ANNOTATION, Manifest, RefLogEntry, Snapshot, TensorEntry
 from qckpt.format.tensors import flat_bytes, torch_dtype_name
 from qckpt.format.tree import decode_tree, encode_tree, is_sharded, join_path
+from qckpt.ops.destination import local_path
 from qckpt.ops.diff import TensorDiff, diff_snapshots
 from qckpt.ops.file_export import export_file, format_for
 from qckpt.ops.fsck import FsckReport, check_repository
@@ -777,7 +778,7 @@ class Repository:
         self, revision: str, dest: str | os.PathLike[str], progress: Callable[[str, int, int], None] | None = None
     ) -> int:
         """Write a snapshot to a new zarr v3 directory readable without qckpt; returns the array count."""
-        return export_zarr(self._store, self.snapshot(revision), Path(dest), progress)
+        return export_zarr(self._store, self.snapshot(revision), local_path(dest), progress)
 
     def export(
         self,
@@ -794,7 +795,7 @@ class Repository:
         zarr). Written under a temporary name and renamed into place when
         complete: a failed export leaves nothing at ``dest``. Returns the number
         of tensors."""
-        path = Path(dest)
+        path = local_path(dest)
         fmt = format_for(path, format)
         if fmt == "zarr":
             return self.export_zarr(revision, path, progress)

@@ -14,6 +14,15 @@ from pathlib import Path
 from qckpt.errors import AlreadyExistsError, InvalidInputError
 
 
+def local_path(dest: str | os.PathLike[str]) -> Path:
+    """``dest`` as a local path; a URI (``s3://...``), which ``Path`` would quietly
+    turn into a local directory named after the scheme, is an ``InvalidInputError``."""
+    text = os.fspath(dest)
+    if isinstance(text, str) and "://" in text:
+        raise InvalidInputError(f"exports are written to a local path, not {text!r} (export locally, then copy it)")
+    return Path(text)
+
+
 @contextmanager
 def new_destination(dest: Path, kind: str) -> Iterator[Path]:
     """A temporary path beside ``dest`` (not created) for the block to write a file

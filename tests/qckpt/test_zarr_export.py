@@ -50,6 +50,8 @@ def test_an_export_creates_missing_parent_directories_and_refuses_a_file_as_one(
         (tmp_path / "afile").write_bytes(b"mine")
         with pytest.raises(qckpt.InvalidInputError, match="afile is not a directory"):
             repo.export("main", tmp_path / "afile" / name)
+        with pytest.raises(qckpt.InvalidInputError, match="local path"):  # Path would make a directory named 's3:'
+            repo.export("main", f"s3://bucket/{name}")
     assert (tmp_path / "new" / "dir" / name).exists() and (tmp_path / "afile").read_bytes() == b"mine"
     assert sorted(p.name for p in (tmp_path / "new" / "dir").iterdir()) == [name]  # no temporary left beside it
 
