@@ -152,12 +152,17 @@ code {{ font-size: 0.9em; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
 def write_report(repo: qckpt.Repository, run: str, dest: str | Path) -> tuple[Path, Path]:
     """Write ``<dest>.html`` and ``<dest>.png`` (``dest`` without suffix, or ending in
     .html) for ``run``'s record in ``repo``; returns both paths."""
+    if "://" in str(dest):  # Path would turn s3://b/r into a local directory named 's3:'
+        raise qckpt.InvalidInputError(f"the report is written to a local path, not {str(dest)!r}")
     base = Path(dest)
     base = base.with_suffix("") if base.suffix in (".html", ".png") else base
     record = ConeRecord.load(repo, run)
-    png = figure_png(record)
     html_path, png_path = base.with_name(base.name + ".html"), base.with_name(base.name + ".png")
-    html_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise qckpt.InvalidInputError(f"cannot write the report to {html_path}: {e.filename or html_path.parent} is not a directory") from e
+    png = figure_png(record)
     png_path.write_bytes(png)
     html_path.write_text(page_html(record, png))
     return html_path, png_path

@@ -114,6 +114,21 @@ def test_an_injected_spike_is_recovered_and_recorded(tmp_path: Path) -> None:
     assert cli.returncode == 3 and "no light-cone record for run 'nope'" in cli.stderr
 
 
+def test_a_report_goes_to_a_local_directory_made_for_it(tmp_path: Path) -> None:
+    from branch import write_report
+
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        _cone(repo, Workload(STEPS), "clean").run(12)
+        (tmp_path / "afile").write_text("mine")
+        with pytest.raises(qckpt.InvalidInputError, match="afile is not a directory"):
+            write_report(repo, "main", tmp_path / "afile" / "report")
+        with pytest.raises(qckpt.InvalidInputError, match="local path"):  # Path would make a directory named 's3:'
+            write_report(repo, "main", "s3://bucket/report")
+        html, png = write_report(repo, "main", tmp_path / "new" / "report.html")
+    assert html == tmp_path / "new" / "report.html" and png.read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "s3:").exists()
+
+
 def test_cone_commands_on_a_repository_without_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from qckpt.cli import main
 
