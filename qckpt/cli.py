@@ -195,11 +195,11 @@ def _refs(args: argparse.Namespace, repo: Repository, kind: str) -> int:
         print(f"created {kind} {args.name} at {snap.short_id} (step {snap.step})")
     elif args.json:
         _print_json(listing())
-    elif not listing():
-        print(_no_branches(repo) if kind == "branch" else "no tags yet: `qckpt tag NAME [--at REV]` creates one", file=sys.stderr)
-    else:
-        for name, target in listing().items():
+    elif refs := listing():
+        for name, target in refs.items():
             print(f"{name:30s} {target[:12]}")
+    else:
+        print(_no_branches(repo) if kind == "branch" else "no tags yet: `qckpt tag NAME [--at REV]` creates one", file=sys.stderr)
     return 0
 
 
