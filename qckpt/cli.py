@@ -28,7 +28,7 @@ from qckpt.ops.gc import RetentionPolicy
 from qckpt.repository import Repository
 from qckpt.store.layout import BRANCH_PREFIX
 
-EXIT_DAMAGED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT = 1, 2, 3, 4
+EXIT_DAMAGED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE = 1, 2, 3, 4, 5
 #: Entry points in this group add commands: each is called with ``command(name, fn,
 #: help) -> ArgumentParser`` and registers its own; ``fn(args, repo)`` returns the exit code.
 PLUGIN_GROUP = "qckpt.cli"
@@ -363,7 +363,12 @@ def cmd_export(args: argparse.Namespace, repo: Repository) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qckpt", description="Inspect and maintain qckpt checkpoint repositories.")
+    parser = argparse.ArgumentParser(
+        prog="qckpt",
+        description="Inspect and maintain qckpt checkpoint repositories.",
+        epilog="exit status: 0 success, 1 damage found, 2 invalid usage or input, 3 not found, "
+        "4 conflict (exists already, or a ref moved), 5 the storage could not be used (or needs a newer qckpt)",
+    )
     parser.add_argument("-R", "--repo", default=os.environ.get("QCKPT_REPO", "."),
                         help="repository path or file:// URI (default: $QCKPT_REPO or .)")  # fmt: skip
     parser.add_argument("--endpoint-url", default=None,
@@ -445,8 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, error = EXIT_CONFLICT, e
     except IntegrityError as e:
         code, error = EXIT_DAMAGED, e
-    except QckptError as e:
-        code, error = 1, e
+    except QckptError as e:  # the storage failed or is unreachable, or a newer format: not damage
+        code, error = EXIT_UNAVAILABLE, e
     print(f"qckpt: error: {error}", file=sys.stderr)
     return code
 

@@ -66,6 +66,17 @@ def test_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert usage.value.code == 2
 
 
+def test_storage_that_cannot_be_used_is_not_reported_as_damage(capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    code = main(["-R", "s3://bucket/repo", "--endpoint-url", "http://127.0.0.1:9", "fsck"])
+    assert code == 5 and "no AWS credentials found" in capsys.readouterr().err
+
+
 def test_fsck_exit_status_reports_damage(populated: Path) -> None:
     ok = _run("-R", str(populated), "fsck")
     assert ok.returncode == 0 and "no problems found" in ok.stdout
