@@ -3,7 +3,8 @@
 ``python -m tests.golden.make_golden v1`` wrote ``tests/golden/v1`` with qckpt's
 format version 1 (``v2``: version 2, with delta objects; ``v3``: version 3, with
 a lossy-tier branch ``explore`` whose second snapshot is predicted from the
-first; ``v4``: version 4, with a warm copy of every branch head);
+first; ``v4``: version 4, with a warm copy of every branch head; ``v5``: version 5,
+the same content);
 ``tests/qckpt/test_golden.py`` checks that every later qckpt reads them.
 """
 

@@ -36,7 +36,7 @@ def _rounded(state: dict, tier: qckpt.LossyTier) -> dict:
     return out
 
 
-@pytest.mark.parametrize("version", ["v1", "v2", "v3", "v4"])
+@pytest.mark.parametrize("version", ["v1", "v2", "v3", "v4", "v5"])
 def test_golden_repository_reads_and_accepts_commits(version: str, tmp_path: Path) -> None:
     path = tmp_path / version
     shutil.copytree(GOLDEN / version, path)  # the index is not committed: opening rebuilds it from old footers
