@@ -20,11 +20,16 @@ ranks' parameters, optimizer state, RNG and sampler states);
 ``resharded_restore``: one process without ``torch.distributed`` loads the last
 snapshot into an unsharded model and optimizer, equal to the full state the
 ranks trained. Ratios: ``bytes_ratio``, ``commit_ratio``, ``restore_ratio``
-(qckpt / DCP). ``train_s``, ``qckpt_async_train_s``, ``dcp_async_train_s``:
-rank 0's wall time of the same training (fresh runs, same seeds) without
-checkpoints and with ``dcp.async_save`` every step onto each storage, each
-save waiting for the previous one (what training pays when saves leave its
-thread).
+(qckpt / DCP). ``train_s``, ``qckpt_sync_train_s``, ``dcp_sync_train_s``,
+``qckpt_async_train_s``, ``dcp_async_train_s``: rank 0's wall time of the same
+training (fresh runs, same seeds) without checkpoints, with ``dcp.save`` every
+step onto each storage, and with ``dcp.async_save`` every step onto each, each
+save waiting for the previous one (what training pays in all: a qckpt save
+returns once its chunks are stored raw and compacts them on a thread of the
+writer's own, which shares the cores with training; the timed run waits for
+its last compaction). In the checkpoint-every-step run, the writer's
+compaction is waited for, untimed, after each qckpt save, so that it does not
+run during the DCP save that follows.
 
 Each rank freezes the objects it holds once its run is built (``gc.freeze``):
 a rank process holds ~320k objects (torch, FSDP, DCP), and a full garbage
@@ -123,12 +128,13 @@ def _rank(rank: int, rendezvous: str, root: str, phase: str, size: str, steps: i
                     else:
                         dcp.save(sharded_state_dict(run.state), storage_writer=dcp.FileSystemWriter(Path(root, "dcp", f"step-{step}")))
                     times[method].append(time.perf_counter() - started)
+                    writer.wait()  # untimed: the compaction must not slow the other method's save
             writer.close()
             torch.save(_local_parts(run), Path(root, f"parts-rank{rank}.pt"))
             out["commit_s"] = {m: sum(t) / len(t) for m, t in times.items()}
             out["restore_s"] = _restore_times(run, repo_path, Path(root, "dcp", f"step-{steps}"))
-        elif phase == "async":  # the same training three times: no checkpoints, async_save onto each
-            out["async_s"] = _async_walls(rank, Path(root), size, steps)
+        elif phase == "walls":  # the same training five times: no checkpoints, dcp.save and async_save onto each
+            out["walls_s"] = _walls(rank, Path(root), size, steps)
         else:  # resume: restore the middle step, train to the end, checkpoint on "resume"
             reader = QckptReader(repo_path, f"main@{steps // 2}")
             reader.restore(run.state)
@@ -173,18 +179,20 @@ def _full_state(root: Path) -> dict[str, dict[str, Any]]:
     }  # fmt: skip
 
 
-def _async_walls(rank: int, root: Path, size: str, steps: int) -> dict[str, float]:
+def _walls(rank: int, root: Path, size: str, steps: int) -> dict[str, float]:
     """Wall time of ``steps`` training steps (a fresh, identically seeded run each
-    time) without checkpoints and with ``dcp.async_save`` every step onto each
-    storage, each save waiting for the previous one first (DCP's usage)."""
+    time) without checkpoints, with ``dcp.save`` every step onto each storage
+    (``sync-``; qckpt's includes waiting for its last compaction), and with
+    ``dcp.async_save`` every step onto each, each save waiting for the previous
+    one first (DCP's usage)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     walls = {}
     group = dist.new_group(backend="gloo")  # async saves' collectives must not interleave with training's
-    for method in ("none", "qckpt", "dcp"):
+    for method in ("none", "sync-qckpt", "sync-dcp", "qckpt", "dcp"):
         run = _Run(rank, size)
-        writer = QckptWriter(root / "repo", "async")
+        writer = QckptWriter(root / "repo", method)
         pending = None
         dist.barrier()
         started = time.perf_counter()
@@ -192,12 +200,17 @@ def _async_walls(rank: int, root: Path, size: str, steps: int) -> dict[str, floa
             run.step()
             if method == "none":
                 continue
+            target = root / f"dcp-{method}" / f"step-{step}"
+            storage = writer if method.endswith("qckpt") else dcp.FileSystemWriter(target)
+            if method.startswith("sync-"):
+                dcp.save(sharded_state_dict(run.state), storage_writer=storage, process_group=group)
+                continue
             if pending is not None:
                 pending.result()
-            storage = writer if method == "qckpt" else dcp.FileSystemWriter(root / "dcp-async" / f"step-{step}")
             pending = dcp.async_save(sharded_state_dict(run.state), storage_writer=storage, process_group=group)
         if pending is not None:
             pending.result()
+        writer.wait()
         dist.barrier()
         walls[method] = time.perf_counter() - started
         writer.close()
@@ -280,7 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         qckpt.Repository.init(root / "repo").close()
         ranks = _spawn(root, "train", size, steps)
         _spawn(root, "resume", size, steps)
-        walls = _spawn(root, "async", size, steps)[0]["async_s"]
+        walls = _spawn(root, "walls", size, steps)[0]["walls_s"]
         with qckpt.Repository.open(root / "repo") as repo:
             qckpt_bytes = repo.stats().stored_bytes
             bit_exact = _same_snapshots(repo, "main", "resume")
@@ -290,7 +303,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "qckpt_commit_s": ranks[0]["commit_s"]["qckpt"], "dcp_save_s": ranks[0]["commit_s"]["dcp"],
             "qckpt_restore_s": ranks[0]["restore_s"]["qckpt"], "dcp_load_s": ranks[0]["restore_s"]["dcp"],
             "bit_exact": bit_exact, "resharded_restore": _resharded_equal(root, size),
-            "train_s": walls["none"], "qckpt_async_train_s": walls["qckpt"], "dcp_async_train_s": walls["dcp"],
+            "train_s": walls["none"], "qckpt_sync_train_s": walls["sync-qckpt"], "dcp_sync_train_s": walls["sync-dcp"],
+            "qckpt_async_train_s": walls["qckpt"], "dcp_async_train_s": walls["dcp"],
         }  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -304,6 +318,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"    ({results['commit_ratio']:.2f}x; target <= 1.0)")  # fmt: skip
     print(f"  restore / load qckpt {results['qckpt_restore_s']:8.3f} s    dcp.load {results['dcp_load_s']:8.3f} s"
           f"    ({results['restore_ratio']:.2f}x; target <= 1.5)")  # fmt: skip
+    print(f"  {steps} steps with dcp.save every step:       qckpt {results['qckpt_sync_train_s']:.2f} s, "
+          f"dcp {results['dcp_sync_train_s']:.2f} s")
     print(f"  {steps} steps with dcp.async_save every step: qckpt {results['qckpt_async_train_s']:.2f} s, "
           f"dcp {results['dcp_async_train_s']:.2f} s, without checkpoints {results['train_s']:.2f} s")
     print(f"  bit-exact resume in new processes: {results['bit_exact']}; 2 ranks -> 1 process: {results['resharded_restore']}")

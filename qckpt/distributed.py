@@ -10,10 +10,14 @@ resharding on load (N ranks saved, M ranks or one process without
 ``torch.distributed`` load). qckpt stores, in two phases:
 
 1. every rank (``write_data``) stages the items DCP gives it, writes their
-   chunks into packs, durably, and indexes them (``Store.write_unpublished``):
-   chunks already stored are not written again, and a changed tensor is
-   delta-encoded against the same item at this writer's previous save (hence
-   keep the writer); it hands DCP each item's manifest entry;
+   new chunks into packs as they are, durably, and indexes them
+   (``Store.write_unpublished``): chunks already stored are not written again;
+   it hands DCP each item's manifest entry. Then, on a thread of its own, the
+   rank *compacts* what it wrote: a changed tensor is delta-encoded against the
+   same item at this writer's previous save (hence keep the writer) and stored
+   again, encoded, and the packs of the save's raw chunks are deleted; then
+   it writes its warm part. The save waits for durability, not for the
+   compression (``defer_encoding=False``: encode before returning, as before);
 2. the coordinator (``finish``) gets every rank's entries from DCP, writes one
    manifest and one snapshot record and moves the branch by compare-and-swap,
    in the same transaction as ``Repository.commit``.
@@ -33,7 +37,10 @@ item under its key (the fully qualified name; for a shard, ``@`` and its
 offsets: ``layers.0.w@512,0``), and DCP's own serialisation of non-tensor
 values. ``QckptReader`` reads only the chunks that cover what its rank asks for.
 
-Not thread-safe: one save or load at a time per writer or reader.
+Not thread-safe: one save or load at a time per writer or reader. A
+writer's compactions run one at a time, in save order, on its own thread; a
+failed one is raised by the writer's next save or ``close`` (the save it
+compacts is durable and published all the same: its chunks stay stored raw).
 """
 
 from __future__ import annotations
@@ -42,8 +49,12 @@ import io
 import math
 import os
 import pickle
+import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future as ThreadFuture
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +74,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from qckpt.commit.arrays import write_arrays
+from qckpt.commit.arrays import compact, write_arrays, write_deferred
 from qckpt.commit.encoding import EncodingChoices
 from qckpt.commit.hot import HotSnapshot
 from qckpt.commit.predict import ParamRule
@@ -82,6 +93,13 @@ _TENSORS = join_path(join_path("", "dcp"), "tensors")
 
 def _key(index: MetadataIndex, shard: bool) -> str:
     return f"{index.fqn}@{','.join(map(str, index.offset or ()))}" if shard else index.fqn
+
+
+#: A compaction starts once its save has ended, so that it does not compete with the save's
+#: last steps for the cores: the coordinator knows (``finish``), and so does every rank that
+#: saves through ``QckptWriter.commit``; a rank that ``dcp.save`` calls directly cannot tell,
+#: and starts this long after its own write (or at its next save, ``wait`` or ``close``).
+COMPACTION_DELAY_S = 0.1
 
 
 def _open(repo: Repository | str | os.PathLike[str]) -> tuple[Repository, bool]:
@@ -131,10 +149,14 @@ class QckptWriter(StorageWriter):
     snapshot this writer published (coordinator only).
     ``dcp.save(..., checkpoint_id=NAME)`` commits that save on branch ``NAME``.
     Memory: each rank keeps a copy of the items it wrote last in host memory,
-    the next save's delta bases (as the hot tier does for ``commit``).
+    the next save's delta bases (as the hot tier does for ``commit``), and one
+    more per save whose compaction is still queued (at most two: a save waits
+    for the older one first). ``defer_encoding=False`` encodes every save
+    before ``write_data`` returns instead (see the module docstring).
     """
 
-    def __init__(self, repo: Repository | str | os.PathLike[str], branch: str = "main", *, message: str = "dcp.save") -> None:
+    def __init__(self, repo: Repository | str | os.PathLike[str], branch: str = "main", *, message: str = "dcp.save",
+                 defer_encoding: bool = True) -> None:  # fmt: skip
         check_ref_name(branch)
         self.repo, self._owned = _open(repo)
         self.branch = self._default_branch = branch
@@ -147,7 +169,12 @@ class QckptWriter(StorageWriter):
         self._hold = ExitStack()
         self._previous: HotSnapshot | None = None  # this rank's items at its previous save: delta bases
         self._last_part = -math.inf  # when this rank last wrote a warm part
-        self._choices = EncodingChoices()
+        self._choices = EncodingChoices()  # used by the thread that encodes: the compactor's, if deferred
+        self._compactor = ThreadPoolExecutor(1, thread_name_prefix="qckpt-compact") if defer_encoding else None
+        self._compactions: deque[ThreadFuture[None]] = deque()  # in save order
+        self._saved = threading.Event()  # the latest save has ended: its compaction may start
+        if defer_encoding:
+            self.repo._compacting.add(self)  # the repository's flush and close wait for the compactions
 
     def commit(self, state: TrainingState, *, metrics: Mapping[str, float] | None = None,
                step: int | None = None) -> Snapshot | None:  # fmt: skip
@@ -159,7 +186,10 @@ class QckptWriter(StorageWriter):
 
         self.step, self.metrics = state.step if step is None else step, dict(metrics or {})
         self.snapshot = None
-        dcp.save(sharded_state_dict(state), storage_writer=self)
+        try:
+            dcp.save(sharded_state_dict(state), storage_writer=self)
+        finally:
+            self._saved.set()
         return self.snapshot
 
     # -- StorageWriter ---------------------------------------------------------
@@ -190,6 +220,8 @@ class QckptWriter(StorageWriter):
         """Phase one on this rank: every item's chunks durable and indexed; each
         result carries the item's manifest entry (tensors) or bytes (objects),
         the rank's first result also its ``CommitStats``."""
+        self._saved.set()  # a new save: the one before has ended
+        self._settle(1)
         objects, leaves, tensor_items = [], [], []
         for item in plan.items:
             data = planner.resolve_data(item)
@@ -205,7 +237,12 @@ class QckptWriter(StorageWriter):
         previous = self._previous
         keys = [key for _, key in tensor_items]
         rules = optimizer_rules(planner, keys)
-        entries, stats, part = self.repo._store.write_unpublished(lambda txn: self._write(txn, staged, keys, previous, rules))
+        entries, stats, part, written = self.repo._store.write_unpublished(
+            lambda txn: self._write(txn, staged, keys, previous, rules))  # fmt: skip
+        if self._compactor is not None:
+            self._saved = threading.Event()
+            self._compactions.append(self._compactor.submit(self._compact, self._saved, staged, written, previous, rules,
+                                                            entries, part))  # fmt: skip
         self._previous = HotSnapshot("", {a.path: a for a in staged}, {e.path: e for e in entries}, rules, None)
         results = [WriteResult(i, e.nbytes, _Written(k, e)) for (i, k), e in zip(tensor_items, entries)] + objects
         if results:
@@ -213,20 +250,50 @@ class QckptWriter(StorageWriter):
             results[0] = WriteResult(first.index, first.size_in_bytes, _Written(written.key, written.value, stats, part))
         return _done(results)
 
-    def _write(self, txn: Any, staged: list[Any], keys: list[str], previous: HotSnapshot | None,
-               rules: dict[str, ParamRule]) -> tuple[list[TensorEntry], CommitStats, str | None]:  # fmt: skip
-        """This rank's chunks, then, when one is due, its warm part: a manifest of its
-        tensors and their raw bytes (``WarmCopies.write_part``), so a restore of
-        this snapshot decodes no chain. Due as the repository's warm copies are
-        (``warm_interval``: every save on local disk, at most once a minute on S3)."""
-        entries, stats = write_arrays(txn, staged, previous, rules, None, choices=self._choices)
+    def _write(self, txn: Any, staged: list[Any], keys: list[str], previous: HotSnapshot | None, rules: dict[str, ParamRule]
+               ) -> tuple[list[TensorEntry], CommitStats, str | None, frozenset[bytes]]:  # fmt: skip
+        """This rank's chunks (as they are, if deferred: then also which were new),
+        then, when one is due, its warm part: a manifest of its tensors and their
+        raw bytes (``WarmCopies.write_part``; by the compaction, if deferred), so a
+        restore of this snapshot decodes no chain. Due as the repository's warm
+        copies are (``warm_interval``: every save on local disk, at most once a
+        minute on S3)."""
+        if self._compactor is not None:
+            entries, stats, written = write_deferred(txn, staged)
+        else:
+            (entries, stats), written = write_arrays(txn, staged, previous, rules, None, choices=self._choices), frozenset()
         cadence = self.repo._warm
         if cadence is None or not entries or time.monotonic() - self._last_part < cadence.interval_s:
-            return entries, stats, None
+            return entries, stats, None, written
         part = txn.put_manifest(_manifest(dict(zip(keys, entries))))
-        txn.store.warm.write_part(part, entries, {a.path: a.data for a in staged})
+        if self._compactor is None:
+            txn.store.warm.write_part(part, entries, {a.path: a.data for a in staged})
         self._last_part = time.monotonic()
-        return entries, stats, part
+        return entries, stats, part, written
+
+    def _compact(self, saved: threading.Event, staged: list[Any], written: frozenset[bytes], previous: HotSnapshot | None,
+                 rules: dict[str, ParamRule], entries: list[TensorEntry], part: str | None) -> None:  # fmt: skip
+        """On the compactor's thread, once the save has ended (``saved``; at most
+        ``COMPACTION_DELAY_S`` after the rank's write, where the rank cannot tell):
+        encode what ``_write`` stored raw, then write the warm part listed in the
+        save (until then its tensors read from the packs)."""
+        saved.wait(COMPACTION_DELAY_S)
+        store = self.repo._store
+        store.write_unpublished(lambda txn: compact(txn, staged, written, previous, rules, None, self._choices))
+        if part is not None:
+            store.warm.write_part(part, entries, {a.path: a.data for a in staged})
+
+    def wait(self) -> None:
+        """Wait until every save so far is compacted (and its warm part written);
+        raises the first compaction that failed. ``close`` waits too."""
+        self._saved.set()
+        self._settle(0)
+
+    def _settle(self, running: int) -> None:
+        """Wait until at most ``running`` compactions are in flight; raise the first
+        that failed (once)."""
+        while self._compactions and (len(self._compactions) > running or self._compactions[0].done()):
+            self._compactions.popleft().result()
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Phase two, on the coordinator: one manifest of every rank's items, one
@@ -235,6 +302,7 @@ class QckptWriter(StorageWriter):
             self.snapshot = self._publish(metadata, [r for rank in results for r in rank])
         finally:
             self._hold.close()
+            self._saved.set()
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -273,10 +341,16 @@ class QckptWriter(StorageWriter):
         return store.transaction(self.branch, build, cause="dcp.save")
 
     def close(self) -> None:
-        """Release a lock a failed save left, and close the repository if this writer opened it."""
-        self._hold.close()
-        if self._owned:
-            self.repo.close()
+        """Wait for the compactions (raising the first that failed), release a lock a
+        failed save left, and close the repository if this writer opened it."""
+        try:
+            self.wait()
+        finally:
+            if self._compactor is not None:
+                self._compactor.shutdown(wait=True)
+            self._hold.close()
+            if self._owned:
+                self.repo.close()
 
 
 def optimizer_rules(planner: SavePlanner, keys: Sequence[str]) -> dict[str, ParamRule]:

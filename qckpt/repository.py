@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import signal
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,7 @@ class Repository:
             warm_interval = DEFAULT_WARM_INTERVAL_REMOTE if store.backend.capabilities.index == "cache" else 0.0
         self._warm = WarmCadence(store, self._hot, warm_interval) if warm else None
         self._sharded_writers: dict[str, Any] = {}  # per branch: a sharded state's DCP writer (its delta bases)
+        self._compacting: weakref.WeakSet[Any] = weakref.WeakSet()  # DCP writers on this repository: flush waits for them
 
     # -- lifecycle -----------------------------------------------------------
     @classmethod
@@ -414,10 +416,14 @@ class Repository:
 
     def flush(self) -> None:
         """Wait until every commit submitted so far is durable (raises a background
-        failure not reported yet), and write the warm copies still due (see ``init``)."""
+        failure not reported yet), and write the warm copies still due (see ``init``);
+        ``QckptWriter``s on this repository (sharded commits: durable already) finish
+        their compactions and warm parts (raising a failed one)."""
         self._writer.flush()
         if self._warm is not None and self._warm.pending and not self._writer.closed:
             self._writer.submit(self._warm.catch_up).wait()
+        for writer in list(self._compacting):
+            writer.wait()
 
     def flush_on_signal(self, signum: int = signal.SIGTERM) -> None:
         """On ``signum`` (SIGTERM: what schedulers send before preempting a job), write

@@ -6,6 +6,12 @@ digest of their raw bytes, only chunks the index does not know are encoded,
 predicted from ``base`` (a hot snapshot) where that is smaller, in waves (a
 wave only predicts from chunks of earlier waves), in the store's thread pool
 with a bounded number in flight; packs are written, then indexed.
+
+``write_deferred`` and ``compact`` split that in two, for writers whose caller
+waits for durability but not for compression (a ``torch.distributed.checkpoint``
+save): the new chunks are first stored as they are (``DeferredCodec``), and a
+later compaction, under a transaction of its own, stores them again encoded,
+indexes them there and deletes the deferred packs.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ from qckpt.commit.encoding import ChunkPlan, EncodePlanner, EncodingChoices, chu
 from qckpt.commit.hot import HotSnapshot
 from qckpt.commit.predict import ParamRule
 from qckpt.commit.staging import StagedArray
+from qckpt.errors import ObjectNotFoundError
+from qckpt.format.codecs import DeferredCodec
 from qckpt.format.ids import digest
-from qckpt.format.objects import EncodedObject, encode_object
+from qckpt.format.objects import EncodedObject, deferred_object, encode_object
 from qckpt.format.packs import ChunkLocation, PackBuilder
 from qckpt.format.records import CommitStats, TensorEntry
 from qckpt.format.tensors import is_floating
+from qckpt.store.layout import pack_key
 from qckpt.store.store import Transaction
 
 PACK_TARGET_SIZE = 64 << 20
@@ -40,26 +49,106 @@ def write_arrays(
     """Store every staged array; returns their manifest entries and the commit's sizes
     (``notes`` are recorded in the stats as they are). ``choices``: the writer's
     memory of which encodings won (see ``EncodingChoices``)."""
+    entries, first, new = _chunks(txn, staged)
+    stored = _encode(txn, staged, entries, first, new, base, rules, step, choices)
+    return entries, _stats(txn, staged, entries, first, new, stored, notes)
+
+
+def write_deferred(txn: Transaction, staged: Sequence[StagedArray]) -> tuple[list[TensorEntry], CommitStats, frozenset[bytes]]:
+    """``write_arrays`` without the encoding: the new chunks are stored as they are,
+    as ``DeferredCodec`` objects, and indexed. Returns the manifest entries, the
+    sizes and the chunks written (what ``compact`` should encode). The objects
+    hold ``staged``'s memory only until this returns."""
+    entries, first, new = _chunks(txn, staged)
     store = txn.store
-    size = store.config.chunk_size
+    builder = PackBuilder()
+    locations: dict[bytes, ChunkLocation] = {}
+    for chunk_id in new:
+        array, number = first[chunk_id]
+        builder.add(chunk_id, DeferredCodec.id, deferred_object(chunk_view(array, number, store.config.chunk_size), array.itemsize))
+        if builder.size >= PACK_TARGET_SIZE:
+            locations.update(store.put_pack(builder))
+    if len(builder):
+        locations.update(store.put_pack(builder))
+    store.index.put_many(locations)
+    stored = sum(location.length for location in locations.values())
+    return entries, _stats(txn, staged, entries, first, new, stored, ("encoding deferred",)), frozenset(new)
+
+
+def compact(
+    txn: Transaction,
+    staged: Sequence[StagedArray],
+    written: frozenset[bytes],
+    base: HotSnapshot | None,
+    rules: Mapping[str, ParamRule],
+    step: int | None,
+    choices: EncodingChoices | None = None,
+) -> int:
+    """Encode the chunks ``write_deferred`` wrote for ``staged`` (``written``) as
+    ``write_arrays`` would have, index them in their new packs, then delete every
+    pack that held only deferred chunks of this set. Chunks no longer indexed as
+    deferred (a garbage collection deleted or moved them since) are left as they
+    are. Returns the encoded bytes stored. Readers that still locate a chunk in a
+    deleted pack look it up again (as after a repack by garbage collection)."""
+    store = txn.store
+    entries, first, _ = _chunks(txn, staged, dedup=False)
+    before = {c: store.index.get(c) for c in written}
+    pending = {c for c, location in before.items() if location is not None and location.codec == DeferredCodec.id}
+    stored = _encode(txn, staged, entries, first, [c for c in first if c in pending], base, rules, step, choices)
+    for pack_id in {before[c].pack_id for c in pending}:  # type: ignore[union-attr]
+        try:
+            if store.pack_contents(pack_id).keys() <= pending:
+                store.backend.delete(pack_key(pack_id))
+        except ObjectNotFoundError:
+            pass  # deleted already (a retried compaction)
+    return stored
+
+
+def _chunks(txn: Transaction, staged: Sequence[StagedArray], *, dedup: bool = True
+            ) -> tuple[list[TensorEntry], dict[bytes, tuple[StagedArray, int]], list[bytes]]:  # fmt: skip
+    """Every staged array's manifest entry, each distinct chunk's first occurrence
+    (array, chunk number) and, with ``dedup``, the chunks the index does not know."""
+    size = txn.store.config.chunk_size
     entries: list[TensorEntry] = []
-    first: dict[bytes, tuple[StagedArray, int]] = {}  # chunk id -> (array, chunk number) of its first occurrence
+    first: dict[bytes, tuple[StagedArray, int]] = {}
     for array in staged:
         ids = tuple(digest(array.data[o : o + size].data) for o in range(0, array.data.size, size))
         for number, chunk_id in enumerate(ids):
             first.setdefault(chunk_id, (array, number))
         entries.append(TensorEntry(array.path, array.kind, array.dtype, array.shape, size, ids))
-    missing = store.index.missing(first)
-    new = [cid for cid in first if cid in missing]
-    planner = EncodePlanner(store.index, size, store.config.max_chain, staged, entries, base, rules, step, missing, choices)
+    missing = txn.store.index.missing(first) if dedup else set()
+    return entries, first, [cid for cid in first if cid in missing]
+
+
+def _encode(
+    txn: Transaction,
+    staged: Sequence[StagedArray],
+    entries: Sequence[TensorEntry],
+    first: Mapping[bytes, tuple[StagedArray, int]],
+    new: Sequence[bytes],
+    base: HotSnapshot | None,
+    rules: Mapping[str, ParamRule],
+    step: int | None,
+    choices: EncodingChoices | None,
+) -> int:
+    """Encode and pack the ``new`` chunks, then index them; returns the bytes stored."""
+    store = txn.store
+    planner = EncodePlanner(store.index, store.config.chunk_size, store.config.max_chain, staged, entries, base, rules,
+                            step, set(new), choices)  # fmt: skip
     waves: dict[int, list[bytes]] = {}
     for chunk_id in new:
         waves.setdefault(planner.wave(*first[chunk_id]), []).append(chunk_id)
     locations, stored = _write_packs(txn, [waves[w] for w in sorted(waves)], first, planner)
     store.index.put_many(locations)
-    stats = CommitStats(sum(a.data.size for a in staged), sum(len(e.chunks) for e in entries), len(new),
-                        sum(chunk_view(*first[c], size).size for c in new), stored, notes)  # fmt: skip
-    return entries, stats
+    return stored
+
+
+def _stats(txn: Transaction, staged: Sequence[StagedArray], entries: Sequence[TensorEntry],
+           first: Mapping[bytes, tuple[StagedArray, int]], new: Sequence[bytes], stored: int,
+           notes: tuple[str, ...]) -> CommitStats:  # fmt: skip
+    size = txn.store.config.chunk_size
+    return CommitStats(sum(a.data.size for a in staged), sum(len(e.chunks) for e in entries), len(new),
+                       sum(chunk_view(*first[c], size).size for c in new), stored, notes)  # fmt: skip
 
 
 def _write_packs(

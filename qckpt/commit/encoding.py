@@ -4,8 +4,8 @@ may try, and the chain depth each encoded chunk gets.
 A prediction is offered for a chunk only if every input is available: a
 tensor of the same dtype and size in the base snapshot (kept in the hot tier)
 or in this commit, whose chunk at the same position is either indexed
-already (then its depth is known) or encoded by an earlier wave of this
-commit; no chunk depends on itself; and the chain it would create is at most
+already in its final form (then its depth is known; a deferred chunk awaiting
+compaction is not) or encoded by an earlier wave of this commit; no chunk depends on itself; and the chain it would create is at most
 ``max_chain`` objects long. Otherwise the chunk is simply stored on its own,
 which is always safe. Candidates carry the mantissa bits the lossy tier
 rounded the array by, so predictions are rounded alike.
@@ -28,7 +28,7 @@ import numpy as np
 from qckpt.commit.hot import HotSnapshot
 from qckpt.commit.predict import BASE, ParamRule, Prediction, plan_predictions
 from qckpt.commit.staging import StagedArray
-from qckpt.format.codecs import FLOAT_FORMATS, FLOAT_NONE, PredictiveCodec, codec_by_id
+from qckpt.format.codecs import FLOAT_FORMATS, FLOAT_NONE, DeferredCodec, PredictiveCodec, codec_by_id
 from qckpt.format.objects import Candidate, EncodedObject
 from qckpt.format.records import TensorEntry
 from qckpt.store.index import ChunkIndex
@@ -132,6 +132,8 @@ class EncodePlanner:
         location = self._index.get(chunk_id)
         if location is None:
             return None  # e.g. the base snapshot's chunks were garbage-collected elsewhere
+        if location.codec == DeferredCodec.id:
+            return None  # its compaction will give it a chain depth nobody knows yet
         with self._lock:
             self._depths[chunk_id] = location.depth
         return location.depth

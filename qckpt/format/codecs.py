@@ -6,7 +6,9 @@ stateless and thread-safe (zstd contexts are per thread).
 
 Two families:
 
-* ``Codec``: self-contained (raw, zstd, shuffle+zstd).
+* ``Codec``: self-contained (raw, zstd, shuffle+zstd; and *deferred*: raw bytes
+  written by a commit that left their encoding to a later compaction, which
+  replaces the object; see ``DeferredCodec``).
 * ``PredictiveCodec``: the chunk is stored as the residual between its bits and
   a *prediction* computed from other chunks (its dependencies, e.g. the same
   chunk of the previous snapshot, or the optimizer moments of this one) and a
@@ -135,6 +137,16 @@ class RawCodec(Codec):
 
     def decode(self, payload: memoryview, raw_length: int, itemsize: int) -> bytes:
         return bytes(payload)
+
+
+class DeferredCodec(RawCodec):
+    """Stored as is by a commit that deferred the encoding (``write_arrays(...,
+    defer=True)``); a compaction later stores the chunk again, encoded, and deletes
+    these objects' pack. Decodes like raw. Never used as a prediction's input while
+    in this form: its compacted encoding's chain depth is not known yet."""
+
+    id = 7
+    name = "deferred"
 
 
 class ZstdCodec(Codec):
@@ -388,7 +400,8 @@ class LinearCodec(PredictiveCodec):
 
 CODECS: dict[int, Codec | PredictiveCodec] = {
     c.id: c
-    for c in (RawCodec(), ZstdCodec(), ShuffleZstdCodec(), DeltaCodec(), AdamSecondMomentCodec(), AdamParamCodec(), LinearCodec())
+    for c in (RawCodec(), ZstdCodec(), ShuffleZstdCodec(), DeltaCodec(), AdamSecondMomentCodec(), AdamParamCodec(), LinearCodec(),
+              DeferredCodec())
 }
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qckpt.errors import IntegrityError
-from qckpt.format.codecs import Codec, PredictiveCodec, Raw, codec_by_id, encode_plain
+from qckpt.format.codecs import Codec, DeferredCodec, PredictiveCodec, Raw, codec_by_id, encode_plain
 from qckpt.format.ids import ID_BYTES, digest
 
 OBJECT_VERSION = 1
@@ -95,6 +95,12 @@ def encode_object(
             return EncodedObject(best.codec.id, data, best.deps, index)
     codec, payload = plain or encode_plain(raw, itemsize, floating, level)
     return EncodedObject(codec.id, _HEADER.pack(OBJECT_VERSION, codec.id, itemsize, 0, len(raw)) + payload, ())
+
+
+def deferred_object(raw: np.ndarray, itemsize: int) -> tuple[bytes, memoryview]:
+    """A chunk stored as is for a later compaction (``DeferredCodec``), as the
+    object's two parts: its header and ``raw``'s own memory (not copied)."""
+    return _HEADER.pack(OBJECT_VERSION, DeferredCodec.id, itemsize, 0, raw.nbytes), raw.data
 
 
 SAMPLE_BLOCKS = 4

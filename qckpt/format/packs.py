@@ -20,6 +20,7 @@ from the packs alone. A pack's id is the xxh3-128 of its bytes; its key is
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from qckpt.errors import IntegrityError
@@ -55,19 +56,24 @@ class PackBuilder:
         self._reset()
 
     def _reset(self) -> None:
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | memoryview] = []
         self._entries: list[tuple[bytes, int, int, int, int, tuple[bytes, ...]]] = []
         self.size = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, chunk_id: bytes, codec: int, obj: bytes, depth: int = 1, deps: tuple[bytes, ...] = ()) -> None:
+    def add(self, chunk_id: bytes, codec: int, obj: bytes | Sequence[bytes | memoryview], depth: int = 1,
+            deps: tuple[bytes, ...] = ()) -> None:  # fmt: skip
+        """Add an object: its bytes, or its parts back to back (kept as they are, not
+        joined: they must stay unchanged until ``finish``'s pack is stored)."""
         if not 1 <= depth <= 255 or len(deps) > 255:
             raise ValueError(f"depth {depth} / {len(deps)} dependencies out of range")
-        self._entries.append((chunk_id, self.size, len(obj), codec, depth, deps))
-        self._parts.append(obj)
-        self.size += len(obj)
+        parts = [obj] if isinstance(obj, bytes) else list(obj)
+        length = sum(len(p) for p in parts)
+        self._entries.append((chunk_id, self.size, length, codec, depth, deps))
+        self._parts.extend(parts)
+        self.size += length
 
     def finish(self) -> tuple[str, list[bytes], dict[bytes, ChunkLocation]]:
         """Return (pack id, the pack's bytes as parts to store back to back, chunk id ->

@@ -84,8 +84,9 @@ from qckpt.store.reader import ChunkReader
 from qckpt.store.refs import check_ref_name
 from qckpt.store.warm import WarmCopies, WarmRead
 
-# 2: delta and predictive codecs, pack footers with dependencies; 3: lossy-tier payloads; 4: warm copies
-REPOSITORY_VERSION = 5
+# 2: delta and predictive codecs, pack footers with dependencies; 3: lossy-tier payloads; 4: warm copies;
+# 5: shared S3 lock listing; 6: deferred objects (codec 7), compacted later
+REPOSITORY_VERSION = 6
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_COMPRESSION_LEVEL = 1
 DEFAULT_MAX_CHAIN = 16

@@ -98,3 +98,75 @@ def test_sigkill_during_commits(local_repo_path: Path) -> None:
                 assert repo.load(snap.id)["w"].shape == (512, 256)
     with qckpt.Repository.open(local_repo_path) as repo:
         assert len(repo.log("main")) >= 1
+
+
+# A torch.distributed.checkpoint save whose encoding is deferred: the child saves step 1
+# (compacted), then dies just before the Nth write or delete of step 2's save and compaction:
+# the raw pack, the part manifest, the manifest, the snapshot, the ref log record, the ref;
+# then the compaction's pack, the raw pack's deletion, the warm part.
+DCP_CHILD = textwrap.dedent(
+    """
+    import os, sys, warnings, torch, qckpt
+    import torch.distributed.checkpoint as dcp
+    from qckpt.distributed import QckptWriter
+    warnings.simplefilter("ignore")
+
+    class DyingBackend(qckpt.LocalBackend):
+        left = None
+
+        def _tick(self):
+            if self.left is not None:
+                if self.left == 0:
+                    os._exit(17)
+                self.left -= 1
+
+        def put(self, key, data, *, exclusive=False):
+            self._tick()
+            super().put(key, data, exclusive=exclusive)
+
+        def put_cache(self, key, data):
+            self._tick()
+            super().put_cache(key, data)
+
+        def swap_ref(self, name, expected, new):
+            self._tick()
+            super().swap_ref(name, expected, new)
+
+        def delete(self, key):
+            self._tick()
+            super().delete(key)
+
+    def state(step):
+        g = torch.Generator().manual_seed(step)
+        return {"w": torch.randn(64, 1024, generator=g), "b": torch.randn(1024, generator=g) + step}
+
+    backend = DyingBackend(sys.argv[1])
+    repo = qckpt.Repository.init(backend, chunk_size=16384)
+    writer = QckptWriter(repo)
+    dcp.save(state(1), storage_writer=writer)
+    writer.wait()
+    backend.left = int(sys.argv[2])
+    dcp.save(state(2), storage_writer=writer)
+    writer.close()
+    print("completed")
+    """
+)
+
+
+@pytest.mark.parametrize("writes_before_crash", range(10))
+def test_crash_during_a_deferred_save_or_its_compaction(tmp_path: Path, writes_before_crash: int) -> None:
+    path = tmp_path / "repo"
+    result = subprocess.run([sys.executable, "-c", DCP_CHILD, str(path), str(writes_before_crash)], capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == (0 if writes_before_crash >= 9 else 17), result.stderr
+    published = writes_before_crash >= 6  # ... the ref
+    with qckpt.Repository.open(path) as repo:
+        assert len(repo.log("main")) == (2 if published else 1) and repo.fsck().ok
+        for snapshot, step in zip(repo.log("main"), (2, 1) if published else (1,)):
+            g = torch.Generator().manual_seed(step)
+            expected = {"w": torch.randn(64, 1024, generator=g), "b": torch.randn(1024, generator=g) + step}
+            tree = repo.load(snapshot.id).tree()["dcp"]["tensors"]
+            assert all(torch.equal(tree[k], v) for k, v in expected.items()), (snapshot.step, step)
+        raw_packs_left = sum(1 for p in repo._store.pack_ids()
+                             if any(loc.codec == 7 for loc in repo._store.pack_contents(p).values()))  # fmt: skip
+        assert raw_packs_left == (1 if 1 <= writes_before_crash <= 7 else 0)  # compacted once its pack is deleted

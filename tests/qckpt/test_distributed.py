@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import multiprocessing
+import threading
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -22,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 import qckpt
 from qckpt.distributed import QckptReader, QckptWriter, optimizer_rules
+from qckpt.format.codecs import DeferredCodec
 from tests.qckpt.distributed_workload import full_state, rank_main
 
 pytestmark = pytest.mark.slow
@@ -169,20 +172,21 @@ def test_saves_dedup_unchanged_chunks_and_delta_encode_against_the_writers_previ
     for keep in (True, False):
         with qckpt.Repository.init(tmp_path / f"repo-{keep}") as repo, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            writer = QckptWriter(repo)
+            writer = QckptWriter(repo, defer_encoding=False)  # the snapshot's stats are the encoded sizes
             for state in steps:
-                dcp.save(state, storage_writer=writer if keep else QckptWriter(repo))
+                dcp.save(state, storage_writer=writer if keep else QckptWriter(repo, defer_encoding=False))
             second = repo.snapshot("main").stats
             assert second.new_chunks < second.chunks  # the frozen tensor's chunks were not written again
             stored[keep] = second.new_stored_bytes
     assert stored[True] < 0.9 * stored[False], stored  # deltas against the kept writer's previous save
 
 
-def _train_and_save(repo: qckpt.Repository, steps: int) -> None:
+def _train_and_save(repo: qckpt.Repository, steps: int, defer_encoding: bool = False) -> dict[str, Any]:
+    """Train a small model ``steps`` AdamW steps, each saved; returns the last state dicts."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    writer = QckptWriter(repo)
+    writer = QckptWriter(repo, defer_encoding=defer_encoding)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(steps):
@@ -191,6 +195,97 @@ def _train_and_save(repo: qckpt.Repository, steps: int) -> None:
             optimizer.zero_grad()
             model_sd, optim_sd = get_state_dict(model, optimizer)
             dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
+    writer.close()
+    return copy.deepcopy({"model": model_sd, "optim": optim_sd})
+
+
+def test_deferred_encoding_stores_what_encoding_at_once_stores(tmp_path: Path) -> None:
+    """A save returns once its chunks are stored raw; the compaction on the writer's
+    thread then stores exactly the objects the inline encoding stores (same codec,
+    dependencies and bytes per chunk) and deletes the raw packs."""
+    layouts, states = {}, {}
+    for defer in (True, False):
+        with qckpt.Repository.init(tmp_path / f"repo-{defer}") as repo:
+            states[defer] = _train_and_save(repo, 6, defer_encoding=defer)
+            store = repo._store
+            chunks = {c for s in repo.log("main") for e in repo.manifest(s).tensors for c in e.chunks}
+            layouts[defer] = {c: (loc.codec, loc.deps, loc.length) for c in chunks if (loc := store.locate(c)) is not None}
+            assert len(layouts[defer]) == len(chunks)
+            assert {c for p in store.pack_ids() for c in store.pack_contents(p)} == chunks  # no raw duplicates left
+            assert repo.fsck().ok
+            assert repo.snapshot("main").stats.notes == (("encoding deferred",) if defer else ())
+    assert layouts[True] == layouts[False]
+    assert any(deps for _, deps, _ in layouts[True].values())  # predicted, not only stored
+    assert DeferredCodec.id not in {codec for codec, _, _ in layouts[True].values()}
+    for defer in (True, False):
+        loaded = copy.deepcopy(states[defer])
+        for value in [*loaded["model"].values(), *(v for s in loaded["optim"]["state"].values() for v in s.values())]:
+            if isinstance(value, torch.Tensor) and value.dim():
+                value.zero_()
+        with qckpt.Repository.open(tmp_path / f"repo-{defer}") as repo:
+            dcp.load(loaded, storage_reader=QckptReader(repo, "main"))
+        assert all(torch.equal(loaded["model"][k], v) for k, v in states[True]["model"].items())
+        assert all(torch.equal(torch.as_tensor(loaded["optim"]["state"][p][k]), torch.as_tensor(v))
+                   for p, s in states[True]["optim"]["state"].items() for k, v in s.items())  # fmt: skip
+
+
+def test_a_failed_compaction_is_raised_by_the_next_save_and_loses_nothing(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    def fail(*args: Any, **kwargs: Any) -> int:
+        raise qckpt.BackendError("disk on fire")
+
+    monkeypatch.setattr("qckpt.distributed.compact", fail)
+    with qckpt.Repository.init(tmp_path / "repo") as repo, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        writer = QckptWriter(repo)
+        dcp.save(full_state(1), storage_writer=writer)
+        with pytest.raises(qckpt.BackendError, match="disk on fire"):
+            writer.wait()
+        monkeypatch.undo()
+        dcp.save(full_state(2), storage_writer=writer)  # raised once: the next save goes on
+        dcp.save(full_state(3), storage_writer=writer)
+        monkeypatch.setattr("qckpt.distributed.compact", fail)
+        writer.wait()  # the third save compacted
+        dcp.save(full_state(4), storage_writer=writer)
+        time.sleep(0.2)  # its compaction fails meanwhile
+        with pytest.raises(CheckpointException, match="disk on fire"):  # DCP wraps what write_data raises
+            dcp.save(full_state(5), storage_writer=writer)
+        monkeypatch.undo()
+        dcp.save(full_state(5), storage_writer=writer)
+        writer.close()
+        assert len(repo.log("main")) == 5 and repo.fsck().ok
+        _assert_state(_load_in_one_process(tmp_path / "repo"), 5)
+        for snapshot, step in zip(repo.log("main"), (5, 4, 3, 2, 1)):
+            _assert_state(_load_in_one_process(tmp_path / "repo", snapshot.id), step)
+            codecs = {repo._store.locate(c).codec for e in repo.manifest(snapshot).tensors for c in e.chunks}  # type: ignore[union-attr]
+            assert (codecs == {DeferredCodec.id}) == (step in (1, 4)), step  # uncompacted: durable, readable, larger
+
+
+def test_gc_between_saves_and_their_compactions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compactions held back until a GC has expired the first save: the first finds its
+    chunks gone and stores nothing, the second encodes without that base; nothing
+    deferred stays behind for the survivor, and everything reads back."""
+    release = threading.Event()
+    original = QckptWriter._compact
+    monkeypatch.setattr(QckptWriter, "_compact", lambda self, *args: release.wait() and original(self, *args))
+    with qckpt.Repository.init(tmp_path / "repo") as repo, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        writer = QckptWriter(repo)
+        try:
+            for step in (1, 2):
+                dcp.save(full_state(step), storage_writer=writer)
+            packs_before = set(repo._store.pack_ids())
+            report = repo.gc(qckpt.RetentionPolicy(keep_last=1, keep_tagged=False, reflog_grace=0))
+            assert report.snapshots_deleted == 1 and len(repo._store.pack_ids()) < len(packs_before)
+        finally:
+            release.set()
+            writer.close()
+        (head,) = repo.log("main")
+        codecs = {repo._store.locate(c).codec for e in repo.manifest(head).tensors for c in e.chunks}  # type: ignore[union-attr]
+        assert DeferredCodec.id not in codecs
+        assert repo.fsck().ok and {c for p in repo._store.pack_ids() for c in repo._store.pack_contents(p)} == {
+            c for e in repo.manifest(head).tensors for c in e.chunks}  # fmt: skip
+    _assert_state(_load_in_one_process(tmp_path / "repo"), 2)
 
 
 def test_adamw_state_in_dcp_state_dicts_is_predicted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,7 +309,7 @@ def test_adamw_state_in_dcp_state_dicts_is_predicted(tmp_path: Path, monkeypatch
         if not predicted:
             monkeypatch.setattr("qckpt.distributed.optimizer_rules", lambda planner, keys: {})
         with qckpt.Repository.init(tmp_path / f"repo-{predicted}") as repo:
-            _train_and_save(repo, 4)
+            _train_and_save(repo, 4)  # encoded at once: the snapshot's stats are the encoded sizes
             stored[predicted] = repo.snapshot("main").stats.new_stored_bytes
     assert stored[True] < 0.8 * stored[False], stored
 
