@@ -151,14 +151,19 @@ class QckptWriter(StorageWriter):
     Memory: each rank keeps a copy of the items it wrote last in host memory,
     the next save's delta bases (as the hot tier does for ``commit``), and one
     more per save whose compaction is still queued (at most two: a save waits
-    for the older one first). ``defer_encoding=False`` encodes every save
-    before ``write_data`` returns instead (see the module docstring).
+    for the older one first). ``defer_encoding``: store each save's chunks raw
+    and compact them afterwards (see the module docstring); by default on local
+    disk and in memory, but not on S3, where the raw bytes are an upload that
+    costs the save more than encoding them does (measured on loopback:
+    0.13-0.14 s a save against 0.11-0.12 s).
     """
 
     def __init__(self, repo: Repository | str | os.PathLike[str], branch: str = "main", *, message: str = "dcp.save",
-                 defer_encoding: bool = True) -> None:  # fmt: skip
+                 defer_encoding: bool | None = None) -> None:  # fmt: skip
         check_ref_name(branch)
         self.repo, self._owned = _open(repo)
+        if defer_encoding is None:
+            defer_encoding = not self.repo._store.backend.capabilities.remote
         self.branch = self._default_branch = branch
         self._next_branch: str | None = None
         self.message = message

@@ -190,7 +190,7 @@ class Repository:
         self._writer = CommitWriter(max_pending, f"qckpt-writer {store.backend.uri}")
         self._choices = EncodingChoices()  # the writer thread's
         if warm_interval is None:
-            warm_interval = DEFAULT_WARM_INTERVAL_REMOTE if store.backend.capabilities.index == "cache" else 0.0
+            warm_interval = DEFAULT_WARM_INTERVAL_REMOTE if store.backend.capabilities.remote else 0.0
         self._warm = WarmCadence(store, self._hot, warm_interval) if warm else None
         self._sharded_writers: dict[str, Any] = {}  # per branch: a sharded state's DCP writer (its delta bases)
         self._compacting: weakref.WeakSet[Any] = weakref.WeakSet()  # DCP writers on this repository: flush waits for them

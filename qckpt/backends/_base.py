@@ -33,6 +33,11 @@ class Capabilities:
     index: Literal["memory", "local", "cache"] = "cache"
     local_dir: Path | None = None
 
+    @property
+    def remote(self) -> bool:
+        """The data lives on another machine (every byte written is an upload)."""
+        return self.index == "cache"
+
     def __post_init__(self) -> None:
         if (self.index == "local") != (self.local_dir is not None):
             raise ValueError("local_dir is required for, and only for, index='local'")

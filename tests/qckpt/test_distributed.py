@@ -229,6 +229,21 @@ def test_deferred_encoding_stores_what_encoding_at_once_stores(tmp_path: Path) -
                    for p, s in states[True]["optim"]["state"].items() for k, v in s.items())  # fmt: skip
 
 
+def test_deferred_encoding_on_s3(s3_uri: str) -> None:
+    """Off by default there (the raw bytes are an upload), and compacts as on disk when asked."""
+    with qckpt.Repository.init(s3_uri) as repo:
+        assert QckptWriter(repo)._compactor is None
+        state = _train_and_save(repo, 3, defer_encoding=True)
+        store = repo._store
+        chunks = {c for s in repo.log("main") for e in repo.manifest(s).tensors for c in e.chunks}
+        stored = {c: loc for p in store.pack_ids() for c, loc in store.pack_contents(p).items()}
+        assert stored.keys() == chunks and DeferredCodec.id not in {loc.codec for loc in stored.values()}
+        assert any(loc.deps for loc in stored.values()) and repo.fsck().ok
+        loaded = {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()}}
+        dcp.load(loaded, storage_reader=QckptReader(repo, "main"))
+        assert all(torch.equal(loaded["model"][k], v) for k, v in state["model"].items())
+
+
 def test_a_failed_compaction_is_raised_by_the_next_save_and_loses_nothing(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     def fail(*args: Any, **kwargs: Any) -> int:
