@@ -80,11 +80,13 @@ from qckpt.commit.hot import HotSnapshot
 from qckpt.commit.predict import ParamRule
 from qckpt.commit.staging import stage
 from qckpt.errors import IntegrityError, InvalidInputError, StateMismatchError
+from qckpt.format.ids import hex_id
 from qckpt.format.records import WARM_PARTS_ANNOTATION, CommitStats, Manifest, Snapshot, TensorEntry
 from qckpt.format.tensors import torch_dtype
 from qckpt.format.tree import ArrayLeaf, encode_plain, encoded_dict, encoded_leaf, join_path
 from qckpt.repository import Repository, check_metrics
 from qckpt.state import TrainingState, capture_rng, restore_rng
+from qckpt.store.layout import manifest_key
 from qckpt.store.refs import check_ref_name
 
 FORMAT = 1
@@ -242,51 +244,58 @@ class QckptWriter(StorageWriter):
         previous = self._previous
         keys = [key for _, key in tensor_items]
         rules = optimizer_rules(planner, keys)
-        entries, stats, part, written = self.repo._store.write_unpublished(
-            lambda txn: self._write(txn, staged, keys, previous, rules))  # fmt: skip
-        if self._compactor is not None:
+        store = self.repo._store
+        if self._compactor is None:
+            entries, stats, part = store.write_unpublished(lambda txn: self._write(txn, staged, keys, previous, rules))
+        else:
+            entries, stats, written = store.write_unpublished(lambda txn: write_deferred(txn, staged))
+            manifest = _manifest(dict(zip(keys, entries))).to_bytes() if self._part_due(entries) else None
+            part = hex_id(manifest) if manifest is not None else None  # the compaction writes it: the save needs its id
             self._saved = threading.Event()
             self._compactions.append(self._compactor.submit(self._compact, self._saved, staged, written, previous, rules,
-                                                            entries, part))  # fmt: skip
+                                                            entries, (part, manifest) if manifest else None))  # fmt: skip
         self._previous = HotSnapshot("", {a.path: a for a in staged}, {e.path: e for e in entries}, rules, None)
         results = [WriteResult(i, e.nbytes, _Written(k, e)) for (i, k), e in zip(tensor_items, entries)] + objects
         if results:
-            first, written = results[0], results[0].storage_data
-            results[0] = WriteResult(first.index, first.size_in_bytes, _Written(written.key, written.value, stats, part))
+            first, item = results[0], results[0].storage_data
+            results[0] = WriteResult(first.index, first.size_in_bytes, _Written(item.key, item.value, stats, part))
         return _done(results)
 
-    def _write(self, txn: Any, staged: list[Any], keys: list[str], previous: HotSnapshot | None, rules: dict[str, ParamRule]
-               ) -> tuple[list[TensorEntry], CommitStats, str | None, frozenset[bytes]]:  # fmt: skip
-        """This rank's chunks (as they are, if deferred: then also which were new),
-        then, when one is due, its warm part: a manifest of its tensors and their
-        raw bytes (``WarmCopies.write_part``; by the compaction, if deferred), so a
-        restore of this snapshot decodes no chain. Due as the repository's warm
-        copies are (``warm_interval``: every save on local disk, at most once a
-        minute on S3)."""
-        if self._compactor is not None:
-            entries, stats, written = write_deferred(txn, staged)
-        else:
-            (entries, stats), written = write_arrays(txn, staged, previous, rules, None, choices=self._choices), frozenset()
+    def _write(self, txn: Any, staged: list[Any], keys: list[str], previous: HotSnapshot | None,
+               rules: dict[str, ParamRule]) -> tuple[list[TensorEntry], CommitStats, str | None]:  # fmt: skip
+        """Without deferral: this rank's chunks, encoded, then, when one is due, its
+        warm part: a manifest of its tensors and their raw bytes
+        (``WarmCopies.write_part``), so a restore of this snapshot decodes no chain."""
+        entries, stats = write_arrays(txn, staged, previous, rules, None, choices=self._choices)
+        if not self._part_due(entries):
+            return entries, stats, None
+        part = txn.put_manifest(_manifest(dict(zip(keys, entries))))
+        txn.store.warm.write_part(part, entries, {a.path: a.data for a in staged})
+        return entries, stats, part
+
+    def _part_due(self, entries: list[TensorEntry]) -> bool:
+        """Whether this save writes a warm part: due as the repository's warm copies
+        are (``warm_interval``: every save on local disk, at most once a minute on S3)."""
         cadence = self.repo._warm
         if cadence is None or not entries or time.monotonic() - self._last_part < cadence.interval_s:
-            return entries, stats, None, written
-        part = txn.put_manifest(_manifest(dict(zip(keys, entries))))
-        if self._compactor is None:
-            txn.store.warm.write_part(part, entries, {a.path: a.data for a in staged})
+            return False
         self._last_part = time.monotonic()
-        return entries, stats, part, written
+        return True
 
     def _compact(self, saved: threading.Event, staged: list[Any], written: frozenset[bytes], previous: HotSnapshot | None,
-                 rules: dict[str, ParamRule], entries: list[TensorEntry], part: str | None) -> None:  # fmt: skip
+                 rules: dict[str, ParamRule], entries: list[TensorEntry], part: tuple[str, bytes] | None) -> None:  # fmt: skip
         """On the compactor's thread, once the save has ended (``saved``; at most
         ``COMPACTION_DELAY_S`` after the rank's write, where the rank cannot tell):
         encode what ``_write`` stored raw, then write the warm part listed in the
-        save (until then its tensors read from the packs)."""
+        save, its part manifest (id and bytes) included: both are a cache, written
+        as one (until then the part's tensors read from the packs, which are raw
+        meanwhile; a part whose manifest is missing is skipped)."""
         saved.wait(COMPACTION_DELAY_S)
         store = self.repo._store
         store.write_unpublished(lambda txn: compact(txn, staged, written, previous, rules, None, self._choices))
         if part is not None:
-            store.warm.write_part(part, entries, {a.path: a.data for a in staged})
+            store.backend.put_cache(manifest_key(part[0]), part[1])
+            store.warm.write_part(part[0], entries, {a.path: a.data for a in staged})
 
     def wait(self) -> None:
         """Wait until every save so far is compacted (and its warm part written);

@@ -8,7 +8,6 @@ import copy
 import json
 import multiprocessing
 import threading
-import time
 import uuid
 import warnings
 from pathlib import Path
@@ -259,10 +258,10 @@ def test_a_failed_compaction_is_raised_by_the_next_save_and_loses_nothing(tmp_pa
         monkeypatch.undo()
         dcp.save(full_state(2), storage_writer=writer)  # raised once: the next save goes on
         dcp.save(full_state(3), storage_writer=writer)
+        writer.wait()  # the second and third saves compacted
         monkeypatch.setattr("qckpt.distributed.compact", fail)
-        writer.wait()  # the third save compacted
         dcp.save(full_state(4), storage_writer=writer)
-        time.sleep(0.2)  # its compaction fails meanwhile
+        writer._compactions[-1].exception(timeout=60)  # its compaction has failed before the next save
         with pytest.raises(CheckpointException, match="disk on fire"):  # DCP wraps what write_data raises
             dcp.save(full_state(5), storage_writer=writer)
         monkeypatch.undo()
