@@ -15,15 +15,15 @@ import torch
 
 import qckpt
 
-# The child commits snapshot 1 cleanly, then dies (os._exit, no cleanup) just
-# before the Nth write of snapshot 2's commit: pack, manifest, snapshot, ref log, ref,
-# then (after the commit is durable) its warm copy.
-CHILD = textwrap.dedent(
+# A local backend that ends the process (os._exit, no cleanup) just before its Nth write
+# (``writes_left``; deletions count too with ``deletes``).
+DYING_BACKEND = textwrap.dedent(
     """
     import os, sys, torch, qckpt
 
     class DyingBackend(qckpt.LocalBackend):
         writes_left = None
+        deletes = False
 
         def _tick(self):
             if self.writes_left is not None:
@@ -43,6 +43,17 @@ CHILD = textwrap.dedent(
             self._tick()
             super().swap_ref(name, expected, new)
 
+        def delete(self, key):
+            if self.deletes:
+                self._tick()
+            super().delete(key)
+    """
+)
+
+# The child commits snapshot 1 cleanly, then dies just before the Nth write of snapshot 2's
+# commit: pack, manifest, snapshot, ref log, ref, then (after the commit is durable) its warm copy.
+CHILD = DYING_BACKEND + textwrap.dedent(
+    """
     backend = DyingBackend(sys.argv[1])
     repo = qckpt.Repository.init(backend, chunk_size=1024)
     repo.commit({"w": torch.arange(4096, dtype=torch.float32)}, step=1)
@@ -104,48 +115,24 @@ def test_sigkill_during_commits(local_repo_path: Path) -> None:
 # (compacted), then dies just before the Nth write or delete of step 2's save and compaction:
 # the raw pack, the manifest, the snapshot, the ref log record, the ref; then the compaction's
 # pack, the raw pack's deletion, the part manifest, the warm part.
-DCP_CHILD = textwrap.dedent(
+DCP_CHILD = DYING_BACKEND + textwrap.dedent(
     """
-    import os, sys, warnings, torch, qckpt
+    import warnings
     import torch.distributed.checkpoint as dcp
     from qckpt.distributed import QckptWriter
     warnings.simplefilter("ignore")
-
-    class DyingBackend(qckpt.LocalBackend):
-        left = None
-
-        def _tick(self):
-            if self.left is not None:
-                if self.left == 0:
-                    os._exit(17)
-                self.left -= 1
-
-        def put(self, key, data, *, exclusive=False):
-            self._tick()
-            super().put(key, data, exclusive=exclusive)
-
-        def put_cache(self, key, data):
-            self._tick()
-            super().put_cache(key, data)
-
-        def swap_ref(self, name, expected, new):
-            self._tick()
-            super().swap_ref(name, expected, new)
-
-        def delete(self, key):
-            self._tick()
-            super().delete(key)
 
     def state(step):
         g = torch.Generator().manual_seed(step)
         return {"w": torch.randn(64, 1024, generator=g), "b": torch.randn(1024, generator=g) + step}
 
     backend = DyingBackend(sys.argv[1])
+    backend.deletes = True
     repo = qckpt.Repository.init(backend, chunk_size=16384)
     writer = QckptWriter(repo)
     dcp.save(state(1), storage_writer=writer)
     writer.wait()
-    backend.left = int(sys.argv[2])
+    backend.writes_left = int(sys.argv[2])
     dcp.save(state(2), storage_writer=writer)
     writer.close()
     print("completed")
