@@ -177,7 +177,8 @@ class QckptWriter(StorageWriter):
         self._previous: HotSnapshot | None = None  # this rank's items at its previous save: delta bases
         self._last_part = -math.inf  # when this rank last wrote a warm part
         self._choices = EncodingChoices()  # used by the thread that encodes: the compactor's, if deferred
-        self._compactor = ThreadPoolExecutor(1, thread_name_prefix="qckpt-compact") if defer_encoding else None
+        self._defer = defer_encoding
+        self._compactor: ThreadPoolExecutor | None = None  # started by the first deferred save, stopped by close
         self._compactions: deque[ThreadFuture[None]] = deque()  # in save order
         self._saved = threading.Event()  # the latest save has ended: its compaction may start
         if defer_encoding:
@@ -245,13 +246,15 @@ class QckptWriter(StorageWriter):
         keys = [key for _, key in tensor_items]
         rules = optimizer_rules(planner, keys)
         store = self.repo._store
-        if self._compactor is None:
+        if not self._defer:
             entries, stats, part = store.write_unpublished(lambda txn: self._write(txn, staged, keys, previous, rules))
         else:
             entries, stats, written = store.write_unpublished(lambda txn: write_deferred(txn, staged))
             manifest = _manifest(dict(zip(keys, entries))).to_bytes() if self._part_due(entries) else None
             part = hex_id(manifest) if manifest is not None else None  # the compaction writes it: the save needs its id
             self._saved = threading.Event()
+            if self._compactor is None:
+                self._compactor = ThreadPoolExecutor(1, thread_name_prefix="qckpt-compact")
             self._compactions.append(self._compactor.submit(self._compact, self._saved, staged, written, previous, rules,
                                                             entries, (part, manifest) if manifest else None))  # fmt: skip
         self._previous = HotSnapshot("", {a.path: a for a in staged}, {e.path: e for e in entries}, rules, None)
@@ -362,6 +365,7 @@ class QckptWriter(StorageWriter):
         finally:
             if self._compactor is not None:
                 self._compactor.shutdown(wait=True)
+                self._compactor = None
             self._hold.close()
             if self._owned:
                 self.repo.close()
