@@ -165,7 +165,7 @@ def cmd_show(args: argparse.Namespace, repo: Repository) -> int:
     print(f"step      {snap.step}\ntime      {_when(snap.time)}\nmessage   {snap.message}")
     print(f"metrics   {json.dumps(snap.metrics)}")
     print(f"size      {_size(snap.stats.raw_bytes)} in {snap.stats.chunks} chunks; "
-          f"this commit wrote {_size(snap.stats.new_stored_bytes)} ({snap.stats.new_chunks} new chunks)")  # fmt: skip
+          f"this commit wrote {_size(snap.stats.new_stored_bytes)} ({'; '.join((f'{snap.stats.new_chunks} new chunks', *snap.stats.notes))})")  # fmt: skip
     if snap.annotations:
         print(f"notes     {json.dumps(snap.annotations)}")
     print(f"\n{len(manifest.tensors)} tensors:")

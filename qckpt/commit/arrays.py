@@ -35,6 +35,7 @@ from qckpt.store.layout import pack_key
 from qckpt.store.store import Transaction
 
 PACK_TARGET_SIZE = 64 << 20
+DEFERRED_NOTE = "stored raw, encoded afterwards"  # in the stats of a commit written by ``write_deferred``
 
 
 def write_arrays(
@@ -72,7 +73,7 @@ def write_deferred(txn: Transaction, staged: Sequence[StagedArray]) -> tuple[lis
         locations.update(store.put_pack(builder))
     store.index.put_many(locations)
     stored = sum(location.length for location in locations.values())
-    return entries, _stats(txn, staged, entries, first, new, stored, ("encoding deferred",)), frozenset(new)
+    return entries, _stats(txn, staged, entries, first, new, stored, (DEFERRED_NOTE,)), frozenset(new)
 
 
 def compact(

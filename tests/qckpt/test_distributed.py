@@ -23,6 +23,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 import qckpt
 from qckpt.distributed import QckptReader, QckptWriter, optimizer_rules
+from qckpt.cli import main as qckpt_cli
+from qckpt.commit.arrays import DEFERRED_NOTE
 from qckpt.format.codecs import DeferredCodec
 from tests.qckpt.distributed_workload import full_state, rank_main
 
@@ -198,7 +200,7 @@ def _train_and_save(repo: qckpt.Repository, steps: int, defer_encoding: bool = F
     return copy.deepcopy({"model": model_sd, "optim": optim_sd})
 
 
-def test_deferred_encoding_stores_what_encoding_at_once_stores(tmp_path: Path) -> None:
+def test_deferred_encoding_stores_what_encoding_at_once_stores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A save returns once its chunks are stored raw; the compaction on the writer's
     thread then stores exactly the objects the inline encoding stores (same codec,
     dependencies and bytes per chunk) and deletes the raw packs."""
@@ -212,7 +214,9 @@ def test_deferred_encoding_stores_what_encoding_at_once_stores(tmp_path: Path) -
             assert len(layouts[defer]) == len(chunks)
             assert {c for p in store.pack_ids() for c in store.pack_contents(p)} == chunks  # no raw duplicates left
             assert repo.fsck().ok
-            assert repo.snapshot("main").stats.notes == (("encoding deferred",) if defer else ())
+            assert repo.snapshot("main").stats.notes == ((DEFERRED_NOTE,) if defer else ())
+        assert qckpt_cli(["-R", str(tmp_path / f"repo-{defer}"), "show", "main"]) == 0
+        assert (DEFERRED_NOTE in capsys.readouterr().out) == defer  # what the commit wrote is the raw size
     assert layouts[True] == layouts[False]
     assert any(deps for _, deps, _ in layouts[True].values())  # predicted, not only stored
     assert DeferredCodec.id not in {codec for codec, _, _ in layouts[True].values()}
