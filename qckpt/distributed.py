@@ -289,7 +289,7 @@ class QckptWriter(StorageWriter):
                  rules: dict[str, ParamRule], entries: list[TensorEntry], part: tuple[str, bytes] | None) -> None:  # fmt: skip
         """On the compactor's thread, once the save has ended (``saved``; at most
         ``COMPACTION_DELAY_S`` after the rank's write, where the rank cannot tell):
-        encode what ``_write`` stored raw, then write the warm part listed in the
+        encode what ``write_deferred`` stored raw, then write the warm part listed in the
         save, its part manifest (id and bytes) included: both are a cache, written
         as one (until then the part's tensors read from the packs, which are raw
         meanwhile; a part whose manifest is missing is skipped)."""
