@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from bench.distributed import leave_rank
 from qckpt.distributed import QckptReader, QckptWriter
 
 
@@ -160,6 +161,7 @@ def rank_main(rank: int, world: int, rendezvous: str, location: str, task: str, 
         Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
         if task != "die":
             dist.destroy_process_group()
+    leave_rank()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
