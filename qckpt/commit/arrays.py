@@ -95,10 +95,11 @@ def compact(
     entries, first, _ = _chunks(txn, staged, dedup=False)
     before = {c: store.index.get(c) for c in written}
     pending = {c for c, location in before.items() if location is not None and location.codec == DeferredCodec.id}
-    stored = _encode(txn, staged, entries, first, [c for c in first if c in pending], base, rules, step, choices)
-    for pack_id in {before[c].pack_id for c in pending}:  # type: ignore[union-attr]
+    again = [c for c in first if c in pending]  # all of them, unless ``staged`` differs from what was written
+    stored = _encode(txn, staged, entries, first, again, base, rules, step, choices)
+    for pack_id in {before[c].pack_id for c in again}:  # type: ignore[union-attr]
         try:
-            if store.pack_contents(pack_id).keys() <= pending:
+            if store.pack_contents(pack_id).keys() <= set(again):
                 store.backend.delete(pack_key(pack_id))
         except ObjectNotFoundError:
             pass  # deleted already (a retried compaction)
