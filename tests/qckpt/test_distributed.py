@@ -444,6 +444,10 @@ def test_restores_read_warm_parts_and_fall_back_to_the_packs(tmp_path: Path, cap
         assert reads and "damaged" in caplog.text
         copy_path.unlink()  # no part at all: the packs
         _assert_state(_load_in_one_process(root), 2)
+        (root / "manifests" / part).unlink()  # nor its manifest (a cache too: a crash may lose it)
+        _assert_state(_load_in_one_process(root), 2)
+        with qckpt.Repository.open(root) as repo:
+            assert repo.fsck().ok
 
 
 def test_names_with_slashes_and_percent_signs_round_trip(tmp_path: Path) -> None:
