@@ -180,6 +180,7 @@ class QckptWriter(StorageWriter):
         self._defer = defer_encoding
         self._compactor: ThreadPoolExecutor | None = None  # started by the first deferred save, stopped by close
         self._compactions: deque[ThreadFuture[None]] = deque()  # in save order
+        self._queue_lock = threading.Lock()
         self._saved = threading.Event()  # the latest save has ended: its compaction may start
         if defer_encoding:
             self.repo._compacting.add(self)  # the repository's flush and close wait for the compactions
@@ -255,8 +256,9 @@ class QckptWriter(StorageWriter):
             self._saved = threading.Event()
             if self._compactor is None:
                 self._compactor = ThreadPoolExecutor(1, thread_name_prefix="qckpt-compact")
-            self._compactions.append(self._compactor.submit(self._compact, self._saved, staged, written, previous, rules,
-                                                            entries, (part, manifest) if manifest else None))  # fmt: skip
+            with self._queue_lock:
+                self._compactions.append(self._compactor.submit(self._compact, self._saved, staged, written, previous,
+                                                                rules, entries, (part, manifest) if manifest else None))  # fmt: skip
         self._previous = HotSnapshot("", {a.path: a for a in staged}, {e.path: e for e in entries}, rules, None)
         results = [WriteResult(i, e.nbytes, _Written(k, e)) for (i, k), e in zip(tensor_items, entries)] + objects
         if results:
@@ -308,9 +310,14 @@ class QckptWriter(StorageWriter):
 
     def _settle(self, running: int) -> None:
         """Wait until at most ``running`` compactions are in flight; raise the first
-        that failed (once)."""
-        while self._compactions and (len(self._compactions) > running or self._compactions[0].done()):
-            self._compactions.popleft().result()
+        that failed (once). Safe beside a save on another thread (``dcp.async_save``
+        saves on DCP's thread while ``Repository.flush`` may wait here)."""
+        while True:
+            with self._queue_lock:
+                if not self._compactions or (len(self._compactions) <= running and not self._compactions[0].done()):
+                    return
+                job = self._compactions.popleft()
+            job.result()
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Phase two, on the coordinator: one manifest of every rank's items, one
