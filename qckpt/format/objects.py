@@ -103,6 +103,14 @@ def deferred_object(raw: np.ndarray, itemsize: int) -> tuple[bytes, memoryview]:
     return _HEADER.pack(OBJECT_VERSION, DeferredCodec.id, itemsize, 0, raw.nbytes), raw.data
 
 
+def encode_again_on_its_own(data: bytes | memoryview, raw: Raw, level: int) -> EncodedObject:
+    """The chunk of object ``data`` (its verified raw bytes: ``raw``) encoded on its own,
+    with the codec its item size suits: objects record no dtype, so items wider than
+    a byte are taken for floats (byte-shuffled; lossless and valid for any dtype)."""
+    itemsize = _parse(data)[2]
+    return encode_object(raw, itemsize, itemsize > 1, level)
+
+
 SAMPLE_BLOCKS = 4
 _SAMPLE_MIN = 64 << 10  # chunks up to this size are "sampled" whole
 

@@ -5,8 +5,9 @@ snapshot graph, refs and a policy. ``collect_garbage`` then, holding the
 exclusive writer lock (commits hold it shared, so none is in flight), deletes
 what nothing kept needs, in an order that is safe to interrupt:
 
-1. repack partly dead packs: copy live objects verbatim into new packs, point
-   the index at them;
+1. repack partly dead packs and packs holding deferred objects (a compaction
+   that never came): copy live objects verbatim into new packs, deferred ones
+   compressed on their own, and point the index at them;
 2. remove index entries of dead chunks (so no later commit dedups against them);
 3. delete warm copies of snapshots that are no branch's head (a head's warm
    parts stay, see ``Snapshot.warm_parts``), expired snapshot records and
@@ -26,12 +27,15 @@ passes through them (at most ``max_chain - 1`` snapshots back).
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from qckpt.errors import IntegrityError, InvalidInputError
+from qckpt.format.codecs import DeferredCodec, Raw
+from qckpt.format.objects import encode_again_on_its_own
 from qckpt.format.packs import ChunkLocation, PackBuilder
 from qckpt.format.records import Snapshot
 from qckpt.store.layout import BRANCH_PREFIX, GC_GENERATION_REF, TAG_PREFIX, manifest_key, pack_key, snapshot_key
@@ -251,8 +255,9 @@ def collect_garbage(
                         dead_chunks.add(chunk_id)
             if not live:
                 dead_packs.append(pack_id)
-            elif total_bytes and dead_bytes / total_bytes >= repack_threshold:
-                repacks[pack_id] = live
+            elif (total_bytes and dead_bytes / total_bytes >= repack_threshold) or any(
+                    location.codec == DeferredCodec.id for _, location in live):  # fmt: skip
+                repacks[pack_id] = live  # a deferred object's compaction never came: it is compressed on its own
 
         expired = [i for i in snapshots if i not in keep]
         expired_snaps = tuple(sorted((snapshots[i] for i in expired), key=lambda s: -s.time))
@@ -277,14 +282,20 @@ def collect_garbage(
             report("repacking", n + 1, len(repacks))
             # a reader of the index as GC keeps it, never of an earlier scan
             reader = ChunkReader(backend, store.index.get, store.pool)
-            damaged = reader.read([c for c, _ in live], lambda chunk_id, raw: None)
+            deferred: dict[bytes, Raw] = {}  # their raw bytes, as read (and verified)
+            wanted = {c for c, location in live if location.codec == DeferredCodec.id}
+            damaged = reader.read([c for c, _ in live], functools.partial(_keep, wanted, deferred))
             if damaged:  # never copy a damaged object forward
                 chunk_id, error = next(iter(damaged.items()))
                 raise IntegrityError(f"garbage collection stopped before repacking pack {pack_id}: {error}")
             builder = PackBuilder()
             for chunk_id, location in live:
                 obj = backend.get_range(pack_key(pack_id), location.offset, location.length)
-                builder.add(chunk_id, location.codec, obj, location.depth, location.deps)
+                if chunk_id in deferred:
+                    again = encode_again_on_its_own(obj, deferred[chunk_id], store.config.compression_level)
+                    builder.add(chunk_id, again.codec, again.data)
+                else:
+                    builder.add(chunk_id, location.codec, obj, location.depth, location.deps)
             store.index.put_many(store.put_pack(builder))
         lease.check()
         store.index.remove_many(dead_chunks)  # 2. forget dead chunks
@@ -305,3 +316,7 @@ def collect_garbage(
                         len(dead_chunks), bytes_before, store.stored_bytes(), False, expired_snaps, len(stale_warm))  # fmt: skip
 
 
+def _keep(wanted: set[bytes], into: dict[bytes, Raw], chunk_id: bytes, raw: Raw) -> None:
+    """A ``ChunkReader`` delivery that keeps the ``wanted`` chunks' bytes."""
+    if chunk_id in wanted:
+        into[chunk_id] = raw

@@ -147,13 +147,22 @@ def test_crash_during_a_deferred_save_or_its_compaction(tmp_path: Path, writes_b
                             text=True)  # fmt: skip
     assert result.returncode == (0 if writes_before_crash >= 9 else 17), result.stderr
     published = writes_before_crash >= 5  # ... the ref
-    with qckpt.Repository.open(path) as repo:
+
+    def check(repo: qckpt.Repository) -> None:
         assert len(repo.log("main")) == (2 if published else 1) and repo.fsck().ok
         for snapshot, step in zip(repo.log("main"), (2, 1) if published else (1,)):
             g = torch.Generator().manual_seed(step)
             expected = {"w": torch.randn(64, 1024, generator=g), "b": torch.randn(1024, generator=g) + step}
             tree = repo.load(snapshot.id).tree()["dcp"]["tensors"]
             assert all(torch.equal(tree[k], v) for k, v in expected.items()), (snapshot.step, step)
+
+    with qckpt.Repository.open(path) as repo:
+        check(repo)
         raw_packs_left = sum(1 for p in repo._store.pack_ids()
                              if any(loc.codec == 7 for loc in repo._store.pack_contents(p).values()))  # fmt: skip
         assert raw_packs_left == (1 if 1 <= writes_before_crash <= 6 else 0)  # compacted once its pack is deleted
+        before = repo.stats().stored_bytes
+        repo.gc()  # what no compaction will encode is compressed on its own
+        assert (repo.stats().stored_bytes < before) == (1 <= writes_before_crash <= 6)  # garbage, or compressed
+        assert not any(loc.codec == 7 for p in repo._store.pack_ids() for loc in repo._store.pack_contents(p).values())
+        check(repo)
