@@ -297,7 +297,7 @@ class QckptWriter(StorageWriter):
         meanwhile; a part whose manifest is missing is skipped)."""
         saved.wait(COMPACTION_DELAY_S)
         store = self.repo._store
-        store.write_unpublished(lambda txn: compact(txn, staged, written, previous, rules, None, self._choices))
+        store.write_unpublished(lambda txn: compact(txn, staged, entries, written, previous, rules, None, self._choices))
         if part is not None:
             store.backend.put_cache(manifest_key(part[0]), part[1])
             store.warm.write_part(part[0], entries, {a.path: a.data for a in staged})

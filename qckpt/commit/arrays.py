@@ -79,23 +79,24 @@ def write_deferred(txn: Transaction, staged: Sequence[StagedArray]) -> tuple[lis
 def compact(
     txn: Transaction,
     staged: Sequence[StagedArray],
+    entries: Sequence[TensorEntry],
     written: frozenset[bytes],
     base: HotSnapshot | None,
     rules: Mapping[str, ParamRule],
     step: int | None,
     choices: EncodingChoices | None = None,
 ) -> int:
-    """Encode the chunks ``write_deferred`` wrote for ``staged`` (``written``) as
+    """Encode the chunks ``write_deferred`` wrote for ``staged`` (its ``entries``; ``written``) as
     ``write_arrays`` would have, index them in their new packs, then delete every
     pack that held only deferred chunks of this set. Chunks no longer indexed as
     deferred (a garbage collection deleted or moved them since) are left as they
     are. Returns the encoded bytes stored. Readers that still locate a chunk in a
     deleted pack look it up again (as after a repack by garbage collection)."""
     store = txn.store
-    entries, first, _ = _chunks(txn, staged, dedup=False)
+    first = _first_occurrences(staged, entries)
     before = {c: store.index.get(c) for c in written}
     pending = {c for c, location in before.items() if location is not None and location.codec == DeferredCodec.id}
-    again = [c for c in first if c in pending]  # all of them, unless ``staged`` differs from what was written
+    again = [c for c in first if c in pending]  # this save's chunks still deferred where it wrote them
     stored = _encode(txn, staged, entries, first, again, base, rules, step, choices)
     for pack_id in {before[c].pack_id for c in again}:  # type: ignore[union-attr]
         try:
@@ -106,20 +107,26 @@ def compact(
     return stored
 
 
-def _chunks(txn: Transaction, staged: Sequence[StagedArray], *, dedup: bool = True
+def _chunks(txn: Transaction, staged: Sequence[StagedArray]
             ) -> tuple[list[TensorEntry], dict[bytes, tuple[StagedArray, int]], list[bytes]]:  # fmt: skip
-    """Every staged array's manifest entry, each distinct chunk's first occurrence
-    (array, chunk number) and, with ``dedup``, the chunks the index does not know."""
+    """Every staged array's manifest entry (its chunks hashed), each distinct chunk's
+    first occurrence and the chunks the index does not know."""
     size = txn.store.config.chunk_size
-    entries: list[TensorEntry] = []
-    first: dict[bytes, tuple[StagedArray, int]] = {}
-    for array in staged:
-        ids = tuple(digest(array.data[o : o + size].data) for o in range(0, array.data.size, size))
-        for number, chunk_id in enumerate(ids):
-            first.setdefault(chunk_id, (array, number))
-        entries.append(TensorEntry(array.path, array.kind, array.dtype, array.shape, size, ids))
-    missing = txn.store.index.missing(first) if dedup else set()
+    entries = [TensorEntry(array.path, array.kind, array.dtype, array.shape, size,
+                           tuple(digest(array.data[o : o + size].data) for o in range(0, array.data.size, size)))
+               for array in staged]  # fmt: skip
+    first = _first_occurrences(staged, entries)
+    missing = txn.store.index.missing(first)
     return entries, first, [cid for cid in first if cid in missing]
+
+
+def _first_occurrences(staged: Sequence[StagedArray], entries: Sequence[TensorEntry]) -> dict[bytes, tuple[StagedArray, int]]:
+    """Each distinct chunk's first occurrence: (array, chunk number)."""
+    first: dict[bytes, tuple[StagedArray, int]] = {}
+    for array, entry in zip(staged, entries):
+        for number, chunk_id in enumerate(entry.chunks):
+            first.setdefault(chunk_id, (array, number))
+    return first
 
 
 def _encode(
