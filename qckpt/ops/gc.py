@@ -174,8 +174,9 @@ def collect_garbage(
 ) -> GcReport:
     """Expire snapshots by ``policy`` and delete every object no kept snapshot needs.
 
-    Packs whose dead fraction (by bytes) reaches ``repack_threshold`` are
-    rewritten with only their live objects (each verified on the way).
+    Packs whose dead fraction (by bytes) reaches ``repack_threshold``, and packs
+    holding live deferred objects, are rewritten with only their live objects
+    (each verified on the way; deferred ones compressed on their own).
     """
     report = progress or (lambda stage, done, total: None)
     backend = store.backend
