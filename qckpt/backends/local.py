@@ -140,15 +140,19 @@ class LocalBackend(Backend):
         request a private copy-on-write one. Pages come from the page cache: nothing
         is copied until a private page is written. Files are never written in place
         (``put`` renames a new one over), so a mapping never changes under a reader.
-        With ``whole`` the shared one is populated up front (one system call instead
-        of a fault per touched page); without, a read of one tensor of a large
-        copy neither maps nor reads from disk the rest of the file."""
+        Pages are mapped as they are touched (the kernel maps 64 KiB around each
+        fault: hashing a 130 MB copy from the page cache this way took 6.7 ms here,
+        against 6.3 ms to populate the mapping up front plus 4.3 ms to hash). With
+        ``whole`` the kernel is asked to read the whole file ahead (one large read
+        where it is not cached); without, a read of one tensor of a large copy
+        reads from disk little more than that tensor's pages."""
         with self._reading(key) as fd:
             size = os.fstat(fd).st_size
             if size == 0:
                 return MappedBlob(memoryview(b""), lambda: memoryview(bytearray()))
-            populate = getattr(mmap, "MAP_POPULATE", 0) if whole else 0
-            shared = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
+            shared = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            if whole and hasattr(mmap, "MADV_WILLNEED"):
+                shared.madvise(mmap.MADV_WILLNEED)
             unused = [mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)]
         view = memoryview(shared)
 

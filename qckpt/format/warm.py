@@ -17,6 +17,7 @@ manifest lists (``verify_warm``). Bytes only, no I/O.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
@@ -31,6 +32,7 @@ WARM_MAGIC = b"QCKWARM1"
 WARM_ALIGN = 64
 WARM_TRAILER_SIZE = ID_BYTES + 8 + len(WARM_MAGIC)
 _LENGTH = struct.Struct("<Q")
+_Span = tuple[TensorEntry, int, int, bytes, np.ndarray | None]  # entry, start in body, length, chunk id, copy to
 
 
 def warm_layout(entries: Sequence[TensorEntry]) -> tuple[list[int], int]:
@@ -80,22 +82,54 @@ def check_warm_trailer(trailer: bytes | memoryview, size: int, manifest_id: str,
 
 
 def verify_warm(
-    body: memoryview, offsets: Sequence[int], entries: Sequence[TensorEntry], pool: Executor | None = None
+    body: memoryview,
+    offsets: Sequence[int],
+    entries: Sequence[TensorEntry],
+    pool: Executor | None = None,
+    into: Sequence[np.ndarray | None] | None = None,
 ) -> None:
     """Hash every chunk span of ``body`` (the tensors at ``offsets``) against the id
-    the manifest lists: ``IntegrityError`` naming the first tensor and chunk that differ."""
-    spans = [(entry, offset + at, length, chunk_id) for entry, offset in zip(entries, offsets)
-             for chunk_id, at, length in entry.spans()]  # fmt: skip
+    the manifest lists: ``IntegrityError`` naming the first tensor and chunk that differ.
 
-    def check(span: tuple[TensorEntry, int, int, bytes]) -> str | None:
-        entry, start, length, chunk_id = span
-        if digest(body[start : start + length]) != chunk_id:
-            return f"state key {entry.path!r}: chunk {chunk_id.hex()} (bytes {start}-{start + length}) does not match its id"
+    ``into[i]``, where given, is a flat uint8 array of entry i's size: each of its
+    chunks is copied there first and hashed from the copy, while it is in cache
+    (one pass over the bytes instead of two; what is verified is what the caller
+    will use). On an error the copies hold any mix of bytes. ``pool`` spreads the
+    spans over one contiguous batch per core."""
+    destinations = into if into is not None else [None] * len(entries)
+    spans = [(entry, offset + at, length, chunk_id, None if target is None else target[at : at + length])
+             for entry, offset, target in zip(entries, offsets, destinations)
+             for chunk_id, at, length in entry.spans()]  # fmt: skip
+    source = np.frombuffer(body, dtype=np.uint8)
+
+    def check(batch: Sequence[_Span]) -> str | None:
+        for entry, start, length, chunk_id, target in batch:
+            hashed = source[start : start + length]
+            if target is not None:
+                np.copyto(target, hashed)
+                hashed = target
+            if digest(hashed) != chunk_id:
+                return f"state key {entry.path!r}: chunk {chunk_id.hex()} (bytes {start}-{start + length}) does not match its id"
         return None
 
-    for problem in (pool.map(check, spans) if pool is not None else map(check, spans)):
+    batches = _batches(spans, os.cpu_count() or 1) if pool is not None else [spans]
+    for problem in (pool.map(check, batches) if pool is not None else map(check, batches)):
         if problem is not None:
             raise IntegrityError(problem)
+
+
+def _batches(spans: Sequence[_Span], count: int) -> list[list[_Span]]:
+    """``spans`` cut into at most ``count`` contiguous runs of about equal bytes (their
+    order kept, so the first problem found in run order is the first in ``spans``)."""
+    total = sum(span[2] for span in spans)
+    runs: list[list[_Span]] = [[]]
+    done = 0
+    for span in spans:
+        if done >= total * len(runs) / count and runs[-1]:
+            runs.append([])
+        runs[-1].append(span)
+        done += span[2]
+    return runs
 
 
 __all__ = ["WARM_TRAILER_SIZE", "build_warm", "check_warm_trailer", "verify_warm", "warm_layout"]

@@ -622,14 +622,14 @@ class Store:
         written); with it, the others are copied now, so their first writes do
         not pay page by page. ``fetched``: the snapshot's warm copy, already being got
         (``prefetch_warm``)."""
-        warm = self._read_warm(snapshot, entries, fetched)
+        own = None if only_read is None else [not r for r in only_read]
+        warm = self._read_warm(snapshot, entries, fetched, own)
         if warm is not None:
-            if only_read is None:
+            if own is None:
                 writable = warm.private()
-            elif warm.mapped and any(only_read):  # what is only read stays copy-on-write pages
-                writable = [m if r else copied(s) for m, s, r in zip(warm.private(), warm.arrays, only_read)]
-            else:  # a downloaded copy: private() would copy all of it, so copy each buffer once
-                writable = [copied(s) for s in warm.arrays]
+            else:  # copies made while verifying; what is only read stays copy-on-write pages
+                lent = warm.private() if any(o is None for o in warm.owned) else []
+                writable = [o if o is not None else lent[i] for i, o in enumerate(warm.owned)]
             return ReadBuffers(writable, warm.arrays if pristine else None, True)
         known = self._warm_base(snapshot, entries)
         buffers = self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries], known)
@@ -654,10 +654,11 @@ class Store:
         (a local one maps the file when read). None where there is nothing to gain."""
         return self.warm.fetch(snapshot_id) if self.backend.capabilities.local_dir is None else None
 
-    def _read_warm(self, snapshot: Snapshot, entries: list[TensorEntry], fetched: Future[MappedBlob] | None = None) -> WarmRead | None:
+    def _read_warm(self, snapshot: Snapshot, entries: list[TensorEntry], fetched: Future[MappedBlob] | None,
+                   own: Sequence[bool] | None) -> WarmRead | None:  # fmt: skip
         if not self._warm_pays(snapshot, entries):
             return None
-        return self.warm.read(snapshot, self.cached_manifest(snapshot), entries, fetched)
+        return self.warm.read(snapshot, self.cached_manifest(snapshot), entries, fetched, own)
 
     def _warm_base(self, snapshot: Snapshot, entries: list[TensorEntry]) -> dict[bytes, memoryview]:
         """Verified chunks of the nearest first-parent ancestor that has a warm copy

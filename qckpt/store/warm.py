@@ -33,12 +33,14 @@ _log = logging.getLogger("qckpt")
 @dataclass(frozen=True)
 class WarmRead:
     """Verified bytes of some tensors of a snapshot, from its warm copy: ``arrays``
-    (flat uint8, one per entry asked for, read-only: never written by anyone) and
-    ``private()``, writable arrays with the same bytes (copy-on-write mappings on
-    local disk, so nothing is copied until a page is written: ``mapped``; else
-    copies of the whole copy)."""
+    (flat uint8, one per entry asked for, read-only: never written by anyone),
+    ``owned`` (for the entries the reader asked to own, a writable copy of their
+    own, made while verifying; None for the others) and ``private()``, writable
+    arrays with the same bytes (copy-on-write mappings on local disk, so nothing
+    is copied until a page is written: ``mapped``; else copies of the whole copy)."""
 
     arrays: list[np.ndarray]
+    owned: list[np.ndarray | None]
     private: Callable[[], list[np.ndarray]]
     mapped: bool
 
@@ -76,31 +78,44 @@ class WarmCopies:
         return sum(p.nbytes for p in parts)
 
     def read(
-        self, snapshot: Snapshot, manifest: Manifest, wanted: Sequence[TensorEntry], fetched: Future[MappedBlob] | None = None
+        self,
+        snapshot: Snapshot,
+        manifest: Manifest,
+        wanted: Sequence[TensorEntry],
+        fetched: Future[MappedBlob] | None = None,
+        own: Sequence[bool] | None = None,
     ) -> WarmRead | None:
         """The ``wanted`` tensors of ``snapshot`` from its warm copy (``fetched``, if
         ``fetch`` started getting it), verified; None if it has none, or if the copy is
-        damaged (logged: the caller reads the packs)."""
-        return self._read(snapshot.id, snapshot.manifest, manifest, wanted, fetched)
+        damaged (logged: the caller reads the packs). ``own[i]``: wanted entry i gets
+        a writable copy of its own (``WarmRead.owned``), made in the verifying pass;
+        from a copy that is not mapped (a download, whose ``private()`` would copy
+        all of it) every entry gets one when ``own`` is given."""
+        return self._read(snapshot.id, snapshot.manifest, manifest, wanted, fetched, own)
 
     def read_part(self, manifest_id: str, manifest: Manifest, wanted: Sequence[TensorEntry]) -> WarmRead | None:
         """The ``wanted`` tensors from the warm part of manifest ``manifest_id`` (see
         ``write_part``), verified as ``read`` verifies; None if missing or damaged."""
-        return self._read(manifest_id, manifest_id, manifest, wanted, None)
+        return self._read(manifest_id, manifest_id, manifest, wanted, None, None)
 
     def _read(self, name: str, manifest_id: str, manifest: Manifest, wanted: Sequence[TensorEntry],
-              fetched: Future[MappedBlob] | None) -> WarmRead | None:  # fmt: skip
+              fetched: Future[MappedBlob] | None, own: Sequence[bool] | None) -> WarmRead | None:  # fmt: skip
         whole = 2 * sum(e.nbytes for e in wanted) >= sum(e.nbytes for e in manifest.tensors)
         try:
             blob = fetched.result() if fetched is not None else self._backend.map(warm_key(name), whole)
         except ObjectNotFoundError:
             return None
+        if own is not None and not blob.mapped:
+            own = [True] * len(wanted)
+        owned = [np.empty(e.nbytes, dtype=np.uint8) if o else None for e, o in zip(wanted, own or [False] * len(wanted))]
         try:
-            offsets = self._check(blob.view, manifest_id, manifest, wanted)
+            offsets = self._check(blob.view, manifest_id, manifest, wanted, owned)
         except IntegrityError as e:
             _log.warning("the warm copy %s is damaged, reading packs instead: %s", name[:12], e)
             return None
-        return WarmRead(_arrays(blob.view, offsets, wanted), lambda: _arrays(blob.private(), offsets, wanted), blob.mapped)
+        return WarmRead(
+            _arrays(blob.view, offsets, wanted), owned, lambda: _arrays(blob.private(), offsets, wanted), blob.mapped
+        )
 
     def fetch(self, snapshot_id: str) -> Future[MappedBlob]:
         """Start getting the warm copy of ``snapshot_id`` in the background (for ``read``),
@@ -112,13 +127,15 @@ class WarmCopies:
         ``ObjectNotFoundError`` if there is none)."""
         self._check(self._backend.map(warm_key(snapshot.id)).view, snapshot.manifest, manifest, manifest.tensors)
 
-    def _check(self, view: memoryview, manifest_id: str, manifest: Manifest, wanted: Sequence[TensorEntry]) -> list[int]:
+    def _check(self, view: memoryview, manifest_id: str, manifest: Manifest, wanted: Sequence[TensorEntry],
+               into: Sequence[np.ndarray | None] | None = None) -> list[int]:  # fmt: skip
         """Offsets of ``wanted`` in a warm copy of manifest ``manifest_id``, after checking
-        its trailer and hashing every chunk of ``wanted``."""
+        its trailer and hashing every chunk of ``wanted`` (copied first ``into`` the
+        arrays given, see ``verify_warm``)."""
         all_offsets = check_warm_trailer(view[-WARM_TRAILER_SIZE:], len(view), manifest_id, manifest.tensors)
         where = {e.path: o for e, o in zip(manifest.tensors, all_offsets)}
         offsets = [where[e.path] for e in wanted]
-        verify_warm(view, offsets, wanted, self._pool)
+        verify_warm(view, offsets, wanted, self._pool, into)
         return offsets
 
     def snapshot_ids(self) -> list[str]:

@@ -21,7 +21,11 @@ import torch
 
 import qckpt
 from bench.workload import Trainer, train_step
-from qckpt.format.warm import WARM_TRAILER_SIZE
+from concurrent.futures import ThreadPoolExecutor
+
+from qckpt.format.ids import digest
+from qckpt.format.records import TensorEntry
+from qckpt.format.warm import WARM_TRAILER_SIZE, build_warm, check_warm_trailer, verify_warm
 from qckpt.store.store import REPOSITORY_VERSION
 
 STEPS = 4
@@ -85,8 +89,8 @@ def test_the_head_restores_from_its_warm_copy_alone(trained: tuple[Path, Trainer
 
 
 def test_only_reads_of_most_of_a_warm_copy_map_it_whole(trained: tuple[Path, Trainer], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lazy read of one tensor maps the warm copy without populating it (on a
-    large copy, populating reads the whole file); restores and whole trees do."""
+    """A lazy read of one tensor maps the warm copy without reading the whole file
+    ahead (on a large copy, that reads it all from disk); restores and whole trees do."""
     path, trainer = trained
     asked: list[bool] = []
     real = qckpt.LocalBackend.map
@@ -138,7 +142,9 @@ def test_a_damaged_warm_copy_falls_back_to_the_packs(trained: tuple[Path, Traine
     path, trainer = trained
     (copy,) = (path / "warm").iterdir()
     pristine = copy.read_bytes()
-    for damage in (lambda b: b[:1000] + bytes([b[1000] ^ 1]) + b[1001:],  # a flipped bit in a tensor
+    for damage in (lambda b: b[:1000] + bytes([b[1000] ^ 1]) + b[1001:],  # a flipped bit in a module's tensor
+                   lambda b: b[:-WARM_TRAILER_SIZE - 1] + bytes([b[-WARM_TRAILER_SIZE - 1] ^ 1]) + b[-WARM_TRAILER_SIZE:],  # in the
+                   # last tensor (not a module's): one the restore copies while it verifies
                    lambda b: b[:-WARM_TRAILER_SIZE - 7],  # truncated
                    lambda b: b"",
                    lambda b: b[:-8] + b"QCKWARM9"):  # fmt: skip
@@ -153,6 +159,29 @@ def test_a_damaged_warm_copy_falls_back_to_the_packs(trained: tuple[Path, Traine
     os.remove(path / "packs" / sorted(os.listdir(path / "packs"))[-1])  # and the packs cannot serve either
     with pytest.raises(qckpt.IntegrityError):
         _restored(path)
+
+
+def _warm_of(arrays: dict[str, np.ndarray], chunk_size: int) -> tuple[memoryview, list[TensorEntry]]:
+    entries = [TensorEntry(path, "ndarray", "|u1", a.shape, chunk_size,
+                           tuple(digest(a[i : i + chunk_size]) for i in range(0, a.size, chunk_size)))
+               for path, a in arrays.items()]  # fmt: skip
+    return memoryview(b"".join(bytes(p) for p in build_warm("ab" * 16, entries, arrays))), entries
+
+
+@pytest.mark.parametrize("pool", [None, ThreadPoolExecutor(3)])
+def test_verifying_a_warm_copy_fills_the_copies_asked_for_and_names_the_first_damage(pool: ThreadPoolExecutor | None) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {f"t{i}": rng.integers(0, 256, size, dtype=np.uint8) for i, size in enumerate([1000, 0, 77, 4096, 3000])}
+    body, entries = _warm_of(arrays, chunk_size=256)
+    offsets = check_warm_trailer(body[-WARM_TRAILER_SIZE:], len(body), "ab" * 16, entries)
+    into = [np.zeros(e.nbytes, dtype=np.uint8) if i % 2 else None for i, e in enumerate(entries)]
+    verify_warm(body[:-WARM_TRAILER_SIZE], offsets, entries, pool, into)
+    assert all(c is None or np.array_equal(c, arrays[e.path]) for e, c in zip(entries, into))
+    damaged = bytearray(body)
+    for entry, at in (("t4", 2999), ("t3", 300), ("t0", 999)):  # each flip comes before the last: it is the one named
+        damaged[offsets[int(entry[1])] + at] ^= 1
+        with pytest.raises(qckpt.IntegrityError, match=f"'{entry}'.*bytes {offsets[int(entry[1])] + at // 256 * 256}-"):
+            verify_warm(memoryview(damaged), offsets, entries, pool, into)
 
 
 def test_a_warm_copy_of_another_snapshot_is_refused(trained: tuple[Path, Trainer]) -> None:
