@@ -135,9 +135,9 @@ class Backend(ABC):
 
     def map(self, key: str, whole: bool = True) -> MappedBlob:
         """The whole value under ``key`` in memory (see ``MappedBlob``). This default
-        reads it with ``get``; backends on local files map them instead, with the
-        pages mapped up front if the caller will read the ``whole`` value (or most
-        of it), else as they are touched."""
+        reads it with ``get``; backends on local files map them instead, reading the
+        whole file ahead if the caller will read the ``whole`` value (or most of
+        it), else only the pages touched."""
         data = self.get(key)
         return MappedBlob(memoryview(data), lambda: memoryview(bytearray(data)))
 
