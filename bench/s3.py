@@ -117,8 +117,13 @@ def _stalls_after_kill(repo: qckpt.Repository, uri: str, endpoint: str, tmp: Pat
     return {"gc_behind_killed_commit_s": gc_behind_killed_commit, "commit_behind_killed_gc_s": commit_behind_killed_gc}
 
 
+RESTORES = 9
+
+
 def _restore_latest(uri: str, endpoint: str, bucket: str, torch_key: str, trainer: Trainer, tmp: Path) -> dict[str, float]:
-    """Best of 3 restores of the latest state, each from a new S3 client in a new
+    """Best of ``RESTORES`` restores of the latest state (alternating with the
+    baseline: moto's downloads of the same bytes vary by half between
+    requests), each from a new S3 client in a new
     boto3 session (a restarted process makes both either way: qckpt one per
     repository, ``boto3.client`` its default session) and, for qckpt, an empty
     index cache; the restore alone is timed too. Both sessions reuse the service
@@ -126,7 +131,7 @@ def _restore_latest(uri: str, endpoint: str, bucket: str, torch_key: str, traine
     for either (~60 ms)."""
     times: dict[str, list[float]] = {"qckpt open+restore": [], "qckpt restore": [],
                                      "client+download+torch.load": [], "download+torch.load": []}  # fmt: skip
-    for attempt in range(3):
+    for attempt in range(RESTORES):
         t0 = time.perf_counter()
         with qckpt.Repository.open(uri, endpoint_url=endpoint, cache_dir=tmp / f"fresh-{attempt}") as fresh:
             t1 = time.perf_counter()
@@ -209,7 +214,7 @@ def run(args: argparse.Namespace) -> dict:
               f"{m['bytes'] / base['bytes']:8.2f}x")  # fmt: skip
     print("S3 requests per qckpt commit: " + ", ".join(f"{op} {n:.1f}" for op, n in sorted(per_commit.items())))
     print(f"bytes sent per commit: qckpt {sent / commits / 1e6:.2f} MB, torch.save+upload {upload_bytes / commits / 1e6:.2f} MB")
-    print("restore latest (best of 3): qckpt open (new client, empty cache) + restore "
+    print(f"restore latest (best of {RESTORES}): qckpt open (new client, empty cache) + restore "
           f"{restores['qckpt open+restore']:.3f}s vs new client + download + torch.load {restores['client+download+torch.load']:.3f}s "
           f"({restores['qckpt open+restore'] / restores['client+download+torch.load']:.2f}x); with the repository open / client made: "
           f"{restores['qckpt restore']:.3f}s vs {restores['download+torch.load']:.3f}s "
