@@ -130,9 +130,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deleted_branches(repo: Repository) -> list[str]:
+    """Branches whose deletion the ref log records."""
+    return sorted({e.ref.removeprefix(BRANCH_PREFIX) for e in repo.reflog() if e.ref.startswith(BRANCH_PREFIX) and e.new is None})
+
+
 def _no_branches(repo: Repository) -> str:
     """What to tell someone who lists the branches of a repository that has none."""
-    deleted = sorted({e.ref.removeprefix(BRANCH_PREFIX) for e in repo.reflog() if e.ref.startswith(BRANCH_PREFIX) and e.new is None})
+    deleted = _deleted_branches(repo)
     if deleted:
         return f"no branches; deleted: {', '.join(deleted)} (`qckpt branch --restore NAME` brings one back)"
     return "no branches yet: the first commit creates one"
@@ -320,7 +325,13 @@ def cmd_gc(args: argparse.Namespace, repo: Repository) -> int:
 
 
 def cmd_reset(args: argparse.Namespace, repo: Repository) -> int:
-    old = repo.branches().get(args.branch)
+    branches = repo.branches()
+    old = branches.get(args.branch)
+    if old is None:  # a misspelt name would otherwise become a new branch, and the branch meant stay where it was
+        listed = f"branches: {', '.join(sorted(branches))}" if branches else "no branches"
+        restore = f"; it was deleted: `qckpt branch --restore {args.branch}` brings it back" if args.branch in _deleted_branches(repo) else ""
+        raise NotFoundError(f"no branch named {args.branch!r} to move ({listed}); `qckpt branch {args.branch} --at "
+                            f"{args.revision}` creates one{restore}")  # fmt: skip
     snap = repo.reset(args.branch, args.revision)
     print(f"branch {args.branch}: {_short(old)} -> {snap.short_id} (step {snap.step}); "
           "recorded in the ref log (qckpt reflog)")  # fmt: skip
@@ -400,7 +411,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--at", default="main", help="revision to point at (default: main)")
         p.add_argument("-d", "--delete", metavar="NAME")
     sub.choices["branch"].add_argument("--restore", metavar="NAME", help="re-create a deleted branch from the ref log")
-    p = command("reset", cmd_reset, "move a branch to any revision (recorded in the ref log)")
+    p = command("reset", cmd_reset, "move an existing branch to any revision (recorded in the ref log)")
     p.add_argument("branch")
     p.add_argument("revision")
     p = command("reflog", cmd_reflog, "every recorded change of branches and tags, newest first")

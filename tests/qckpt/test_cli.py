@@ -220,6 +220,10 @@ def test_du_counts_what_only_each_branch_holds(tmp_path: Path, capsys: pytest.Ca
 def test_reset_reflog_and_branch_restore(populated: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with qckpt.Repository.open(populated) as repo:
         head, alt = repo.snapshot("main"), repo.snapshot("alt")
+    assert main(["-R", str(populated), "reset", "mian", "main@1"]) == 3  # a typo creates no branch
+    err = capsys.readouterr().err
+    assert "no branch named 'mian' to move (branches: alt, main)" in err and "`qckpt branch mian --at main@1` creates one" in err
+    assert "restore" not in err
     code, out = _cli(capsys, populated, "reset", "main", "main@1")
     assert code == 0 and f"{head.short_id} -> " in out and "ref log" in out
     code, out = _cli(capsys, populated, "branch", "-d", "alt")
@@ -227,12 +231,14 @@ def test_reset_reflog_and_branch_restore(populated: Path, capsys: pytest.Capture
     code, out = _cli(capsys, populated, "reflog")
     lines = out.splitlines()
     assert "heads/alt" in lines[0] and "delete" in lines[0] and "left its old snapshot behind" in lines[0]
-    assert "heads/main" in lines[1] and "reset" in lines[1]
+    assert "heads/main" in lines[1] and "reset" in lines[1] and "mian" not in out
     code, out = _cli(capsys, populated, "reflog", "main", "--json")
     assert code == 0 and json.loads(out)[0]["old"] == head.id
     assert main(["-R", str(populated), "reflog", "never-existed"]) == 3
     assert "no branch or tag named 'never-existed'" in capsys.readouterr().err
     _cli(capsys, populated, "branch", "-d", "main")
+    assert main(["-R", str(populated), "reset", "main", "alt"]) == 3  # deleted: not re-created by a reset either
+    assert "no branches); `qckpt branch main --at alt` creates one; it was deleted: `qckpt branch --restore main` brings it back" in capsys.readouterr().err
     for listing in ("log", "branch"):
         assert main(["-R", str(populated), listing]) == 0
         assert capsys.readouterr().err == "no branches; deleted: alt, main (`qckpt branch --restore NAME` brings one back)\n"
