@@ -386,6 +386,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="S3-compatible server for s3:// repositories (default: AWS_ENDPOINT_URL or AWS's own)")
     parser.add_argument("--version", action="version", version=f"qckpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.set_defaults(parsers=sub.choices)  # the command parsers by name, for errors in their own terms
 
     def command(name: str, fn: Callable[..., int], help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
@@ -447,7 +448,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra:  # reported by the command's own parser, whose usage says what it takes
+        args.parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.fn is cmd_init:
             return cmd_init(args)

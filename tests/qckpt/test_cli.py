@@ -64,6 +64,10 @@ def test_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as usage:
         main(["frobnicate"])
     assert usage.value.code == 2
+    with pytest.raises(SystemExit) as usage:  # a revision where an option is wanted: the command's own usage says so
+        main(["-R", str(path), "fork", "x", "main"])
+    err = capsys.readouterr().err
+    assert usage.value.code == 2 and "usage: qckpt fork [-h] [--at AT] name" in err and "unrecognized arguments: main" in err
 
 
 def test_storage_that_cannot_be_used_is_not_reported_as_damage(capsys: pytest.CaptureFixture[str],
