@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import qckpt
 from bench.workload import Trainer, train_step
@@ -25,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from qckpt.format.ids import digest
 from qckpt.format.records import TensorEntry
-from qckpt.format.warm import WARM_TRAILER_SIZE, build_warm, check_warm_trailer, verify_warm
+from qckpt.format.warm import WARM_TRAILER_SIZE, _batches, build_warm, check_warm_trailer, verify_warm
 from qckpt.store.store import REPOSITORY_VERSION
 
 STEPS = 4
@@ -182,6 +184,14 @@ def test_verifying_a_warm_copy_fills_the_copies_asked_for_and_names_the_first_da
         damaged[offsets[int(entry[1])] + at] ^= 1
         with pytest.raises(qckpt.IntegrityError, match=f"'{entry}'.*bytes {offsets[int(entry[1])] + at // 256 * 256}-"):
             verify_warm(memoryview(damaged), offsets, entries, pool, into)
+
+
+@given(lengths=st.lists(st.integers(1, 1 << 20), max_size=40), count=st.integers(1, 16))
+def test_verification_batches_keep_every_span_in_order_and_are_at_most_one_per_core(lengths: list[int], count: int) -> None:
+    spans = [(None, i, length, b"", None) for i, length in enumerate(lengths)]
+    runs = _batches(spans, count)  # type: ignore[arg-type]
+    assert [s for run in runs for s in run] == spans and len(runs) <= count
+    assert all(runs) or not spans
 
 
 def test_a_warm_copy_of_another_snapshot_is_refused(trained: tuple[Path, Trainer]) -> None:
