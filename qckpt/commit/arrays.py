@@ -62,18 +62,12 @@ def write_deferred(txn: Transaction, staged: Sequence[StagedArray]) -> tuple[lis
     hold ``staged``'s memory only until this returns."""
     entries, first, new = _chunks(txn, staged)
     store = txn.store
-    builder = PackBuilder()
-    locations: dict[bytes, ChunkLocation] = {}
+    packs = _Packs(txn)
     for chunk_id in new:
         array, number = first[chunk_id]
-        builder.add(chunk_id, DeferredCodec.id, deferred_object(chunk_view(array, number, store.config.chunk_size), array.itemsize))
-        if builder.size >= PACK_TARGET_SIZE:
-            locations.update(store.put_pack(builder))
-    if len(builder):
-        locations.update(store.put_pack(builder))
-    store.index.put_many(locations)
-    stored = sum(location.length for location in locations.values())
-    return entries, _stats(txn, staged, entries, first, new, stored, (DEFERRED_NOTE,)), frozenset(new)
+        packs.add(chunk_id, DeferredCodec.id, deferred_object(chunk_view(array, number, store.config.chunk_size), array.itemsize))
+    store.index.put_many(packs.finish())
+    return entries, _stats(txn, staged, entries, first, new, packs.stored, (DEFERRED_NOTE,)), frozenset(new)
 
 
 def compact(
@@ -152,6 +146,31 @@ def _encode(
     return stored
 
 
+class _Packs:
+    """Objects stored in packs of about ``PACK_TARGET_SIZE``, each pack stored as it
+    fills: ``add`` them, then ``finish`` stores the last and returns every added
+    chunk's location. ``stored``: the object bytes added."""
+
+    def __init__(self, txn: Transaction) -> None:
+        self._store = txn.store
+        self._builder = PackBuilder()
+        self._locations: dict[bytes, ChunkLocation] = {}
+        self.stored = 0
+
+    def add(self, chunk_id: bytes, codec: int, obj: bytes | Sequence[bytes | memoryview], depth: int = 1,
+            deps: tuple[bytes, ...] = ()) -> None:  # fmt: skip
+        before = self._builder.size
+        self._builder.add(chunk_id, codec, obj, depth, deps)
+        self.stored += self._builder.size - before
+        if self._builder.size >= PACK_TARGET_SIZE:
+            self._locations.update(self._store.put_pack(self._builder))
+
+    def finish(self) -> dict[bytes, ChunkLocation]:
+        if len(self._builder):
+            self._locations.update(self._store.put_pack(self._builder))
+        return self._locations
+
+
 def _stats(txn: Transaction, staged: Sequence[StagedArray], entries: Sequence[TensorEntry],
            first: Mapping[bytes, tuple[StagedArray, int]], new: Sequence[bytes], stored: int,
            notes: tuple[str, ...]) -> CommitStats:  # fmt: skip
@@ -166,9 +185,7 @@ def _write_packs(
     store = txn.store
     level = store.config.compression_level
     size = store.config.chunk_size
-    builder = PackBuilder()
-    locations: dict[bytes, ChunkLocation] = {}
-    stored = 0
+    packs = _Packs(txn)
     max_in_flight = 4 * store.workers
     for wave in waves:
         pending: deque[tuple[bytes, ChunkPlan, Future[EncodedObject]]] = deque()
@@ -188,10 +205,5 @@ def _write_packs(
             chunk_id, plan, future = pending.popleft()
             obj = future.result()
             depth = planner.encoded(chunk_id, first[chunk_id][0], plan, obj)
-            builder.add(chunk_id, obj.codec, obj.data, depth, obj.deps)
-            stored += len(obj.data)
-            if builder.size >= PACK_TARGET_SIZE:
-                locations.update(store.put_pack(builder))
-    if len(builder):
-        locations.update(store.put_pack(builder))
-    return locations, stored
+            packs.add(chunk_id, obj.codec, obj.data, depth, obj.deps)
+    return packs.finish(), packs.stored
