@@ -5,8 +5,9 @@ A prediction is offered for a chunk only if every input is available: a
 tensor of the same dtype and size in the base snapshot (kept in the hot tier)
 or in this commit, whose chunk at the same position is either indexed
 already in its final form (then its depth is known; a deferred chunk awaiting
-compaction is not) or encoded by an earlier wave of this commit; no chunk depends on itself; and the chain it would create is at most
-``max_chain`` objects long. Otherwise the chunk is simply stored on its own,
+compaction is not) or encoded by an earlier wave of this commit; no chunk
+depends on itself; and the chain it would create is at most ``max_chain``
+objects long. Otherwise the chunk is simply stored on its own,
 which is always safe. Candidates carry the mantissa bits the lossy tier
 rounded the array by, so predictions are rounded alike.
 
