@@ -44,6 +44,9 @@ def join_path(parent: str, key: object) -> str:
     return f"{parent}/{part}" if parent else part
 
 
+# Exactly these types encode as themselves, as do finite floats (subclasses, e.g. numpy's float64
+# or an IntEnum, take the general path).
+_PLAIN = frozenset({bool, int, str})
 _SUPPORTED = "None, bool, int, float, str, bytes, list, tuple, dict, torch.Tensor, numpy arrays and scalars"
 
 
@@ -69,7 +72,17 @@ def encode_tree(tree: Any) -> tuple[Json, list[ArrayLeaf]]:
     ``UnsupportedValueError`` for values without a plain encoding and for two tensors at one path."""
     arrays: list[ArrayLeaf] = []
 
+    def child(v: Any, parent: str, key: object) -> Json:  # a leaf's path is joined only where it is needed
+        plain = v is None or type(v) in _PLAIN or (type(v) is float and math.isfinite(v))
+        return v if plain else enc(v, join_path(parent, key))
+
     def enc(v: Any, path: str) -> Json:
+        if isinstance(v, torch.Tensor):  # the most frequent values first; the types tested before np.generic
+            _check_tensor(v, path)        # are disjoint from its scalars (np.float64 is a float)
+            arrays.append(ArrayLeaf(path, v))
+            return {"$array": len(arrays) - 1}
+        if isinstance(v, dict):
+            return {"$dict": [[enc_key(k, path), child(x, path, k)] for k, x in v.items()]}
         if v is None or isinstance(v, (bool, str)):
             return v
         if isinstance(v, np.generic):
@@ -83,27 +96,23 @@ def encode_tree(tree: Any) -> tuple[Json, list[ArrayLeaf]]:
             return float(v) if math.isfinite(v) else {"$float": repr(float(v))}
         if isinstance(v, (bytes, bytearray)):
             return {"$bytes": base64.b64encode(v).decode()}
-        if isinstance(v, torch.Tensor):
-            _check_tensor(v, path)
-            arrays.append(ArrayLeaf(path, v))
-            return {"$array": len(arrays) - 1}
         if isinstance(v, np.ndarray):
             if numpy_dtype_name(v.dtype) is None:
                 raise UnsupportedValueError(f"state key {path!r}: numpy arrays of dtype {v.dtype} are not supported")
             arrays.append(ArrayLeaf(path, v))
             return {"$array": len(arrays) - 1}
         if isinstance(v, list):
-            return [enc(x, join_path(path, i)) for i, x in enumerate(v)]
+            return [child(x, path, i) for i, x in enumerate(v)]
         if isinstance(v, tuple):
-            return {"$tuple": [enc(x, join_path(path, i)) for i, x in enumerate(v)]}
-        if isinstance(v, dict):
-            return {"$dict": [[enc_key(k, path), enc(x, join_path(path, k))] for k, x in v.items()]}
+            return {"$tuple": [child(x, path, i) for i, x in enumerate(v)]}
         raise UnsupportedValueError(
             f"state key {path!r}: cannot store a value of type {type(v).__qualname__} without pickle; "
             f"supported are {_SUPPORTED}"
         )
 
     def enc_key(k: Any, path: str) -> Json:
+        if type(k) in _PLAIN:
+            return k
         if isinstance(k, tuple):
             return {"$tuple": [enc_key(x, path) for x in k]}
         if k is None or isinstance(k, (bool, int, float, str)) and not isinstance(k, np.generic):
