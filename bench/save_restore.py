@@ -3,14 +3,18 @@
 For each reference model size (``10m`` and ``100m``; ``--quick``: ``tiny`` and
 ``3m``), in one process:
 
-* ``clone_s``: copying the captured training state in memory (``tensor.clone()``);
+* side by side, in turns after the same training steps (``ROUNDS`` rounds of: a
+  training step, then ``clone_s``: copying the captured state in memory
+  (``tensor.clone()``); a training step, then ``stall_s``: the time the
+  training thread spends in ``Repository.commit_async`` (capture + staging
+  into host memory); the commit written (untimed), then ``restore_hot_s``:
+  ``Repository.restore`` of it, from the hot tier), medians: the three meet
+  the same caches and the same idle writer;
 * ``torch_save_s``: ``torch.save`` of the state to a local file;
-* ``stall_s``: mean time the training thread spends in ``Repository.commit_async``
-  (capture + staging into host memory) when committing every step;
 * ``train_steps_per_s_no_ckpt``, ``..._ckpt_every_step``, ``..._ckpt_every_10``:
   training throughput with asynchronous commits (the final flush included);
-* ``restore_hot_s``: ``Repository.restore`` of the latest snapshot in the writing
-  process (from the hot tier);
+  ``stall_every_step_s``: the mean stall in the every-step run, where the
+  writer is still encoding the previous commit;
 * in a fresh process (``bench.fresh``: a new Python process that builds the
   training state, trains one step untimed, then alternates the methods, best
   of 3): ``restore_latest_s``, ``restore_middle_s``, ``restore_oldest_s``:
@@ -26,7 +30,7 @@ For each reference model size (``10m`` and ``100m``; ``--quick``: ``tiny`` and
 * ``warm_bytes_per_commit`` / ``history_bytes_per_commit``: what each commit
   wrote to the warm tier and to the history, next to ``state_bytes``.
 
-Each time is the best of a few repetitions. On a CPU-only machine the
+Other times are the best of a few repetitions. On a CPU-only machine the
 background writer competes with training for the same cores; that cost is
 part of the throughput figures. The objects that exist once the model is
 built are frozen (``gc.freeze``, as tuned training jobs do): the process holds
@@ -56,6 +60,8 @@ import qckpt
 from bench.fresh import in_fresh_process
 from bench.timing import best_time
 from bench.workload import Trainer, train_step
+
+ROUNDS = 7  # side-by-side rounds of clone, stall and hot restore
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +134,28 @@ class _Restart:
         return best
 
 
+def _side_by_side(trainer: Trainer, repo: qckpt.Repository, ids: list[str]) -> dict[str, float]:
+    """Medians over ``ROUNDS`` of a clone, a ``commit_async`` stall and a hot restore
+    of that commit, each after a training step (see the module docstring); the
+    commits are appended to ``ids``."""
+    times: dict[str, list[float]] = {"clone_s": [], "stall_s": [], "restore_hot_s": []}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        out = fn()
+        times[name].append(time.perf_counter() - start)
+        return out
+
+    for _ in range(ROUNDS):
+        train_step(trainer.state)
+        timed("clone_s", partial(_clone, trainer.state.capture()))
+        train_step(trainer.state)
+        handle = timed("stall_s", lambda: repo.commit_async(trainer.state))
+        ids.append(handle.wait().id)
+        timed("restore_hot_s", partial(repo.restore, trainer.state, ids[-1]))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def measure(size: str, steps: int, root: Path) -> dict[str, float]:
     trainer = Trainer(size, total_steps=10 * steps)
     for _ in range(2):
@@ -135,7 +163,6 @@ def measure(size: str, steps: int, root: Path) -> dict[str, float]:
     gc.freeze()  # see the module docstring
     tree = trainer.state.capture()
     out: dict[str, float] = {"params": sum(p.numel() for p in trainer.model.parameters())}
-    out["clone_s"] = best_time(lambda: _clone(tree))
     path = root / f"{size}.pt"
     out["torch_save_s"] = best_time(lambda: torch.save(tree, path))
     out["state_bytes"] = path.stat().st_size
@@ -146,15 +173,15 @@ def measure(size: str, steps: int, root: Path) -> dict[str, float]:
     ids: list[str] = []
     out["train_steps_per_s_no_ckpt"] = _throughput(trainer, None, steps, 1, [], [])
     out["train_steps_per_s_ckpt_every_step"] = _throughput(trainer, repo, steps, 1, stalls, ids)
-    out["stall_s"] = statistics.mean(stalls)
+    out["stall_every_step_s"] = statistics.mean(stalls)
     out["train_steps_per_s_ckpt_every_10"] = _throughput(trainer, repo, 2 * steps, 10, [], ids)
+    out.update(_side_by_side(trainer, repo, ids))
     history = [repo.snapshot(i) for i in ids]
     out["history_bytes_per_commit"] = statistics.mean(s.stats.new_stored_bytes for s in history)
     warm = repo._warm  # the writer's own count (internal: no public API needs it)
     out["warm_bytes_per_commit"] = (warm.bytes_written if warm is not None else 0) / len(ids)
     latest = ids[-1]
     torch.save(trainer.state.capture(), path)  # the same state as the latest snapshot, for torch's resume
-    out["restore_hot_s"] = best_time(lambda: repo.restore(trainer.state, latest))
     repo.close()
     out.update(_Restart(size, str(location), ids, str(path)).times({"latest": len(ids) - 1, "middle": steps // 2, "oldest": 0}))
 
