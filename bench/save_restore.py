@@ -14,7 +14,8 @@ For each reference model size (``10m`` and ``100m``; ``--quick``: ``tiny`` and
 * ``train_steps_per_s_no_ckpt``, ``..._ckpt_every_step``, ``..._ckpt_every_10``:
   training throughput with asynchronous commits (the final flush included);
   ``stall_every_step_s``: the mean stall in the every-step run, where the
-  writer is still encoding the previous commit;
+  writer is still encoding the previous commit (the side-by-side commits
+  follow these runs, on top of their history);
 * in a fresh process (``bench.fresh``: a new Python process that builds the
   training state, trains one step untimed, then alternates the methods, best
   of 3): ``restore_latest_s``, ``restore_middle_s``, ``restore_oldest_s``:
@@ -175,11 +176,11 @@ def measure(size: str, steps: int, root: Path) -> dict[str, float]:
     out["train_steps_per_s_ckpt_every_step"] = _throughput(trainer, repo, steps, 1, stalls, ids)
     out["stall_every_step_s"] = statistics.mean(stalls)
     out["train_steps_per_s_ckpt_every_10"] = _throughput(trainer, repo, 2 * steps, 10, [], ids)
-    out.update(_side_by_side(trainer, repo, ids))
     history = [repo.snapshot(i) for i in ids]
     out["history_bytes_per_commit"] = statistics.mean(s.stats.new_stored_bytes for s in history)
     warm = repo._warm  # the writer's own count (internal: no public API needs it)
     out["warm_bytes_per_commit"] = (warm.bytes_written if warm is not None else 0) / len(ids)
+    out.update(_side_by_side(trainer, repo, ids))  # after the per-commit figures: these commits are two steps apart
     latest = ids[-1]
     torch.save(trainer.state.capture(), path)  # the same state as the latest snapshot, for torch's resume
     repo.close()
