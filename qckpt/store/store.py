@@ -140,6 +140,7 @@ class Transaction:
         data = manifest.to_bytes()
         manifest_id = hex_id(data)
         self.store.backend.put(manifest_key(manifest_id), data)
+        self.store.keep_manifest(manifest_id, manifest)  # the next restore of this commit reads nothing back
         return manifest_id
 
 
@@ -439,11 +440,17 @@ class Store:
             manifest = self._manifests.get(snapshot.manifest)
         if manifest is None:
             manifest = self.manifest(snapshot)
-            with self._manifests_lock:
-                self._manifests[snapshot.manifest] = manifest
-                while len(self._manifests) > 8:
-                    self._manifests.popitem(last=False)
+            self.keep_manifest(snapshot.manifest, manifest)
         return manifest
+
+    def keep_manifest(self, manifest_id: str, manifest: Manifest) -> None:
+        """Add to ``cached_manifest``'s cache (the 8 most recent): a manifest read and
+        verified, or one just written (equal to what reading it back gives)."""
+        with self._manifests_lock:
+            self._manifests[manifest_id] = manifest
+            self._manifests.move_to_end(manifest_id)
+            while len(self._manifests) > 8:
+                self._manifests.popitem(last=False)
 
     def manifest(self, snapshot: Snapshot) -> Manifest:
         """The (verified) manifest of ``snapshot``, read now."""

@@ -18,6 +18,7 @@ def _roundtrip(location: Any, tree: Any) -> None:
         snap = repo.commit({"tree": tree}, step=3)
         again = repo.commit({"tree": tree})  # identical content: fully deduplicated
         assert again.stats.new_chunks == 0
+        assert repo._store.cached_manifest(snap) == repo.manifest(snap)  # kept as written: what reading it back gives
         loaded = repo.load(snap.id).tree()
     assert differences(loaded, {"tree": tree}) == []
 
