@@ -569,7 +569,7 @@ class Repository:
     def load(self, revision: str = "main") -> SnapshotView:
         """A read-only view of a snapshot without any model: tensors by path, read lazily."""
         snap = self.snapshot(revision)
-        return SnapshotView(snap, self._store.manifest(snap), self._store.read_arrays, self._store.read_bytes)
+        return SnapshotView(snap, self._store.cached_manifest(snap), self._store.read_arrays, self._store.read_bytes)
 
     def manifest(self, snapshot: Snapshot) -> Manifest:
         """The (verified) manifest of ``snapshot``."""
