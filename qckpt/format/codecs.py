@@ -93,6 +93,8 @@ def _shuffle(raw: Raw, itemsize: int) -> np.ndarray:
     data = _u8(raw)
     if itemsize == 1:
         return data
+    if itemsize not in _UNSIGNED:  # wider than a machine word (complex128): a strided byte gather
+        return np.ascontiguousarray(data.reshape(-1, itemsize).T)
     words = data.view(np.dtype(_UNSIGNED[itemsize]).newbyteorder("<"))
     planes = np.empty((itemsize, words.size), dtype=np.uint8)
     for k in range(itemsize):  # a shift per plane, truncated to its low byte: ~2x a strided byte gather
@@ -249,17 +251,24 @@ def round_bits(raw: Raw, fmt: int, dropped: int) -> np.ndarray:
     return rounded.view(np.uint8)
 
 
+def _word_size(itemsize: int) -> int:
+    """Width of the integers a residual is taken in: the element's own, or 8 bytes
+    for wider elements (complex128: its two float64 halves, one residual each)."""
+    return itemsize if itemsize in _UNSIGNED else 8
+
+
 def _zigzag_difference(raw: Raw, prediction: np.ndarray, itemsize: int, dropped: int) -> np.ndarray:
-    unsigned, signed = _UNSIGNED[itemsize], _SIGNED[itemsize]
+    word = _word_size(itemsize)
+    unsigned, signed = _UNSIGNED[word], _SIGNED[word]
     diff = (_u8(raw).view(unsigned) - prediction.view(unsigned)).view(signed)  # wraps
     if dropped:
         diff >>= signed(dropped)  # exact: both sides are multiples of 2**dropped
-    return ((diff << signed(1)) ^ (diff >> signed(8 * itemsize - 1))).view(np.uint8)
+    return ((diff << signed(1)) ^ (diff >> signed(8 * word - 1))).view(np.uint8)
 
 
 def _undo_zigzag_difference(residual: np.ndarray, prediction: np.ndarray, itemsize: int, dropped: int) -> np.ndarray:
     """The raw bytes back from a residual (which this overwrites: it is scratch) and the prediction."""
-    unsigned = _UNSIGNED[itemsize]
+    unsigned = _UNSIGNED[_word_size(itemsize)]
     zigzag = residual.view(unsigned)
     diff = zigzag >> unsigned(1)
     np.bitwise_and(zigzag, unsigned(1), out=zigzag)
@@ -320,7 +329,7 @@ class PredictiveCodec(ABC):
         scalars_at, start = start, start + 8 * count
         if len(payload) < start or not self.arity[0] <= len(inputs) <= self.arity[1]:
             raise IntegrityError(f"malformed {self.name} object ({len(inputs)} dependencies, {count} scalars)")
-        if ((self.float_only or dropped) and _FORMAT_ITEMSIZE.get(fmt) != itemsize) or itemsize not in _UNSIGNED:
+        if ((self.float_only or dropped) and _FORMAT_ITEMSIZE.get(fmt) != itemsize) or itemsize % _word_size(itemsize):
             raise IntegrityError(f"{self.name} object has float format {fmt} for item size {itemsize}")
         if any(len(_u8(i)) != raw_length for i in inputs):
             raise IntegrityError(f"{self.name} object: a dependency's length differs from {raw_length}")

@@ -9,7 +9,7 @@ import torch
 from hypothesis import strategies as st
 
 TORCH_DTYPES = [
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
     torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
 ]  # fmt: skip
 NUMPY_DTYPES = [np.float32, np.float64, np.int16, np.uint8, np.int64, np.bool_]
