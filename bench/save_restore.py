@@ -45,11 +45,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -59,7 +57,7 @@ import torch
 
 import qckpt
 from bench.fresh import in_fresh_process
-from bench.timing import best_time
+from bench.timing import Timings, best_time
 from bench.workload import Trainer, train_step
 
 ROUNDS = 7  # side-by-side rounds of clone, stall and hot restore
@@ -116,13 +114,8 @@ class _Restart:
     def _times(self, positions: dict[str, int], repeats: int) -> dict[str, float]:
         state = Trainer(self.size, total_steps=1000).state
         train_step(state)  # first-step costs (allocator, autograd) are nobody's restore cost
-        best: dict[str, float] = {}
-
-        def timed(name: str, fn: Callable[[], Any]) -> None:
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
-
+        timings = Timings()
+        timed = timings.timed
         for _ in range(repeats):  # alternating, so drift on a shared machine hits every method alike
             for name, index in positions.items():
                 with qckpt.Repository.open(self.location, hot_snapshots=0) as repo:
@@ -132,21 +125,15 @@ class _Restart:
             timed("torch_load_s", lambda: torch.load(self.torch_path, weights_only=False))
             timed("torch_resume_s", lambda: state.load(torch.load(self.torch_path, weights_only=False)))
             timed("first_step_after_torch_resume_s", lambda: train_step(state))
-        return best
+        return timings.best()
 
 
 def _side_by_side(trainer: Trainer, repo: qckpt.Repository, ids: list[str]) -> dict[str, float]:
     """Medians over ``ROUNDS`` of a clone, a ``commit_async`` stall and a hot restore
     of that commit, each after a training step (see the module docstring); the
     commits are appended to ``ids``."""
-    times: dict[str, list[float]] = {"clone_s": [], "stall_s": [], "restore_hot_s": []}
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
-        out = fn()
-        times[name].append(time.perf_counter() - start)
-        return out
-
+    timings = Timings()
+    timed = timings.timed
     for _ in range(ROUNDS):
         train_step(trainer.state)
         timed("clone_s", partial(_clone, trainer.state.capture()))
@@ -154,7 +141,7 @@ def _side_by_side(trainer: Trainer, repo: qckpt.Repository, ids: list[str]) -> d
         handle = timed("stall_s", lambda: repo.commit_async(trainer.state))
         ids.append(handle.wait().id)
         timed("restore_hot_s", partial(repo.restore, trainer.state, ids[-1]))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return timings.medians()
 
 
 def measure(size: str, steps: int, root: Path) -> dict[str, float]:

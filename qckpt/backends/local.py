@@ -112,7 +112,7 @@ class LocalBackend(Backend):
             tmp_dir.mkdir(parents=True, exist_ok=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = tmp_dir / uuid.uuid4().hex
-            parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+            parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)  # sized, then written
             with open(tmp, "wb") as f:
                 _reserve(f.fileno(), sum(memoryview(part).nbytes for part in parts))
                 for part in parts:
