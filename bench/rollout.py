@@ -29,7 +29,11 @@ batched difference of that order is reassociation, one far above it a bug;
 ``optimizer_stacked_s`` and ``optimizer_per_copy_s``: one AdamW update of the K
 stacked copies (``branch.stacked_adamw``) against stepping the K copies'
 optimizers one by one, on the same stacks (medians of alternating rounds,
-synchronised on a GPU).
+synchronised on a GPU). ``sequential`` and ``batched`` entries add
+``train_steps_per_s``: future-steps per second of the training step alone
+(no restore, intervention or commit): one run's step against one step of K
+stacked copies of it, medians of ``TRAIN_ROUNDS`` alternating rounds after a
+warm-up (what the scheduler's probe compares, timed longer).
 
 ``pruning`` (null with ``--seeds 0``): the light cone's events in the spike benchmark's injected
 scenarios (``bench.spike``, its seeds, full rollouts), each replayed through
@@ -90,7 +94,7 @@ from branch import (
 from branch.interventions import Controls
 from branch.pruning import RANKINGS, actual, survivors
 from branch.ray_rollouts import RayRollouts
-from branch.rollouts import _Stack
+from branch.rollouts import _Stack, _timed_pair
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for k in ks:
         seq, bat = entry("sequential", k, SequentialRollouts()), entry("batched", k, BatchedRollouts(step))
         bat["optimizer_stacked_s"], bat["optimizer_per_copy_s"] = optimizer_times(workload, k, step)
+        seq["train_steps_per_s"], bat["train_steps_per_s"] = training_only(workload, k, step)
         if len(gpus) > 1:
             strategies.setdefault("devices", {})
             entry("devices", k, BatchedRollouts(step, devices=gpus))
@@ -182,7 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             scheduler = RolloutScheduler(step)
             chosen[k], why = scheduler.choose(_cone(repo, workload, scheduler), k)
         print(f"K={k:2d} H={horizon}: sequential {seq['steps_per_s']:.1f} steps/s, batched {bat['steps_per_s']:.1f} steps/s "
-              f"({bat['steps_per_s'] / seq['steps_per_s']:.2f}x), max |diff| {bat['max_abs_diff_vs_sequential']:.2e} (relative {bat['max_rel_diff_vs_sequential']:.1e}, a kernel swap alone {seq['kernel_swap_rel_diff']:.1e}); "
+              f"({bat['steps_per_s'] / seq['steps_per_s']:.2f}x; training alone {seq['train_steps_per_s']:.1f} vs "
+              f"{bat['train_steps_per_s']:.1f}, {bat['train_steps_per_s'] / seq['train_steps_per_s']:.2f}x), max |diff| {bat['max_abs_diff_vs_sequential']:.2e} (relative {bat['max_rel_diff_vs_sequential']:.1e}, a kernel swap alone {seq['kernel_swap_rel_diff']:.1e}); "
               f"chosen {chosen[k]} ({why}); AdamW update of the {k} copies: stacked {bat['optimizer_stacked_s'] * 1e3:.1f} ms, "
               f"one by one {bat['optimizer_per_copy_s'] * 1e3:.1f} ms", flush=True)  # fmt: skip
     ray = _start_ray() if workload.device.type == "cpu" else None  # Ray workers build CPU runs
@@ -214,6 +220,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
     return results
+
+
+#: Alternating rounds of the training-only comparison (``train_steps_per_s``).
+TRAIN_ROUNDS = 15
+
+
+def training_only(workload: Workload, k: int, step: BatchedStep, rounds: int = TRAIN_ROUNDS) -> tuple[float, float]:
+    """(sequential, batched) future-steps per second of the training step alone: a
+    run's own step (``cone_step``, the sequential strategy's) against a step of
+    ``k`` stacked copies of it, medians of ``rounds`` alternating rounds after
+    one warm-up each (both end in a host synchronisation: the losses read)."""
+    run_ = workload.new_run("clean", 0)
+    single, copies = run_.state.fork()[0], run_.state.fork(k)
+    stack = _Stack(step, copies)
+
+    def sequential() -> None:
+        cone_step(single, next(single.components["data"]), Controls.of(single))
+
+    def batched() -> None:
+        stack.step([c.components["data"] for c in copies], list(range(k)))
+
+    sequential(), batched()
+    one, stacked = _timed_pair(rounds, sequential, batched)
+    stack.release()
+    return 1 / one, k / stacked
 
 
 def optimizer_times(workload: Workload, k: int, step: BatchedStep, rounds: int = 9) -> tuple[float, float]:

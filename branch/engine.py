@@ -458,7 +458,7 @@ class LightCone:
                 result.diverged = True
                 break
             if self.state.step % self.config.commit_every == 0:
-                self.repo.commit(self.state, branch=result.branch, metrics={"loss": step.loss})
+                self.repo.commit(self.state, branch=result.branch, metrics={"loss": step.loss}, warm=False)
 
     def rung_steps(self, horizon: int) -> int:
         """Steps every future trains before pruning cuts (0: no pruning at this horizon)."""
@@ -470,7 +470,7 @@ class LightCone:
         last = result.metrics[-1][1] if result.metrics else math.nan
         result.snapshot = self.repo.commit(self.state, branch=result.branch,
                                            metrics={"loss": last} if math.isfinite(last) else {},
-                                           message=f"future {result.future.name} at the rung").id  # fmt: skip
+                                           message=f"future {result.future.name} at the rung", warm=False).id  # fmt: skip
 
     def prune(self, results: Sequence[FutureResult], origin: qckpt.Snapshot, horizon: int) -> set[str]:
         """Rank every future from its prefix (``branch.pruning``), record its
@@ -529,7 +529,7 @@ class LightCone:
         if finite and len(finite) == len(result.scores):
             metrics["eval_loss"] = sum(finite) / len(finite)
         result.snapshot = self.repo.commit(self.state, branch=result.branch, metrics=metrics,
-                                           message=f"future {result.future.name} at the horizon").id  # fmt: skip
+                                           message=f"future {result.future.name} at the horizon", warm=False).id  # fmt: skip
         return result
 
     def _scores(self, result: FutureResult) -> list[float]:

@@ -140,6 +140,7 @@ class _CommitJob:
     on_conflict: str
     lossy: LossyTier | None
     lineage: Lineage | None  # where the committed state came from (TrainingState only)
+    warm: bool  # whether the new head gets a warm copy (when the cadence says one is due)
 
 
 def _parent_on(job: _CommitJob, head: str | None) -> str | None:
@@ -316,6 +317,7 @@ class Repository:
         message: str = "",
         on_conflict: str = "retry",
         lossy: LossyTier | None = None,
+        warm: bool = True,
     ) -> Snapshot:
         """Store ``state`` as a new snapshot on ``branch`` (created if absent) and return it
         once it is durable: ``commit_async(...).wait()``.
@@ -343,6 +345,11 @@ class Repository:
         ``allow_main``): the snapshot then holds the rounded values, bit-exact,
         and records ``annotations["lossy"]``.
 
+        ``warm=False``: this head gets no warm copy (see ``init``), and the copy it
+        would replace is deleted as usual; for branches that are rarely restored,
+        such as a light cone's explored futures, whose copies would cost a raw
+        state each, written and at rest. Restoring such a head reads the packs.
+
         A state with sharded (DTensor: FSDP2, tensor-parallel) modules is committed
         collectively: call ``commit`` on every rank, as ``dcp.save``; it goes
         through ``torch.distributed.checkpoint`` with
@@ -353,7 +360,8 @@ class Repository:
         if isinstance(state, TrainingState) and _sharded_component(state) is not None:
             return self._commit_sharded(state, branch, step, metrics, message, on_conflict, lossy)
         return self.commit_async(
-            state, branch=branch, step=step, metrics=metrics, message=message, on_conflict=on_conflict, lossy=lossy
+            state, branch=branch, step=step, metrics=metrics, message=message, on_conflict=on_conflict, lossy=lossy,
+            warm=warm,
         ).wait()
 
     def commit_async(
@@ -366,6 +374,7 @@ class Repository:
         message: str = "",
         on_conflict: str = "retry",
         lossy: LossyTier | None = None,
+        warm: bool = True,
     ) -> CommitHandle:
         """Stage ``state`` and commit it in the background (arguments as ``commit``).
 
@@ -390,6 +399,8 @@ class Repository:
             if not isinstance(lossy, LossyTier):
                 raise InvalidInputError(f"lossy must be a LossyTier or None, got {lossy!r}")
             check_main_line(branch, lossy.annotation(), lossy.allow_main, "this commit")
+        if not isinstance(warm, bool):
+            raise InvalidInputError(f"warm must be True or False, got {warm!r}")
         rules: dict[str, ParamRule] = {}
         notes: tuple[str, ...] = ()
         lineage = None
@@ -407,7 +418,8 @@ class Repository:
         _check_step_and_message(step, message)
         encoded, leaves = encode_tree(tree)
         job = _CommitJob(
-            encoded, stage(leaves, self._hot.take), rules, notes, branch, step, metrics, message, on_conflict, lossy, lineage
+            encoded, stage(leaves, self._hot.take), rules, notes, branch, step, metrics, message, on_conflict, lossy, lineage,
+            warm,
         )
         handle = self._writer.submit(lambda: self._write_commit(job))
         if isinstance(state, TrainingState):
@@ -477,7 +489,7 @@ class Repository:
         self._hot.put(HotSnapshot(snapshot.id, arrays, {t.path: t for t in written["tensors"]}, job.rules, job.step))
         if self._warm is not None:
             try:
-                self._warm.committed(job.branch, snapshot, written["tensors"], {a.path: a.data for a in staged})
+                self._warm.committed(job.branch, snapshot, written["tensors"], {a.path: a.data for a in staged}, job.warm)
             except Exception as e:  # the commit is durable: its handle succeeds; the next operation raises this
                 self._writer.report_later(e)
         return snapshot

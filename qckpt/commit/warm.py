@@ -6,7 +6,8 @@ one is at least ``interval_s`` old (0: every commit), from the bytes just
 committed; otherwise it remembers the head, and ``catch_up`` (called by
 ``Repository.flush`` and ``close``) writes it later. After writing a copy it
 deletes the copies it replaces: the branch's previous one and those of the
-new snapshot's parents, unless one is still some branch's head. Deleting is
+new snapshot's parents, unless one is still some branch's head; a head
+committed without a copy (``warm=False``) replaces them the same way. Deleting is
 always safe (a warm copy is a cache), so a crash between the write and the
 deletes only leaves a stale copy, which garbage collection removes.
 """
@@ -40,11 +41,16 @@ class WarmCadence:
         self.pending: dict[str, Snapshot] = {}  # branch -> its newest head still without a copy
         self.bytes_written = 0
 
-    def committed(self, branch: str, snapshot: Snapshot, entries: Sequence[TensorEntry], arrays: Mapping[str, np.ndarray]) -> None:
+    def committed(self, branch: str, snapshot: Snapshot, entries: Sequence[TensorEntry], arrays: Mapping[str, np.ndarray],
+                  wanted: bool = True) -> None:  # fmt: skip
         """``snapshot`` (listing ``entries``, whose bytes ``arrays`` holds by path) is
-        the new head of ``branch``: write its warm copy if one is due."""
+        the new head of ``branch``: write its warm copy if one is due (never if not
+        ``wanted``; then only delete the copies it replaces)."""
         since = time.monotonic() - self._last.get(branch, self._opened)
-        if self.interval_s == 0 or since >= self.interval_s:
+        if not wanted:
+            self.pending.pop(branch, None)
+            self._replace(branch, snapshot, copied=False)
+        elif self.interval_s == 0 or since >= self.interval_s:
             self._write(branch, snapshot, entries, arrays)
         else:
             self.pending[branch] = snapshot
@@ -68,8 +74,15 @@ class WarmCadence:
         self.bytes_written += self._store.warm.write(snapshot, entries, arrays)
         self._last[branch] = time.monotonic()
         self.pending.pop(branch, None)
-        replaced = {*snapshot.parents, self._written.get(branch)} - {None, snapshot.id}
-        self._written[branch] = snapshot.id
+        self._replace(branch, snapshot, copied=True)
+
+    def _replace(self, branch: str, snapshot: Snapshot, *, copied: bool) -> None:
+        """Delete the copies ``snapshot`` (the new head of ``branch``, ``copied`` or not)
+        replaces: its parents' and the branch's previous one, unless one is still
+        some branch's head."""
+        replaced = {*snapshot.parents, self._written.pop(branch, None)} - {None, snapshot.id}
+        if copied:
+            self._written[branch] = snapshot.id
         if replaced:
             heads = set(self._store.backend.list_refs(BRANCH_PREFIX).values())  # damaged refs are not our concern here
             for snapshot_id in replaced - heads:

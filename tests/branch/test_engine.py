@@ -5,6 +5,7 @@ input gets typed errors."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -89,6 +90,8 @@ def test_an_injected_spike_is_recovered_and_recorded(tmp_path: Path) -> None:
         assert event["selection"]["chosen"] != "control", "the control re-ran into the spike, it should lose"
         assert repo.load(join.id).tree()["step"] == chosen["metrics"][-1][0]
         assert cone.state.step == STEPS and repo.snapshot("main").step == STEPS
+        warm = set(os.listdir(path / "warm"))  # explored futures get no warm copy: a raw state each
+        assert not warm & {f["snapshot"] for f in event["futures"]} and repo.snapshot("main").id in warm
     script = textwrap.dedent(f"""
         import qckpt
         from branch import ConeRecord, write_report

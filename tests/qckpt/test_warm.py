@@ -233,6 +233,32 @@ def test_no_warm_copies_when_disabled(path: Path) -> None:
         qckpt.Repository.open(path, warm_interval=-1)
 
 
+def test_a_commit_without_a_warm_copy_deletes_the_copy_it_replaces(path: Path) -> None:
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(path) as repo:
+        _train_and_commit(repo, trainer, 2)
+        origin = repo.snapshot("main")
+        assert _warm_ids(path) == [origin.id]
+        train_step(trainer.state)
+        repo.commit(trainer.state, branch="future", warm=False)  # starts from main's head, which keeps its copy
+        assert _warm_ids(path) == [origin.id]
+        train_step(trainer.state)
+        repo.commit(trainer.state, branch="future")  # a copy again
+        assert _warm_ids(path) == sorted([origin.id, repo.snapshot("future").id])
+        train_step(trainer.state)
+        repo.commit(trainer.state, branch="future", warm=False)  # the branch's copy is replaced by none
+        assert _warm_ids(path) == [origin.id]
+        _train_and_commit(repo, Trainer("tiny", total_steps=50), 1, branch="other")
+        repo.commit({"w": torch.ones(2)}, branch="main", warm=False)
+        assert origin.id not in _warm_ids(path)  # main's new head has none: the old one's is replaced
+        assert repo.fsck().ok and repo.gc().warm_copies_deleted == 0
+        with pytest.raises(qckpt.InvalidInputError, match="warm must be True or False"):
+            repo.commit({"w": torch.ones(2)}, warm=None)  # type: ignore[arg-type]
+    with qckpt.Repository.open(path) as repo:  # every head restores, from its packs
+        for branch in ("main", "future", "other"):
+            repo.load(branch).tree()
+
+
 def test_branches_keep_their_own_warm_copies_and_gc_removes_stale_ones(trained: tuple[Path, Trainer]) -> None:
     path, trainer = trained
     with qckpt.Repository.open(path) as repo:
