@@ -470,7 +470,8 @@ class Repository:
         written: dict[str, Any] = {}
 
         def build(txn: Transaction) -> Callable[[str | None], Snapshot]:
-            tensors, stats = write_arrays(txn, staged, self._hot.get(txn.head), job.rules, job.step, job.notes, self._choices)
+            base = _parent_on(job, txn.head)  # a diverged branch fails before anything is written
+            tensors, stats = write_arrays(txn, staged, self._hot.get(base), job.rules, job.step, job.notes, self._choices)
             manifest_id = txn.put_manifest(Manifest(job.encoded, tuple(tensors)))
             written["tensors"] = tensors
             annotations = {LOSSY_ANNOTATION: job.lossy.annotation()} if job.lossy else {}
@@ -481,7 +482,6 @@ class Repository:
                     metrics=job.metrics, stats=stats, annotations=annotations,
                 )  # fmt: skip
 
-            _parent_on(job, txn.head)  # a diverged branch fails before anything is written
             return snapshot_on
 
         snapshot = self._store.transaction(job.branch, build, cause="commit", on_conflict=job.on_conflict)

@@ -190,3 +190,28 @@ def test_encodings_are_sampled_once_per_tensor_and_reused_as_compactly(tmp_path:
     # left fewer options is not reused when more come back).
     assert sum(remembered) <= 1.01 * sum(always)
     assert all(r <= 1.05 * a for r, a in zip(remembered, always))
+
+
+def test_a_commit_that_starts_a_branch_predicts_from_the_snapshot_it_came_from(tmp_path: Path) -> None:
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        for _ in range(3):
+            train_step(trainer.state)
+            repo.commit(trainer.state)
+        origin = repo.snapshot("main")
+        train_step(trainer.state)
+        on_main = repo.commit(trainer.state)
+        repo.restore(trainer.state, origin.id)  # back to the origin, as a light cone's future starts
+        for group in trainer.optimizer.param_groups:
+            group["lr"] *= 0.5  # an intervention: parameters unlike main's step (the moments are the same)
+        train_step(trainer.state)
+        future = repo.commit(trainer.state, branch="future", warm=False)  # as the light cone commits futures
+        assert future.parents == (origin.id,)
+        chunks = {snap.id: {c for e in repo.manifest(snap).tensors for c in e.chunks} for snap in (origin, on_main, future)}
+        encoded = chunks[future.id] - chunks[origin.id] - chunks[on_main.id]  # what this commit stored
+        predicted = [c for c in encoded if set(repo._store.index.get(c).deps) & chunks[origin.id]]
+        assert encoded and len(predicted) > len(encoded) / 2, (len(predicted), len(encoded))  # before: a keyframe, none
+        expected = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with qckpt.Repository.open(tmp_path / "r", hot_snapshots=0) as repo:  # decoded from the packs
+        model = repo.load("future").tree()["components"]["model"]
+        assert all(torch.equal(model[k], expected[k]) for k in expected)
