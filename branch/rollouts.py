@@ -29,6 +29,7 @@ import math
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ import qckpt
 from branch._checks import check_int, check_number
 from branch.engine import Future, FutureResult, Rollouts, SequentialRollouts
 from branch.interventions import Controls
+from branch.stack_layout import StackBuffer
 from branch.stacked_adamw import StackedAdamW
 
 if TYPE_CHECKING:
@@ -313,17 +315,36 @@ def _activation_bytes(step: BatchedStep, cone: LightCone) -> int:
     return max(0, torch.cuda.max_memory_allocated() - before)
 
 
+# Stacked parameters are views of a [K, N] buffer (rows a stride N apart), and so are the
+# gradients they accumulate into: by design, not the layout autograd would pick for them.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+
 class _Stack:
-    """K forked states whose trainable parameters live in stacked tensors: each
-    copy's parameters are views into them, so its own optimizer updates its slice."""
+    """K forked states whose trainable parameters live in stacked tensors, views of
+    ``StackBuffer``s (one per dtype and device): each copy's parameters are views
+    into them, so its own optimizer updates its slice. The stacks' gradients
+    are views of the buffers' ``grad``, accumulated into in place, so that the
+    per-copy norms, clipping and the stacked AdamW update run on whole buffers."""
 
     def __init__(self, spec: BatchedStep, copies: list[qckpt.TrainingState]) -> None:
         self.spec, self.copies = spec, copies
         self.model: torch.nn.Module = copies[0].components[spec.model]
         named = [dict(c.components[spec.model].named_parameters()) for c in copies]
-        self.names = [n for n, p in named[0].items() if p.requires_grad]
+        trainable = [n for n, p in named[0].items() if p.requires_grad]
+        kinds = list(dict.fromkeys((p.dtype, p.device) for n, p in named[0].items() if n in trainable))
+        by_kind = [[n for n in trainable if (named[0][n].dtype, named[0][n].device) == kind] for kind in kinds]
+        self.names = [n for names in by_kind for n in names]  # buffer by buffer
         self.fixed = {n: p for n, p in named[0].items() if not p.requires_grad} | dict(self.model.named_buffers())
-        self.stacks = {n: torch.stack([params[n].detach() for params in named]).requires_grad_(True) for n in self.names}
+        self.buffers = [StackBuffer([[params[n].detach() for n in names] for params in named]) for names in by_kind]
+        self.stacks: dict[str, torch.Tensor] = {}
+        self._grads: dict[str, torch.Tensor] = {}
+        for names, buffer in zip(by_kind, self.buffers):
+            for i, name in enumerate(names):
+                self.stacks[name] = buffer.view(buffer.data, i).requires_grad_(True)
+                self._grads[name] = buffer.view(buffer.grad, i)
+                self.stacks[name].register_post_accumulate_grad_hook(lambda _, name=name: self._reached.add(name))
+        self._reached: set[str] = set()
         self.params = [[params[n] for n in self.names] for params in named]
         for k, params in enumerate(self.params):
             for name, p in zip(self.names, params):
@@ -347,19 +368,21 @@ class _Stack:
         rows: Any = slice(None) if every else torch.tensor(active, device=device)
         with _batchable_attention(self.cuda):
             losses = self.losses(self.stacks if every else {n: s[rows] for n, s in self.stacks.items()}, batch)
-        for s in self.stacks.values():
-            s.grad = None
+        for buffer in self.buffers:
+            buffer.grad.zero_()
+        for name, stack in self.stacks.items():
+            stack.grad = self._grads[name]
+        self._reached.clear()
         losses.sum().backward()
+        for name in self.stacks.keys() - self._reached:  # a parameter the loss does not use has no gradient, as in torch
+            self.stacks[name].grad = None
         norms = self._clip()[rows]
         measured = torch.stack([losses.detach().float(), norms.float()]).tolist()  # the step's one host sync
-        stacked = every and all(math.isfinite(n) for n in measured[1])  # every copy updates: one update for all
-        if stacked and self.optimizer is None:
-            self.optimizer = StackedAdamW.of([_optimizers(c) for c in self.copies], self.params,
-                                             [self.stacks[n] for n in self.names])  # fmt: skip
-        joint = self.optimizer if stacked else None
+        stacked = every and all(math.isfinite(n) for n in measured[1]) and len(self._reached) == len(self.stacks)
+        if stacked and self.optimizer is None:  # every copy updates every tensor: one update for all
+            self.optimizer = StackedAdamW.of([_optimizers(c) for c in self.copies], self.params, self.buffers)
+        joint = self.optimizer if stacked and self.optimizer is not None and self.optimizer.step() else None
         self._hand_out_grads(None if joint is not None else active)
-        if joint is not None:
-            joint.step()
         out = []
         for k, loss, norm in zip(active, *measured):
             state = self.copies[k]
@@ -393,19 +416,19 @@ class _Stack:
     def _clip(self) -> torch.Tensor:
         """Every copy's gradient norm before clipping, its gradients scaled in place to
         its own limit: ``clip_grad_norm_`` per copy (the 2-norm of its tensors'
-        2-norms, coefficient ``limit / (norm + 1e-6)`` capped at 1), computed over
-        the stacks in one pass; a copy's norm sums over its own rows only."""
-        grads = [g for g in (self.stacks[n].grad for n in self.names) if g is not None]
+        2-norms, coefficient ``limit / (norm + 1e-6)`` capped at 1), computed as
+        the 2-norm of its row of each buffer (the same norm, summed in another
+        order), one reduction and one scaling per buffer."""
         k = len(self.copies)
-        norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.reshape(k, -1), dim=1) for g in grads]), dim=0)
+        norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b.grad, dim=1) for b in self.buffers]), dim=0)
         limits = []
         for state in self.copies:
             limit = Controls.of(state).clip_grad_norm
             limit = limit if limit is not None else self.spec.clip_grad_norm
             limits.append(limit if limit is not None else math.inf)
         coef = (torch.tensor(limits, dtype=norms.dtype, device=norms.device) / (norms + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.view(k, *[1] * (g.dim() - 1)))
+        for buffer in self.buffers:
+            buffer.grad.mul_(coef.view(k, 1))
         return norms
 
     def release(self) -> None:

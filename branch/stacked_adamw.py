@@ -2,15 +2,18 @@
 
 Batched rollouts (``branch.rollouts``) keep a real ``torch.optim.AdamW`` per copy,
 whose parameters are views into stacked tensors. Stepping K optimizers costs K
-times the optimizer's per-tensor launches; ``StackedAdamW`` puts every copy's
-moments and step counters into stacks as well (each optimizer's state entries
-become views of its row) and performs the update once per stacked tensor, with
-every copy's own hyperparameters (learning rate, weight decay, betas, eps) and
-bias corrections as per-row factors. The arithmetic is torch's single-tensor
-AdamW's, operation for operation (each per-copy scalar rounded to the tensor's
-dtype as torch's kernels round it), so on the CPU the result equals stepping
-each optimizer on its own, bit for bit (tested); the optimizers stay usable
-for a copy stepped alone (their state entries are the views).
+times the optimizer's per-tensor launches; ``StackedAdamW`` keeps every copy's
+moments and step counters in stacks as well, laid out like the parameters in
+``StackBuffer``s (each optimizer's state entries become views of its row), and
+performs the update once per run of tensors that share a parameter group in
+every copy (usually one run per buffer: a handful of operations on ``[K, N]``
+tensors), with every copy's own hyperparameters (learning rate, weight decay,
+betas, eps) and bias corrections as per-row factors. The arithmetic is
+torch's single-tensor AdamW's, operation for operation (each per-copy scalar
+rounded to the tensor's dtype as torch's kernels round it), so on the CPU the
+result equals stepping each optimizer on its own, bit for bit (tested); the
+optimizers stay usable for a copy stepped alone (their state entries are the
+views).
 
 Applies when every copy has exactly one optimizer, a plain AdamW over exactly
 the stacked parameters (no amsgrad, maximize, capturable, differentiable or
@@ -21,10 +24,24 @@ step). Not thread-safe.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-_FACTORS = 7  # per copy and stacked tensor: 1 - lr*wd, 1 - beta1, beta2, 1 - beta2, sqrt(bias correction 2), eps, -step size
+from branch.stack_layout import StackBuffer
+
+_FACTORS = 7  # per copy and run: 1 - lr*wd, 1 - beta1, beta2, 1 - beta2, sqrt(bias correction 2), eps, -step size
+
+
+@dataclass
+class _Run:
+    """Stacks ``first`` to ``last - 1`` of buffer ``buffer``, in the same parameter
+    group in every copy (``groups[c]``: copy c's)."""
+
+    buffer: int
+    first: int
+    last: int
+    groups: list[dict]
 
 
 class StackedAdamW:
@@ -32,29 +49,40 @@ class StackedAdamW:
     one with ``of``, step every copy with ``step``, hand the state back with ``release``."""
 
     def __init__(self, optimizers: Sequence[torch.optim.Optimizer], params: Sequence[Sequence[torch.nn.Parameter]],
-                 stacks: Sequence[torch.Tensor]) -> None:  # fmt: skip
+                 buffers: Sequence[StackBuffer]) -> None:  # fmt: skip
         k = len(optimizers)
-        self.stacks = list(stacks)
-        self.groups = [[_group_of(opt, p) for p in copy_params] for opt, copy_params in zip(optimizers, params)]
+        self.buffers = list(buffers)
         self.states = [[opt.state[p] for p in copy_params] for opt, copy_params in zip(optimizers, params)]
+        groups = [[_group_of(opt, p) for p in copy_params] for opt, copy_params in zip(optimizers, params)]
         self.moments: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.steps: list[torch.Tensor] = []
-        for i in range(len(self.stacks)):
-            rows = [self.states[c][i] for c in range(k)]
-            first = torch.stack([r["exp_avg"] for r in rows])
-            second = torch.stack([r["exp_avg_sq"] for r in rows])
-            steps = torch.stack([r["step"] for r in rows])
+        self.steps: list[torch.Tensor] = []  # per buffer, [K, stacks] on the CPU, as torch keeps step counts
+        self.runs: list[_Run] = []
+        offset = 0  # params[c][offset + i] is stack i of the current buffer
+        for b, buffer in enumerate(self.buffers):
+            count = len(buffer.spans)
+            rows = [self.states[c][offset : offset + count] for c in range(k)]
+            first, second = buffer.zeros(), buffer.zeros()
+            buffer.fill(first, [[r["exp_avg"] for r in row] for row in rows])
+            buffer.fill(second, [[r["exp_avg_sq"] for r in row] for row in rows])
+            steps = torch.stack([torch.stack([r["step"] for r in row]) for row in rows])
             for c, row in enumerate(rows):
-                row["exp_avg"], row["exp_avg_sq"], row["step"] = first[c], second[c], steps[c]
+                for i, r in enumerate(row):
+                    r["exp_avg"], r["exp_avg_sq"], r["step"] = buffer.view(first, i)[c], buffer.view(second, i)[c], steps[c, i]
             self.moments.append((first, second))
             self.steps.append(steps)
+            start = 0
+            for i in range(1, count + 1):
+                if i == count or any(groups[c][offset + i] is not groups[c][offset + start] for c in range(k)):
+                    self.runs.append(_Run(b, start, i, [groups[c][offset + start] for c in range(k)]))
+                    start = i
+            offset += count
 
     @classmethod
     def of(cls, optimizers: Sequence[Sequence[torch.optim.Optimizer]], params: Sequence[Sequence[torch.nn.Parameter]],
-           stacks: Sequence[torch.Tensor]) -> StackedAdamW | None:  # fmt: skip
+           buffers: Sequence[StackBuffer]) -> StackedAdamW | None:  # fmt: skip
         """The stacked state of the copies' optimizers (``optimizers[c]``: copy c's),
-        over ``params[c][i]``, the views of ``stacks[i]``; None when it does not
-        apply (see the module docstring)."""
+        over ``params[c][j]``, copy c's view of stack j (stacks numbered through
+        ``buffers`` in order); None when it does not apply (see the module docstring)."""
         if any(len(opts) != 1 or type(opts[0]) is not torch.optim.AdamW for opts in optimizers):
             return None
         for (opt,), copy_params in zip(optimizers, params):
@@ -72,41 +100,41 @@ class StackedAdamW:
                     return None  # not initialised yet: the first step is each optimizer's own
                 if state["step"].dim() != 0 or state["step"].is_cuda:
                     return None
-        return cls([opts[0] for opts in optimizers], params, stacks)
+        return cls([opts[0] for opts in optimizers], params, buffers)
 
-    def step(self) -> None:
-        """One AdamW step of every copy, from the gradients in ``stacks[i].grad``
-        (already clipped per copy); a stack without gradients is skipped, as
-        torch skips a parameter without one."""
-        live = [i for i, s in enumerate(self.stacks) if s.grad is not None]
-        if not live:
-            return
-        k = len(self.groups)
-        rows = []  # per stack: per copy, its _FACTORS factors (in double, as torch computes them)
-        for i in live:
-            self.steps[i] += 1
-            per_copy = []
-            for c, step in enumerate(self.steps[i].tolist()):
-                group = self.groups[c][i]
-                lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-                beta1, beta2 = group["betas"]
-                per_copy.append((1 - lr * wd, 1 - beta1, beta2, 1 - beta2, (1 - beta2**step) ** 0.5, eps,
-                                 -(lr / (1 - beta1**step))))  # fmt: skip
-            rows.append(per_copy)
-        host = torch.tensor(rows, dtype=torch.float64).transpose(1, 2)  # [stacks, _FACTORS, copies]
-        factors = host.to(self.stacks[0].dtype).to(self.stacks[0].device, non_blocking=True)
+    def step(self) -> bool:
+        """One AdamW step of every copy, from the gradients in the buffers' ``grad``
+        (already clipped per copy; every stack must have its gradient there).
+        Returns False, changing nothing, when a copy's tensors in one run are at
+        different step counts (a copy stepped alone by its own optimizer, which
+        skips a tensor without a gradient): step the copies one by one then."""
+        for run in self.runs:
+            counts = self.steps[run.buffer][:, run.first : run.last]
+            if not bool((counts == counts[:, :1]).all()):
+                return False
+        for steps in self.steps:
+            steps += 1
+        k = len(self.states)
         with torch.no_grad():
-            for row, i in enumerate(live):
-                stack, (first, second) = self.stacks[i], self.moments[i]
-                grad, param = stack.grad, stack.detach()
-                decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, step_size = (
-                    f.view(k, *[1] * (stack.dim() - 1)) for f in factors[row]
-                )
-                param.mul_(decay)  # torch multiplies only when wd != 0; by exactly 1.0 it changes nothing
-                first.lerp_(grad, one_minus_beta1)
-                second.mul_(beta2).addcmul_(grad * one_minus_beta2, grad)  # torch: v*b2 + ((1-b2)*g)*g
-                denom = (second.sqrt() / bc2_sqrt).add_(eps)
-                param.addcdiv_(first * step_size, denom)  # torch: p + ((-step size)*m)/denom
+            for run in self.runs:
+                buffer, (first, second) = self.buffers[run.buffer], self.moments[run.buffer]
+                factors = []  # per copy, its _FACTORS factors (in double, as torch computes them)
+                for group, step in zip(run.groups, self.steps[run.buffer][:, run.first].tolist()):
+                    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+                    beta1, beta2 = group["betas"]
+                    factors.append((1 - lr * wd, 1 - beta1, beta2, 1 - beta2, (1 - beta2**step) ** 0.5, eps,
+                                    -(lr / (1 - beta1**step))))  # fmt: skip
+                host = torch.tensor(factors, dtype=torch.float64).t()  # [_FACTORS, copies]
+                device = host.to(buffer.dtype).to(buffer.device, non_blocking=True)
+                decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, step_size = (f.view(k, 1) for f in device)
+                for cols in buffer.blocks(run.first, run.last):
+                    param, grad, m, v = buffer.data[:, cols], buffer.grad[:, cols], first[:, cols], second[:, cols]
+                    param.mul_(decay)  # torch multiplies only when wd != 0; by exactly 1.0 it changes nothing
+                    m.lerp_(grad, one_minus_beta1)
+                    v.mul_(beta2).addcmul_(grad * one_minus_beta2, grad)  # torch: v*b2 + ((1-b2)*g)*g
+                    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+                    param.addcdiv_(m * step_size, denom)  # torch: p + ((-step size)*m)/denom
+        return True
 
     def release(self) -> None:
         """Give every copy's moments and step counters storage of their own."""

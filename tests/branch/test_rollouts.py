@@ -4,6 +4,7 @@ the scheduler says which strategy it used and why."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,41 @@ def _nan(cone: LightCone) -> Any:
 def test_bad_scheduler_settings_are_typed_errors(make: Any) -> None:
     with pytest.raises(qckpt.InvalidInputError):
         make()
+
+
+class _Partly(torch.nn.Module):
+    """A model with a parameter its loss does not use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = torch.nn.Linear(4, 1)
+        self.unused = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (self.used(x).squeeze(-1) - y).square().mean()
+
+
+def test_a_parameter_the_loss_does_not_use_is_left_alone_as_torch_leaves_it() -> None:
+    from branch.rollouts import _Stack
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 4), torch.randn(8)) for _ in range(4)]
+    base = _Partly()
+    copies, alone = [], []
+    for _ in range(2):
+        model, twin = copy.deepcopy(base), copy.deepcopy(base)
+        copies.append(qckpt.TrainingState(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1)))
+        alone.append((twin, torch.optim.AdamW(twin.parameters(), lr=0.1)))
+    stack = _Stack(BatchedStep(), copies)
+    for batch in batches:  # the first step initialises the optimizers; the later ones could be stacked
+        stack.step([iter([batch]), iter([batch])], [0, 1])
+        for twin, optimizer in alone:
+            optimizer.zero_grad()
+            twin(*batch).backward()
+            optimizer.step()  # AdamW skips the parameter without a gradient: no decay, no step count
+    stack.release()
+    for state, (twin, _) in zip(copies, alone):
+        model = state.components["model"]
+        assert torch.equal(model.unused, torch.ones(3))
+        assert torch.allclose(model.used.weight, twin.used.weight, atol=1e-6)
+        assert model.unused not in state.components["optimizer"].state
