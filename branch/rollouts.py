@@ -339,20 +339,23 @@ class _Stack:
         self.buffers = [StackBuffer([[params[n].detach() for n in names] for params in named]) for names in by_kind]
         self.stacks: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
+        self._reached: set[str] = set()
+        reached = self._reached  # the hooks hold the set, not the stack: no reference cycle keeps the buffers alive
         for names, buffer in zip(by_kind, self.buffers):
             for i, name in enumerate(names):
                 self.stacks[name] = buffer.view(buffer.data, i).requires_grad_(True)
                 self._grads[name] = buffer.view(buffer.grad, i)
-                self.stacks[name].register_post_accumulate_grad_hook(lambda _, name=name: self._reached.add(name))
-        self._reached: set[str] = set()
+                self.stacks[name].register_post_accumulate_grad_hook(lambda _, name=name, reached=reached: reached.add(name))
         self.params = [[params[n] for n in self.names] for params in named]
         for k, params in enumerate(self.params):
             for name, p in zip(self.names, params):
                 p.data = self.stacks[name].detach()[k]
 
+        model, fixed = self.model, self.fixed  # not self: no reference cycle
+
         def loss_one(params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
             inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
-            return functional_call(self.model, (params, self.fixed), tuple(inputs))
+            return functional_call(model, (params, fixed), tuple(inputs))
 
         self.losses = vmap(loss_one, randomness=spec.randomness)
         self.cuda = next(iter(self.stacks.values())).is_cuda

@@ -17,8 +17,9 @@ indexes them there and deletes the deferred packs.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from concurrent.futures import Future, wait
 
 from qckpt.commit.encoding import ChunkPlan, EncodePlanner, EncodingChoices, chunk_view
 from qckpt.commit.hot import HotSnapshot
@@ -35,6 +36,7 @@ from qckpt.store.layout import pack_key
 from qckpt.store.store import Transaction
 
 PACK_TARGET_SIZE = 64 << 20
+MAX_PACK_WRITES = 2  # packs being written while a writer encodes on
 DEFERRED_NOTE = "stored raw, encoded afterwards"  # in the stats of a commit written by ``write_deferred``
 
 
@@ -63,10 +65,12 @@ def write_deferred(txn: Transaction, staged: Sequence[StagedArray]) -> tuple[lis
     entries, first, new = _chunks(txn, staged)
     store = txn.store
     packs = _Packs(txn)
-    for chunk_id in new:
-        array, number = first[chunk_id]
-        packs.add(chunk_id, DeferredCodec.id, deferred_object(chunk_view(array, number, store.config.chunk_size), array.itemsize))
-    store.index.put_many(packs.finish())
+    with packs.abandoned_on_failure():
+        for chunk_id in new:
+            array, number = first[chunk_id]
+            packs.add(chunk_id, DeferredCodec.id, deferred_object(chunk_view(array, number, store.config.chunk_size), array.itemsize))
+        locations = packs.finish()
+    store.index.put_many(locations)
     return entries, _stats(txn, staged, entries, first, new, packs.stored, (DEFERRED_NOTE,)), frozenset(new)
 
 
@@ -149,11 +153,18 @@ def _encode(
 class _Packs:
     """Objects stored in packs of about ``PACK_TARGET_SIZE``, each pack stored as it
     fills: ``add`` them, then ``finish`` stores the last and returns every added
-    chunk's location. ``stored``: the object bytes added."""
+    chunk's location. ``stored``: the object bytes added.
+
+    A full pack is written on the store's thread pool while objects go on being
+    added (at most ``MAX_PACK_WRITES`` in flight, so at most that many packs are
+    held in memory); ``finish`` waits for every write and raises the first
+    failure. Add inside ``abandoned_on_failure``, so that a caller failing
+    before ``finish`` leaves no write running."""
 
     def __init__(self, txn: Transaction) -> None:
         self._store = txn.store
         self._builder = PackBuilder()
+        self._writes: deque[Future[dict[bytes, ChunkLocation]]] = deque()
         self._locations: dict[bytes, ChunkLocation] = {}
         self.stored = 0
 
@@ -163,12 +174,37 @@ class _Packs:
         self._builder.add(chunk_id, codec, obj, depth, deps)
         self.stored += self._builder.size - before
         if self._builder.size >= PACK_TARGET_SIZE:
-            self._locations.update(self._store.put_pack(self._builder))
+            self._write()
 
     def finish(self) -> dict[bytes, ChunkLocation]:
         if len(self._builder):
-            self._locations.update(self._store.put_pack(self._builder))
+            self._write()
+        wait(self._writes)
+        failures = [e for e in (w.exception() for w in self._writes) if e is not None]
+        if failures:
+            for other in failures[1:]:
+                failures[0].add_note(f"another pack write of this commit failed too: {other!r}")
+            raise failures[0]
+        while self._writes:
+            self._locations.update(self._writes.popleft().result())
         return self._locations
+
+    @contextmanager
+    def abandoned_on_failure(self) -> Iterator[None]:
+        """If the block fails, wait for the writes in flight before the failure goes
+        on (the packs they write are never indexed: garbage)."""
+        try:
+            yield
+        except BaseException:
+            wait(self._writes)
+            self._writes.clear()
+            raise
+
+    def _write(self) -> None:
+        if len(self._writes) >= MAX_PACK_WRITES:
+            self._locations.update(self._writes.popleft().result())
+        self._writes.append(self._store.pool.submit(self._store.put_pack, self._builder))
+        self._builder = PackBuilder()
 
 
 def _stats(txn: Transaction, staged: Sequence[StagedArray], entries: Sequence[TensorEntry],
@@ -187,23 +223,25 @@ def _write_packs(
     size = store.config.chunk_size
     packs = _Packs(txn)
     max_in_flight = 4 * store.workers
-    for wave in waves:
-        pending: deque[tuple[bytes, ChunkPlan, Future[EncodedObject]]] = deque()
-        todo = iter(wave)
-        while True:
-            for chunk_id in todo:
-                array, number = first[chunk_id]
-                plan = planner.plan(chunk_id, array, number)
-                pending.append((chunk_id, plan, store.pool.submit(
-                    encode_object, chunk_view(array, number, size), array.itemsize, is_floating(array.dtype), level,
-                    plan.candidates, choose=plan.choose,
-                )))  # fmt: skip
-                if len(pending) >= max_in_flight:
+    with packs.abandoned_on_failure():
+        for wave in waves:
+            pending: deque[tuple[bytes, ChunkPlan, Future[EncodedObject]]] = deque()
+            todo = iter(wave)
+            while True:
+                for chunk_id in todo:
+                    array, number = first[chunk_id]
+                    plan = planner.plan(chunk_id, array, number)
+                    pending.append((chunk_id, plan, store.pool.submit(
+                        encode_object, chunk_view(array, number, size), array.itemsize, is_floating(array.dtype), level,
+                        plan.candidates, choose=plan.choose,
+                    )))  # fmt: skip
+                    if len(pending) >= max_in_flight:
+                        break
+                if not pending:
                     break
-            if not pending:
-                break
-            chunk_id, plan, future = pending.popleft()
-            obj = future.result()
-            depth = planner.encoded(chunk_id, first[chunk_id][0], plan, obj)
-            packs.add(chunk_id, obj.codec, obj.data, depth, obj.deps)
-    return packs.finish(), packs.stored
+                chunk_id, plan, future = pending.popleft()
+                obj = future.result()
+                depth = planner.encoded(chunk_id, first[chunk_id][0], plan, obj)
+                packs.add(chunk_id, obj.codec, obj.data, depth, obj.deps)
+        locations = packs.finish()
+    return locations, packs.stored

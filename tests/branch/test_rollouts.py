@@ -246,3 +246,24 @@ def test_a_parameter_the_loss_does_not_use_is_left_alone_as_torch_leaves_it() ->
         assert torch.equal(model.unused, torch.ones(3))
         assert torch.allclose(model.used.weight, twin.used.weight, atol=1e-6)
         assert model.unused not in state.components["optimizer"].state
+
+
+def test_a_released_stack_frees_its_buffers_without_the_cycle_collector(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    from branch.rollouts import _Stack
+
+    run_ = Workload(100).new_run("clean", 0)
+    copies = run_.state.fork(2)
+    gc.disable()  # memory held until a collection would count against the next event's budget on a GPU
+    try:
+        stack = _Stack(BatchedStep(), copies)
+        for _ in range(2):
+            stack.step([c.components["data"] for c in copies], [0, 1])
+        stack.release()
+        buffer = weakref.ref(stack.buffers[0].data)
+        del stack
+        assert buffer() is None
+    finally:
+        gc.enable()
