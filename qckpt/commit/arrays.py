@@ -182,8 +182,7 @@ class _Packs:
         wait(self._writes)
         failures = [e for e in (w.exception() for w in self._writes) if e is not None]
         if failures:
-            for other in failures[1:]:
-                failures[0].add_note(f"another pack write of this commit failed too: {other!r}")
+            self._note(failures[0], failures[1:])
             raise failures[0]
         while self._writes:
             self._locations.update(self._writes.popleft().result())
@@ -195,10 +194,17 @@ class _Packs:
         on (the packs they write are never indexed: garbage)."""
         try:
             yield
-        except BaseException:
+        except BaseException as failure:
             wait(self._writes)
+            self._note(failure, [e for e in (w.exception() for w in self._writes) if e is not None])
             self._writes.clear()
             raise
+
+    @staticmethod
+    def _note(failure: BaseException, others: Sequence[BaseException]) -> None:
+        for other in others:
+            if other is not failure:
+                failure.add_note(f"another pack write of this commit failed too: {other!r}")
 
     def _write(self) -> None:
         if len(self._writes) >= MAX_PACK_WRITES:

@@ -71,6 +71,26 @@ def test_background_failure_surfaces_and_branch_stays_at_last_good_snapshot() ->
     repo.close()
 
 
+def test_a_failed_pack_written_while_encoding_went_on_fails_the_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import qckpt.commit.arrays
+
+    monkeypatch.setattr(qckpt.commit.arrays, "PACK_TARGET_SIZE", 2048)  # a pack every two chunks: written in flight
+    backend = PackFailures()
+    backend.release.set()
+    repo = qckpt.Repository.init(backend, chunk_size=1024)
+    good = repo.commit({"w": torch.arange(1000.0)}, step=1)
+    packs = len(backend.list("packs/"))
+    backend.failing = True
+    with pytest.raises(BackendError, match="no space") as failed:
+        repo.commit({"w": torch.randn(4000)}, step=2)
+    assert "another pack write of this commit failed too" in "".join(getattr(failed.value, "__notes__", []))
+    assert repo.branches()["main"] == good.id and len(backend.list("packs/")) == packs
+    backend.failing = False
+    repo.commit({"w": torch.arange(1000.0) + 1}, step=3)
+    assert repo.fsck().ok
+    repo.close()
+
+
 def test_unwaited_failure_is_raised_by_the_next_commit() -> None:
     backend = PackFailures()
     backend.release.set()
