@@ -488,7 +488,7 @@ class RolloutScheduler:
     The verdict is kept per number of futures. With ``ray`` (a
     ``branch.ray_rollouts.RayRollouts``), "auto" sends the futures to Ray when
     its cluster has more than one node (on one machine a task only adds
-    worker start-up, repository open and restore: measured 0.5-1.2 s a job in
+    worker start-up, repository open and restore: measured 0.3-1.2 s a job in
     ``bench rollout``). With two or more CUDA devices, "auto" spreads batched
     groups over all of them (``"devices"``). ``"sequential"``, ``"batched"``,
     ``"devices"`` or ``"ray"`` force one (batched and devices need a
