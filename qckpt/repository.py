@@ -345,8 +345,8 @@ class Repository:
         ``allow_main``): the snapshot then holds the rounded values, bit-exact,
         and records ``annotations["lossy"]``.
 
-        ``warm=False``: this head gets no warm copy (see ``init``), and the copy it
-        would replace is deleted as usual; for branches that are rarely restored,
+        ``warm=False``: this head gets no warm copy (see ``init``), and the branch's
+        previous copy written by this repository is deleted; for branches that are rarely restored,
         such as a light cone's explored futures, whose copies would cost a raw
         state each, written and at rest. Restoring such a head reads the packs.
 

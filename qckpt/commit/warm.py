@@ -7,7 +7,8 @@ committed; otherwise it remembers the head, and ``catch_up`` (called by
 ``Repository.flush`` and ``close``) writes it later. After writing a copy it
 deletes the copies it replaces: the branch's previous one and those of the
 new snapshot's parents, unless one is still some branch's head; a head
-committed without a copy (``warm=False``) replaces them the same way. Deleting is
+committed without a copy (``warm=False``) deletes only the branch's previous
+copy written here. Deleting is
 always safe (a warm copy is a cache), so a crash between the write and the
 deletes only leaves a stale copy, which garbage collection removes.
 """
@@ -77,10 +78,11 @@ class WarmCadence:
         self._replace(branch, snapshot, copied=True)
 
     def _replace(self, branch: str, snapshot: Snapshot, *, copied: bool) -> None:
-        """Delete the copies ``snapshot`` (the new head of ``branch``, ``copied`` or not)
-        replaces: its parents' and the branch's previous one, unless one is still
-        some branch's head."""
-        replaced = {*snapshot.parents, self._written.pop(branch, None)} - {None, snapshot.id}
+        """Delete the copies ``snapshot`` (the new head of ``branch``) replaces, unless
+        one is still some branch's head: the branch's previous one written here,
+        and, if ``snapshot`` got a copy, its parents' (a head without one deletes
+        only copies known to exist: no request for the others, which GC collects)."""
+        replaced = {*(snapshot.parents if copied else ()), self._written.pop(branch, None)} - {None, snapshot.id}
         if copied:
             self._written[branch] = snapshot.id
         if replaced:

@@ -240,8 +240,12 @@ def test_a_commit_without_a_warm_copy_deletes_the_copy_it_replaces(path: Path) -
         origin = repo.snapshot("main")
         assert _warm_ids(path) == [origin.id]
         train_step(trainer.state)
+        listed: list[str] = []
+        list_refs = repo.backend.list_refs
+        repo.backend.list_refs = lambda prefix: listed.append(prefix) or list_refs(prefix)  # type: ignore[method-assign]
         repo.commit(trainer.state, branch="future", warm=False)  # starts from main's head, which keeps its copy
-        assert _warm_ids(path) == [origin.id]
+        del repo.backend.list_refs
+        assert _warm_ids(path) == [origin.id] and not listed  # no copy to replace: no request for one
         train_step(trainer.state)
         repo.commit(trainer.state, branch="future")  # a copy again
         assert _warm_ids(path) == sorted([origin.id, repo.snapshot("future").id])
