@@ -15,8 +15,9 @@ snapshot, end to end through the executor: restore, intervene, train H
 steps, commit each future at the horizon (no held-out evaluation, so the
 figures are training throughput). Reported per strategy and K:
 ``steps_per_s`` (future-steps per second, K*H over the wall time),
-``peak_mem_bytes`` (CUDA peak allocation when on a GPU; null on the CPU,
-where no per-strategy peak is measured), ``max_abs_diff_vs_sequential``
+``peak_mem_bytes`` (on a GPU, the CUDA peak allocation during the rollouts
+above the memory allocated when they started, such as the live run's; null
+on the CPU, where no per-strategy peak is measured), ``max_abs_diff_vs_sequential``
 (largest parameter difference at the horizon, over every future and tensor),
 ``max_rel_diff_vs_sequential`` (largest over the futures of ``‖a − b‖ / ‖a‖``
 over all of a future's parameters); ``sequential`` entries add
@@ -133,19 +134,20 @@ def _start_ray() -> Any:
 
 
 def measure(workload: Workload, k: int, horizon: int, executor: Any, size: str) -> tuple[float, int | None, list[dict[str, Any]]]:
-    """(future-steps per second, CUDA peak bytes or None, each future's model at the horizon);
+    """(future-steps per second, CUDA peak bytes beyond the start or None, each future's model at the horizon);
     ``executor`` "ray" builds a ``RayRollouts`` on the run's repository."""
     with tempfile.TemporaryDirectory(prefix="qckpt-rollout-") as tmp, qckpt.Repository.init(Path(tmp) / "r") as repo:
         if executor == "ray":
             executor = RayRollouts(functools.partial(worker_run, 1000, "clean", 0, size, False), Path(tmp) / "r")
         cone = _cone(repo, workload, executor)
         origin = repo.snapshot("main")
+        before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         rollouts = executor.run(cone, origin, futures(k), horizon)
         wall = time.perf_counter() - started
-        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        peak = torch.cuda.max_memory_allocated() - before if torch.cuda.is_available() else None
         models = [repo.load(r.snapshot).tree()["components"]["model"] for r in rollouts.results]
     return k * horizon / wall, peak, models
 
