@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one short run on a machine with a CUDA device: the CUDA
-# tests, then the rollout benchmark on the ~10M model. Results go to $OUT
-# (default bench-results/gpu). Python packages qckpt needs that the machine
+# tests, then the rollout benchmark on the ~10M model and where its time goes.
+# Results go to $OUT (default bench-results/gpu). Python packages qckpt needs that the machine
 # lacks may be carried as wheels in .whl/ (installed to /tmp/site, no index).
 set -u -o pipefail
 OUT=${OUT:-bench-results/gpu}
@@ -20,6 +20,9 @@ echo "tests rc=$?"
 timeout "${BENCH_S:-300}" python3 -m bench rollout --device cuda --size "${SIZE:-10m}" --horizon "${HORIZON:-20}" --seeds 0 \
     --json "$OUT/rollout.json" 2>&1 | tee "$OUT/rollout.log"
 echo "bench rc=$?"
+# Where the futures' wall time goes: commits (staging, writing), restores, the training step alone.
+timeout "${PHASES_S:-90}" python3 -m bench.rollout_phases --k 8 --size "${SIZE:-10m}" --device cuda 2>&1 | tee "$OUT/phases.txt"
+echo "phases rc=$?"
 # Which CUDA attention kernels take a backward through vmap (the batched rollouts' stacked copies)?
 python3 - <<'PY' 2>&1 | tee "$OUT/sdpa.txt"
 import torch

@@ -68,3 +68,15 @@ def test_successive_halving_replay_cuts_half_at_each_rung_and_counts_what_it_sav
     ranked_at_rung = rollout._Tally()  # the same cut after evaluating the 4 alternatives' 8 batches at each of the 2 rungs
     ranked_at_rung.add(event, cut, rung_evaluations=4 * 8 + 2 * 8)
     assert ranked_at_rung.figures()["compute_saved"] == pytest.approx((15 + 15 + 10 + 3 * evals - 6 * evals) / (5 * (20 + evals)))
+
+
+def test_rollout_phases_time_every_commit_and_restore() -> None:
+    from bench.rollout_phases import measure
+
+    out = measure(2, "tiny", "cpu")
+    sequential, batched = out["rounds"]
+    assert sequential["strategy"] == "sequential" and batched["strategy"] == "batched"
+    for figures in (sequential, batched):
+        assert 0 < figures["commit_async_median_s"] <= figures["commit_median_s"]
+        assert 0 < figures["commit_s"] < figures["wall_s"]
+    assert sequential["restore_s"] > 0 and all(v > 0 for v in out["train_steps_per_s"].values())

@@ -1,0 +1,86 @@
+"""``python -m bench.rollout_phases [--k 8] [--size 10m] [--device cuda] [--rounds 1]``:
+where the wall time of K futures goes, per strategy.
+
+Runs the rollout benchmark's futures (``bench.rollout``: same origin, same
+interventions, H=20) through the sequential and the batched executor, and
+times every ``Repository.commit`` (and, inside it, ``commit_async``: the
+staging of the tensors into host memory; the rest is the writer encoding and
+writing) and ``restore`` the executors make, synchronising the device around
+each, next to the training step alone (``bench.rollout.training_only``).
+Prints one line per strategy and round, and returns the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import qckpt
+from bench.rollout import _cone, futures, training_only
+from bench.spike import Workload
+from bench.workload import SIZES
+from branch import BatchedRollouts, BatchedStep, SequentialRollouts
+
+HORIZON = 20
+
+
+def measure(k: int, size: str, device: str, rounds: int = 1) -> dict[str, Any]:
+    workload = Workload(1000, size=SIZES[size], device=device)
+    step = BatchedStep(clip_grad_norm=1.0)
+    sync = torch.cuda.synchronize if workload.device.type == "cuda" else (lambda: None)
+    sequential, batched = training_only(workload, k, step)
+    print(f"K={k} {size}: training alone {sequential:.1f} vs {batched:.1f} future-steps/s", flush=True)
+    out: dict[str, Any] = {"train_steps_per_s": {"sequential": sequential, "batched": batched}, "rounds": []}
+    for _ in range(rounds):
+        for name, executor in (("sequential", SequentialRollouts()), ("batched", BatchedRollouts(step))):
+            with tempfile.TemporaryDirectory(prefix="qckpt-phases-") as tmp, qckpt.Repository.init(Path(tmp) / "r") as repo:
+                cone = _cone(repo, workload, executor)
+                origin = repo.snapshot("main")
+                spent: dict[str, list[float]] = {"commit": [], "commit_async": [], "restore": []}
+                for op in spent:
+                    setattr(repo, op, _timed(getattr(repo, op), spent[op], sync))
+                started = time.perf_counter()
+                executor.run(cone, origin, futures(k), HORIZON)
+                wall = time.perf_counter() - started
+            figures = {"strategy": name, "wall_s": wall, **{f"{op}_s": sum(t) for op, t in spent.items()},
+                       **{f"{op}_median_s": statistics.median(t) if t else None for op, t in spent.items()}}  # fmt: skip
+            out["rounds"].append(figures)
+            print(f"{name} K={k} H={HORIZON} {size}: wall {wall:.2f} s; {len(spent['commit'])} commits "
+                  f"{figures['commit_s']:.2f} s (median {figures['commit_median_s'] * 1e3:.0f} ms, of which staging "
+                  f"{figures['commit_async_median_s'] * 1e3:.0f} ms); {len(spent['restore'])} restores "
+                  f"{figures['restore_s']:.2f} s", flush=True)  # fmt: skip
+    return out
+
+
+def _timed(call: Any, into: list[float], sync: Any) -> Any:
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        sync()
+        started = time.perf_counter()
+        result = call(*args, **kwargs)
+        sync()
+        into.append(time.perf_counter() - started)
+        return result
+
+    return timed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--size", choices=sorted(SIZES), default="10m")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this machine has no CUDA device")
+    measure(args.k, args.size, args.device, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
