@@ -179,13 +179,7 @@ class _Packs:
     def finish(self) -> dict[bytes, ChunkLocation]:
         if len(self._builder):
             self._write()
-        wait(self._writes)
-        failures = [e for e in (w.exception() for w in self._writes) if e is not None]
-        if failures:
-            self._note(failures[0], failures[1:])
-            raise failures[0]
-        while self._writes:
-            self._locations.update(self._writes.popleft().result())
+        self._settle()
         return self._locations
 
     @contextmanager
@@ -195,16 +189,29 @@ class _Packs:
         try:
             yield
         except BaseException as failure:
-            wait(self._writes)
-            self._note(failure, [e for e in (w.exception() for w in self._writes) if e is not None])
-            self._writes.clear()
+            self._settle(failure)
             raise
 
-    @staticmethod
-    def _note(failure: BaseException, others: Sequence[BaseException]) -> None:
-        for other in others:
+    def _settle(self, failure: BaseException | None = None) -> None:
+        """Wait for every write in flight and take the locations of those that
+        succeeded. Their failures are raised, the first with the others as its
+        notes; given ``failure`` (one already on its way), all are noted on it."""
+        wait(self._writes)
+        writes, self._writes = self._writes, deque()
+        failures = [e for e in (w.exception() for w in writes) if e is not None]
+        for write in writes:
+            if write.exception() is None:
+                self._locations.update(write.result())
+        raising = failure is None
+        if failure is None:
+            if not failures:
+                return
+            failure = failures[0]
+        for other in failures:
             if other is not failure:
                 failure.add_note(f"another pack write of this commit failed too: {other!r}")
+        if raising:
+            raise failure
 
     def _write(self) -> None:
         if len(self._writes) >= MAX_PACK_WRITES:
