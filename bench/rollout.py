@@ -68,6 +68,7 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,14 +134,18 @@ def _start_ray() -> Any:
     return ray
 
 
-def measure(workload: Workload, k: int, horizon: int, executor: Any, size: str) -> tuple[float, int | None, list[dict[str, Any]]]:
+def measure(workload: Workload, k: int, horizon: int, executor: Any, size: str,
+            instrument: Callable[[qckpt.Repository], None] | None = None) -> tuple[float, int | None, list[dict[str, Any]]]:  # fmt: skip
     """(future-steps per second, CUDA peak bytes beyond the start or None, each future's model at the horizon);
-    ``executor`` "ray" builds a ``RayRollouts`` on the run's repository."""
+    ``executor`` "ray" builds a ``RayRollouts`` on the run's repository; ``instrument`` is
+    called with the repository just before the rollouts start (to wrap what it times)."""
     with tempfile.TemporaryDirectory(prefix="qckpt-rollout-") as tmp, qckpt.Repository.init(Path(tmp) / "r") as repo:
         if executor == "ray":
             executor = RayRollouts(functools.partial(worker_run, 1000, "clean", 0, size, False), Path(tmp) / "r")
         cone = _cone(repo, workload, executor)
         origin = repo.snapshot("main")
+        if instrument is not None:
+            instrument(repo)
         before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

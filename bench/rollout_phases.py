@@ -1,9 +1,9 @@
 """``python -m bench.rollout_phases [--k 8] [--size 10m] [--device cuda] [--rounds 1]``:
 where the wall time of K futures goes, per strategy.
 
-Runs the rollout benchmark's futures (``bench.rollout``: same origin, same
-interventions, H=20) through the sequential and the batched executor, and
-times every ``Repository.commit`` (and, inside it, ``commit_async``: the
+Runs the rollout benchmark's measurement (``bench.rollout.measure``: same
+origin, same futures, H=20) through the sequential and the batched executor,
+and times every ``Repository.commit`` (and, inside it, ``commit_async``: the
 staging of the tensors into host memory; the rest is the writer encoding and
 writing) and ``restore`` the executors make, synchronising the device around
 each, next to the training step alone (``bench.rollout.training_only``).
@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import qckpt
-from bench.rollout import _cone, futures, training_only
+from bench import rollout
 from bench.spike import Workload
 from bench.workload import SIZES
 from branch import BatchedRollouts, BatchedStep, SequentialRollouts
@@ -34,20 +32,18 @@ def measure(k: int, size: str, device: str, rounds: int = 1) -> dict[str, Any]:
     workload = Workload(1000, size=SIZES[size], device=device)
     step = BatchedStep(clip_grad_norm=1.0)
     sync = torch.cuda.synchronize if workload.device.type == "cuda" else (lambda: None)
-    sequential, batched = training_only(workload, k, step)
+    sequential, batched = rollout.training_only(workload, k, step)
     print(f"K={k} {size}: training alone {sequential:.1f} vs {batched:.1f} future-steps/s", flush=True)
     out: dict[str, Any] = {"train_steps_per_s": {"sequential": sequential, "batched": batched}, "rounds": []}
     for _ in range(rounds):
         for name, executor in (("sequential", SequentialRollouts()), ("batched", BatchedRollouts(step))):
-            with tempfile.TemporaryDirectory(prefix="qckpt-phases-") as tmp, qckpt.Repository.init(Path(tmp) / "r") as repo:
-                cone = _cone(repo, workload, executor)
-                origin = repo.snapshot("main")
-                spent: dict[str, list[float]] = {"commit": [], "commit_async": [], "restore": []}
+            spent: dict[str, list[float]] = {"commit": [], "commit_async": [], "restore": []}
+
+            def instrument(repo: qckpt.Repository, spent: dict[str, list[float]] = spent) -> None:
                 for op in spent:
                     setattr(repo, op, _timed(getattr(repo, op), spent[op], sync))
-                started = time.perf_counter()
-                executor.run(cone, origin, futures(k), HORIZON)
-                wall = time.perf_counter() - started
+
+            wall = k * HORIZON / rollout.measure(workload, k, HORIZON, executor, size, instrument)[0]
             figures = {"strategy": name, "wall_s": wall, **{f"{op}_s": sum(t) for op, t in spent.items()},
                        **{f"{op}_median_s": statistics.median(t) if t else None for op, t in spent.items()}}  # fmt: skip
             out["rounds"].append(figures)
