@@ -5,15 +5,20 @@ Runs the rollout benchmark's measurement (``bench.rollout.measure``: same
 origin, same futures, H=20) through the sequential and the batched executor,
 and times every ``Repository.commit`` (and, inside it, ``commit_async``: the
 staging of the tensors into host memory; the rest is the writer encoding and
-writing) and ``restore`` the executors make, synchronising the device around
-each, next to the training step alone (``bench.rollout.training_only``).
+writing, of which the pack writes, each fsync'd, are timed too: they run on the
+store's pool while encoding goes on) and ``restore`` the executors make,
+synchronising the device around each, next to the training step alone
+(``bench.rollout.training_only``) and to what the disk under the temporary
+directory (where the benchmark's repository lives) writes and fsyncs per second.
 Prints one line per strategy and round, and returns the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -34,14 +39,19 @@ def measure(k: int, size: str, device: str, rounds: int = 1) -> dict[str, Any]:
     sync = torch.cuda.synchronize if workload.device.type == "cuda" else (lambda: None)
     sequential, batched = rollout.training_only(workload, k, step)
     print(f"K={k} {size}: training alone {sequential:.1f} vs {batched:.1f} future-steps/s", flush=True)
-    out: dict[str, Any] = {"train_steps_per_s": {"sequential": sequential, "batched": batched}, "rounds": []}
+    disk = disk_write_mb_s()
+    print(f"disk under {tempfile.gettempdir()}: {disk:.0f} MB/s written and fsync'd (64 MiB files)", flush=True)
+    out: dict[str, Any] = {"train_steps_per_s": {"sequential": sequential, "batched": batched}, "disk_write_mb_s": disk,
+                           "rounds": []}  # fmt: skip
     for _ in range(rounds):
         for name, executor in (("sequential", SequentialRollouts()), ("batched", BatchedRollouts(step))):
-            spent: dict[str, list[float]] = {"commit": [], "commit_async": [], "restore": []}
+            spent: dict[str, list[float]] = {"commit": [], "commit_async": [], "restore": [], "pack_write": []}
 
             def instrument(repo: qckpt.Repository, spent: dict[str, list[float]] = spent) -> None:
-                for op in spent:
+                for op in ("commit", "commit_async", "restore"):
                     setattr(repo, op, _timed(getattr(repo, op), spent[op], sync))
+                store = repo._store  # the pack writes happen below the public API
+                store.put_pack = _timed(store.put_pack, spent["pack_write"], lambda: None)
 
             wall = k * HORIZON / rollout.measure(workload, k, HORIZON, executor, size, instrument)[0]
             figures = {"strategy": name, "wall_s": wall, **{f"{op}_s": sum(t) for op, t in spent.items()},
@@ -49,9 +59,26 @@ def measure(k: int, size: str, device: str, rounds: int = 1) -> dict[str, Any]:
             out["rounds"].append(figures)
             print(f"{name} K={k} H={HORIZON} {size}: wall {wall:.2f} s; {len(spent['commit'])} commits "
                   f"{figures['commit_s']:.2f} s (median {figures['commit_median_s'] * 1e3:.0f} ms, of which staging "
-                  f"{figures['commit_async_median_s'] * 1e3:.0f} ms); {len(spent['restore'])} restores "
-                  f"{figures['restore_s']:.2f} s", flush=True)  # fmt: skip
+                  f"{figures['commit_async_median_s'] * 1e3:.0f} ms; {len(spent['pack_write'])} pack writes "
+                  f"{figures['pack_write_s']:.2f} s); {len(spent['restore'])} restores {figures['restore_s']:.2f} s",
+                  flush=True)  # fmt: skip
     return out
+
+
+def disk_write_mb_s(rounds: int = 3, size: int = 64 << 20) -> float:
+    """The best of ``rounds`` writes of ``size`` bytes to a new file in the temporary
+    directory, each followed by an fsync (as the store writes a pack), in MB/s."""
+    data = os.urandom(size)
+    best = float("inf")
+    with tempfile.TemporaryDirectory(prefix="qckpt-disk-") as tmp:
+        for i in range(rounds):
+            started = time.perf_counter()
+            with open(os.path.join(tmp, str(i)), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            best = min(best, time.perf_counter() - started)
+    return size / best / 1e6
 
 
 def _timed(call: Any, into: list[float], sync: Any) -> Any:
