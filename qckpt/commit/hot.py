@@ -38,7 +38,10 @@ class HotSnapshot:
 
 class HotTier:
     """The most recently committed or restored snapshots, newest last, bounded by
-    ``max_snapshots`` and ``max_bytes`` (the newest always stays). Thread-safe.
+    ``max_snapshots`` and ``max_bytes`` (the newest always stays). A restore from
+    the tier counts as a use (``copy_out`` makes the snapshot the newest): a run
+    that rolls back to one snapshot again and again, committing elsewhere in
+    between (the light cone's futures), keeps it hot. Thread-safe.
 
     Buffers of evicted snapshots are recycled by ``take`` (at most one
     snapshot's worth is kept for that), which saves page faults when staging.
@@ -71,7 +74,7 @@ class HotTier:
         (written into ``into[i]`` where given: the caller's own memory), except where
         ``only_read`` says the caller only reads it and the buffer is writable: then
         the buffer itself, and the snapshot's buffers are never recycled for staging
-        (they may still be read)."""
+        (they may still be read). The snapshot becomes the newest."""
         into = into or [None] * len(paths)
         with self._lock:
             hot = self._items.get(snapshot_id)
@@ -82,6 +85,7 @@ class HotTier:
                    for p, r, d in zip(paths, only_read, into)]  # fmt: skip
             if any(o is hot.arrays[p].data for o, p in zip(out, paths)):
                 self._lent.add(snapshot_id)
+            self._items.move_to_end(snapshot_id)
             return out
 
     def discard(self, snapshot_id: str) -> None:

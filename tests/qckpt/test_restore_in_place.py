@@ -108,3 +108,19 @@ def test_a_damaged_snapshot_leaves_the_optimizer_untouched(tmp_path: Path, warm:
     with qckpt.Repository.open(path, hot_snapshots=0) as repo, pytest.raises(qckpt.IntegrityError, match=snap.short_id):
         repo.restore(trainer.state, snap.id)
     assert _equal(_everything(trainer), before)
+
+
+def test_rolling_back_to_one_snapshot_between_commits_elsewhere_keeps_it_hot(tmp_path: Path) -> None:
+    """The light cone's sequential futures: restore the origin, train, commit on the
+    future's branch, again and again. A restore counts as a use of the hot tier, so
+    the origin outlives any number of futures with the default two hot snapshots:
+    every rollback writes the optimizer in place, which only a hot restore does."""
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(tmp_path / "repo", warm=False) as repo:
+        origin, _ = _commit_and_move_on(repo, trainer)
+        own = _large(_moments(trainer.optimizer))
+        for i in range(4):
+            repo.restore(trainer.state, origin.id)
+            assert _large(_moments(trainer.optimizer)) == own, f"future {i}: the origin was read from storage"
+            train_step(trainer.state)
+            repo.commit(trainer.state, branch=f"future-{i}", warm=False)
