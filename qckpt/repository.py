@@ -854,13 +854,17 @@ def _sharded_component(state: TrainingState) -> str | None:
     return None
 
 
-def _optimizer_targets(state: TrainingState, entries: list[TensorEntry], only_read: list[bool]) -> list[np.ndarray | None]:
+def _optimizer_targets(state: TrainingState, entries: list[TensorEntry], only_read: list[bool]
+                       ) -> list[np.ndarray | torch.Tensor | None]:  # fmt: skip
     """For each entry, the flat bytes of the live optimizer tensor at its path that a
-    restore from the hot tier may copy it into in place, or None. A rollback into
+    restore from the hot tier may copy it into in place (NumPy for a CPU tensor,
+    a byte view for a CUDA one), or None. A rollback into
     optimizers that have state already (every future of the light cone) then writes
     memory the process owns instead of allocating, and faulting in, new buffers (at
-    100M parameters, 800 MB of AdamW moments a restore; figures in docs/design.md).
-    Restores from storage gained nothing measurable this way and do not use it. Only CPU tensors of the entry's dtype and shape that are all of their
+    100M parameters, 800 MB of AdamW moments a restore; figures in docs/design.md);
+    on a GPU it copies each hot buffer (pinned, when staged from the GPU) to the
+    device once, where it went through a new host copy and a pageable transfer.
+    Restores from storage gained nothing measurable this way and do not use it. Only CPU or CUDA tensors of the entry's dtype and shape that are all of their
     storage, share it with no module tensor and no other entry, and hold at least
     64 KiB (a small new buffer costs nothing worth checking for): anything else
     gets a new buffer, as before. Asking for a storage's address gives a
@@ -875,7 +879,7 @@ def _optimizer_targets(state: TrainingState, entries: list[TensorEntry], only_re
                 at = join_path(base, index)
                 live.update((join_path(at, key), value) for key, value in values.items()
                             if isinstance(value, torch.Tensor) and value.nbytes >= _IN_PLACE_MIN_BYTES)  # fmt: skip
-    targets: list[np.ndarray | None] = [None] * len(entries)
+    targets: list[np.ndarray | torch.Tensor | None] = [None] * len(entries)
     if not live:
         return targets
     taken = {t.untyped_storage().data_ptr() for c in state.components.values() if isinstance(c, torch.nn.Module)
@@ -889,13 +893,13 @@ def _optimizer_targets(state: TrainingState, entries: list[TensorEntry], only_re
         storage = t.untyped_storage().data_ptr()
         if storage not in taken:
             taken.add(storage)
-            targets[i] = flat_bytes(t).numpy()
+            targets[i] = flat_bytes(t).numpy() if t.device.type == "cpu" else flat_bytes(t)
     return targets
 
 
 def _owns_its_storage(t: torch.Tensor) -> bool:
-    """A plain, non-empty CPU tensor that is all of its storage (no view of a larger one)."""
-    return (t.device.type == "cpu" and not t.requires_grad and t.numel() > 0 and t.is_contiguous()
+    """A plain, non-empty CPU or CUDA tensor that is all of its storage (no view of a larger one)."""
+    return (t.device.type in ("cpu", "cuda") and not t.requires_grad and t.numel() > 0 and t.is_contiguous()
             and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes)  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from qckpt.commit.predict import ParamRule
 from qckpt.commit.staging import StagedArray, new_buffer
@@ -69,7 +70,7 @@ class HotTier:
         return new_buffer(nbytes, pinned)
 
     def copy_out(self, snapshot_id: str, paths: Sequence[str], only_read: Sequence[bool],
-                 into: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray] | None:  # fmt: skip
+                 into: Sequence[np.ndarray | torch.Tensor | None] | None = None) -> list[np.ndarray | torch.Tensor] | None:  # fmt: skip
         """A hot snapshot's buffers for ``paths`` (None if it is not fully hot): copies
         (written into ``into[i]`` where given: the caller's own memory), except where
         ``only_read`` says the caller only reads it and the buffer is writable: then

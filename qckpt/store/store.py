@@ -730,8 +730,11 @@ def checked_ref(ref: str, value: str) -> str:
     return value
 
 
-def as_value(buffer: np.ndarray, entry: TensorEntry) -> torch.Tensor | np.ndarray:
-    """A flat byte buffer as the tensor (or numpy array) ``entry`` describes, sharing its memory."""
+def as_value(buffer: np.ndarray | torch.Tensor, entry: TensorEntry) -> torch.Tensor | np.ndarray:
+    """A flat byte buffer (host memory, or a device tensor's bytes) as the tensor (or
+    numpy array) ``entry`` describes, sharing its memory."""
+    if isinstance(buffer, torch.Tensor):
+        return buffer.view(torch_dtype(entry.dtype)).reshape(entry.shape)
     if entry.kind == "ndarray":
         return buffer.view(numpy_dtype(entry.dtype)).reshape(entry.shape)
     if buffer.size == 0:  # from_numpy gives empty tensors stride 0, which cannot be re-viewed

@@ -124,3 +124,49 @@ def test_rolling_back_to_one_snapshot_between_commits_elsewhere_keeps_it_hot(tmp
             assert _large(_moments(trainer.optimizer)) == own, f"future {i}: the origin was read from storage"
             train_step(trainer.state)
             repo.commit(trainer.state, branch=f"future-{i}", warm=False)
+
+
+@pytest.mark.parametrize("writable", [True, False])
+def test_a_buffer_copied_into_a_tensors_bytes_is_that_tensor_after(writable: bool) -> None:
+    """The GPU rollback's two steps, on a CPU tensor: the hot buffer (writable, or a
+    read-only mapped warm copy) copied into the live tensor's bytes, which then stand
+    for the restored value (the same storage, no host copy of its own)."""
+    from qckpt.format.records import TensorEntry
+    from qckpt.format.tensors import copied, flat_bytes
+    from qckpt.store.store import as_value
+
+    live = torch.zeros(3, 5)
+    saved = torch.arange(15, dtype=torch.float32).reshape(3, 5)
+    buffer = flat_bytes(saved).numpy().copy()
+    buffer.flags.writeable = writable
+    target = flat_bytes(live)
+    assert copied(buffer, target) is target
+    value = as_value(target, TensorEntry("p", "tensor", "float32", (3, 5), 1 << 20, ()))
+    assert value.data_ptr() == live.data_ptr() and torch.equal(live, saved) and torch.equal(value, saved)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_rollback_on_the_gpu_copies_into_the_optimizers_own_device_tensors(tmp_path: Path) -> None:
+    """From the hot tier (pinned buffers, staged from the GPU) straight into the live
+    CUDA moments: the same device tensors, the values committed, none left on the host."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 256)).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = qckpt.TrainingState(model=model, optimizer=optimizer)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model(torch.randn(32, 256, device="cuda")).square().mean().backward()
+        optimizer.step()
+        state.step += 1
+
+    with qckpt.Repository.init(tmp_path / "repo", warm=False) as repo:
+        step()
+        snap = repo.commit(state)
+        expected = [t.clone() for t in _moments(optimizer)] + [p.detach().clone() for p in model.parameters()]
+        step()
+        own = _large(_moments(optimizer))
+        repo.restore(state, snap.id)
+        assert _large(_moments(optimizer)) == own
+        assert all(t.is_cuda for t in _moments(optimizer) if t.nbytes >= 1 << 16)
+        assert _equal([*_moments(optimizer), *[p.detach() for p in model.parameters()]], expected)
