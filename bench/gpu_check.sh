@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm --
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(), torch.cuda.device_count(), 'device(s)')" | tee -a "$OUT/gpu.txt"
 timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
     tests/qckpt/test_async.py tests/qckpt/test_live_fork.py tests/branch/test_rollouts.py tests/bench/test_rollout_bench.py \
-    tests/qckpt/test_distributed.py 2>&1 | tee "$OUT/tests.log"
+    tests/qckpt/test_distributed.py tests/qckpt/test_restore_in_place.py 2>&1 | tee "$OUT/tests.log"
 echo "tests rc=$?"
 timeout "${BENCH_S:-300}" python3 -m bench rollout --device cuda --size "${SIZE:-10m}" --horizon "${HORIZON:-20}" --seeds 0 \
     --json "$OUT/rollout.json" 2>&1 | tee "$OUT/rollout.log"
