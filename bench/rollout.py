@@ -150,7 +150,7 @@ def measure(workload: Workload, k: int, horizon: int, executor: Any, size: str,
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        rollouts = executor.run(cone, origin, futures(k), horizon)
+        rollouts = cone.run_futures(origin, futures(k), horizon)
         wall = time.perf_counter() - started
         peak = torch.cuda.max_memory_allocated() - before if torch.cuda.is_available() else None
         models = [repo.load(r.snapshot).tree()["components"]["model"] for r in rollouts.results]

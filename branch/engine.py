@@ -391,7 +391,7 @@ class LightCone:
         abandoned = [m for m in self.record.main if m[0] > (origin.step or 0)]
         head = self.repo.snapshot(self.branch)
         try:
-            rollouts = self.executor.run(self, origin, futures, horizon)
+            rollouts = self.run_futures(origin, futures, horizon)
         except BaseException as e:  # the live state holds some future's: put the run back where its branch is
             self._after_failed_event(e, number, head)
             raise
@@ -424,6 +424,13 @@ class LightCone:
         })  # fmt: skip
         self.record.save(self.repo, f"light cone event {number} at step {trigger.step}: {selection.chosen}")
         return Decision(trigger, origin, tuple(results), selection, join)
+
+    def run_futures(self, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> Rollouts:
+        """``futures`` from ``origin`` with the cone's executor, the origin kept in the
+        repository's hot tier meanwhile (``Repository.keep_hot``: each future restores
+        it while the futures commit). The live state is left at some future's end."""
+        with self.repo.keep_hot(origin.id):
+            return self.executor.run(self, origin, futures, horizon)
 
     def _after_failed_event(self, error: BaseException, number: int, head: qckpt.Snapshot) -> None:
         """Restore the run's branch head into the live state after rollouts failed (a

@@ -24,7 +24,8 @@ import logging
 import os
 import signal
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -577,6 +578,22 @@ class Repository:
             hot = HotSnapshot(snap.id, staged, {e.path: e for e in entries}, parameter_rules(tree, state.optimizer_layouts()), snap.step)
             self._writer.submit(lambda: self._hot.put(hot) or snap).wait()  # the hot tier changes on the writer thread only
         return snap
+
+    @contextmanager
+    def keep_hot(self, revision: str) -> Iterator[Snapshot]:
+        """Keep the snapshot ``revision`` names in the hot tier while the block runs,
+        besides the ``hot_snapshots`` most recent ones (a snapshot not there yet
+        enters at its next restore): every restore of it is a memory copy, however
+        many commits come in between. The light cone keeps each event's origin so,
+        while the futures, each restored from it, commit. Costs that snapshot's host
+        memory; after the block it is evicted as usual, by a later commit. Yields
+        the snapshot. No effect with ``hot_snapshots=0``."""
+        snap = self.snapshot(revision)
+        self._hot.keep(snap.id)
+        try:
+            yield snap
+        finally:
+            self._hot.release(snap.id)
 
     def load(self, revision: str = "main") -> SnapshotView:
         """A read-only view of a snapshot without any model: tensors by path, read lazily."""

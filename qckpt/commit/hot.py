@@ -8,7 +8,7 @@ commit predicts from, and restoring it is a memory copy.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,10 +39,11 @@ class HotSnapshot:
 
 class HotTier:
     """The most recently committed or restored snapshots, newest last, bounded by
-    ``max_snapshots`` and ``max_bytes`` (the newest always stays). A restore from
-    the tier counts as a use (``copy_out`` makes the snapshot the newest): a run
-    that rolls back to one snapshot again and again, committing elsewhere in
-    between (the light cone's futures), keeps it hot. Thread-safe.
+    ``max_snapshots`` and ``max_bytes`` (the newest always stays); least recently
+    used first out, where a restore from the tier counts as a use (``copy_out``
+    makes the snapshot the newest). ``keep`` exempts a snapshot from eviction
+    and from the bounds until as many ``release`` calls: the light cone's
+    origin, restored once per future while the futures commit. Thread-safe.
 
     Buffers of evicted snapshots are recycled by ``take`` (at most one
     snapshot's worth is kept for that), which saves page faults when staging.
@@ -58,6 +59,7 @@ class HotTier:
         self._free: dict[tuple[int, bool], list[np.ndarray]] = {}
         self._free_bytes = 0
         self._lent: set[str] = set()  # snapshots whose buffers a restore handed out: never recycled
+        self._kept: Counter[str] = Counter()  # snapshots never evicted (see ``keep``)
         self._lock = threading.Lock()
 
     def take(self, nbytes: int, pinned: bool) -> np.ndarray:
@@ -105,11 +107,30 @@ class HotTier:
         with self._lock:
             self._items[hot.snapshot_id] = hot
             self._items.move_to_end(hot.snapshot_id)
-            while len(self._items) > self.max_snapshots or (
-                self.max_bytes is not None and len(self._items) > 1 and self.nbytes > self.max_bytes
-            ):
-                _, evicted = self._items.popitem(last=False)
-                self._recycle(evicted)
+            while (evicted := self._least_recently_used_beyond_bounds()) is not None:
+                self._recycle(self._items.pop(evicted))
+
+    def _least_recently_used_beyond_bounds(self) -> str | None:
+        """The snapshot to evict: the oldest one neither kept nor the newest, while the
+        snapshots not kept exceed ``max_snapshots`` or ``max_bytes``."""
+        newest = next(reversed(self._items))
+        counted = [s for s in self._items if s not in self._kept]
+        over = len(counted) > self.max_snapshots or (
+            self.max_bytes is not None and sum(self._items[s].nbytes for s in counted) > self.max_bytes
+        )
+        return next((s for s in counted if s != newest), None) if over else None
+
+    def keep(self, snapshot_id: str) -> None:
+        """Never evict ``snapshot_id`` (now, or once it enters) until ``release``d as often."""
+        with self._lock:
+            self._kept[snapshot_id] += 1
+
+    def release(self, snapshot_id: str) -> None:
+        """Undo one ``keep``; the snapshot is evicted as usual from the next ``put`` on."""
+        with self._lock:
+            self._kept[snapshot_id] -= 1
+            if self._kept[snapshot_id] <= 0:
+                del self._kept[snapshot_id]
 
     def _recycle(self, evicted: HotSnapshot) -> None:
         if evicted.snapshot_id in self._lent:
@@ -120,10 +141,6 @@ class HotTier:
             if array.data.flags.writeable and self._free_bytes + array.data.nbytes <= limit:
                 self._free.setdefault((array.data.nbytes, array.pinned), []).append(array.data)
                 self._free_bytes += array.data.nbytes
-
-    @property
-    def nbytes(self) -> int:
-        return sum(h.nbytes for h in self._items.values())
 
     def __len__(self) -> int:
         with self._lock:

@@ -53,6 +53,28 @@ def _rollouts(tmp_path: Path, name: str, executor: Any) -> list[tuple[Any, ...]]
 CUDA = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 
 
+def test_every_sequential_future_restores_the_origin_from_the_hot_tier(tmp_path: Path) -> None:
+    """Each future commits twice (every 4 of 8 steps), more than the two snapshots the
+    hot tier holds, yet ``run_futures`` keeps the origin there: every restore of it
+    copies into the optimizer's own tensors, which only a restore from memory does."""
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        cone = _cone(repo, Workload(100), SequentialRollouts())
+        origin = repo.snapshot("main")
+        optimizer = cone.state.components["optimizer"]
+        seen: list[list[int]] = []
+        restore = repo.restore
+
+        def watched(state: qckpt.TrainingState, revision: str = "main") -> qckpt.Snapshot:
+            snap = restore(state, revision)
+            seen.append([v.untyped_storage().data_ptr() for s in optimizer.state.values() for v in s.values()
+                         if isinstance(v, torch.Tensor) and v.nbytes >= 1 << 16])  # fmt: skip
+            return snap
+
+        repo.restore = watched  # type: ignore[method-assign]
+        cone.run_futures(origin, FUTURES, 8)
+    assert len(seen) == len(FUTURES) and seen[0] and all(s == seen[0] for s in seen)
+
+
 @pytest.mark.parametrize(("max_copies", "devices"), [
     (None, None), (3, None), (1, ["cpu", "cpu"]),
     pytest.param(2, CUDA, marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),

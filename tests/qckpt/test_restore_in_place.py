@@ -170,3 +170,26 @@ def test_a_rollback_on_the_gpu_copies_into_the_optimizers_own_device_tensors(tmp
         assert _large(_moments(optimizer)) == own
         assert all(t.is_cuda for t in _moments(optimizer) if t.nbytes >= 1 << 16)
         assert _equal([*_moments(optimizer), *[p.detach() for p in model.parameters()]], expected)
+
+
+def test_a_kept_snapshot_stays_hot_through_any_number_of_commits_and_goes_after(tmp_path: Path) -> None:
+    """``keep_hot``: futures that commit more often than the hot tier holds (two
+    snapshots by default) still find their origin there; released, it is evicted
+    like any other."""
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(tmp_path / "repo", warm=False) as repo:
+        origin, _ = _commit_and_move_on(repo, trainer)
+        own = _large(_moments(trainer.optimizer))
+        with repo.keep_hot(origin.short_id) as kept:
+            assert kept == origin
+            for i in range(3):
+                repo.restore(trainer.state, origin.id)
+                assert _large(_moments(trainer.optimizer)) == own, f"future {i}: the origin was read from storage"
+                for _ in range(3):
+                    train_step(trainer.state)
+                    repo.commit(trainer.state, branch=f"future-{i}", warm=False)
+        for _ in range(2):
+            train_step(trainer.state)
+            repo.commit(trainer.state, branch="later", warm=False)
+        repo.restore(trainer.state, origin.id)
+        assert _large(_moments(trainer.optimizer)) != own  # read from storage: new buffers
