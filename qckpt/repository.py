@@ -522,8 +522,10 @@ class Repository:
         modified: a mismatch raises ``StateMismatchError`` listing every
         offending key, damaged data raises ``IntegrityError``; in both cases the
         live state is untouched. A snapshot in the hot tier is copied from
-        memory; one read from storage enters the hot tier (the base of the next
-        commit's deltas). The state's next commit has the restored snapshot as
+        memory, and named by its full id it is restored without waiting for the
+        commits in flight (any other revision waits for them, as every read
+        does: it may name them); one read from storage enters the hot tier (the
+        base of the next commit's deltas). The state's next commit has the restored snapshot as
         parent (see ``commit``). Returns the restored snapshot.
 
         A state with sharded (DTensor) modules is restored collectively (call on
@@ -539,7 +541,8 @@ class Repository:
             reader = QckptReader(self, revision)
             reader.restore(state)
             return reader.snapshot
-        snapshot_id = self.resolve(revision)  # waits for pending commits: the revision may name them
+        # a snapshot in the hot tier is written already: its full id needs no wait for the commits in flight
+        snapshot_id = revision if self._hot.get(revision) is not None else self.resolve(revision)
         fetched = None if self._hot.get(snapshot_id) is not None else self._store.prefetch_warm(snapshot_id)
         snap = self._store.snapshot(snapshot_id)
         manifest = self._store.cached_manifest(snap)

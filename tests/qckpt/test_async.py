@@ -34,6 +34,45 @@ class PackFailures(qckpt.MemoryBackend):
         super().put(key, data, exclusive=exclusive)
 
 
+class GatedPacks(qckpt.MemoryBackend):
+    """Holds pack writes while ``gate`` is clear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        if key.startswith("packs/"):
+            assert self.gate.wait(20), "the gate stayed closed"
+        super().put(key, data, exclusive=exclusive)
+
+
+def test_a_hot_snapshot_named_by_id_restores_while_commits_are_in_flight() -> None:
+    """What lets the light cone train the next future while the last one is written:
+    a restore by full id from the hot tier does not wait for the writer; a branch
+    name still does (it may name the commit in flight)."""
+    backend = GatedPacks()
+    trainer = Trainer("tiny", total_steps=20)
+    with qckpt.Repository.init(backend) as repo:
+        train_step(trainer.state)
+        origin = repo.commit(trainer.state)
+        expected = [p.detach().clone() for p in trainer.model.parameters()]
+        train_step(trainer.state)
+        backend.gate.clear()
+        in_flight = repo.commit_async(trainer.state, branch="future")
+        assert repo.restore(trainer.state, origin.id) == origin
+        assert not in_flight.done()
+        assert all(torch.equal(p, e) for p, e in zip(trainer.model.parameters(), expected))
+        backend.gate.set()
+        assert in_flight.wait().id == repo.snapshot("future").id
+        train_step(trainer.state)
+        backend.gate.clear()
+        named = repo.commit_async(trainer.state, branch="other")
+        threading.Timer(0.3, backend.gate.set).start()
+        assert repo.restore(trainer.state, "other").id == named.wait().id
+
+
 def test_async_commits_equal_sync_commits_bit_for_bit() -> None:
     trainer = Trainer("tiny", total_steps=20)
     repos = [qckpt.Repository.init(qckpt.MemoryBackend(), chunk_size=4096) for _ in range(2)]
