@@ -117,17 +117,30 @@ class Future:
 @dataclass
 class FutureResult:
     """How a future went: its branch, per-step ``[step, loss, grad_norm]``, held-out
-    losses at the horizon, final snapshot, and whether it diverged (non-finite loss)."""
+    losses at the horizon, last snapshot (``snapshot``), and whether it diverged
+    (non-finite loss).
+
+    Futures commit asynchronously (``Repository.commit_async``): the next future
+    trains while the writer stores this one. ``committed`` holds the future's last
+    commit while it may be in flight; reading ``snapshot`` waits for it (and
+    raises its failure)."""
 
     future: Future
     branch: str
     metrics: list[list[Any]] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
-    snapshot: str = ""
+    committed: qckpt.CommitHandle | str = ""
     diverged: bool = False
     pruned_at: int | None = None  # the step it stopped at when pruning cut it
     rung_forecast: dict[str, Any] = field(default_factory=dict)
     rung_observed: float | None = None  # its loss at the rung (``branch.pruning.at_rung``)
+
+    @property
+    def snapshot(self) -> str:
+        """The id of the future's last commit ("" before it has one), once it is durable."""
+        if isinstance(self.committed, qckpt.CommitHandle):
+            self.committed = self.committed.wait().id
+        return self.committed
 
     def as_record(self) -> dict[str, Any]:
         iv = self.future.intervention
@@ -171,8 +184,11 @@ class Rollouts:
 
 class RolloutExecutor(Protocol):
     """Runs futures from an origin snapshot and leaves the live state at the end of
-    one of them. Each future starts with ``cone.start_future`` and ends with
-    ``cone.finish_future`` (evaluate, commit its branch). ``SequentialRollouts``
+    one of them. Each future starts with ``cone.new_future`` (every future's,
+    before any commits: it reads the branches, which waits for the commits in
+    flight) and ``cone.enter_future`` (or ``cone.start_future``: both) and ends
+    with ``cone.finish_future`` (evaluate, commit its branch: in the
+    background, see ``FutureResult``). ``SequentialRollouts``
     trains them one after another on the live state; ``branch.rollouts`` fills
     the same interface with batched copies (one or several devices) and a
     scheduler, ``branch.ray_rollouts`` with Ray tasks."""
@@ -188,14 +204,13 @@ class SequentialRollouts:
     def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> Rollouts:
         why = "one future after another on the live state"
         rung = cone.rung_steps(horizon)
+        results = [cone.new_future(origin, future) for future in futures]  # before any future commits
+        for result in results:
+            cone.enter_future(origin, result)
+            cone.advance_future(result, rung or horizon)
+            (cone.pause_future if rung else cone.finish_future)(result)
         if not rung:
-            return Rollouts([cone.train_future(origin, future, horizon) for future in futures], "sequential", why)
-        results = []
-        for future in futures:
-            result = cone.start_future(origin, future)
-            cone.advance_future(result, rung)
-            cone.pause_future(result)
-            results.append(result)
+            return Rollouts(results, "sequential", why)
         keep = cone.prune(results, origin, horizon)
         for result in results:
             if result.future.name in keep:
@@ -430,7 +445,10 @@ class LightCone:
         repository's hot tier meanwhile (``Repository.keep_hot``: each future restores
         it while the futures commit). The live state is left at some future's end."""
         with self.repo.keep_hot(origin.id):
-            return self.executor.run(self, origin, futures, horizon)
+            rollouts = self.executor.run(self, origin, futures, horizon)
+        for result in rollouts.results:
+            _ = result.snapshot  # every future's commits durable (a failure raised here)
+        return rollouts
 
     def _after_failed_event(self, error: BaseException, number: int, head: qckpt.Snapshot) -> None:
         """Restore the run's branch head into the live state after rollouts failed (a
@@ -448,8 +466,8 @@ class LightCone:
 
     def train_future(self, origin: qckpt.Snapshot, future: Future, horizon: int) -> FutureResult:
         """Restore ``origin``, apply the future's intervention, train ``horizon`` steps on
-        its own branch (committed every ``commit_every`` steps), evaluate; the live
-        state is left at the future's end."""
+        its own branch (committed every ``commit_every`` steps), evaluate, commit; the
+        live state is left at the future's end."""
         result = self.start_future(origin, future)
         self.advance_future(result, horizon)
         return self.finish_future(result)
@@ -465,7 +483,8 @@ class LightCone:
                 result.diverged = True
                 break
             if self.state.step % self.config.commit_every == 0:
-                self.repo.commit(self.state, branch=result.branch, metrics={"loss": step.loss}, warm=False)
+                result.committed = self.repo.commit_async(self.state, branch=result.branch, metrics={"loss": step.loss},
+                                                          warm=False)  # fmt: skip
 
     def rung_steps(self, horizon: int) -> int:
         """Steps every future trains before pruning cuts (0: no pruning at this horizon)."""
@@ -475,9 +494,9 @@ class LightCone:
         """Commit the live state (a future at the rung) on its branch; ``result.snapshot``
         is where it resumes from, or where its branch ends if pruning cuts it."""
         last = result.metrics[-1][1] if result.metrics else math.nan
-        result.snapshot = self.repo.commit(self.state, branch=result.branch,
-                                           metrics={"loss": last} if math.isfinite(last) else {},
-                                           message=f"future {result.future.name} at the rung", warm=False).id  # fmt: skip
+        result.committed = self.repo.commit_async(self.state, branch=result.branch,
+                                                  metrics={"loss": last} if math.isfinite(last) else {},
+                                                  message=f"future {result.future.name} at the rung", warm=False)  # fmt: skip
 
     def prune(self, results: Sequence[FutureResult], origin: qckpt.Snapshot, horizon: int) -> set[str]:
         """Rank every future from its prefix (``branch.pruning``), record its
@@ -503,9 +522,15 @@ class LightCone:
         (default ``future_branch``). A branch left by an attempt that did not
         finish (a crash, a retried task) is reset to the origin."""
         result = self.new_future(origin, future, branch)
-        self.repo.restore(self.state, origin.id)
-        self.controls = self.intervene(self.state, future)
+        self.enter_future(origin, result)
         return result
+
+    def enter_future(self, origin: qckpt.Snapshot, result: FutureResult) -> None:
+        """The live state restored from ``origin`` (from the hot tier, without waiting
+        for the commits in flight) with ``result``'s intervention applied and its
+        controls stored."""
+        self.repo.restore(self.state, origin.id)
+        self.controls = self.intervene(self.state, result.future)
 
     def new_future(self, origin: qckpt.Snapshot, future: Future, branch: str | None = None) -> FutureResult:
         """The future's empty result on ``branch`` (default ``future_branch``); a branch
@@ -535,8 +560,8 @@ class LightCone:
         metrics = {"loss": last} if math.isfinite(last) else {}
         if finite and len(finite) == len(result.scores):
             metrics["eval_loss"] = sum(finite) / len(finite)
-        result.snapshot = self.repo.commit(self.state, branch=result.branch, metrics=metrics,
-                                           message=f"future {result.future.name} at the horizon", warm=False).id  # fmt: skip
+        result.committed = self.repo.commit_async(self.state, branch=result.branch, metrics=metrics,
+                                                  message=f"future {result.future.name} at the horizon", warm=False)  # fmt: skip
         return result
 
     def _scores(self, result: FutureResult) -> list[float]:

@@ -79,6 +79,7 @@ def _train(make_run: Callable[[], RunParts], task: _Task, result: FutureResult) 
             repo.restore(parts.state, result.snapshot)
         cone.advance_future(result, task.steps)
         (cone.finish_future if task.finish else cone.pause_future)(result)
+        _ = result.snapshot  # its commits durable before the result leaves (a commit in flight cannot be sent)
         return result, {k: cone.record.compute[k] - counts[k] for k in counts}
 
 

@@ -77,8 +77,7 @@ def test_rollout_phases_time_every_commit_and_restore() -> None:
     sequential, batched = out["rounds"]
     assert sequential["strategy"] == "sequential" and batched["strategy"] == "batched"
     for figures in (sequential, batched):
-        assert 0 < figures["commit_async_median_s"] <= figures["commit_median_s"]
-        assert 0 < figures["commit_s"] < figures["wall_s"]
-        assert 0 < figures["pack_write_s"] < figures["commit_s"]  # each commit writes at least its last pack
+        assert 0 < figures["commit_async_s"] < figures["wall_s"] and 0 < figures["write_s"] < figures["wall_s"]
+        assert 0 < figures["pack_write_s"] < figures["write_s"]  # each commit writes at least its last pack
     assert sequential["restore_s"] > 0 and all(v > 0 for v in out["train_steps_per_s"].values())
     assert out["disk_write_mb_s"] > 0

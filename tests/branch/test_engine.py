@@ -254,6 +254,31 @@ def test_an_event_whose_rollouts_fail_puts_the_run_back_at_its_branch_head(tmp_p
         assert repo.snapshot("main").parents == (head.id,) and repo.snapshot("main").step == 12
 
 
+def test_a_futures_commit_failing_in_the_background_fails_the_event(tmp_path: Path) -> None:
+    """Futures commit asynchronously; a failed write (a full disk) is raised by the
+    event, never dropped, and the run is put back at its branch head."""
+    class FullDisk(qckpt.LocalBackend):
+        full = False
+
+        def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+            if self.full and key.startswith("packs/"):
+                raise qckpt.BackendError("injected: no space left on device")
+            super().put(key, data, exclusive=exclusive)
+
+    backend = FullDisk(tmp_path / "r")
+    with qckpt.Repository.init(backend) as repo:
+        cone = _cone(repo, Workload(STEPS), "clean", commit_every=100)
+        _train(cone, 10)
+        trigger = _fake_trigger(cone)
+        head = repo.snapshot("main")
+        backend.full = True
+        with pytest.raises(qckpt.BackendError, match="no space left") as info:
+            cone.explore(trigger)
+        assert any("nothing was joined" in n for n in info.value.__notes__)
+        backend.full = False
+        assert repo.branches()["main"] == head.id and cone.state.step == 10
+
+
 @pytest.mark.parametrize("returned, says", [(2.5, "one loss per held-out batch"), (None, "one loss per held-out batch"),
                                              (["a"], "one loss per held-out batch"), ([], "no losses")])  # fmt: skip
 def test_an_evaluate_that_returns_no_per_batch_losses_is_a_typed_error(tmp_path: Path, returned: Any, says: str) -> None:
