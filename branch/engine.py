@@ -464,14 +464,6 @@ class LightCone:
         error.add_note(f"light cone event {number} failed during its rollouts: nothing was joined; the live state is "
                        f"{self.branch}'s head again ({head.short_id}, step {head.step})")  # fmt: skip
 
-    def train_future(self, origin: qckpt.Snapshot, future: Future, horizon: int) -> FutureResult:
-        """Restore ``origin``, apply the future's intervention, train ``horizon`` steps on
-        its own branch (committed every ``commit_every`` steps), evaluate, commit; the
-        live state is left at the future's end."""
-        result = self.start_future(origin, future)
-        self.advance_future(result, horizon)
-        return self.finish_future(result)
-
     def advance_future(self, result: FutureResult, steps: int) -> None:
         """Train the live state (at the future's current step) ``steps`` steps on the
         future's branch, committing every ``commit_every``; stops if it diverges."""

@@ -525,8 +525,9 @@ class Repository:
         memory, and named by its full id it is restored without waiting for the
         commits in flight (any other revision waits for them, as every read
         does: it may name them); one read from storage enters the hot tier (the
-        base of the next commit's deltas). The state's next commit has the restored snapshot as
-        parent (see ``commit``). Returns the restored snapshot.
+        base of the next commit's deltas). The state's next commit has the
+        restored snapshot as parent (see ``commit``). Returns the restored
+        snapshot.
 
         A state with sharded (DTensor) modules is restored collectively (call on
         every rank, as ``dcp.load``) from a snapshot a sharded ``commit`` (or
@@ -884,7 +885,8 @@ def _optimizer_targets(state: TrainingState, entries: list[TensorEntry], only_re
     100M parameters, 800 MB of AdamW moments a restore; figures in docs/design.md);
     on a GPU it copies each hot buffer (pinned, when staged from the GPU) to the
     device once, where it went through a new host copy and a pageable transfer.
-    Restores from storage gained nothing measurable this way and do not use it. Only CPU or CUDA tensors of the entry's dtype and shape that are all of their
+    Restores from storage gained nothing measurable this way and do not use it.
+    Only CPU or CUDA tensors of the entry's dtype and shape that are all of their
     storage, share it with no module tensor and no other entry, and hold at least
     64 KiB (a small new buffer costs nothing worth checking for): anything else
     gets a new buffer, as before. Asking for a storage's address gives a

@@ -208,16 +208,11 @@ class FrameworkRollouts:
 
     def run(self, cone: LightCone, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> Rollouts:
         driver, rung = self.driver, cone.rung_steps(horizon)
-        results = []
-        for future in futures:
-            result = cone.new_future(origin, future)
+        results = [cone.new_future(origin, future) for future in futures]  # before any future commits
+        for result in results:
             start, step = driver.start_future(origin, result)
             driver.run_future(result, start, step + (rung or horizon))
-            if rung:
-                cone.pause_future(result)
-            else:
-                cone.finish_future(result)
-            results.append(result)
+            (cone.pause_future if rung else cone.finish_future)(result)
         if rung:
             keep = cone.prune(results, origin, horizon)
             for result in results:
