@@ -92,11 +92,11 @@ def compact(
     deleted pack look it up again (as after a repack by garbage collection)."""
     store = txn.store
     first = _first_occurrences(staged, entries)
-    before = {c: store.index.get(c) for c in written}
-    pending = {c for c, location in before.items() if location is not None and location.codec == DeferredCodec.id}
+    before = store.index.get_many(written)
+    pending = {c for c, location in before.items() if location.codec == DeferredCodec.id}
     again = [c for c in first if c in pending]  # this save's chunks still deferred where it wrote them
     stored = _encode(txn, staged, entries, first, again, base, rules, step, choices)
-    for pack_id in {before[c].pack_id for c in again}:  # type: ignore[union-attr]
+    for pack_id in {before[c].pack_id for c in again}:
         try:
             if store.pack_contents(pack_id).keys() <= set(again):
                 store.backend.delete(pack_key(pack_id))
@@ -114,8 +114,8 @@ def _chunks(txn: Transaction, staged: Sequence[StagedArray]
                            tuple(digest(array.data[o : o + size].data) for o in range(0, array.data.size, size)))
                for array in staged]  # fmt: skip
     first = _first_occurrences(staged, entries)
-    missing = txn.store.index.missing(first)
-    return entries, first, [cid for cid in first if cid in missing]
+    known = txn.store.index.get_many(first)
+    return entries, first, [cid for cid in first if cid not in known]
 
 
 def _first_occurrences(staged: Sequence[StagedArray], entries: Sequence[TensorEntry]) -> dict[bytes, tuple[StagedArray, int]]:

@@ -101,7 +101,6 @@ class EncodePlanner:
         new: Collection[bytes],
         choices: EncodingChoices | None = None,
     ) -> None:
-        self._index = index
         self._choices = choices
         if choices is not None:
             choices.next_commit()
@@ -109,8 +108,8 @@ class EncodePlanner:
         self._max_chain = max_chain
         self._current = {a.path: (a, e) for a, e in zip(staged, entries)}
         self._base = base
-        self._new = new
-        self._depths: dict[bytes, int] = {}  # encoded in this commit, or looked up in the index
+        # the usable dependencies: chunks indexed in their final form, and those encoded in this commit
+        self._depths: dict[bytes, int] = {}
         self._lock = threading.Lock()
         self._predictions: dict[str, list[Prediction]] = {}
         if base is not None and max_chain > 1:
@@ -118,26 +117,23 @@ class EncodePlanner:
             self._predictions = plan_predictions(
                 list(self._current), list(base.arrays), rules, base.rules, steps
             ).by_path
+            # every chunk a prediction may depend on, looked up at once (the committing thread would
+            # otherwise cross into the index per chunk, competing for the GIL with the encoders)
+            referenced = {c for e in (*entries, *base.entries.values()) for c in e.chunks}.difference(new)
+            self._depths = {c: location.depth for c, location in index.get_many(referenced).items()
+                            if location.codec != DeferredCodec.id}  # fmt: skip
 
     def wave(self, array: StagedArray, number: int) -> int:
         """The encoding wave of a new chunk (after those it may be predicted from)."""
         return max((p.wave for p in self._predictions.get(array.path, ())), default=0)
 
     def _depth(self, chunk_id: bytes) -> int | None:
-        """Chain depth of an existing or already encoded chunk; None if unusable as a dependency."""
+        """Chain depth of an existing or already encoded chunk; None if unusable as a
+        dependency: new in this commit and not encoded yet, not indexed (e.g. the base
+        snapshot's chunks were garbage-collected elsewhere), or deferred (its
+        compaction will give it a chain depth nobody knows yet)."""
         with self._lock:
-            if chunk_id in self._depths:
-                return self._depths[chunk_id]
-        if chunk_id in self._new:
-            return None  # new in this commit but not encoded yet
-        location = self._index.get(chunk_id)
-        if location is None:
-            return None  # e.g. the base snapshot's chunks were garbage-collected elsewhere
-        if location.codec == DeferredCodec.id:
-            return None  # its compaction will give it a chain depth nobody knows yet
-        with self._lock:
-            self._depths[chunk_id] = location.depth
-        return location.depth
+            return self._depths.get(chunk_id)
 
     def plan(self, chunk_id: bytes, array: StagedArray, number: int) -> ChunkPlan:
         """The predictions a new chunk may try: the one remembered for its tensor if

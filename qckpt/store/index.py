@@ -37,8 +37,9 @@ class ChunkIndex(ABC):
         """The location of ``chunk_id``, or None when unknown."""
 
     @abstractmethod
-    def missing(self, chunk_ids: Iterable[bytes]) -> set[bytes]:
-        """The subset of ``chunk_ids`` that the index does not know."""
+    def get_many(self, chunk_ids: Iterable[bytes]) -> dict[bytes, ChunkLocation]:
+        """The locations of those of ``chunk_ids`` the index knows (one read
+        transaction: a caller with many to look up crosses into the index once)."""
 
     @abstractmethod
     def put_many(self, locations: Mapping[bytes, ChunkLocation]) -> None:
@@ -83,9 +84,9 @@ class MemoryIndex(ChunkIndex):
         with self._lock:
             return self._map.get(chunk_id)
 
-    def missing(self, chunk_ids: Iterable[bytes]) -> set[bytes]:
+    def get_many(self, chunk_ids: Iterable[bytes]) -> dict[bytes, ChunkLocation]:
         with self._lock:
-            return {c for c in chunk_ids if c not in self._map}
+            return {c: self._map[c] for c in chunk_ids if c in self._map}
 
     def put_many(self, locations: Mapping[bytes, ChunkLocation]) -> None:
         with self._lock:
@@ -201,9 +202,10 @@ class LmdbIndex(ChunkIndex):
             value = txn.get(chunk_id)
         return None if value is None else _decode(value)
 
-    def missing(self, chunk_ids: Iterable[bytes]) -> set[bytes]:
+    def get_many(self, chunk_ids: Iterable[bytes]) -> dict[bytes, ChunkLocation]:
         with self.env.begin() as txn:
-            return {c for c in chunk_ids if txn.get(c) is None}
+            values = {c: txn.get(c) for c in chunk_ids}
+        return {c: _decode(v) for c, v in values.items() if v is not None}
 
     def _write(self, fn: Callable[[lmdb.Transaction], None]) -> None:
         """Run ``fn`` in a write transaction, growing the map when LMDB reports it full."""

@@ -215,3 +215,20 @@ def test_a_commit_that_starts_a_branch_predicts_from_the_snapshot_it_came_from(t
     with qckpt.Repository.open(tmp_path / "r", hot_snapshots=0) as repo:  # decoded from the packs
         model = repo.load("future").tree()["components"]["model"]
         assert all(torch.equal(model[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("kind", ["memory", "lmdb"])
+def test_an_index_looks_up_many_chunks_at_once(tmp_path: Path, kind: str) -> None:
+    """``get_many``: what the write path asks the index in one go (the chunks a commit
+    dedups against and every chunk its predictions may depend on); only known ones."""
+    from qckpt.format.packs import ChunkLocation
+    from qckpt.store.index import LmdbIndex, MemoryIndex
+
+    index = MemoryIndex() if kind == "memory" else LmdbIndex(tmp_path / "index")
+    try:
+        known = {bytes([i]) * 16: ChunkLocation("ab" * 16, 64 * i, 64, 1, i, (bytes([9]) * 16,) * (i % 2)) for i in range(3)}
+        index.put_many(known)
+        assert index.get_many([*known, bytes([7]) * 16]) == known
+        assert index.get_many([]) == {}
+    finally:
+        index.close()
