@@ -519,9 +519,9 @@ class LightCone:
 
     def enter_future(self, origin: qckpt.Snapshot, result: FutureResult) -> None:
         """The live state restored from ``origin`` (from the hot tier, without waiting
-        for the commits in flight) with ``result``'s intervention applied and its
-        controls stored."""
-        self.repo.restore(self.state, origin.id)
+        for the commits in flight: a ``Snapshot`` names itself) with ``result``'s
+        intervention applied and its controls stored."""
+        self.repo.restore(self.state, origin)
         self.controls = self.intervene(self.state, result.future)
 
     def new_future(self, origin: qckpt.Snapshot, future: Future, branch: str | None = None) -> FutureResult:

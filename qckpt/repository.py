@@ -515,17 +515,18 @@ class Repository:
         torch.distributed.broadcast_object_list(ids, src=0)  # DCP's coordinator is rank 0
         return self.snapshot(ids[0])
 
-    def restore(self, state: TrainingState, revision: str = "main") -> Snapshot:
+    def restore(self, state: TrainingState, revision: str | Snapshot = "main") -> Snapshot:
         """Load the snapshot at ``revision`` into the live objects of ``state``, in place.
 
         Everything is validated and read (and digest-checked) before anything is
         modified: a mismatch raises ``StateMismatchError`` listing every
         offending key, damaged data raises ``IntegrityError``; in both cases the
         live state is untouched. A snapshot in the hot tier is copied from
-        memory, and named by its full id it is restored without waiting for the
-        commits in flight (any other revision waits for them, as every read
-        does: it may name them); one read from storage enters the hot tier (the
-        base of the next commit's deltas). The state's next commit has the
+        memory; one read from storage enters the hot tier (the base of the next
+        commit's deltas). ``revision`` may be a ``Snapshot`` of this repository:
+        it names itself, so the restore does not wait for the commits in flight
+        (a revision string waits for them, as every read does: it may name
+        them). The state's next commit has the
         restored snapshot as parent (see ``commit``). Returns the restored
         snapshot.
 
@@ -539,11 +540,10 @@ class Repository:
         if _sharded_component(state) is not None:
             from qckpt.distributed import QckptReader  # torch.distributed.checkpoint, imported when needed
 
-            reader = QckptReader(self, revision)
+            reader = QckptReader(self, revision.id if isinstance(revision, Snapshot) else revision)
             reader.restore(state)
             return reader.snapshot
-        # a snapshot in the hot tier is written already: its full id needs no wait for the commits in flight
-        snapshot_id = revision if self._hot.get(revision) is not None else self.resolve(revision)
+        snapshot_id = revision.id if isinstance(revision, Snapshot) else self.resolve(revision)
         fetched = None if self._hot.get(snapshot_id) is not None else self._store.prefetch_warm(snapshot_id)
         snap = self._store.snapshot(snapshot_id)
         manifest = self._store.cached_manifest(snap)

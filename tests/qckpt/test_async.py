@@ -48,10 +48,10 @@ class GatedPacks(qckpt.MemoryBackend):
         super().put(key, data, exclusive=exclusive)
 
 
-def test_a_hot_snapshot_named_by_id_restores_while_commits_are_in_flight() -> None:
+def test_a_snapshot_restores_while_commits_are_in_flight_and_a_revision_waits() -> None:
     """What lets the light cone train the next future while the last one is written:
-    a restore by full id from the hot tier does not wait for the writer; a branch
-    name still does (it may name the commit in flight)."""
+    a restore of a ``Snapshot`` (it names itself) does not wait for the writer; a
+    revision string does, even a full id (a branch may bear that name)."""
     backend = GatedPacks()
     trainer = Trainer("tiny", total_steps=20)
     with qckpt.Repository.init(backend) as repo:
@@ -61,7 +61,7 @@ def test_a_hot_snapshot_named_by_id_restores_while_commits_are_in_flight() -> No
         train_step(trainer.state)
         backend.gate.clear()
         in_flight = repo.commit_async(trainer.state, branch="future")
-        assert repo.restore(trainer.state, origin.id) == origin
+        assert repo.restore(trainer.state, origin) == origin
         assert not in_flight.done()
         assert all(torch.equal(p, e) for p, e in zip(trainer.model.parameters(), expected))
         backend.gate.set()
@@ -71,6 +71,10 @@ def test_a_hot_snapshot_named_by_id_restores_while_commits_are_in_flight() -> No
         named = repo.commit_async(trainer.state, branch="other")
         threading.Timer(0.3, backend.gate.set).start()
         assert repo.restore(trainer.state, "other").id == named.wait().id
+        backend.gate.clear()
+        again = repo.commit_async(trainer.state, branch="other")
+        threading.Timer(0.3, backend.gate.set).start()
+        assert repo.restore(trainer.state, origin.id) == origin and again.done()
 
 
 def test_async_commits_equal_sync_commits_bit_for_bit() -> None:

@@ -8,8 +8,7 @@ refs must match the model and every snapshot the model says is kept must
 load bit-exactly. The model computes reachability, retention and the ref
 log's protection of rewound snapshots on its own.
 Asynchronous commits are settled only after the next operation has run, so
-every operation is checked to see the caller's pending commits (except a
-restore by the full id of a written snapshot, which need not wait for them).
+every operation is checked to see the caller's pending commits.
 """
 
 from __future__ import annotations
@@ -250,9 +249,6 @@ class RepositoryModel(RuleBasedStateMachine):
         pending = [(h, b) for h, b, _ in self.pending]
         revision = data.draw(st.sampled_from(sorted(self._heads()) + list(self.trees)))
         snap = self.repo.restore(self.state, revision)
-        if revision in self.trees:  # a full id of a written snapshot: from the hot tier it need not wait for them
-            for handle, _, _ in self.pending:
-                handle.wait()
         self._settle()
         assert snap.id == self.branches.get(revision, revision), (revision, pending)
         assert differences(self.holder.tree, self.trees[snap.id]) == []
