@@ -75,6 +75,8 @@ def test_a_snapshot_restores_while_commits_are_in_flight_and_a_revision_waits() 
         again = repo.commit_async(trainer.state, branch="other")
         threading.Timer(0.3, backend.gate.set).start()
         assert repo.restore(trainer.state, origin.id) == origin and again.done()
+    with qckpt.Repository.init(qckpt.MemoryBackend()) as other, pytest.raises(qckpt.RevisionNotFoundError):
+        other.restore(trainer.state, origin)  # another repository's snapshot: a typed error, nothing loaded
 
 
 def test_async_commits_equal_sync_commits_bit_for_bit() -> None:
