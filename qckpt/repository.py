@@ -526,9 +526,8 @@ class Repository:
         commit's deltas). ``revision`` may be a ``Snapshot`` of this repository:
         it names itself, so the restore does not wait for the commits in flight
         (a revision string waits for them, as every read does: it may name
-        them). The state's next commit has the
-        restored snapshot as parent (see ``commit``). Returns the restored
-        snapshot.
+        them). The state's next commit has the restored snapshot as parent (see
+        ``commit``). Returns the restored snapshot.
 
         A state with sharded (DTensor) modules is restored collectively (call on
         every rank, as ``dcp.load``) from a snapshot a sharded ``commit`` (or
@@ -537,13 +536,14 @@ class Repository:
         (another global shape, a missing key) raises ``StateMismatchError`` on
         every rank before anything is loaded.
         """
+        given = isinstance(revision, Snapshot)
         if _sharded_component(state) is not None:
             from qckpt.distributed import QckptReader  # torch.distributed.checkpoint, imported when needed
 
-            reader = QckptReader(self, revision.id if isinstance(revision, Snapshot) else revision)
+            reader = QckptReader(self, revision.id if given else revision)
             reader.restore(state)
             return reader.snapshot
-        snapshot_id = revision.id if isinstance(revision, Snapshot) else self.resolve(revision)
+        snapshot_id = revision.id if given else self.resolve(revision)
         fetched = None if self._hot.get(snapshot_id) is not None else self._store.prefetch_warm(snapshot_id)
         snap = self._store.snapshot(snapshot_id)
         manifest = self._store.cached_manifest(snap)
