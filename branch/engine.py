@@ -405,20 +405,22 @@ class LightCone:
         ]
         abandoned = [m for m in self.record.main if m[0] > (origin.step or 0)]
         head = self.repo.snapshot(self.branch)
-        try:
-            rollouts = self.run_futures(origin, futures, horizon)
-        except BaseException as e:  # the live state holds some future's: put the run back where its branch is
-            self._after_failed_event(e, number, head)
-            raise
-        results = rollouts.results
-        selection = select({r.future.name: r.scores for r in results if r.pruned_at is None}, "control",
-                           confidence=self.config.confidence, resamples=self.config.resamples,
-                           seed=self.config.seed + number, candidates=len(results) - 1)  # fmt: skip
-        chosen = next(r for r in results if r.future.name == selection.chosen)
-        join = self.repo.join(self.branch, [r.branch for r in results],
-                              metric=lambda s: 0.0 if s.id == chosen.snapshot else 1.0,
-                              message=f"light cone event {number}: continue along {chosen.future.name}")  # fmt: skip
-        self.repo.restore(self.state, join.id)
+        # the origin stays hot until the join is restored: the chosen future's chain, read from the packs, stops there
+        with self.repo.keep_hot(origin.id):
+            try:
+                rollouts = self.run_futures(origin, futures, horizon)
+            except BaseException as e:  # the live state holds some future's: put the run back where its branch is
+                self._after_failed_event(e, number, head)
+                raise
+            results = rollouts.results
+            selection = select({r.future.name: r.scores for r in results if r.pruned_at is None}, "control",
+                               confidence=self.config.confidence, resamples=self.config.resamples,
+                               seed=self.config.seed + number, candidates=len(results) - 1)  # fmt: skip
+            chosen = next(r for r in results if r.future.name == selection.chosen)
+            join = self.repo.join(self.branch, [r.branch for r in results],
+                                  metric=lambda s: 0.0 if s.id == chosen.snapshot else 1.0,
+                                  message=f"light cone event {number}: continue along {chosen.future.name}")  # fmt: skip
+            self.repo.restore(self.state, join.id)
         self.controls = Controls.of(self.state)
         # the run's trajectory is now the origin's past, the chosen future's commits and the join: a later
         # event rolls back along it, never onto the abandoned steps
@@ -446,8 +448,8 @@ class LightCone:
         it while the futures commit). The live state is left at some future's end."""
         with self.repo.keep_hot(origin.id):
             rollouts = self.executor.run(self, origin, futures, horizon)
-        for result in rollouts.results:
-            _ = result.snapshot  # every future's commits durable (a failure raised here)
+            for result in rollouts.results:
+                _ = result.snapshot  # every future's commits durable (a failure raised here), the origin still kept
         return rollouts
 
     def _after_failed_event(self, error: BaseException, number: int, head: qckpt.Snapshot) -> None:

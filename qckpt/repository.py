@@ -522,8 +522,9 @@ class Repository:
         modified: a mismatch raises ``StateMismatchError`` listing every
         offending key, damaged data raises ``IntegrityError``; in both cases the
         live state is untouched. A snapshot in the hot tier is copied from
-        memory; one read from storage enters the hot tier (the base of the next
-        commit's deltas). ``revision`` may be a ``Snapshot`` of this repository:
+        memory; one read from storage (whose chains stop at the hot tier's chunks: a
+        descendant of a hot snapshot decodes only the commits since) enters the hot
+        tier (the base of the next commit's deltas). ``revision`` may be a ``Snapshot`` of this repository:
         it names itself, so the restore does not wait for the commits in flight
         (a revision string waits for them, as every read does: it may name
         them). The state's next commit has the restored snapshot as parent (see
@@ -562,10 +563,10 @@ class Repository:
         copies = self._hot.copy_out(snap.id, [e.path for e in entries], only_read, into)
         from_hot = copies is not None
         pristine = None
-        if copies is None:  # from storage; the hot tier gets pristine buffers nobody writes
-            read = self._store.read_buffers(
-                snap, entries, pristine=self._hot.max_snapshots > 0, only_read=only_read, fetched=fetched
-            )
+        if copies is None:  # from storage (chains stop at hot chunks); the hot tier gets pristine buffers nobody writes
+            with self._hot.chunks() as hot_chunks:
+                read = self._store.read_buffers(snap, entries, pristine=self._hot.max_snapshots > 0, only_read=only_read,
+                                                fetched=fetched, known=hot_chunks)  # fmt: skip
             copies, pristine = read.writable, read.pristine
         tree = decode_tree(manifest.tree, lambda i: as_value(copies[i], entries[i]))
         state.load(tree)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,6 +132,23 @@ class HotTier:
             self._kept[snapshot_id] -= 1
             if self._kept[snapshot_id] <= 0:
                 del self._kept[snapshot_id]
+
+    @contextmanager
+    def chunks(self) -> Iterator[dict[bytes, memoryview]]:
+        """Every hot snapshot's chunks by id, as views of its buffers (the bytes the
+        chunk ids were computed from, or verified on a read), for a read from
+        storage whose chains may stop there. The snapshots are kept while the
+        block runs, so none of these buffers is recycled for staging meanwhile."""
+        with self._lock:
+            held = list(self._items.values())
+            self._kept.update(h.snapshot_id for h in held)
+        try:
+            yield {chunk_id: memoryview(hot.arrays[path].data[at : at + length])
+                   for hot in held for path, entry in hot.entries.items() if path in hot.arrays
+                   for chunk_id, at, length in entry.spans()}  # fmt: skip
+        finally:
+            for hot in held:
+                self.release(hot.snapshot_id)
 
     def _recycle(self, evicted: HotSnapshot) -> None:
         if evicted.snapshot_id in self._lent:

@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -616,6 +616,7 @@ class Store:
         pristine: bool = False,
         only_read: Sequence[bool] | None = None,
         fetched: Future[MappedBlob] | None = None,
+        known: Mapping[bytes, memoryview] | None = None,
     ) -> ReadBuffers:
         """``read_arrays``, as flat uint8 buffers (``pristine`` ones too, see
         ``ReadBuffers``). From the snapshot's warm copy when it has a sound one and
@@ -628,7 +629,9 @@ class Store:
         writable buffer may be a copy-on-write mapping (pages copied when first
         written); with it, the others are copied now, so their first writes do
         not pay page by page. ``fetched``: the snapshot's warm copy, already being got
-        (``prefetch_warm``)."""
+        (``prefetch_warm``). ``known``: chunks the caller holds, by id, whose bytes
+        are the chunks' own (the hot tier's): read from the packs, chains stop
+        there too."""
         own = None if only_read is None else [not r for r in only_read]
         warm = self._read_warm(snapshot, entries, fetched, own)
         if warm is not None:
@@ -638,8 +641,8 @@ class Store:
                 lent = warm.private() if any(o is None for o in warm.owned) else []
                 writable = [o if o is not None else lent[i] for i, o in enumerate(warm.owned)]
             return ReadBuffers(writable, warm.arrays if pristine else None, True)
-        known = self._warm_base(snapshot, entries)
-        buffers = self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries], known)
+        buffers = self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries],
+                                         {**self._warm_base(snapshot, entries), **(known or {})})  # fmt: skip
         if not pristine:
             return ReadBuffers(buffers, None, False)
         shared = only_read or [False] * len(buffers)

@@ -187,6 +187,40 @@ def test_a_later_event_never_rolls_back_onto_the_abandoned_steps(tmp_path: Path)
         assert cone.origin_for(Trigger(22, 1.0, 1.0, 22, ())).id == first.origin.id  # before the future's commits
 
 
+def test_the_run_continues_from_the_join_reading_only_the_futures_own_packs(tmp_path: Path) -> None:
+    """The origin stays hot until the join is restored, so the chosen future's
+    commits, which predict from it, decode back to it and no further: with the
+    packs of the origin's own chain moved aside once the join is made, the run
+    still continues, from exactly the join's state."""
+    import shutil
+
+    from branch import Trigger
+
+    packs, aside = tmp_path / "r" / "packs", tmp_path / "aside"
+    aside.mkdir()
+    with qckpt.Repository.init(tmp_path / "r", warm=False) as repo:
+        cone = _cone(repo, Workload(STEPS), "clean", rollback=8)
+        _train(cone, 12)  # commits every 4 steps: the event's origin is the one at step 12
+        repo.flush()
+        older = set(os.listdir(packs))
+        _train(cone, 8)
+        join = repo.join
+
+        def join_then_hide_the_older_packs(*args: Any, **kwargs: Any) -> qckpt.Snapshot:
+            snap = join(*args, **kwargs)
+            for name in older:
+                shutil.move(packs / name, aside / name)
+            return snap
+
+        repo.join = join_then_hide_the_older_packs  # type: ignore[method-assign]
+        decision = cone.explore(Trigger(20, 1.0, 1.0, 20, ()))
+        assert decision.origin.step == 12
+        for name in older:
+            shutil.move(aside / name, packs / name)
+        live = {k: v.clone() for k, v in cone.state.components["model"].state_dict().items()}
+        assert differences(live, repo.load(decision.join.id).tree()["components"]["model"]) == []
+
+
 def test_a_resumed_run_watches_on_with_its_detectors_memory(tmp_path: Path) -> None:
     workload = Workload(STEPS)
     with qckpt.Repository.init(tmp_path / "r") as repo:

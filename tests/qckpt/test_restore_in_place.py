@@ -5,6 +5,8 @@ copy-on-write tensors are never written through."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,31 @@ def test_a_kept_snapshot_stays_hot_through_any_number_of_commits_and_goes_after(
             repo.commit(trainer.state, branch="later", warm=False)
         repo.restore(trainer.state, origin.id)
         assert _large(_moments(trainer.optimizer)) != own  # read from storage: new buffers
+
+
+def test_a_read_from_storage_stops_its_chains_at_hot_chunks(tmp_path: Path) -> None:
+    """A snapshot that is not hot but descends from one (the light cone's chosen
+    future, whose commits predict from the origin it kept hot) decodes only the
+    commits since: with the hot snapshot's own packs gone, it still restores,
+    bit for bit, and a repository whose hot tier is empty cannot."""
+    path = tmp_path / "repo"
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(path, warm=False) as repo:
+        train_step(trainer.state)
+        base = repo.commit(trainer.state)
+        first_packs = set(os.listdir(path / "packs"))  # the keyframes every later chain starts from
+        for _ in range(3):
+            train_step(trainer.state)
+            head = repo.commit(trainer.state)
+        expected = _everything(trainer)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    fresh = Trainer("tiny", total_steps=50, seed=99)
+    with qckpt.Repository.open(path) as repo:
+        repo.restore(fresh.state, base.id)  # from the packs: now hot
+        for name in first_packs:
+            shutil.move(path / "packs" / name, aside / name)
+        repo.restore(fresh.state, head.id)
+        assert _equal(_everything(fresh), expected)
+    with qckpt.Repository.open(path) as repo, pytest.raises(qckpt.IntegrityError, match="missing"):
+        repo.restore(Trainer("tiny", total_steps=50, seed=98).state, head.id)
