@@ -11,7 +11,8 @@ timed too: they run on the store's pool while encoding goes on), and every
 ``restore`` the executors make,
 synchronising the device around each, next to the training step alone
 (``bench.rollout.training_only``) and to what the disk under the temporary
-directory (where the benchmark's repository lives) writes and fsyncs per second.
+directory (where the benchmark's repository lives) writes and fsyncs per second,
+and how long one small record takes to write durably there (``record_write_s``).
 Prints one line per strategy and round, and returns the figures.
 """
 
@@ -41,10 +42,11 @@ def measure(k: int, size: str, device: str, rounds: int = 1) -> dict[str, Any]:
     sync = torch.cuda.synchronize if workload.device.type == "cuda" else (lambda: None)
     sequential, batched = rollout.training_only(workload, k, step)
     print(f"K={k} {size}: training alone {sequential:.1f} vs {batched:.1f} future-steps/s", flush=True)
-    disk = disk_write_mb_s()
-    print(f"disk under {tempfile.gettempdir()}: {disk:.0f} MB/s written and fsync'd (64 MiB files)", flush=True)
+    disk, record = disk_write_mb_s(), record_write_s()
+    print(f"disk under {tempfile.gettempdir()}: {disk:.0f} MB/s written and fsync'd (64 MiB files); a 4 KiB record "
+          f"written durably (file and directory fsync'd, as a commit writes 4-5) in {record * 1e3:.1f} ms", flush=True)
     out: dict[str, Any] = {"train_steps_per_s": {"sequential": sequential, "batched": batched}, "disk_write_mb_s": disk,
-                           "rounds": []}  # fmt: skip
+                           "record_write_s": record, "rounds": []}  # fmt: skip
     for _ in range(rounds):
         for name, executor in (("sequential", SequentialRollouts()), ("batched", BatchedRollouts(step))):
             spent: dict[str, list[float]] = {"commit_async": [], "write": [], "restore": [], "pack_write": []}
@@ -82,6 +84,30 @@ def disk_write_mb_s(rounds: int = 3, size: int = 64 << 20) -> float:
                 os.fsync(f.fileno())
             best = min(best, time.perf_counter() - started)
     return size / best / 1e6
+
+
+def record_write_s(rounds: int = 11) -> float:
+    """The median time to write a 4 KiB file durably as the store writes a record
+    (manifest, snapshot, ref log entry, ref): a temporary file, fsync'd, renamed
+    into place, and the directory fsync'd."""
+    data = os.urandom(4096)
+    times = []
+    with tempfile.TemporaryDirectory(prefix="qckpt-disk-") as tmp:
+        for i in range(rounds):
+            started = time.perf_counter()
+            temporary = os.path.join(tmp, f"{i}.tmp")
+            with open(temporary, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, os.path.join(tmp, str(i)))
+            directory = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def _timed(call: Any, into: list[float], sync: Any) -> Any:

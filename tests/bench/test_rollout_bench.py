@@ -80,4 +80,4 @@ def test_rollout_phases_time_every_commit_and_restore() -> None:
         assert 0 < figures["commit_async_s"] < figures["wall_s"] and 0 < figures["write_s"] < figures["wall_s"]
         assert 0 < figures["pack_write_s"] < figures["write_s"]  # each commit writes at least its last pack
     assert sequential["restore_s"] > 0 and all(v > 0 for v in out["train_steps_per_s"].values())
-    assert out["disk_write_mb_s"] > 0
+    assert out["disk_write_mb_s"] > 0 and out["record_write_s"] > 0
