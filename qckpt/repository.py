@@ -522,13 +522,14 @@ class Repository:
         modified: a mismatch raises ``StateMismatchError`` listing every
         offending key, damaged data raises ``IntegrityError``; in both cases the
         live state is untouched. A snapshot in the hot tier is copied from
-        memory; one read from storage (whose chains stop at the hot tier's chunks: a
-        descendant of a hot snapshot decodes only the commits since) enters the hot
-        tier (the base of the next commit's deltas). ``revision`` may be a ``Snapshot`` of this repository:
-        it names itself, so the restore does not wait for the commits in flight
-        (a revision string waits for them, as every read does: it may name
-        them). The state's next commit has the restored snapshot as parent (see
-        ``commit``). Returns the restored snapshot.
+        memory; one read from storage (whose chains stop at the hot tier's
+        chunks: a descendant of a hot snapshot decodes only the commits since)
+        enters the hot tier (the base of the next commit's deltas). ``revision``
+        may be a ``Snapshot`` of this repository: it names itself, so the
+        restore does not wait for the commits in flight (a revision string
+        waits for them, as every read does: it may name them). The state's
+        next commit has the restored snapshot as parent (see ``commit``).
+        Returns the restored snapshot.
 
         A state with sharded (DTensor) modules is restored collectively (call on
         every rank, as ``dcp.load``) from a snapshot a sharded ``commit`` (or
