@@ -20,8 +20,9 @@ echo "tests rc=$?"
 timeout "${BENCH_S:-300}" python3 -m bench rollout --device cuda --size "${SIZE:-10m}" --horizon "${HORIZON:-20}" --seeds 0 \
     --json "$OUT/rollout.json" 2>&1 | tee "$OUT/rollout.log"
 echo "bench rc=$?"
-# Where the futures' wall time goes: commits (staging, writing), restores, the training step alone.
-timeout "${PHASES_S:-90}" python3 -m bench.rollout_phases --k 8 --size "${SIZE:-10m}" --device cuda 2>&1 | tee "$OUT/phases.txt"
+# Where the futures' wall time goes: commits (staging, writing), restores, the training step alone; then one
+# whole event per strategy (origin from storage, futures, join, continuing from it).
+timeout "${PHASES_S:-120}" python3 -m bench.rollout_phases --k 8 --size "${SIZE:-10m}" --device cuda 2>&1 | tee "$OUT/phases.txt"
 echo "phases rc=$?"
 # Which CUDA attention kernels take a backward through vmap (the batched rollouts' stacked copies)?
 python3 - <<'PY' 2>&1 | tee "$OUT/sdpa.txt"

@@ -10,7 +10,10 @@ overlapping the next future's work; of it, the pack writes, each fsync'd, are
 timed too: they run on the store's pool while encoding goes on), and every
 ``restore`` the executors make,
 synchronising the device around each, next to the training step alone
-(``bench.rollout.training_only``) and to what the disk under the temporary
+(``bench.rollout.training_only``), then one whole light-cone event per
+strategy as a run meets it (``event``: the origin no longer hot, held-out
+selection, the join and the restore that continues the run from it), and
+to what the disk under the temporary
 directory (where the benchmark's repository lives) writes and fsyncs per second,
 and how long one small record takes to write durably there (``record_write_s``).
 Prints one line per strategy and round, and returns the figures.
@@ -23,17 +26,19 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import qckpt
 from bench import rollout
-from bench.spike import Workload
+from bench.spike import Workload, warm_cone
 from bench.workload import SIZES
-from branch import BatchedRollouts, BatchedStep, SequentialRollouts
+from branch import BatchedRollouts, BatchedStep, ConeConfig, SequentialRollouts, Trigger
 
 HORIZON = 20
+ORIGIN_COMMITS = 8  # an event's origin as deep in its delta chain as a long run's are on average (max_chain 16)
 
 
 def measure(k: int, size: str, device: str, rounds: int = 1) -> dict[str, Any]:
@@ -67,7 +72,42 @@ def measure(k: int, size: str, device: str, rounds: int = 1) -> dict[str, Any]:
                   f"pack writes {figures['pack_write_s']:.2f} s), the caller in commit_async {figures['commit_async_s']:.2f} s "
                   f"(median {figures['commit_async_median_s'] * 1e3:.0f} ms); {len(spent['restore'])} restores "
                   f"{figures['restore_s']:.2f} s", flush=True)  # fmt: skip
+    out["events"] = {}
+    for name, executor in (("sequential", SequentialRollouts()), ("batched", BatchedRollouts(step))):
+        figures = out["events"][name] = event(workload, k, executor, sync)
+        print(f"{name} event K={k} H={HORIZON} {size}: {figures['event_s']:.2f} s; the origin restored from storage in "
+              f"{figures['origin_restore_s']:.2f} s, the futures {figures['run_futures_s']:.2f} s (that restore "
+              f"included), the join {figures['join_s'] * 1e3:.0f} ms, continuing from it {figures['continue_s']:.2f} s",
+              flush=True)  # fmt: skip
     return out
+
+
+def event(workload: Workload, k: int, executor: Any, sync: Any) -> dict[str, float]:
+    """One light-cone event as a run meets it, timed: commits every ``HORIZON // 2``
+    steps, ``ORIGIN_COMMITS`` of them up to the origin; the trigger fires two
+    commits after it, when it has left the hot tier (two snapshots by default); K futures (``bench.rollout.futures``)
+    run to ``HORIZON`` with ``executor``, are scored on two held-out batches, and
+    the run's branch joins the chosen one and continues from it. Times (seconds):
+    the whole ``explore``, the origin's restore from storage (the executor's first
+    restore), ``run_futures`` (that restore included), the join, and the restore
+    of the join."""
+    every = HORIZON // 2
+    spent: dict[str, list[float]] = {"restore": [], "run_futures": [], "join": []}
+    with tempfile.TemporaryDirectory(prefix="qckpt-event-") as tmp, qckpt.Repository.init(Path(tmp) / "r") as repo:
+        config = ConeConfig(horizon=HORIZON, commit_every=every, rollback=2 * every)
+        cone = warm_cone(repo, workload, config, executor=executor, validation=2, warm=(ORIGIN_COMMITS - 1) * every)
+        alternatives = [f.intervention for f in rollout.futures(k)[1:] if f.intervention is not None]
+        cone.interventions = lambda situation: alternatives
+        for _ in range(2 * every):  # two more commits: the origin is the third newest
+            cone.observe(cone.train_step(next(cone.batches)))
+        for obj, op in ((repo, "restore"), (repo, "join"), (cone, "run_futures")):
+            setattr(obj, op, _timed(getattr(obj, op), spent[op], sync))
+        started = time.perf_counter()
+        cone.explore(Trigger(cone.state.step, 1.0, 1.0, cone.state.step, ()))
+        sync()
+        wall = time.perf_counter() - started
+    return {"event_s": wall, "origin_restore_s": spent["restore"][0], "run_futures_s": spent["run_futures"][0],
+            "join_s": spent["join"][0], "continue_s": spent["restore"][-1]}  # fmt: skip
 
 
 def disk_write_mb_s(rounds: int = 3, size: int = 64 << 20) -> float:

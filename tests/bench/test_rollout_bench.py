@@ -81,3 +81,6 @@ def test_rollout_phases_time_every_commit_and_restore() -> None:
         assert 0 < figures["pack_write_s"] < figures["write_s"]  # each commit writes at least its last pack
     assert sequential["restore_s"] > 0 and all(v > 0 for v in out["train_steps_per_s"].values())
     assert out["disk_write_mb_s"] > 0 and out["record_write_s"] > 0
+    for figures in out["events"].values():
+        assert 0 < figures["origin_restore_s"] < figures["run_futures_s"] < figures["event_s"]
+        assert 0 < figures["join_s"] + figures["continue_s"] < figures["event_s"]
