@@ -456,7 +456,13 @@ class LightCone:
         """Restore the run's branch head into the live state after rollouts failed (a
         step or evaluation function raised, a Ray task gave up...), so that a caller
         who goes on trains the main line, not a future's remains; nothing was joined
-        and the futures' branches stay as far as they got. Says so on ``error``."""
+        and the futures' branches stay as far as they got. Says so on ``error``. A
+        future's commit that failed in the background meanwhile (a full disk) is
+        noted on ``error`` too; it does not stop the way back."""
+        try:
+            self.repo.flush()  # raises such a failure once, before the restore would
+        except Exception as pending:
+            error.add_note(f"light cone event {number}: a future's commit failed in the background as well: {pending!r}")
         try:
             self._continue_from(head)
         except Exception as again:

@@ -315,6 +315,46 @@ def test_a_futures_commit_failing_in_the_background_fails_the_event(tmp_path: Pa
         assert repo.branches()["main"] == head.id and cone.state.step == 10
 
 
+def test_a_failing_step_after_a_failed_background_commit_still_puts_the_run_back(tmp_path: Path) -> None:
+    """A future's commit fails in the background (a full disk), then its training
+    fails for another reason before anything raised the first failure: the event
+    raises the second, notes the first, and the run is back at its branch head."""
+    class FullDisk(qckpt.LocalBackend):
+        full = False
+
+        def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+            if self.full and key.startswith("packs/"):
+                raise qckpt.BackendError("injected: no space left on device")
+            super().put(key, data, exclusive=exclusive)
+
+    backend = FullDisk(tmp_path / "r")
+    with qckpt.Repository.init(backend) as repo:
+        cone = _cone(repo, Workload(STEPS), "clean")  # futures commit every 4 of their 8 steps
+        _train(cone, 10)
+        trigger = _fake_trigger(cone)
+        head = repo.snapshot("main")
+        expected = repo.load(head.id).tree()["components"]["model"]
+        calls = 0
+
+        def failing(state: Any, batch: Any, controls: Any) -> Any:  # the second future's third step raises
+            nonlocal calls  # after the control's commit at the horizon (its first new chunks) failed
+            calls += 1
+            if calls == 8 + 3:
+                raise RuntimeError("boom")
+            return cone_step(state, batch, controls)
+
+        cone.step_fn = failing
+        backend.full = True
+        with pytest.raises(RuntimeError, match="boom") as info:
+            cone.explore(trigger)
+        backend.full = False
+        notes = info.value.__notes__
+        assert any("failed in the background as well" in n and "no space left" in n for n in notes), notes
+        assert any("nothing was joined; the live state is main's head again" in n for n in notes), notes
+        assert repo.branches()["main"] == head.id and cone.state.step == head.step
+        assert differences(dict(cone.state.components["model"].state_dict()), expected) == []
+
+
 @pytest.mark.parametrize("returned, says", [(2.5, "one loss per held-out batch"), (None, "one loss per held-out batch"),
                                              (["a"], "one loss per held-out batch"), ([], "no losses")])  # fmt: skip
 def test_an_evaluate_that_returns_no_per_batch_losses_is_a_typed_error(tmp_path: Path, returned: Any, says: str) -> None:
