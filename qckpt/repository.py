@@ -604,19 +604,21 @@ class Repository:
     def load(self, revision: str = "main") -> SnapshotView:
         """A read-only view of a snapshot without any model: tensors by path, read lazily."""
         snap = self.snapshot(revision)
-        return SnapshotView(snap, self._store.cached_manifest(snap), self._store.read_arrays, self._store.read_bytes)
+        return SnapshotView(snap, self._store.cached_manifest(snap), self.read_arrays, self._store.read_bytes)
 
     def manifest(self, snapshot: Snapshot) -> Manifest:
         """The (verified) manifest of ``snapshot``."""
         return self._store.manifest(snapshot)
 
     def read_arrays(self, snapshot: Snapshot, entries: list[Any]) -> list[Any]:
-        """Read and verify the given tensors (``TensorEntry``) of ``snapshot`` as CPU values.
+        """Read and verify the given tensors (``TensorEntry``) of ``snapshot`` as CPU values
+        (from the packs, chains stop at the hot tier's chunks, as for ``restore``).
 
         Raises ``IntegrityError`` naming the snapshot, the state key and the
         object at fault if any chunk (or a chunk it depends on) cannot be read.
         """
-        return self._store.read_arrays(snapshot, entries)
+        with self._hot.chunks() as hot_chunks:
+            return self._store.read_arrays(snapshot, entries, known=hot_chunks)
 
     # -- snapshots and revisions ----------------------------------------------
     def snapshot(self, revision: str) -> Snapshot:

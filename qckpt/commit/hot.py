@@ -8,10 +8,11 @@ commit predicts from, and restoring it is a memory copy.
 from __future__ import annotations
 
 import threading
-from collections import Counter, OrderedDict
+from collections import ChainMap, Counter, OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -36,6 +37,13 @@ class HotSnapshot:
     @property
     def nbytes(self) -> int:
         return sum(a.data.nbytes for a in self.arrays.values())
+
+    @cached_property
+    def chunk_views(self) -> dict[bytes, memoryview]:
+        """Its chunks by id, as views of its buffers (built once, on first use)."""
+        return {chunk_id: memoryview(self.arrays[path].data[at : at + length])
+                for path, entry in self.entries.items() if path in self.arrays
+                for chunk_id, at, length in entry.spans()}  # fmt: skip
 
 
 class HotTier:
@@ -134,7 +142,7 @@ class HotTier:
                 del self._kept[snapshot_id]
 
     @contextmanager
-    def chunks(self) -> Iterator[dict[bytes, memoryview]]:
+    def chunks(self) -> Iterator[Mapping[bytes, memoryview]]:
         """Every hot snapshot's chunks by id, as views of its buffers (the bytes the
         chunk ids were computed from, or verified on a read), for a read from
         storage whose chains may stop there. The snapshots are kept while the
@@ -143,9 +151,7 @@ class HotTier:
             held = list(self._items.values())
             self._kept.update(h.snapshot_id for h in held)
         try:
-            yield {chunk_id: memoryview(hot.arrays[path].data[at : at + length])
-                   for hot in held for path, entry in hot.entries.items() if path in hot.arrays
-                   for chunk_id, at, length in entry.spans()}  # fmt: skip
+            yield ChainMap(*(hot.chunk_views for hot in held))
         finally:
             for hot in held:
                 self.release(hot.snapshot_id)

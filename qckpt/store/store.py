@@ -32,7 +32,7 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import ChainMap, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -599,14 +599,15 @@ class Store:
             snap = self.stored_snapshot(snap.parents[0]) if snap.parents else None
 
     # -- reads ------------------------------------------------------------------------
-    def read_arrays(self, snapshot: Snapshot, entries: list[TensorEntry]) -> list[torch.Tensor | np.ndarray]:
+    def read_arrays(self, snapshot: Snapshot, entries: list[TensorEntry], known: Mapping[bytes, memoryview] | None = None
+                    ) -> list[torch.Tensor | np.ndarray]:  # fmt: skip
         """Read and verify the given tensors of ``snapshot`` as CPU values (the caller's
-        to modify).
+        to modify); ``known`` as for ``read_buffers``.
 
         Raises ``IntegrityError`` naming the snapshot, the state key and the
         object at fault if any chunk (or a chunk it depends on) cannot be read.
         """
-        return [as_value(b, e) for b, e in zip(self.read_buffers(snapshot, entries).writable, entries)]
+        return [as_value(b, e) for b, e in zip(self.read_buffers(snapshot, entries, known=known).writable, entries)]
 
     def read_buffers(
         self,
@@ -641,8 +642,9 @@ class Store:
                 lent = warm.private() if any(o is None for o in warm.owned) else []
                 writable = [o if o is not None else lent[i] for i, o in enumerate(warm.owned)]
             return ReadBuffers(writable, warm.arrays if pristine else None, True)
-        buffers = self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries],
-                                         {**self._warm_base(snapshot, entries), **(known or {})})  # fmt: skip
+        warm_base = self._warm_base(snapshot, entries)
+        stops = ChainMap(warm_base, known) if warm_base and known else (known or warm_base)  # where chains stop
+        buffers = self._read_byte_ranges(snapshot, [(e, 0, e.nbytes) for e in entries], stops)
         if not pristine:
             return ReadBuffers(buffers, None, False)
         shared = only_read or [False] * len(buffers)
@@ -699,7 +701,7 @@ class Store:
         return self._read_byte_ranges(snapshot, [(entry, start, end)])[0]
 
     def _read_byte_ranges(
-        self, snapshot: Snapshot, ranges: list[tuple[TensorEntry, int, int]], known: dict[bytes, memoryview] | None = None
+        self, snapshot: Snapshot, ranges: list[tuple[TensorEntry, int, int]], known: Mapping[bytes, memoryview] | None = None
     ) -> list[np.ndarray]:
         buffers = [np.empty(end - start, dtype=np.uint8) for _, start, end in ranges]
         targets: dict[bytes, list[tuple[np.ndarray, TensorEntry, int, int, int]]] = {}

@@ -219,6 +219,8 @@ def test_a_read_from_storage_stops_its_chains_at_hot_chunks(tmp_path: Path) -> N
         repo.restore(fresh.state, base.id)  # from the packs: now hot
         for name in first_packs:
             shutil.move(path / "packs" / name, aside / name)
+        model = repo.load(head.id).tree()["components"]["model"]  # a view reads the same way
+        assert all(torch.equal(model[k], v) for k, v in trainer.model.state_dict().items())
         repo.restore(fresh.state, head.id)
         assert _equal(_everything(fresh), expected)
     with qckpt.Repository.open(path) as repo, pytest.raises(qckpt.IntegrityError, match="missing"):
