@@ -290,18 +290,21 @@ def test_an_event_whose_rollouts_fail_puts_the_run_back_at_its_branch_head(tmp_p
         assert repo.snapshot("main").parents == (head.id,) and repo.snapshot("main").step == 12
 
 
+class _FullDisk(qckpt.LocalBackend):
+    """A local backend whose pack writes fail while ``full`` (a full disk)."""
+
+    full = False
+
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        if self.full and key.startswith("packs/"):
+            raise qckpt.BackendError("injected: no space left on device")
+        super().put(key, data, exclusive=exclusive)
+
+
 def test_a_futures_commit_failing_in_the_background_fails_the_event(tmp_path: Path) -> None:
     """Futures commit asynchronously; a failed write (a full disk) is raised by the
     event, never dropped, and the run is put back at its branch head."""
-    class FullDisk(qckpt.LocalBackend):
-        full = False
-
-        def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
-            if self.full and key.startswith("packs/"):
-                raise qckpt.BackendError("injected: no space left on device")
-            super().put(key, data, exclusive=exclusive)
-
-    backend = FullDisk(tmp_path / "r")
+    backend = _FullDisk(tmp_path / "r")
     with qckpt.Repository.init(backend) as repo:
         cone = _cone(repo, Workload(STEPS), "clean", commit_every=100)
         _train(cone, 10)
@@ -319,15 +322,7 @@ def test_a_failing_step_after_a_failed_background_commit_still_puts_the_run_back
     """A future's commit fails in the background (a full disk), then its training
     fails for another reason before anything raised the first failure: the event
     raises the second, notes the first, and the run is back at its branch head."""
-    class FullDisk(qckpt.LocalBackend):
-        full = False
-
-        def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
-            if self.full and key.startswith("packs/"):
-                raise qckpt.BackendError("injected: no space left on device")
-            super().put(key, data, exclusive=exclusive)
-
-    backend = FullDisk(tmp_path / "r")
+    backend = _FullDisk(tmp_path / "r")
     with qckpt.Repository.init(backend) as repo:
         cone = _cone(repo, Workload(STEPS), "clean")  # futures commit every 4 of their 8 steps
         _train(cone, 10)
