@@ -118,10 +118,7 @@ def disk_write_mb_s(rounds: int = 3, size: int = 64 << 20) -> float:
     with tempfile.TemporaryDirectory(prefix="qckpt-disk-") as tmp:
         for i in range(rounds):
             started = time.perf_counter()
-            with open(os.path.join(tmp, str(i)), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_fsynced(os.path.join(tmp, str(i)), data)
             best = min(best, time.perf_counter() - started)
     return size / best / 1e6
 
@@ -136,10 +133,7 @@ def record_write_s(rounds: int = 11) -> float:
         for i in range(rounds):
             started = time.perf_counter()
             temporary = os.path.join(tmp, f"{i}.tmp")
-            with open(temporary, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_fsynced(temporary, data)
             os.replace(temporary, os.path.join(tmp, str(i)))
             directory = os.open(tmp, os.O_RDONLY)
             try:
@@ -148,6 +142,13 @@ def record_write_s(rounds: int = 11) -> float:
                 os.close(directory)
             times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def _write_fsynced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _timed(call: Any, into: list[float], sync: Any) -> Any:
