@@ -52,7 +52,7 @@ from qckpt.errors import (
 )
 from qckpt.format.records import LOSSY_ANNOTATION, Manifest, RefLogEntry, Snapshot, TensorEntry
 from qckpt.format.tensors import flat_bytes, torch_dtype_name
-from qckpt.format.tree import decode_tree, encode_tree, is_sharded, join_path
+from qckpt.format.tree import encode_tree, is_sharded, join_path
 from qckpt.ops.destination import local_path
 from qckpt.ops.diff import TensorDiff, diff_snapshots
 from qckpt.ops.file_export import export_file, format_for
@@ -549,28 +549,30 @@ class Repository:
         fetched = None if self._hot.get(snapshot_id) is not None else self._store.prefetch_warm(snapshot_id)
         snap = self._store.snapshot(snapshot_id)
         manifest = self._store.cached_manifest(snap)
-        problems = state.problems(decode_tree(manifest.tree, lambda i: manifest.tensors[i]))
+        problems = state.problems(manifest.structure)
         if problems:
             raise StateMismatchError(
                 f"snapshot {snap.short_id} ({revision}) does not fit the live training state; nothing was modified:",
                 problems,
             )
         entries = list(manifest.tensors)
+        # from the hot tier, tensors are copied into the live ones where they can be
+        in_place = _in_place_targets(state, entries) if self._hot.get(snap.id) is not None else _InPlace.nowhere(entries)
         # modules copy what they load into their own tensors: theirs need no copy of their own (see _kept_by_modules)
         module_paths = tuple(f"components/{n}/" for n, c in state.components.items() if isinstance(c, torch.nn.Module))
-        only_read = [e.path.startswith(module_paths) for e in entries]
-        # from the hot tier, the optimizers' tensors are copied into in place where they can be
-        into = _optimizer_targets(state, entries, only_read) if self._hot.get(snap.id) is not None else None
-        copies = self._hot.copy_out(snap.id, [e.path for e in entries], only_read, into)
+        only_read = [e.path.startswith(module_paths) and t is None for e, t in zip(entries, in_place.tensors)]
+        copies = self._hot.copy_out(snap.id, [e.path for e in entries], only_read, in_place.into())
         from_hot = copies is not None
         pristine = None
         if copies is None:  # from storage (chains stop at hot chunks); the hot tier gets pristine buffers nobody writes
+            in_place = _InPlace.nowhere(entries)  # (a commit in flight may have evicted it since)
             with self._hot.chunks() as hot_chunks:
                 read = self._store.read_buffers(snap, entries, pristine=self._hot.max_snapshots > 0, only_read=only_read,
                                                 fetched=fetched, known=hot_chunks)  # fmt: skip
             copies, pristine = read.writable, read.pristine
-        tree = decode_tree(manifest.tree, lambda i: as_value(copies[i], entries[i]))
-        state.load(tree)
+        tree = manifest.tree_of([as_value(c, e) if t is None else t for c, e, t in zip(copies, entries, in_place.tensors)])
+        in_place.written()
+        state.load(tree, in_place=in_place.modules)
         state.lineage = Lineage(self.config.repository_id, snap.id, restored=True)
         lent = [c for c, r in zip(copies, only_read) if r]
         if _kept_by_modules(state, lent):  # a module kept a buffer it may write: never a delta base
@@ -879,54 +881,105 @@ def _sharded_component(state: TrainingState) -> str | None:
     return None
 
 
-def _optimizer_targets(state: TrainingState, entries: list[TensorEntry], only_read: list[bool]
-                       ) -> list[np.ndarray | torch.Tensor | None]:  # fmt: skip
-    """For each entry, the flat bytes of the live optimizer tensor at its path that a
-    restore from the hot tier may copy it into in place (NumPy for a CPU tensor,
-    a byte view for a CUDA one), or None. A rollback into
-    optimizers that have state already (every future of the light cone) then writes
-    memory the process owns instead of allocating, and faulting in, new buffers (at
-    100M parameters, 800 MB of AdamW moments a restore; figures in docs/design.md);
-    on a GPU it copies each hot buffer (pinned, when staged from the GPU) to the
-    device once, where it went through a new host copy and a pageable transfer.
-    Restores from storage gained nothing measurable this way and do not use it.
-    Only CPU or CUDA tensors of the entry's dtype and shape that are all of their
-    storage, share it with no module tensor and no other entry, and hold at least
-    64 KiB (a small new buffer costs nothing worth checking for): anything else
-    gets a new buffer, as before. Asking for a storage's address gives a
-    copy-on-write (forked) tensor memory of its own, so nothing is written
-    through to what it shared."""
-    live: dict[str, torch.Tensor] = {}
+@dataclass(frozen=True)
+class _InPlace:
+    """Where a restore from the hot tier copies into the live state's own tensors
+    (see ``_in_place_targets``)."""
+
+    tensors: list[torch.Tensor | None]  # per entry: the live tensor it is copied into, or None
+    modules: frozenset[str] = frozenset()  # module components whose every tensor is among them
+
+    @classmethod
+    def nowhere(cls, entries: list[TensorEntry]) -> _InPlace:
+        return cls([None] * len(entries))
+
+    def into(self) -> list[np.ndarray | torch.Tensor | None]:
+        """Each target's flat bytes, as ``HotTier.copy_out`` writes them: NumPy for a CPU
+        tensor, a byte view for a CUDA one (one host-to-device copy from the hot buffer)."""
+        return [None if t is None else flat_bytes(t.detach()).numpy() if t.device.type == "cpu" else flat_bytes(t.detach())
+                for t in self.tensors]  # fmt: skip
+
+    def written(self) -> None:
+        """Record the copies with autograd, as ``copy_`` would: a backward through a graph
+        that saved a parameter's old values then raises instead of using the new ones."""
+        torch.autograd.graph.increment_version([t for t in self.tensors if t is not None])
+
+
+def _in_place_targets(state: TrainingState, entries: list[TensorEntry]) -> _InPlace:
+    """The live tensors a restore from the hot tier may copy entries into in place.
+
+    Modules: every parameter and buffer of a module component whose loading is
+    ``Module``'s own throughout (no override, hook or extra state: it would copy
+    each key's values into the tensor ``state_dict(keep_vars=True)`` holds there),
+    provided each is a contiguous, non-empty CPU or CUDA tensor of the entry's
+    dtype and shape; otherwise none of that module's (it loads as before, with
+    ``load_state_dict``). Such a module is not loaded again.
+
+    Optimizers: tensors of at least 64 KiB (a small new buffer costs nothing
+    worth checking for) of the entry's dtype and shape that are all of their
+    storage, share it with no module tensor and no other entry. A rollback into
+    optimizers that have state already (every future of the light cone) then
+    writes memory the process owns instead of allocating, and faulting in, new
+    buffers (at 100M parameters, 800 MB of AdamW moments a restore; figures in
+    docs/design.md); on a GPU it copies each hot buffer (pinned, when staged from
+    the GPU) to the device once, where it went through a new host copy and a
+    pageable transfer. Restores from storage gained nothing measurable this way
+    and do not use it. Anything else gets a new buffer, as before. Asking for a
+    storage's address gives a copy-on-write (forked) tensor memory of its own,
+    so nothing is written through to what it shared."""
+    position = {e.path: i for i, e in enumerate(entries)}
+    targets: list[torch.Tensor | None] = [None] * len(entries)
+    modules = set()
+    for name, component in state.components.items():
+        if isinstance(component, torch.nn.Module) and _loads_by_copying(component):
+            base = join_path("components", name)  # the paths capture() gives
+            found = [(position.get(join_path(base, key)), value) for key, value in component.state_dict(keep_vars=True).items()]
+            if all(i is not None and isinstance(t, torch.Tensor) and _fits(t, entries[i]) for i, t in found):
+                for i, t in found:
+                    targets[i] = t  # type: ignore[index]
+                modules.add(name)
+    taken = {t.untyped_storage().data_ptr() for c in state.components.values() if isinstance(c, torch.nn.Module)
+             for t in itertools.chain(c.parameters(), c.buffers())}  # fmt: skip
     for name, component in state.components.items():
         if isinstance(component, torch.optim.Optimizer):
             per_param = component.state_dict().get("state")
-            base = join_path(join_path("components", name), "state")  # the paths capture() gives
+            base = join_path(join_path("components", name), "state")
             for index, values in per_param.items() if isinstance(per_param, dict) else ():
-                at = join_path(base, index)
-                live.update((join_path(at, key), value) for key, value in values.items()
-                            if isinstance(value, torch.Tensor) and value.nbytes >= _IN_PLACE_MIN_BYTES)  # fmt: skip
-    targets: list[np.ndarray | torch.Tensor | None] = [None] * len(entries)
-    if not live:
-        return targets
-    taken = {t.untyped_storage().data_ptr() for c in state.components.values() if isinstance(c, torch.nn.Module)
-             for t in itertools.chain(c.parameters(), c.buffers())}  # fmt: skip
-    for i, (entry, read) in enumerate(zip(entries, only_read)):
-        t = live.get(entry.path)
-        if read or t is None or entry.kind != "tensor" or not _owns_its_storage(t):
-            continue
-        if torch_dtype_name(t.dtype) != entry.dtype or tuple(t.shape) != tuple(entry.shape):
-            continue
-        storage = t.untyped_storage().data_ptr()
-        if storage not in taken:
-            taken.add(storage)
-            targets[i] = flat_bytes(t).numpy() if t.device.type == "cpu" else flat_bytes(t)
-    return targets
+                for key, t in values.items():
+                    i = position.get(join_path(join_path(base, index), key))
+                    if i is None or not isinstance(t, torch.Tensor) or t.nbytes < _IN_PLACE_MIN_BYTES:
+                        continue
+                    if _fits(t, entries[i]) and not t.requires_grad and _owns_its_storage(t):
+                        storage = t.untyped_storage().data_ptr()
+                        if storage not in taken:
+                            taken.add(storage)
+                            targets[i] = t
+    return _InPlace(targets, frozenset(modules))
+
+
+def _fits(t: torch.Tensor, entry: TensorEntry) -> bool:
+    """A contiguous, non-empty CPU or CUDA tensor of the entry's dtype and shape."""
+    return (entry.kind == "tensor" and t.device.type in ("cpu", "cuda") and t.numel() > 0 and t.is_contiguous()
+            and tuple(t.shape) == entry.shape and torch_dtype_name(t.dtype) == entry.dtype)  # fmt: skip
 
 
 def _owns_its_storage(t: torch.Tensor) -> bool:
-    """A plain, non-empty CPU or CUDA tensor that is all of its storage (no view of a larger one)."""
-    return (t.device.type in ("cpu", "cuda") and not t.requires_grad and t.numel() > 0 and t.is_contiguous()
-            and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes)  # fmt: skip
+    """A tensor that is all of its storage (no view of a larger one)."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
+
+
+def _loads_by_copying(module: torch.nn.Module) -> bool:
+    """Whether ``module.load_state_dict`` does nothing but copy each key's values into
+    the tensor its ``state_dict(keep_vars=True)`` holds: ``Module``'s own loading in
+    every submodule, no load or state-dict hook, no extra state."""
+    def own(m: torch.nn.Module, name: str) -> bool:  # bound to Module's own method (not a class's or an instance's)
+        return getattr(getattr(m, name), "__func__", None) is getattr(torch.nn.Module, name)
+
+    return own(module, "load_state_dict") and all(
+        own(m, "_load_from_state_dict") and own(m, "set_extra_state") and own(m, "state_dict")
+        and not (m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks or m._state_dict_hooks or m._state_dict_pre_hooks)
+        for m in module.modules()
+    )  # fmt: skip
 
 
 def _kept_by_modules(state: TrainingState, buffers: list[np.ndarray]) -> bool:

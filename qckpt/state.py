@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
+from collections.abc import Collection
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -349,9 +350,13 @@ class TrainingState:
                 problems.append(f"rng/cuda: snapshot has {len(rng['cuda'])} CUDA generators, this process {live}")
         return problems
 
-    def load(self, tree: dict[str, Any]) -> None:
-        """Load a captured tree (validated with ``problems`` first) into the live objects."""
+    def load(self, tree: dict[str, Any], *, in_place: Collection[str] = ()) -> None:
+        """Load a captured tree (validated with ``problems`` first) into the live objects.
+        ``in_place``: module components whose tensors hold the tree's values already
+        (a restore copied them there); they are not loaded again."""
         for name, component in self.components.items():
+            if name in in_place:
+                continue
             stored = tree["components"][name]
             try:
                 if isinstance(component, torch.Generator):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import zstandard
@@ -18,7 +20,7 @@ import zstandard
 from qckpt.errors import IntegrityError
 from qckpt.format.ids import ID_HEX, hex_id
 from qckpt.format.tensors import itemsize
-from qckpt.format.tree import Json, decode_plain, encode_plain
+from qckpt.format.tree import Json, decode_plain, decode_tree, encode_plain, replace_leaves
 
 RECORD_VERSION = 1
 
@@ -78,6 +80,23 @@ class Manifest:
 
     tree: Json
     tensors: tuple[TensorEntry, ...]
+
+    @cached_property
+    def structure(self) -> Any:
+        """The committed tree with each tensor as its ``TensorEntry``: decoded the first
+        time it is asked for, then shared by every caller, who must not modify it."""
+        return decode_tree(self.tree, self.tensors.__getitem__)
+
+    def tree_of(self, values: Sequence[Any]) -> Any:
+        """The committed tree with tensor-table entry i as ``values[i]`` (what
+        ``decode_tree(self.tree, values.__getitem__)`` gives), built from ``structure``."""
+        position = self._positions
+        return replace_leaves(self.structure, TensorEntry, lambda entry: values[position[id(entry)]])
+
+    @cached_property
+    def _positions(self) -> dict[int, int]:
+        """Each entry of ``tensors`` (by identity: ``structure`` holds these objects) to its index."""
+        return {id(entry): i for i, entry in enumerate(self.tensors)}
 
     def to_bytes(self) -> bytes:
         doc = {

@@ -11,7 +11,6 @@ import torch
 
 from qckpt.errors import RepositoryNotFoundError, StateMismatchError
 from qckpt.format.records import Snapshot
-from qckpt.format.tree import decode_tree
 from qckpt.repository import Repository
 from qckpt.state import module_problems
 
@@ -34,7 +33,7 @@ def check_module(
     subtree at ``path`` of ``snapshot`` holds a state dict that fits ``module``
     (names, shapes, dtypes). Reads the manifest only, no tensor."""
     manifest = repo.manifest(snapshot)
-    stored: Any = decode_tree(manifest.tree, lambda i: manifest.tensors[i])
+    stored: Any = manifest.structure
     for key in path:
         stored = stored.get(key) if isinstance(stored, dict) else None
     problems = module_problems(name, module.state_dict(), stored)

@@ -46,7 +46,6 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from qckpt.errors import InvalidInputError, RevisionNotFoundError, StateMismatchError
-from qckpt.format.tree import decode_tree
 from qckpt.integrations import check_module, open_or_init
 from qckpt.repository import Repository
 from qckpt.state import Lineage, Stateful, TrainingState
@@ -109,7 +108,7 @@ class QckptCallback(TrainerCallback):
                 return None
             raise
         manifest = self.repo.manifest(snap)
-        stored = decode_tree(manifest.tree, lambda i: manifest.tensors[i])  # the structure, no tensor read yet
+        stored = manifest.structure  # no tensor read yet
         extras = stored.get("extras") if isinstance(stored, dict) else None
         if not isinstance(extras, dict) or _TRAINER_STATE not in extras or "model" not in stored.get("components", {}):
             raise StateMismatchError(

@@ -87,7 +87,7 @@ class SnapshotView(Mapping[str, "torch.Tensor | np.ndarray"]):
     def tree(self) -> Any:
         """The full committed tree with every tensor read."""
         values = self._read(self.snapshot, list(self._manifest.tensors))
-        return decode_tree(self._manifest.tree, values.__getitem__)
+        return self._manifest.tree_of(values)
 
     def skeleton(self) -> Any:
         """The committed tree with every tensor as None: plain values, no tensor read."""

@@ -141,6 +141,7 @@ class Transaction:
         manifest_id = hex_id(data)
         self.store.backend.put(manifest_key(manifest_id), data)
         self.store.keep_manifest(manifest_id, manifest)  # the next restore of this commit reads nothing back
+        _ = manifest.structure  # and decodes nothing: decoded here, on the writer, off the training thread
         return manifest_id
 
 

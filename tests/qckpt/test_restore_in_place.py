@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,8 +36,10 @@ def _commit_and_move_on(repo: qckpt.Repository, trainer: Trainer) -> tuple[qckpt
     return snap, expected
 
 
-def _everything(trainer: Trainer) -> list[torch.Tensor]:
-    return [t.detach().clone() for t in trainer.model.state_dict().values()] + [t.clone() for t in _moments(trainer.optimizer)]
+def _values(state: qckpt.TrainingState) -> list[torch.Tensor]:
+    """Copies of the model's and the optimizer's tensors."""
+    optimizer = state.components["optimizer"]
+    return [t.detach().clone() for t in state.components["model"].state_dict().values()] + [t.clone() for t in _moments(optimizer)]
 
 
 def _equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -51,7 +55,7 @@ def test_a_rollback_writes_the_optimizers_own_tensors_and_trains_on_the_same(tmp
     for _ in range(3):
         train_step(trainer.state)
     snap = repo.commit(trainer.state)  # hot: the staged buffers
-    expected = _everything(trainer)
+    expected = _values(trainer.state)
     if hot_by != "commit":
         repo.close()
         repo = qckpt.Repository.open(location)
@@ -62,23 +66,27 @@ def test_a_rollback_writes_the_optimizers_own_tensors_and_trains_on_the_same(tmp
         assert own
         repo.restore(trainer.state, snap.id)  # from the hot tier
         assert _large(_moments(trainer.optimizer)) == own  # written in place
-        assert _equal(_everything(trainer), expected)
+        assert _equal(_values(trainer.state), expected)
         train_step(trainer.state)
         repo.restore(reference.state, snap.id)  # the process RNG too: the same dropout next step
         train_step(reference.state)
-        assert _equal(_everything(trainer), _everything(reference))
+        assert _equal(_values(trainer.state), _values(reference.state))
 
 
 def test_restoring_into_a_fork_leaves_the_original_alone(tmp_path: Path) -> None:
-    """A fork's optimizer tensors share memory with the original's until written
-    (copy-on-write): restoring into them in place must give the fork its own."""
+    """A fork's parameters and optimizer tensors share memory with the original's
+    until written (copy-on-write): restoring into them in place must give the fork
+    its own."""
     trainer = Trainer("tiny", total_steps=50)
     with qckpt.Repository.init(tmp_path / "repo") as repo:
-        snap, expected = _commit_and_move_on(repo, trainer)
-        original = [t.clone() for t in _moments(trainer.optimizer)]
+        train_step(trainer.state)
+        snap = repo.commit(trainer.state)
+        expected = _values(trainer.state)
+        train_step(trainer.state)
+        original = _values(trainer.state)
         (fork,) = trainer.state.fork(1)
         repo.restore(fork, snap.id)
-    assert _equal(_moments(fork.components["optimizer"]), expected) and _equal(_moments(trainer.optimizer), original)
+    assert _equal(_values(fork), expected) and _equal(_values(trainer.state), original)
 
 
 def test_tensors_shared_between_entries_are_not_written_twice(tmp_path: Path) -> None:
@@ -106,10 +114,10 @@ def test_a_damaged_snapshot_leaves_the_optimizer_untouched(tmp_path: Path, warm:
             data[len(data) // 2] ^= 0x40
             blob.write_bytes(bytes(data))
     train_step(trainer.state)
-    before = _everything(trainer)
+    before = _values(trainer.state)
     with qckpt.Repository.open(path, hot_snapshots=0) as repo, pytest.raises(qckpt.IntegrityError, match=snap.short_id):
         repo.restore(trainer.state, snap.id)
-    assert _equal(_everything(trainer), before)
+    assert _equal(_values(trainer.state), before)
 
 
 def test_rolling_back_to_one_snapshot_between_commits_elsewhere_keeps_it_hot(tmp_path: Path) -> None:
@@ -211,7 +219,7 @@ def test_a_read_from_storage_stops_its_chains_at_hot_chunks(tmp_path: Path) -> N
         for _ in range(3):
             train_step(trainer.state)
             head = repo.commit(trainer.state)
-        expected = _everything(trainer)
+        expected = _values(trainer.state)
     aside = tmp_path / "aside"
     aside.mkdir()
     fresh = Trainer("tiny", total_steps=50, seed=99)
@@ -222,6 +230,85 @@ def test_a_read_from_storage_stops_its_chains_at_hot_chunks(tmp_path: Path) -> N
         model = repo.load(head.id).tree()["components"]["model"]  # a view reads the same way
         assert all(torch.equal(model[k], v) for k, v in trainer.model.state_dict().items())
         repo.restore(fresh.state, head.id)
-        assert _equal(_everything(fresh), expected)
+        assert _equal(_values(fresh.state), expected)
     with qckpt.Repository.open(path) as repo, pytest.raises(qckpt.IntegrityError, match="missing"):
         repo.restore(Trainer("tiny", total_steps=50, seed=98).state, head.id)
+
+
+def _small_run(model: torch.nn.Module) -> tuple[qckpt.TrainingState, Callable[[], torch.Tensor]]:
+    """A TrainingState of ``model`` (64 features in) with AdamW, and its training step,
+    which returns the loss (still attached to its graph)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = qckpt.TrainingState(model=model, optimizer=optimizer, rng=False)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 64, generator=generator)).square().mean()
+        loss.backward()
+        optimizer.step()
+        state.step += 1
+        return loss
+
+    return state, step
+
+
+def test_a_rollback_copies_into_the_modules_own_tensors_and_autograd_sees_it(tmp_path: Path) -> None:
+    """From the hot tier, a module that loads by ``Module``'s own copying is written in
+    place (``load_state_dict`` is not run again): the same parameter tensors hold the
+    committed values, and a backward through a graph built before the rollback
+    raises, as after ``load_state_dict``'s copies."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
+    state, step = _small_run(model)
+    with qckpt.Repository.init(tmp_path / "repo", warm=False) as repo:
+        step()
+        snap = repo.commit(state)
+        expected = _values(state)
+        step()
+        own = [p.untyped_storage().data_ptr() for p in model.parameters()]
+        pending = model(torch.ones(2, 64)).sum()  # a graph that saved the parameters as they are now
+        repo.restore(state, snap.id)
+        assert [p.untyped_storage().data_ptr() for p in model.parameters()] == own
+        assert _equal(_values(state), expected)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            pending.backward()
+
+
+class _LoadsItsOwnWay(torch.nn.Linear):
+    """A module with loading of its own (here it only records that it ran)."""
+
+    calls: list[str]
+
+    def _load_from_state_dict(self, *args: Any) -> None:
+        self.calls.append("own loading")
+        super()._load_from_state_dict(*args)
+
+
+@pytest.mark.parametrize("how", ["hook", "own loading", "tied weights", "strided parameter"])
+def test_modules_that_load_their_own_way_still_restore_from_the_hot_tier(tmp_path: Path, how: str) -> None:
+    """Hooks and overridden loading still run on a rollback (``load_state_dict``, as from
+    storage); tied and strided parameters get exactly the committed values."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
+    loads: list[str] = []
+    if how == "hook":
+        model[0].register_load_state_dict_post_hook(lambda module, keys: loads.append("hook"))
+    elif how == "own loading":
+        model[2] = _LoadsItsOwnWay(64, 64)
+        model[2].calls = loads
+    elif how == "tied weights":
+        model[0].weight = model[2].weight
+    else:
+        model[0].weight = torch.nn.Parameter(torch.randn(64, 64).t())  # contiguous only as its transpose
+    state, step = _small_run(model)
+    with qckpt.Repository.init(tmp_path / "repo", warm=False) as repo:
+        step()
+        snap = repo.commit(state)
+        expected = _values(state)
+        step()
+        loads.clear()
+        repo.restore(state, snap.id)
+        assert _equal(_values(state), expected)
+        assert loads == {"hook": ["hook"], "own loading": ["own loading"]}.get(how, [])
+        step()  # and trains on
