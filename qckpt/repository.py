@@ -51,7 +51,7 @@ from qckpt.errors import (
     UnsupportedValueError,
 )
 from qckpt.format.records import LOSSY_ANNOTATION, Manifest, RefLogEntry, Snapshot, TensorEntry
-from qckpt.format.tensors import flat_bytes, torch_dtype_name
+from qckpt.format.tensors import flat_elements, torch_dtype_name
 from qckpt.format.tree import encode_tree, is_sharded, join_path
 from qckpt.ops.destination import local_path
 from qckpt.ops.diff import TensorDiff, diff_snapshots
@@ -893,11 +893,10 @@ class _InPlace:
     def nowhere(cls, entries: list[TensorEntry]) -> _InPlace:
         return cls([None] * len(entries))
 
-    def into(self) -> list[np.ndarray | torch.Tensor | None]:
-        """Each target's flat bytes, as ``HotTier.copy_out`` writes them: NumPy for a CPU
-        tensor, a byte view for a CUDA one (one host-to-device copy from the hot buffer)."""
-        return [None if t is None else flat_bytes(t.detach()).numpy() if t.device.type == "cpu" else flat_bytes(t.detach())
-                for t in self.tensors]  # fmt: skip
+    def into(self) -> list[torch.Tensor | None]:
+        """Each target as a 1-D view, as ``HotTier.copy_out`` writes into it (on a GPU,
+        one host-to-device copy from the hot buffer)."""
+        return [None if t is None else flat_elements(t.detach()) for t in self.tensors]
 
     def written(self) -> None:
         """Record the copies with autograd, as ``copy_`` would: a backward through a graph

@@ -78,12 +78,16 @@ _THREADED_COPY_BYTES = 1 << 16  # smaller buffers: numpy's copy has less to set 
 
 def copied(buffer: np.ndarray, into: np.ndarray | torch.Tensor | None = None) -> np.ndarray | torch.Tensor:
     """A copy of a flat uint8 buffer: new, or written into ``into`` (a flat uint8 array
-    of the same size, or a device tensor's flat bytes: copied there directly, at
-    pinned-memory speed when ``buffer`` is pinned) and returned. A writable buffer is
-    copied by torch, whose copy runs on its intra-op threads (~20% faster than numpy's
-    on large buffers here); a read-only one by numpy (torch would warn about wrapping it)."""
+    of the same size, or a 1-D tensor of the same bytes, on the CPU or a device:
+    copied there directly, at pinned-memory speed when ``buffer`` is pinned) and
+    returned. A writable buffer is copied by torch, whose copy runs on its
+    intra-op threads (~20% faster than numpy's on large buffers here), viewed as
+    ``into``'s dtype; a read-only one by numpy (torch would warn about wrapping it)."""
     if isinstance(into, torch.Tensor):
-        into.copy_(torch.from_numpy(buffer if buffer.flags.writeable else buffer.copy()))
+        if into.device.type == "cpu" and not buffer.flags.writeable:
+            np.copyto(flat_bytes(into).numpy(), buffer)
+        else:
+            into.copy_(torch.from_numpy(buffer if buffer.flags.writeable else buffer.copy()).view(into.dtype))
         return into
     out = np.empty_like(buffer) if into is None else into
     if buffer.flags.writeable and buffer.size >= _THREADED_COPY_BYTES:
