@@ -253,28 +253,6 @@ def _small_run(model: torch.nn.Module) -> tuple[qckpt.TrainingState, Callable[[]
     return state, step
 
 
-def test_a_rollback_copies_into_the_modules_own_tensors_and_autograd_sees_it(tmp_path: Path) -> None:
-    """From the hot tier, a module that loads by ``Module``'s own copying is written in
-    place (``load_state_dict`` is not run again): the same parameter tensors hold the
-    committed values, and a backward through a graph built before the rollback
-    raises, as after ``load_state_dict``'s copies."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
-    state, step = _small_run(model)
-    with qckpt.Repository.init(tmp_path / "repo", warm=False) as repo:
-        step()
-        snap = repo.commit(state)
-        expected = _values(state)
-        step()
-        own = [p.untyped_storage().data_ptr() for p in model.parameters()]
-        pending = model(torch.ones(2, 64)).sum()  # a graph that saved the parameters as they are now
-        repo.restore(state, snap.id)
-        assert [p.untyped_storage().data_ptr() for p in model.parameters()] == own
-        assert _equal(_values(state), expected)
-        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-            pending.backward()
-
-
 class _LoadsItsOwnWay(torch.nn.Linear):
     """A module with loading of its own (here it only records that it ran)."""
 
@@ -285,10 +263,14 @@ class _LoadsItsOwnWay(torch.nn.Linear):
         super()._load_from_state_dict(*args)
 
 
-@pytest.mark.parametrize("how", ["hook", "own loading", "tied weights", "strided parameter"])
-def test_modules_that_load_their_own_way_still_restore_from_the_hot_tier(tmp_path: Path, how: str) -> None:
-    """Hooks and overridden loading still run on a rollback (``load_state_dict``, as from
-    storage); tied and strided parameters get exactly the committed values."""
+@pytest.mark.parametrize("how", ["plain", "hook", "own loading", "tied weights", "strided parameter"])
+def test_a_rollback_writes_every_kind_of_module_in_place_and_autograd_sees_it(tmp_path: Path, how: str) -> None:
+    """From the hot tier, a module that loads by ``Module``'s own copying is written in
+    place without its ``load_state_dict``; hooks and overridden loading still run
+    (``load_state_dict``, as from storage). Either way the same parameter tensors
+    hold exactly the committed values (tied and strided ones too), a backward
+    through a graph built before the rollback raises, as after
+    ``load_state_dict``'s copies, and training goes on."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
     loads: list[str] = []
@@ -299,7 +281,7 @@ def test_modules_that_load_their_own_way_still_restore_from_the_hot_tier(tmp_pat
         model[2].calls = loads
     elif how == "tied weights":
         model[0].weight = model[2].weight
-    else:
+    elif how == "strided parameter":
         model[0].weight = torch.nn.Parameter(torch.randn(64, 64).t())  # contiguous only as its transpose
     state, step = _small_run(model)
     with qckpt.Repository.init(tmp_path / "repo", warm=False) as repo:
@@ -307,8 +289,13 @@ def test_modules_that_load_their_own_way_still_restore_from_the_hot_tier(tmp_pat
         snap = repo.commit(state)
         expected = _values(state)
         step()
+        own = [p.untyped_storage().data_ptr() for p in model.parameters()]
+        pending = model(torch.ones(2, 64)).sum()  # a graph that saved the parameters as they are now
         loads.clear()
         repo.restore(state, snap.id)
+        assert [p.untyped_storage().data_ptr() for p in model.parameters()] == own
         assert _equal(_values(state), expected)
         assert loads == {"hook": ["hook"], "own loading": ["own loading"]}.get(how, [])
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            pending.backward()
         step()  # and trains on
