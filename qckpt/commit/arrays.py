@@ -35,7 +35,7 @@ from qckpt.format.tensors import is_floating
 from qckpt.store.layout import pack_key
 from qckpt.store.store import Transaction
 
-PACK_TARGET_SIZE = 64 << 20
+PACK_TARGET_SIZE = 16 << 20  # a commit's packs but the last are written while it encodes (docs/design.md)
 MAX_PACK_WRITES = 2  # packs being written while a writer encodes on
 DEFERRED_NOTE = "stored raw, encoded afterwards"  # in the stats of a commit written by ``write_deferred``
 
