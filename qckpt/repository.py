@@ -967,15 +967,25 @@ def _owns_its_storage(t: torch.Tensor) -> bool:
     return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
 
 
+# Loading of torch's normalisation layers: key migrations for checkpoints older than the layer
+# (a ``num_batches_tracked`` added when missing, running statistics dropped where the layer keeps
+# none), then ``Module``'s own copying. A restore first checks that the snapshot holds exactly the
+# live module's keys, so neither migration ever applies to it.
+_COPYING_LOADERS = (torch.nn.Module._load_from_state_dict, torch.nn.modules.batchnorm._NormBase._load_from_state_dict,
+                    torch.nn.modules.instancenorm._InstanceNorm._load_from_state_dict)  # fmt: skip
+
+
 def _loads_by_copying(module: torch.nn.Module) -> bool:
     """Whether ``module.load_state_dict`` does nothing but copy each key's values into
     the tensor its ``state_dict(keep_vars=True)`` holds: ``Module``'s own loading in
-    every submodule, no load or state-dict hook, no extra state."""
+    every submodule (or a normalisation layer's, see ``_COPYING_LOADERS``), no
+    load or state-dict hook, no extra state."""
     def own(m: torch.nn.Module, name: str) -> bool:  # bound to Module's own method (not a class's or an instance's)
         return getattr(getattr(m, name), "__func__", None) is getattr(torch.nn.Module, name)
 
     return own(module, "load_state_dict") and all(
-        own(m, "_load_from_state_dict") and own(m, "set_extra_state") and own(m, "state_dict")
+        getattr(m._load_from_state_dict, "__func__", None) in _COPYING_LOADERS
+        and own(m, "set_extra_state") and own(m, "state_dict")
         and not (m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks or m._state_dict_hooks or m._state_dict_pre_hooks)
         for m in module.modules()
     )  # fmt: skip

@@ -16,6 +16,7 @@ import torch
 
 import qckpt
 from bench.workload import Trainer, train_step
+from qckpt.repository import _in_place_targets
 
 
 def _large(tensors: list[torch.Tensor]) -> list[int]:
@@ -263,13 +264,15 @@ class _LoadsItsOwnWay(torch.nn.Linear):
         super()._load_from_state_dict(*args)
 
 
-@pytest.mark.parametrize("how", ["plain", "hook", "own loading", "tied weights", "strided parameter"])
+@pytest.mark.parametrize("how", ["plain", "hook", "own loading", "tied weights", "strided parameter", "batch norm"])
 def test_a_rollback_writes_every_kind_of_module_in_place_and_autograd_sees_it(tmp_path: Path, how: str) -> None:
-    """From the hot tier, a module that loads by ``Module``'s own copying is written in
-    place without its ``load_state_dict``; hooks and overridden loading still run
-    (``load_state_dict``, as from storage). Either way the same parameter tensors
-    hold exactly the committed values (tied and strided ones too), a backward
-    through a graph built before the rollback raises, as after
+    """From the hot tier, a module that loads by ``Module``'s own copying (or a
+    normalisation layer's, whose key migrations never apply to its own snapshot)
+    is written in place without its ``load_state_dict``; with hooks, overridden
+    loading or a parameter that is not contiguous it loads with
+    ``load_state_dict``, as from storage (hooks and loading run). Either way
+    the same parameter tensors hold exactly the committed values (tied and
+    strided ones too), a backward through a graph built before the rollback raises, as after
     ``load_state_dict``'s copies, and training goes on."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
@@ -283,6 +286,8 @@ def test_a_rollback_writes_every_kind_of_module_in_place_and_autograd_sees_it(tm
         model[0].weight = model[2].weight
     elif how == "strided parameter":
         model[0].weight = torch.nn.Parameter(torch.randn(64, 64).t())  # contiguous only as its transpose
+    elif how == "batch norm":
+        model[1] = torch.nn.BatchNorm1d(64)  # running statistics and a step count, all buffers
     state, step = _small_run(model)
     with qckpt.Repository.init(tmp_path / "repo", warm=False) as repo:
         step()
@@ -292,6 +297,8 @@ def test_a_rollback_writes_every_kind_of_module_in_place_and_autograd_sees_it(tm
         own = [p.untyped_storage().data_ptr() for p in model.parameters()]
         pending = model(torch.ones(2, 64)).sum()  # a graph that saved the parameters as they are now
         loads.clear()
+        written = _in_place_targets(state, list(repo.manifest(snap).tensors)).modules
+        assert written == ({"model"} if how in ("plain", "tied weights", "batch norm") else set())
         repo.restore(state, snap.id)
         assert [p.untyped_storage().data_ptr() for p in model.parameters()] == own
         assert _equal(_values(state), expected)
