@@ -588,14 +588,27 @@ class Repository:
         return snap
 
     @contextmanager
-    def keep_hot(self, revision: str) -> Iterator[Snapshot]:
+    def keep_hot(self, revision: str | CommitHandle) -> Iterator[Snapshot | CommitHandle]:
         """Keep the snapshot ``revision`` names in the hot tier while the block runs,
         besides the ``hot_snapshots`` most recent ones (a snapshot not there yet
         enters at its next restore): every restore of it is a memory copy, however
         many commits come in between. The light cone keeps each event's origin so,
         while the futures, each restored from it, commit. Costs that snapshot's host
         memory; after the block it is evicted as usual, by a later commit. Yields
-        the snapshot. No effect with ``hot_snapshots=0``."""
+        the snapshot. No effect with ``hot_snapshots=0``.
+
+        ``revision`` may be the handle of a commit this thread has just submitted
+        (no commit of its since): that snapshot is kept from when it is written,
+        without waiting for it (nothing is kept if the commit fails); yields the
+        handle."""
+        if isinstance(revision, CommitHandle):
+            apply, cancel = self._hot.keep_once_written(lambda: revision.snapshot_id)
+            self._writer.submit(apply)  # in order: right after that commit, before any later one evicts it
+            try:
+                yield revision
+            finally:
+                cancel()
+            return
         snap = self.snapshot(revision)
         self._hot.keep(snap.id)
         try:
@@ -790,9 +803,15 @@ class Repository:
         copied) whose parents are ``target``'s head and every candidate, and
         whose ``annotations["join"]`` keeps each candidate's step and metrics.
         A lossy-tier winner is refused for ``main`` unless ``allow_lossy``.
+        A winner in the hot tier is the join's there too (the same tensors):
+        restoring the join is then a memory copy, and a commit on it predicts
+        from them.
         """
         self._writer.flush()
-        return pick_best(self._store, target, candidates, metric, mode, message, allow_lossy)
+        snap = pick_best(self._store, target, candidates, metric, mode, message, allow_lossy)
+        picked = snap.annotations["join"]
+        self._hot.alias(snap.id, next(c["snapshot"] for c in picked["candidates"] if c["revision"] == picked["winner"]))
+        return snap
 
     def average(
         self,

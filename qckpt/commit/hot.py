@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import ChainMap, Counter, OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -52,7 +52,8 @@ class HotTier:
     used first out, where a restore from the tier counts as a use (``copy_out``
     makes the snapshot the newest). ``keep`` exempts a snapshot from eviction
     and from the bounds until as many ``release`` calls: the light cone's
-    origin, restored once per future while the futures commit. Thread-safe.
+    origin, restored once per future while the futures commit. ``alias`` lets
+    a join find its winner's buffers. Thread-safe.
 
     Buffers of evicted snapshots are recycled by ``take`` (at most one
     snapshot's worth is kept for that), which saves page faults when staging.
@@ -69,6 +70,7 @@ class HotTier:
         self._free_bytes = 0
         self._lent: set[str] = set()  # snapshots whose buffers a restore handed out: never recycled
         self._kept: Counter[str] = Counter()  # snapshots never evicted (see ``keep``)
+        self._aliases: dict[str, str] = {}  # snapshot -> the hot one with the very same tensors (see ``alias``)
         self._lock = threading.Lock()
 
     def take(self, nbytes: int, pinned: bool) -> np.ndarray:
@@ -89,6 +91,7 @@ class HotTier:
         (they may still be read). The snapshot becomes the newest."""
         into = into or [None] * len(paths)
         with self._lock:
+            snapshot_id = self._aliases.get(snapshot_id, snapshot_id)
             hot = self._items.get(snapshot_id)
             if hot is None or any(p not in hot.arrays for p in paths):
                 return None
@@ -103,27 +106,49 @@ class HotTier:
     def discard(self, snapshot_id: str) -> None:
         """Forget a snapshot whose buffers may have been written by someone it lent them to."""
         with self._lock:
-            self._items.pop(snapshot_id, None)
+            snapshot_id = self._aliases.get(snapshot_id, snapshot_id)
+            if snapshot_id in self._items:
+                self._forget(snapshot_id)
             self._lent.discard(snapshot_id)
 
     def get(self, snapshot_id: str | None) -> HotSnapshot | None:
         with self._lock:
-            return self._items.get(snapshot_id) if snapshot_id is not None else None
+            return self._items.get(self._aliases.get(snapshot_id, snapshot_id)) if snapshot_id is not None else None
+
+    def alias(self, snapshot_id: str, same_as: str) -> bool:
+        """Let ``snapshot_id``, a snapshot with the very same tensors as hot ``same_as``
+        (a join of it), find it: restoring either is a memory copy, and a commit on
+        either predicts from those tensors. Until ``same_as`` leaves the tier; False
+        (nothing done) if it is not there."""
+        with self._lock:
+            same_as = self._aliases.get(same_as, same_as)
+            if same_as not in self._items:
+                return False
+            self._aliases[snapshot_id] = same_as
+            return True
 
     def put(self, hot: HotSnapshot) -> None:
         if self.max_snapshots < 1:
             return
         with self._lock:
+            self._aliases.pop(hot.snapshot_id, None)
             self._items[hot.snapshot_id] = hot
             self._items.move_to_end(hot.snapshot_id)
             while (evicted := self._least_recently_used_beyond_bounds()) is not None:
-                self._recycle(self._items.pop(evicted))
+                self._recycle(self._forget(evicted))
+
+    def _forget(self, snapshot_id: str) -> HotSnapshot:
+        """Drop a hot snapshot and the aliases of it (under the lock)."""
+        self._aliases = {a: s for a, s in self._aliases.items() if s != snapshot_id}
+        return self._items.pop(snapshot_id)
 
     def _least_recently_used_beyond_bounds(self) -> str | None:
-        """The snapshot to evict: the oldest one neither kept nor the newest, while the
-        snapshots not kept exceed ``max_snapshots`` or ``max_bytes``."""
+        """The snapshot to evict: the oldest one neither kept (itself or by an alias)
+        nor the newest, while the snapshots not kept exceed ``max_snapshots`` or
+        ``max_bytes``."""
         newest = next(reversed(self._items))
-        counted = [s for s in self._items if s not in self._kept]
+        kept = {self._aliases.get(s, s) for s in self._kept}
+        counted = [s for s in self._items if s not in kept]
         over = len(counted) > self.max_snapshots or (
             self.max_bytes is not None and sum(self._items[s].nbytes for s in counted) > self.max_bytes
         )
@@ -140,6 +165,32 @@ class HotTier:
             self._kept[snapshot_id] -= 1
             if self._kept[snapshot_id] <= 0:
                 del self._kept[snapshot_id]
+
+    def keep_once_written(self, written_id: Callable[[], str | None]) -> tuple[Callable[[], None], Callable[[], None]]:
+        """A ``keep`` of the snapshot a commit in flight writes: ``(apply, cancel)``.
+        ``apply`` (a writer job queued right behind that commit) keeps
+        ``written_id()`` (None: the commit failed, nothing is kept) unless
+        ``cancel`` came first; ``cancel`` releases what ``apply`` kept. Either
+        may be called from any thread, ``cancel`` at most once."""
+        lock = threading.Lock()
+        kept: list[str] = []
+        cancelled = False
+
+        def apply() -> None:
+            with lock:
+                snapshot_id = written_id()
+                if not cancelled and snapshot_id is not None:
+                    self.keep(snapshot_id)
+                    kept.append(snapshot_id)
+
+        def cancel() -> None:
+            nonlocal cancelled
+            with lock:
+                cancelled = True
+                for snapshot_id in kept:
+                    self.release(snapshot_id)
+
+        return apply, cancel
 
     @contextmanager
     def chunks(self) -> Iterator[Mapping[bytes, memoryview]]:

@@ -5,6 +5,7 @@ copy-on-write tensors are never written through."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable
@@ -183,16 +184,25 @@ def test_a_rollback_on_the_gpu_copies_into_the_optimizers_own_device_tensors(tmp
         assert _equal([*_moments(optimizer), *[p.detach() for p in model.parameters()]], expected)
 
 
-def test_a_kept_snapshot_stays_hot_through_any_number_of_commits_and_goes_after(tmp_path: Path) -> None:
+@pytest.mark.parametrize("named_by", ["revision", "commit in flight"])
+def test_a_kept_snapshot_stays_hot_through_any_number_of_commits_and_goes_after(tmp_path: Path, named_by: str) -> None:
     """``keep_hot``: futures that commit more often than the hot tier holds (two
-    snapshots by default) still find their origin there; released, it is evicted
-    like any other."""
+    snapshots by default) still find their origin there, whether it was named by
+    a revision or by the handle of its commit still in flight; released, it is
+    evicted like any other."""
     trainer = Trainer("tiny", total_steps=50)
-    with qckpt.Repository.init(tmp_path / "repo", warm=False) as repo:
-        origin, _ = _commit_and_move_on(repo, trainer)
+    with qckpt.Repository.init(tmp_path / "repo", warm=False) as repo, contextlib.ExitStack() as block:
+        if named_by == "revision":
+            origin, _ = _commit_and_move_on(repo, trainer)
+            assert block.enter_context(repo.keep_hot(origin.short_id)) == origin
+        else:
+            train_step(trainer.state)
+            handle = repo.commit_async(trainer.state)
+            assert block.enter_context(repo.keep_hot(handle)) is handle
+            train_step(trainer.state)
+            origin = handle.wait()
         own = _large(_moments(trainer.optimizer))
-        with repo.keep_hot(origin.short_id) as kept:
-            assert kept == origin
+        with block:
             for i in range(3):
                 repo.restore(trainer.state, origin.id)
                 assert _large(_moments(trainer.optimizer)) == own, f"future {i}: the origin was read from storage"
@@ -306,3 +316,27 @@ def test_a_rollback_writes_every_kind_of_module_in_place_and_autograd_sees_it(tm
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             pending.backward()
         step()  # and trains on
+
+
+def test_a_join_of_a_hot_snapshot_restores_from_memory_and_is_a_delta_base(tmp_path: Path) -> None:
+    """A join has its winner's tensors: with the winner hot (a light cone's chosen
+    future), restoring the join copies from memory into the live tensors, and the
+    next commit on the join predicts from them, as from any hot snapshot, instead
+    of storing every chunk self-contained."""
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(tmp_path / "repo", warm=False) as repo:
+        train_step(trainer.state)
+        repo.commit(trainer.state)
+        train_step(trainer.state)
+        repo.commit(trainer.state, branch="future", metrics={"loss": 1.0})
+        expected = _values(trainer.state)
+        train_step(trainer.state)
+        own = _large(_moments(trainer.optimizer))
+        join = repo.join("main", ["future"])
+        repo.restore(trainer.state, join.id)
+        assert _large(_moments(trainer.optimizer)) == own, "the join was read from storage"
+        assert _equal(_values(trainer.state), expected)
+        train_step(trainer.state)
+        after = repo.commit(trainer.state)
+        assert after.parents == (join.id,)
+        assert after.stats.new_stored_bytes < 0.5 * after.stats.new_raw_bytes  # self-contained: ~0.85 of them
