@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -221,6 +222,44 @@ class SequentialRollouts:
         return Rollouts(results, "sequential", why)
 
 
+class _LikelyChoices:
+    """Keeps hot (``Repository.keep_hot``), from their commits until the join is
+    restored, the horizon snapshots of the futures ``select`` will most likely
+    choose: the control's, and that of the alternative with the lowest mean
+    held-out loss so far (the one it supersedes is let go). Restoring the join
+    then copies the chosen future from memory instead of decoding its commits.
+    At most two states of host memory beyond the hot tier's own."""
+
+    def __init__(self, repo: qckpt.Repository) -> None:
+        self.repo = repo
+        self._held: dict[str, AbstractContextManager[Any]] = {}
+        self._best = math.inf
+
+    def offer(self, result: FutureResult) -> None:
+        """Right after ``result``'s horizon commit was submitted (no commit since)."""
+        if not isinstance(result.committed, qckpt.CommitHandle):
+            return
+        key = "control" if result.future.intervention is None else "best"
+        if key == "best":
+            mean = sum(result.scores) / len(result.scores) if result.scores else math.nan
+            if not mean < self._best:  # NaN and diverged (inf) futures are never chosen over a finite one
+                return
+            self._best = mean
+        self._let_go(key)
+        keep = self.repo.keep_hot(result.committed)
+        keep.__enter__()
+        self._held[key] = keep
+
+    def _let_go(self, key: str) -> None:
+        keep = self._held.pop(key, None)
+        if keep is not None:
+            keep.__exit__(None, None, None)
+
+    def release(self) -> None:
+        for key in list(self._held):
+            self._let_go(key)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+=-]+", "-", text).strip("-.")[:40] or "future"
 
@@ -280,6 +319,7 @@ class LightCone:
         if isinstance(saved, dict) and saved.get("detectors") == [d.name for d in self.index.detectors]:
             self.index.load_state_dict(saved["state"])
         self._main = self._trajectory()  # (step, snapshot id) on the run's branch, in order: rollback candidates
+        self._likely: _LikelyChoices | None = None  # during an event: the futures' snapshots kept hot for the join
 
     def _trajectory(self, limit: int = 256) -> list[tuple[int, str]]:
         """For a state restored from (or committed to) this repository, the run's
@@ -405,8 +445,9 @@ class LightCone:
         ]
         abandoned = [m for m in self.record.main if m[0] > (origin.step or 0)]
         head = self.repo.snapshot(self.branch)
-        # the origin stays hot until the join is restored: the chosen future's chain, read from the packs, stops there
-        with self.repo.keep_hot(origin.id):
+        # the origin stays hot until the join is restored: the chosen future's chain, read from the packs, stops there;
+        # the likely choices' own snapshots stay hot too: that restore is then a memory copy
+        with self.repo.keep_hot(origin.id), self._holding_likely_choices():
             try:
                 rollouts = self.run_futures(origin, futures, horizon)
             except BaseException as e:  # the live state holds some future's: put the run back where its branch is
@@ -441,6 +482,16 @@ class LightCone:
         })  # fmt: skip
         self.record.save(self.repo, f"light cone event {number} at step {trigger.step}: {selection.chosen}")
         return Decision(trigger, origin, tuple(results), selection, join)
+
+    @contextmanager
+    def _holding_likely_choices(self) -> Iterator[None]:
+        """While the block runs, ``finish_future`` offers each future to a ``_LikelyChoices``."""
+        self._likely = _LikelyChoices(self.repo)
+        try:
+            yield
+        finally:
+            likely, self._likely = self._likely, None
+            likely.release()
 
     def run_futures(self, origin: qckpt.Snapshot, futures: Sequence[Future], horizon: int) -> Rollouts:
         """``futures`` from ``origin`` with the cone's executor, the origin kept in the
@@ -562,6 +613,8 @@ class LightCone:
             metrics["eval_loss"] = sum(finite) / len(finite)
         result.committed = self.repo.commit_async(self.state, branch=result.branch, metrics=metrics,
                                                   message=f"future {result.future.name} at the horizon", warm=False)  # fmt: skip
+        if self._likely is not None:
+            self._likely.offer(result)
         return result
 
     def _scores(self, result: FutureResult) -> list[float]:

@@ -187,15 +187,24 @@ def test_a_later_event_never_rolls_back_onto_the_abandoned_steps(tmp_path: Path)
         assert cone.origin_for(Trigger(22, 1.0, 1.0, 22, ())).id == first.origin.id  # before the future's commits
 
 
-def test_the_run_continues_from_the_join_reading_only_the_futures_own_packs(tmp_path: Path) -> None:
-    """The origin stays hot until the join is restored, so the chosen future's
-    commits, which predict from it, decode back to it and no further: with the
-    packs of the origin's own chain moved aside once the join is made, the run
-    still continues, from exactly the join's state."""
+@pytest.mark.parametrize("hidden", ["every pack", "the origin's chain"])
+def test_the_run_continues_from_the_join_reading_only_the_futures_own_packs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hidden: str
+) -> None:
+    """The likely choices' horizon snapshots (the control's, the best alternative's)
+    stay hot until the join is restored, which then reads no pack at all: with
+    every pack moved aside once the join is made, the run still continues, from
+    exactly the join's state. And the origin stays hot as long, so when the
+    chosen future is not kept (here: nothing is offered), its commits, which
+    predict from the origin, decode back to it and no further: with the packs
+    of the origin's own chain moved aside, the run continues just as well."""
     import shutil
 
     from branch import Trigger
+    from branch.engine import _LikelyChoices
 
+    if hidden == "the origin's chain":
+        monkeypatch.setattr(_LikelyChoices, "offer", lambda self, result: None)
     packs, aside = tmp_path / "r" / "packs", tmp_path / "aside"
     aside.mkdir()
     with qckpt.Repository.init(tmp_path / "r", warm=False) as repo:
@@ -205,17 +214,19 @@ def test_the_run_continues_from_the_join_reading_only_the_futures_own_packs(tmp_
         older = set(os.listdir(packs))
         _train(cone, 8)
         join = repo.join
+        moved: list[str] = []
 
-        def join_then_hide_the_older_packs(*args: Any, **kwargs: Any) -> qckpt.Snapshot:
+        def join_then_hide_packs(*args: Any, **kwargs: Any) -> qckpt.Snapshot:
             snap = join(*args, **kwargs)
-            for name in older:
+            moved.extend(os.listdir(packs) if hidden == "every pack" else older)
+            for name in moved:
                 shutil.move(packs / name, aside / name)
             return snap
 
-        repo.join = join_then_hide_the_older_packs  # type: ignore[method-assign]
+        repo.join = join_then_hide_packs  # type: ignore[method-assign]
         decision = cone.explore(Trigger(20, 1.0, 1.0, 20, ()))
-        assert decision.origin.step == 12
-        for name in older:
+        assert decision.origin.step == 12 and moved
+        for name in moved:
             shutil.move(aside / name, packs / name)
         live = {k: v.clone() for k, v in cone.state.components["model"].state_dict().items()}
         assert differences(live, repo.load(decision.join.id).tree()["components"]["model"]) == []
