@@ -616,6 +616,33 @@ class Repository:
         finally:
             self._hot.release(snap.id)
 
+    @contextmanager
+    def keep_warm(self, revision: str | Snapshot) -> Iterator[Snapshot]:
+        """Keep the warm copy of the snapshot ``revision`` names (if it has one: see
+        ``init``) while the block runs, even after its branch has moved on:
+        restoring it reads that copy instead of decoding its chain, and a
+        descendant's chains stop there (``max_chain`` commits at most). The light
+        cone keeps those of its rollback window so, for the origins of its events.
+        A ``Snapshot`` names itself: nothing waits for the commits in flight. To
+        keep a head's copy, enter the block before the branch's next commit is
+        submitted (a copy already replaced is gone). Costs that copy's disk space
+        (a raw state) meanwhile; after the block it is deleted unless it is some
+        branch's head again (a process that dies first, or a block left after
+        ``close``, leaves it to garbage collection, which deletes the copies of
+        snapshots that are no head).
+        Yields the snapshot. No effect with ``warm=False``."""
+        snap = revision if isinstance(revision, Snapshot) else self.snapshot(revision)
+        warm = self._warm
+        if warm is None:
+            yield snap
+            return
+        self._writer.submit(lambda: warm.keep(snap.id))  # the cadence is the writer thread's: in order with commits
+        try:
+            yield snap
+        finally:  # after a close (a keep let go only when collected): the copy stays, a cache that GC removes
+            if not self._closed:
+                self._writer.submit(lambda: warm.release(snap.id))
+
     def load(self, revision: str = "main") -> SnapshotView:
         """A read-only view of a snapshot without any model: tensors by path, read lazily."""
         snap = self.snapshot(revision)

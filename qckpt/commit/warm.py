@@ -6,9 +6,10 @@ one is at least ``interval_s`` old (0: every commit), from the bytes just
 committed; otherwise it remembers the head, and ``catch_up`` (called by
 ``Repository.flush`` and ``close``) writes it later. After writing a copy it
 deletes the copies it replaces: the branch's previous one and those of the
-new snapshot's parents, unless one is still some branch's head; a head
-committed without a copy (``warm=False``) deletes only the branch's previous
-copy written here. Deleting is
+new snapshot's parents, unless one is still some branch's head or kept
+(``keep``: a light cone's rollback window); a head committed without a copy
+(``warm=False``) deletes only the branch's previous copy written here. A kept
+copy that was replaced meanwhile is deleted at its last ``release``. Deleting is
 always safe (a warm copy is a cache), so a crash between the write and the
 deletes only leaves a stale copy, which garbage collection removes.
 """
@@ -16,6 +17,7 @@ deletes only leaves a stale copy, which garbage collection removes.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -41,6 +43,23 @@ class WarmCadence:
         self._written: dict[str, str] = {}  # branch -> the snapshot whose copy this repository wrote last
         self.pending: dict[str, Snapshot] = {}  # branch -> its newest head still without a copy
         self.bytes_written = 0
+        self._kept: Counter[str] = Counter()  # snapshots whose copies are not deleted when replaced (see ``keep``)
+        self._replaced: set[str] = set()  # kept ones replaced meanwhile: deleted at their last release
+
+    def keep(self, snapshot_id: str) -> None:
+        """Do not delete ``snapshot_id``'s copy (if it has one) when it is replaced,
+        until as many ``release`` calls."""
+        self._kept[snapshot_id] += 1
+
+    def release(self, snapshot_id: str) -> None:
+        """Undo one ``keep``; at the last, a copy that was replaced meanwhile is deleted
+        now, unless its snapshot is some branch's head again."""
+        self._kept[snapshot_id] -= 1
+        if self._kept[snapshot_id] <= 0:
+            del self._kept[snapshot_id]
+            if snapshot_id in self._replaced:
+                self._replaced.discard(snapshot_id)
+                self._delete({snapshot_id})
 
     def committed(self, branch: str, snapshot: Snapshot, entries: Sequence[TensorEntry], arrays: Mapping[str, np.ndarray],
                   wanted: bool = True) -> None:  # fmt: skip
@@ -79,16 +98,23 @@ class WarmCadence:
 
     def _replace(self, branch: str, snapshot: Snapshot, *, copied: bool) -> None:
         """Delete the copies ``snapshot`` (the new head of ``branch``) replaces, unless
-        one is still some branch's head: the branch's previous one written here,
-        and, if ``snapshot`` got a copy, its parents' (a head without one deletes
-        only copies known to exist: no request for the others, which GC collects)."""
-        replaced = {*(snapshot.parents if copied else ()), self._written.pop(branch, None)} - {None, snapshot.id}
+        one is still some branch's head or kept: the branch's previous one written
+        here, and, if ``snapshot`` got a copy, its parents' (a head without one
+        deletes only copies known to exist: no request for the others, which GC
+        collects)."""
+        previous = self._written.pop(branch, None)
+        replaced = {s for s in (*(snapshot.parents if copied else ()), previous) if s is not None and s != snapshot.id}
         if copied:
             self._written[branch] = snapshot.id
+        self._replaced |= replaced & self._kept.keys()
+        self._delete(replaced - self._kept.keys())
+
+    def _delete(self, replaced: set[str]) -> None:
+        """Delete the copies of ``replaced`` that are no branch's head."""
         if replaced:
             heads = set(self._store.backend.list_refs(BRANCH_PREFIX).values())  # damaged refs are not our concern here
             for snapshot_id in replaced - heads:
-                self._store.warm.delete(snapshot_id)  # type: ignore[arg-type]
+                self._store.warm.delete(snapshot_id)
 
 
 __all__ = ["WarmCadence"]

@@ -233,6 +233,33 @@ def test_no_warm_copies_when_disabled(path: Path) -> None:
         qckpt.Repository.open(path, warm_interval=-1)
 
 
+def test_a_kept_warm_copy_outlives_its_head_serves_restores_and_goes_after(path: Path, tmp_path: Path) -> None:
+    """``keep_warm``: the copy of a head that the branch moves past stays while kept,
+    and restoring that snapshot (in a new process, with no pack to read) reads it;
+    released, it is deleted, and a kept copy that is still a head stays."""
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(path) as repo:
+        _train_and_commit(repo, trainer, 2)
+        origin = repo.snapshot("main")
+        expected = _tensors(trainer)
+        with repo.keep_warm(origin) as kept, repo.keep_warm("main"):  # kept twice: the first release deletes nothing
+            assert kept == origin
+            _train_and_commit(repo, trainer, 3)
+            repo.flush()
+            assert _warm_ids(path) == sorted([origin.id, repo.snapshot("main").id])
+            shutil.move(path / "packs", tmp_path / "packs")  # only the warm copy can serve
+            assert _same(_tensors(_restored(path, origin.id)), expected)
+            shutil.move(tmp_path / "packs", path / "packs")
+        repo.flush()
+        assert _warm_ids(path) == [repo.snapshot("main").id]
+        head = repo.snapshot("main")
+        with repo.keep_warm(head):
+            pass
+        repo.flush()
+        assert _warm_ids(path) == [head.id]
+        assert repo.fsck().ok and repo.gc().warm_copies_deleted == 0
+
+
 def test_a_commit_without_a_warm_copy_deletes_the_copy_it_replaces(path: Path) -> None:
     trainer = Trainer("tiny", total_steps=50)
     with qckpt.Repository.init(path) as repo:
@@ -527,3 +554,20 @@ def test_writing_a_warm_copy_does_not_assemble_it_in_memory(tmp_path: Path) -> N
             tracemalloc.stop()
         assert written > 4 << 20 and peak < 1 << 20, peak
         assert repo._store.read_buffers(snap, entries).warm  # and it is a sound copy
+
+
+def test_a_warm_copy_kept_past_close_is_left_to_gc(path: Path) -> None:
+    """A keep let go after ``close`` (a light cone collected after its repository
+    closed) raises nothing; the copy stays until garbage collection removes it."""
+    trainer = Trainer("tiny", total_steps=50)
+    with qckpt.Repository.init(path) as repo:
+        _train_and_commit(repo, trainer, 1)
+        kept = repo.snapshot("main")
+        keep = repo.keep_warm(kept)
+        keep.__enter__()
+        _train_and_commit(repo, trainer, 1)
+    keep.__exit__(None, None, None)
+    assert kept.id in _warm_ids(path)
+    with qckpt.Repository.open(path) as repo:
+        assert repo.gc().warm_copies_deleted == 1
+        assert _warm_ids(path) == [repo.snapshot("main").id]
