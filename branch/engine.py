@@ -320,6 +320,7 @@ class LightCone:
             self.index.load_state_dict(saved["state"])
         self._main = self._trajectory()  # (step, snapshot id) on the run's branch, in order: rollback candidates
         self._likely: _LikelyChoices | None = None  # during an event: the futures' snapshots kept hot for the join
+        self._origins: list[tuple[int, str, AbstractContextManager[Any]]] = []  # commits whose warm copies are kept
 
     def _trajectory(self, limit: int = 256) -> list[tuple[int, str]]:
         """For a state restored from (or committed to) this repository, the run's
@@ -357,6 +358,7 @@ class LightCone:
             if trigger is not None and (self.config.max_events is None or len(self.record.events) < self.config.max_events):
                 self.explore(trigger, until=steps)
         self.commit()
+        self._let_origins_go(lambda step, sid: True)
         self.record.save(self.repo, f"run {self.run_name} finished at step {self.state.step}")
         return self.record
 
@@ -398,15 +400,43 @@ class LightCone:
         self.state.extras[INDEX_KEY] = {"detectors": [d.name for d in self.index.detectors], "state": self.index.state_dict()}
         snap = self.repo.commit(self.state, branch=self.branch, metrics=metrics)
         self._main.append((self.state.step, snap.id))
+        self._keep_origin_candidates(snap)
+
+    def _keep_origin_candidates(self, snap: qckpt.Snapshot) -> None:
+        """Keep the warm copy of every commit on the run's branch that a later event
+        could roll back to (``Repository.keep_warm``): the newest commit at or
+        before ``rollback`` steps ahead of where an anomaly can have begun (where
+        the instability index has been elevated since, else now), and every later
+        one; the older ones are let go. An event's origin then restores from its
+        warm copy instead of decoding its chain. Costs at most ``rollback /
+        commit_every + 1`` raw states of disk (more while the index stays
+        elevated); on a backend where heads get copies less often (S3: once a
+        minute), only those."""
+        keep = self.repo.keep_warm(snap)
+        keep.__enter__()
+        self._origins.append((snap.step or 0, snap.id, keep))
+        began = self.index.elevated_since if self.index.elevated_since is not None else self.state.step
+        target = began - self._rollback_steps()
+        newest_before = max((step for step, _, _ in self._origins if step <= target), default=None)
+        if newest_before is not None:
+            self._let_origins_go(lambda step, sid: step < newest_before)
+
+    def _let_origins_go(self, which: Callable[[int, str], bool]) -> None:
+        """Release the kept warm copies of the commits ``which(step, id)`` selects."""
+        for step, sid, keep in [o for o in self._origins if which(o[0], o[1])]:
+            self._origins.remove((step, sid, keep))
+            keep.__exit__(None, None, None)
+
+    def _rollback_steps(self) -> int:
+        """How far before the anomaly's beginning an event rolls back (``ConeConfig.rollback``)."""
+        if self.config.rollback is not None:
+            return self.config.rollback
+        return max(2 * self.config.commit_every, round(0.02 * (self.index.total_steps or self.state.step)))
 
     # -- one event ----------------------------------------------------------------------
     def origin_for(self, trigger: Trigger) -> qckpt.Snapshot:
         """The newest snapshot on the run's branch at least ``rollback`` steps before the anomaly began."""
-        total = self.index.total_steps or self.state.step
-        rollback = self.config.rollback
-        if rollback is None:
-            rollback = max(2 * self.config.commit_every, round(0.02 * total))
-        target = trigger.began - rollback
+        target = trigger.began - self._rollback_steps()
         candidates = [sid for step, sid in self._main if step <= target] or [self._main[0][1]]
         return self.repo.snapshot(candidates[-1])
 
@@ -424,6 +454,7 @@ class LightCone:
         self.repo.restore(self.state, snapshot.id)
         self.controls = Controls.of(self.state)
         self._main = [(step, sid) for step, sid in self._main if step <= (snapshot.step or 0)]
+        self._let_origins_go(lambda step, sid: step > (snapshot.step or 0))  # abandoned: no event rolls back onto them
         self.record.main = [m for m in self.record.main if m[0] <= (snapshot.step or 0)]
 
     def explore(self, trigger: Trigger, until: int | None = None) -> Decision:
@@ -469,6 +500,7 @@ class LightCone:
         chosen_line = sorted((s.step, s.id) for s in self.repo.log(chosen.branch, limit=horizon + 4)  # its commits come first
                              if s.step is not None and start < s.step < self.state.step)  # fmt: skip
         self._main = [(step, sid) for step, sid in self._main if step <= start] + chosen_line + [(self.state.step, join.id)]
+        self._let_origins_go(lambda step, sid: step > start)  # the abandoned line's
         self.record.main = [m for m in self.record.main if m[0] <= (origin.step or 0)] + chosen.metrics
         history = [m for m in self.record.main if m[1] is not None and math.isfinite(m[1])][-64:]
         self.record.events.append({

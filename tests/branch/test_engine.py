@@ -232,6 +232,43 @@ def test_the_run_continues_from_the_join_reading_only_the_futures_own_packs(
         assert differences(live, repo.load(decision.join.id).tree()["components"]["model"]) == []
 
 
+def test_the_commits_an_event_could_roll_back_to_keep_their_warm_copies(tmp_path: Path) -> None:
+    """The run's commits from the newest one at least ``rollback`` steps before now
+    (nothing elevated) keep their warm copies, older ones lose them: an event's
+    origin restores from its copy, so the whole event reads no pack written
+    before it, and still continues from exactly the join's state. The abandoned
+    line's copies go then, and the rest when the run ends (but the head's)."""
+    import shutil
+
+    from branch import Trigger
+
+    packs, aside = tmp_path / "r" / "packs", tmp_path / "aside"
+    aside.mkdir()
+    with qckpt.Repository.init(tmp_path / "r") as repo:
+        cone = _cone(repo, Workload(STEPS), "clean", rollback=8)
+        _train(cone, 20)  # commits every 4 steps
+        repo.flush()
+
+        def warm_steps() -> set[int | None]:
+            return {repo.snapshot(i).step for i in os.listdir(tmp_path / "r" / "warm")}
+
+        assert warm_steps() == {12, 16, 20}
+        older = os.listdir(packs)
+        for name in older:
+            shutil.move(packs / name, aside / name)
+        decision = cone.explore(Trigger(20, 1.0, 1.0, 20, ()))
+        for name in older:
+            shutil.move(aside / name, packs / name)
+        assert decision.origin.step == 12
+        live = {k: v.clone() for k, v in cone.state.components["model"].state_dict().items()}
+        assert differences(live, repo.load(decision.join.id).tree()["components"]["model"]) == []
+        repo.flush()
+        assert 12 in warm_steps() and 16 not in warm_steps()  # abandoned (20, the old head's, goes with main's next commit)
+        cone.run(STEPS)
+        repo.flush()
+        assert warm_steps() - {None} == {STEPS}  # the head's (None: the record's branch head)
+
+
 def test_a_resumed_run_watches_on_with_its_detectors_memory(tmp_path: Path) -> None:
     workload = Workload(STEPS)
     with qckpt.Repository.init(tmp_path / "r") as repo:
