@@ -244,7 +244,7 @@ def _write_packs(
                 for chunk_id in todo:
                     array, number = first[chunk_id]
                     plan = planner.plan(chunk_id, array, number)
-                    pending.append((chunk_id, plan, store.pool.submit(
+                    pending.append((chunk_id, plan, store.compute.submit(
                         encode_object, chunk_view(array, number, size), array.itemsize, is_floating(array.dtype), level,
                         plan.candidates, choose=plan.choose,
                     )))  # fmt: skip

@@ -282,7 +282,7 @@ def collect_garbage(
         for n, (pack_id, live) in enumerate(repacks.items()):  # 1. repack
             report("repacking", n + 1, len(repacks))
             # a reader of the index as GC keeps it, never of an earlier scan
-            reader = ChunkReader(backend, store.index.get, store.pool)
+            reader = ChunkReader(backend, store.index.get, store.pool, store.compute)
             deferred: dict[bytes, Raw] = {}  # their raw bytes, as read (and verified)
             wanted = {c for c, location in live if location.codec == DeferredCodec.id}
             damaged = reader.read([c for c, _ in live], functools.partial(_keep, wanted, deferred))

@@ -40,7 +40,8 @@ def describe(chunk_id: bytes, location: ChunkLocation) -> str:
 
 class ChunkReader:
     """Reads chunks located by ``locate`` (an index lookup) from ``backend``, with
-    ``pool`` for parallel fetches and decodes. When a chunk is not in the index
+    ``fetch_pool`` for parallel fetches and ``decode_pool`` (about a thread per
+    core: decoding is CPU-bound) for parallel decodes. When a chunk is not in the index
     (or not where it says), ``refresh`` (an index rebuild; none if not given) runs
     at most once per ``read``; a chunk still not found after it is missing.
     Thread-safe."""
@@ -49,13 +50,15 @@ class ChunkReader:
         self,
         backend: RangeReader,
         locate: Callable[[bytes], ChunkLocation | None],
-        pool: Executor,
+        fetch_pool: Executor,
+        decode_pool: Executor,
         refresh: Callable[[], object] | None = None,
     ) -> None:
         self._backend = backend
         self._index_get = locate
         self._refresh = refresh
-        self._pool = pool
+        self._fetch_pool = fetch_pool
+        self._decode_pool = decode_pool
 
     def _locator(self) -> Callable[[bytes, ChunkLocation | None], ChunkLocation | None]:
         """An index lookup that refreshes the index, once, on the first chunk that is
@@ -114,7 +117,7 @@ class ChunkReader:
             stack.extend(location.deps)
         for batch in _batches(_components(locations), locations):
             data = self._fetch(batch, locations, errors, locate)
-            tasks = [self._pool.submit(self._decode_group, g, locations, data, errors, wanted, deliver, known) for g in batch]
+            tasks = [self._decode_pool.submit(self._decode_group, g, locations, data, errors, wanted, deliver, known) for g in batch]
             for task in tasks:
                 task.result()
         failed = {c: e for c, e in errors.items() if c in wanted}
@@ -210,10 +213,10 @@ class ChunkReader:
                 if item[1].offset - span_end <= READ_GAP and item[1].offset + item[1].length - span[0][1].offset <= READ_SPAN:
                     span.append(item)
                 else:
-                    tasks.append(self._pool.submit(read_span, pack_id, span))
+                    tasks.append(self._fetch_pool.submit(read_span, pack_id, span))
                     span, span_end = [item], 0
                 span_end = max(span_end, item[1].offset + item[1].length)
-            tasks.append(self._pool.submit(read_span, pack_id, span))
+            tasks.append(self._fetch_pool.submit(read_span, pack_id, span))
         for task in tasks:
             task.result()
         return data

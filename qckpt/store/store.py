@@ -170,6 +170,13 @@ class ClosedPart:
         raise RepositoryClosedError(f"the repository at {self._uri} was closed; open it again to use it")
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS keeps one
+    (a container's or ``taskset``'s limit), else every core."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
 class Store:
     """A repository's storage engine (see the module docstring). Create with
     ``create`` or ``open``; ``close`` when done. Thread-safe."""
@@ -178,11 +185,14 @@ class Store:
         self.backend = backend
         self.config = config
         self.index = _index_for(backend, config, cache_dir)
-        self.workers = os.cpu_count() or 2  # encoding parallelism
-        # reads mostly wait on storage (network for S3): more threads than cores
-        self.pool = ThreadPoolExecutor(max_workers=max(16, self.workers), thread_name_prefix="qckpt")
+        self.workers = available_cores()
+        # encoding and decoding objects: a thread per core (more only contend for the GIL and fresh memory:
+        # a 10M model's middle snapshot decoded in 3.2 s on 16 threads, 1.8 s on 2, on 2 cores)
+        self.compute = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="qckpt-cpu")
+        # storage reads and writes mostly wait (on the network for S3): more threads than cores
+        self.pool = ThreadPoolExecutor(max_workers=max(16, self.workers), thread_name_prefix="qckpt-io")
         self._seen: dict[bytes, ChunkLocation] = {}  # this process's own footer scan, see ``locate``
-        self.reader = ChunkReader(backend, self.locate, self.pool, refresh=self.rescan_packs)
+        self.reader = ChunkReader(backend, self.locate, self.pool, self.compute, refresh=self.rescan_packs)
         self.warm = WarmCopies(backend, self.pool)
         self._snapshots: dict[str, Snapshot] = {}
         self._snapshots_generation: str | None = None  # the GC generation ``forget_expired`` last saw
@@ -232,12 +242,13 @@ class Store:
         closed = ClosedPart(self.backend.uri)
         try:
             self.pool.shutdown(wait=True)
+            self.compute.shutdown(wait=True)
             self.index.close()
         finally:
             try:
                 self.backend.close()
             finally:
-                self.backend = self.index = self.pool = self.reader = self.warm = closed  # type: ignore[assignment]
+                self.backend = self.index = self.pool = self.compute = self.reader = self.warm = closed  # type: ignore[assignment]
 
     # -- the write transaction ------------------------------------------------------
     def transaction(

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 import qckpt
+import qckpt.commit.arrays
+import qckpt.store.reader
 from bench.workload import Trainer, train_step
 
 
@@ -232,3 +236,26 @@ def test_an_index_looks_up_many_chunks_at_once(tmp_path: Path, kind: str) -> Non
         assert index.get_many([]) == {}
     finally:
         index.close()
+
+
+def test_objects_are_encoded_and_decoded_on_a_thread_per_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU-bound work runs on the store's compute pool (``available_cores`` threads),
+    never on the many threads that wait on storage."""
+    threads: dict[str, set[str]] = {"encode": set(), "decode": set()}
+
+    def recording(kind: str, real: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            threads[kind].add(threading.current_thread().name)
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(qckpt.commit.arrays, "encode_object", recording("encode", qckpt.commit.arrays.encode_object))
+    monkeypatch.setattr(qckpt.store.reader, "decode_object", recording("decode", qckpt.store.reader.decode_object))
+    with qckpt.Repository.init(qckpt.MemoryBackend(), chunk_size=256, warm=False, hot_snapshots=0) as repo:
+        values = {f"w{i}": torch.randn(1024) for i in range(8)}
+        repo.commit(values)
+        assert {k: v.equal(values[k]) for k, v in repo.load("main").tree().items()} == dict.fromkeys(values, True)
+        allowed = {f"qckpt-cpu_{i}" for i in range(qckpt.store.store.available_cores())}
+    assert threads["encode"] and threads["encode"] <= allowed
+    assert threads["decode"] and threads["decode"] <= allowed
