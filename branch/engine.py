@@ -34,7 +34,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import qckpt
 from branch._checks import check_int, check_number
@@ -222,6 +222,31 @@ class SequentialRollouts:
         return Rollouts(results, "sequential", why)
 
 
+K = TypeVar("K")
+
+
+class _Holds(Generic[K]):
+    """Context managers (``Repository.keep_hot``/``keep_warm``) entered when held and
+    exited when let go, by key."""
+
+    def __init__(self) -> None:
+        self._held: dict[K, AbstractContextManager[Any]] = {}
+
+    def hold(self, key: K, keep: AbstractContextManager[Any]) -> None:
+        """Enter ``keep`` under ``key``, letting go of what was held there."""
+        self.let_go(lambda k: k == key)
+        keep.__enter__()
+        self._held[key] = keep
+
+    def let_go(self, which: Callable[[K], bool] = lambda key: True) -> None:
+        """Exit what is held under the keys ``which`` selects (default: all)."""
+        for key in [k for k in self._held if which(k)]:
+            self._held.pop(key).__exit__(None, None, None)
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._held)
+
+
 class _LikelyChoices:
     """Keeps hot (``Repository.keep_hot``), from their commits until the join is
     restored, the horizon snapshots of the futures ``select`` will most likely
@@ -232,7 +257,7 @@ class _LikelyChoices:
 
     def __init__(self, repo: qckpt.Repository) -> None:
         self.repo = repo
-        self._held: dict[str, AbstractContextManager[Any]] = {}
+        self._held: _Holds[str] = _Holds()
         self._best = math.inf
 
     def offer(self, result: FutureResult) -> None:
@@ -245,19 +270,10 @@ class _LikelyChoices:
             if not mean < self._best:  # NaN and diverged (inf) futures are never chosen over a finite one
                 return
             self._best = mean
-        self._let_go(key)
-        keep = self.repo.keep_hot(result.committed)
-        keep.__enter__()
-        self._held[key] = keep
-
-    def _let_go(self, key: str) -> None:
-        keep = self._held.pop(key, None)
-        if keep is not None:
-            keep.__exit__(None, None, None)
+        self._held.hold(key, self.repo.keep_hot(result.committed))
 
     def release(self) -> None:
-        for key in list(self._held):
-            self._let_go(key)
+        self._held.let_go()
 
 
 def _slug(text: str) -> str:
@@ -320,7 +336,7 @@ class LightCone:
             self.index.load_state_dict(saved["state"])
         self._main = self._trajectory()  # (step, snapshot id) on the run's branch, in order: rollback candidates
         self._likely: _LikelyChoices | None = None  # during an event: the futures' snapshots kept hot for the join
-        self._origins: list[tuple[int, str, AbstractContextManager[Any]]] = []  # commits whose warm copies are kept
+        self._origins: _Holds[tuple[int, str]] = _Holds()  # (step, id) of the commits whose warm copies are kept
 
     def _trajectory(self, limit: int = 256) -> list[tuple[int, str]]:
         """For a state restored from (or committed to) this repository, the run's
@@ -358,7 +374,7 @@ class LightCone:
             if trigger is not None and (self.config.max_events is None or len(self.record.events) < self.config.max_events):
                 self.explore(trigger, until=steps)
         self.commit()
-        self._let_origins_go(lambda step, sid: True)
+        self._origins.let_go()
         self.record.save(self.repo, f"run {self.run_name} finished at step {self.state.step}")
         return self.record
 
@@ -412,20 +428,12 @@ class LightCone:
         commit_every + 1`` raw states of disk (more while the index stays
         elevated); on a backend where heads get copies less often (S3: once a
         minute), only those."""
-        keep = self.repo.keep_warm(snap)
-        keep.__enter__()
-        self._origins.append((snap.step or 0, snap.id, keep))
+        self._origins.hold((snap.step or 0, snap.id), self.repo.keep_warm(snap))
         began = self.index.elevated_since if self.index.elevated_since is not None else self.state.step
         target = began - self._rollback_steps()
-        newest_before = max((step for step, _, _ in self._origins if step <= target), default=None)
+        newest_before = max((step for step, _ in self._origins if step <= target), default=None)
         if newest_before is not None:
-            self._let_origins_go(lambda step, sid: step < newest_before)
-
-    def _let_origins_go(self, which: Callable[[int, str], bool]) -> None:
-        """Release the kept warm copies of the commits ``which(step, id)`` selects."""
-        for step, sid, keep in [o for o in self._origins if which(o[0], o[1])]:
-            self._origins.remove((step, sid, keep))
-            keep.__exit__(None, None, None)
+            self._origins.let_go(lambda kept: kept[0] < newest_before)
 
     def _rollback_steps(self) -> int:
         """How far before the anomaly's beginning an event rolls back (``ConeConfig.rollback``)."""
@@ -454,7 +462,7 @@ class LightCone:
         self.repo.restore(self.state, snapshot.id)
         self.controls = Controls.of(self.state)
         self._main = [(step, sid) for step, sid in self._main if step <= (snapshot.step or 0)]
-        self._let_origins_go(lambda step, sid: step > (snapshot.step or 0))  # abandoned: no event rolls back onto them
+        self._origins.let_go(lambda kept: kept[0] > (snapshot.step or 0))  # abandoned: no event rolls back onto them
         self.record.main = [m for m in self.record.main if m[0] <= (snapshot.step or 0)]
 
     def explore(self, trigger: Trigger, until: int | None = None) -> Decision:
@@ -500,7 +508,7 @@ class LightCone:
         chosen_line = sorted((s.step, s.id) for s in self.repo.log(chosen.branch, limit=horizon + 4)  # its commits come first
                              if s.step is not None and start < s.step < self.state.step)  # fmt: skip
         self._main = [(step, sid) for step, sid in self._main if step <= start] + chosen_line + [(self.state.step, join.id)]
-        self._let_origins_go(lambda step, sid: step > start)  # the abandoned line's
+        self._origins.let_go(lambda kept: kept[0] > start)  # the abandoned line's
         self.record.main = [m for m in self.record.main if m[0] <= (origin.step or 0)] + chosen.metrics
         history = [m for m in self.record.main if m[1] is not None and math.isfinite(m[1])][-64:]
         self.record.events.append({

@@ -835,9 +835,8 @@ class Repository:
         from them.
         """
         self._writer.flush()
-        snap = pick_best(self._store, target, candidates, metric, mode, message, allow_lossy)
-        picked = snap.annotations["join"]
-        self._hot.alias(snap.id, next(c["snapshot"] for c in picked["candidates"] if c["revision"] == picked["winner"]))
+        snap, winner = pick_best(self._store, target, candidates, metric, mode, message, allow_lossy)
+        self._hot.alias(snap.id, winner.id)
         return snap
 
     def average(

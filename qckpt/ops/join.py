@@ -34,8 +34,9 @@ def _lossy_of(snaps: Sequence[Snapshot]) -> dict[str, Any]:
 
 def pick_best(
     store: Store, target: str, candidates: Sequence[str], metric: Metric, mode: str, message: str, allow_lossy: bool
-) -> Snapshot:
-    """Move ``target`` to a join snapshot of the best candidate (see ``Repository.join``)."""
+) -> tuple[Snapshot, Snapshot]:
+    """Move ``target`` to a join snapshot of the best candidate (see ``Repository.join``);
+    returns the join and the candidate's own snapshot."""
     check_ref_name(target)
     if not candidates or mode not in ("min", "max"):
         raise InvalidInputError("join needs at least one candidate and mode 'min' or 'max'")
@@ -53,12 +54,13 @@ def pick_best(
     summary = [{"revision": r, "snapshot": s.id, "step": s.step, "metrics": s.metrics} for r, s in snaps]
     lossy = _lossy_of([winner])
     check_main_line(target, lossy.get(LOSSY_ANNOTATION), allow_lossy, f"joining {winner_rev} into {target!r}")
-    return store.transaction(target, cause="join", build=lambda txn: lambda head: Snapshot.new(
+    join = store.transaction(target, cause="join", build=lambda txn: lambda head: Snapshot.new(
         manifest=winner.manifest, parents=_unique([head, *(s.id for _, s in snaps)]), step=winner.step,
         message=message or f"join {target}: picked {winner_rev} by {name} ({mode})", metrics=winner.metrics,
         stats=CommitStats(raw_bytes=winner.stats.raw_bytes, chunks=winner.stats.chunks),
         annotations={"join": {"metric": name, "mode": mode, "winner": winner_rev, "candidates": summary}, **lossy},
     ))  # fmt: skip
+    return join, winner
 
 
 def _weighted(values: list[Any], weights: list[float], like: Any) -> Any:
